@@ -1,0 +1,308 @@
+"""Typed parameters, loaded once from ``params.yaml`` and passed down.
+
+Every section is a frozen dataclass. Loading is strict: an unknown key, a missing key or a value of
+the wrong type fails with a :class:`ParamsError` naming the key path and the expected type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+__all__ = [
+    "ParamsError",
+    "Params",
+    "DataParams",
+    "DepthParams",
+    "CaptionParams",
+    "FeaturesParams",
+    "ModelParams",
+    "TrainParams",
+    "EvaluateParams",
+    "load_params",
+    "params_from_dict",
+    "params_to_dict",
+    "apply_overrides",
+    "section_hash",
+]
+
+
+class ParamsError(ValueError):
+    """A params file that does not match the schema."""
+
+
+@dataclass(frozen=True)
+class SyntheticParams:
+    seed: int = 13
+    train: int = 600
+    valid: int = 150
+    test: int = 150
+    image_size: int = 96
+    images_per_split: int = 0
+
+
+@dataclass(frozen=True)
+class UmreParams:
+    dataset_id: str = "17N_GVv5sCnT55ZUi_5dXl66bac1TuUlC"
+    partner_id: str = "1ozJ25WaSnHJ7De84tdAWncBU9YV57nYG"
+    dataset_sha256: str = ""
+    partner_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class MnreParams:
+    text_url: str = "https://raw.githubusercontent.com/thecharm/MNRE/main/mnre_txt"
+    images_id: str = "1FYiJFtRayWY32nRH0rdycYzIdDcMmDFR"
+    images_sha256: str = ""
+
+
+@dataclass(frozen=True)
+class LocalParams:
+    path: str = ""
+    format: Literal["umre", "mnre"] = "umre"
+
+
+@dataclass(frozen=True)
+class DataParams:
+    source: Literal["synthetic", "umre", "mnre", "local"] = "synthetic"
+    on_error: Literal["raise", "skip"] = "raise"
+    max_objects: int = 12
+    max_seq: int = 64
+    pad_to_max: bool = True
+    use_depth: bool = True
+    use_caption: bool = True
+    use_box: bool = True
+    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
+    umre: UmreParams = field(default_factory=UmreParams)
+    mnre: MnreParams = field(default_factory=MnreParams)
+    local: LocalParams = field(default_factory=LocalParams)
+
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+
+
+@dataclass(frozen=True)
+class DepthParams:
+    source: Literal["model", "dataset"] = "dataset"
+    model: str = "tiny"
+    batch_size: int = 8
+    dtype: Dtype = "float32"
+    shard_size: int = 256
+
+
+@dataclass(frozen=True)
+class CaptionParams:
+    backend: Literal["mllm", "file", "none"] = "file"
+    model: str = "tiny"
+    file: str = ""
+    prompts: str = "pipeline/prompts/caption_v1.json"
+    max_new_tokens: int = 24
+    batch_size: int = 8
+    dtype: Dtype = "float32"
+    on_missing: Literal["fail", "fill"] = "fail"
+
+
+@dataclass(frozen=True)
+class FeaturesParams:
+    crop_size: int = 64
+    shard_size: int = 1024
+
+
+@dataclass(frozen=True)
+class OTParams:
+    enabled: bool = True
+    epsilon: float = 0.5
+    iterations: int = 50
+    kernel_floor: float = 1e-12
+    barycentric: bool = False
+
+
+@dataclass(frozen=True)
+class MoEParams:
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class HeadParams:
+    project_without_caption: bool = True
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    text_model: str = "tiny"
+    vision_model: str = "tiny"
+    pretrained: bool = True
+    pool_after_layer: int = 1
+    fusion_start_layer: int = 2
+    dropout: float = 0.1
+    ot: OTParams = field(default_factory=OTParams)
+    moe: MoEParams = field(default_factory=MoEParams)
+    head: HeadParams = field(default_factory=HeadParams)
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    seed: int = 1234
+    epochs: int = 15
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    grad_accum: int = 1
+    max_grad_norm: float = 1.0
+    patience: int = 0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    num_processes: int = 1
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    batch_size: int = 64
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataParams = field(default_factory=DataParams)
+    depth: DepthParams = field(default_factory=DepthParams)
+    caption: CaptionParams = field(default_factory=CaptionParams)
+    features: FeaturesParams = field(default_factory=FeaturesParams)
+    model: ModelParams = field(default_factory=ModelParams)
+    train: TrainParams = field(default_factory=TrainParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ParamsError(f"{path}: expected a mapping, found {type(value).__name__} {value!r}")
+        return _build(tp, value, path)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ParamsError(f"{path}: expected {_type_name(tp)}, found {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _convert(arg, value, path)
+            except ParamsError:
+                continue
+        names = " or ".join(_type_name(a) for a in typing.get_args(tp))
+        raise ParamsError(f"{path}: expected {names}, found {type(value).__name__} {value!r}")
+    if tp is type(None):
+        if value is not None:
+            raise ParamsError(f"{path}: expected null, found {value!r}")
+        return None
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ParamsError(f"{path}: expected bool, found {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ParamsError(f"{path}: expected int, found {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        # YAML reads `1e-5` (no dot) as a string; accept ints and such numeric strings.
+        if isinstance(value, bool):
+            raise ParamsError(f"{path}: expected float, found bool {value!r}")
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ParamsError(f"{path}: expected float, found {type(value).__name__} {value!r}")
+    if tp is str:
+        if not isinstance(value, str):
+            raise ParamsError(f"{path}: expected str, found {type(value).__name__} {value!r}")
+        return value
+    raise TypeError(f"{path}: unsupported schema type {tp!r}")
+
+
+def _build(cls: type, raw: dict[str, Any], path: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    prefix = f"{path}." if path else ""
+    unknown = sorted(set(raw) - fields)
+    if unknown:
+        raise ParamsError(
+            f"{prefix}{unknown[0]}: unknown key (known keys under {path or 'the top level'}: "
+            f"{', '.join(sorted(fields))})"
+        )
+    missing = sorted(fields - set(raw))
+    if missing:
+        key = missing[0]
+        raise ParamsError(f"{prefix}{key}: missing key (expected {_type_name(hints[key])})")
+    return cls(**{k: _convert(hints[k], raw[k], prefix + k) for k in sorted(fields)})
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    """Build :class:`Params` from a nested mapping, strictly (every key present, nothing extra)."""
+    if not isinstance(raw, dict):
+        raise ParamsError(f"params: expected a mapping at the top level, found {type(raw).__name__}")
+    return _build(Params, raw, "")
+
+
+def params_to_dict(obj: Any) -> dict[str, Any]:
+    """The nested plain-dict form of a params object (or of one section)."""
+    return dataclasses.asdict(obj)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate ``params.yaml``; errors name the file and the key path."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ParamsError(f"{path}: params file not found") from exc
+    except yaml.YAMLError as exc:
+        raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return params_from_dict(raw)
+    except ParamsError as exc:
+        raise ParamsError(f"{path}: {exc}") from exc
+
+
+def apply_overrides(params: Params, overrides: dict[str, Any]) -> Params:
+    """Return a copy with dotted-key overrides applied (``{"model.ot.enabled": False}``), validated."""
+    raw = params_to_dict(params)
+    for dotted, value in overrides.items():
+        node = raw
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            if not isinstance(node.get(key), dict):
+                raise ParamsError(f"{dotted}: unknown key")
+            node = node[key]
+        if leaf not in node:
+            raise ParamsError(f"{dotted}: unknown key")
+        node[leaf] = value
+    return params_from_dict(raw)
+
+
+def section_hash(*sections: Any) -> str:
+    """A short stable hash of one or more params sections (or plain values), for cache metadata."""
+    payload = json.dumps(
+        [params_to_dict(s) if dataclasses.is_dataclass(s) else s for s in sections],
+        sort_keys=True,
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

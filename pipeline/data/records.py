@@ -1,0 +1,221 @@
+"""The normalized dataset layout (DESIGN.md §2) and its reader.
+
+Every source (synthetic, UMRE, MNRE, local) is converted to this layout, so later stages never care
+where the data came from::
+
+    <root>/records/{train,valid,test}.jsonl   one Record per line
+    <root>/objects.json                       image id -> {"[OBJk]": [x1, y1, x2, y2]} in [0, 1]
+    <root>/images/<image_id>                  the image files
+    <root>/relations.json                     label -> id, "none" = 0
+    <root>/manifest.json                      source, version, counts, checksums
+    <root>/depth/<image_id stem>.npy          optional: ground-truth depth maps (synthetic)
+    <root>/captions.json                      optional: image id -> {entity name or "[OBJk]": caption}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+SPLITS = ("train", "valid", "test")
+PAIR_KINDS = ("text-text", "text-object", "object-object")
+NONE_LABEL = "none"
+
+UMRE_RELATIONS = (
+    "none",
+    "/per/loc/place_of_governance",
+    "/per/misc/party",
+    "/per/org/member_of",
+    "/per/per/self",
+    "/per/misc/nationality",
+    "/loc/loc/self",
+    "/per/misc/present_in",
+    "/per/loc/place_of_residence",
+    "/org/org/self",
+    "/misc/misc/self",
+    "/per/per/opponent",
+    "/per/loc/place_of_birth",
+    "/per/per/partner",
+    "/per/org/opposed_to",
+    "/loc/loc/contain",
+    "/org/loc/locate_at",
+    "/per/misc/president",
+    "/misc/loc/held_on",
+    "/per/org/leader_of",
+    "/org/org/subsidiary",
+    "/per/per/relatives",
+    "/per/misc/awarded",
+    "/misc/misc/part_of",
+    "/per/misc/race",
+    "/per/per/alumni",
+    "/per/misc/religion",
+    "/org/misc/present_in",
+)
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file, the line and the problem."""
+
+
+@dataclass(frozen=True)
+class Entity:
+    """A text span (``span`` = [start, end) in tokens) or a visual object (``name`` = "[OBJk]")."""
+
+    kind: Literal["text", "object"]
+    name: str
+    span: tuple[int, int] | None = None
+
+    @property
+    def slot(self) -> int:
+        """The object slot index k of "[OBJk]"."""
+        if self.kind != "object":
+            raise ValueError(f"{self.name!r} is a text entity, not an object")
+        return object_slot(self.name)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "name": self.name}
+        if self.kind == "text":
+            out["span"] = list(self.span)
+        return out
+
+    @staticmethod
+    def from_json(obj: dict[str, Any]) -> Entity:
+        kind = obj["kind"]
+        if kind == "text":
+            start, end = obj["span"]
+            return Entity("text", str(obj["name"]), (int(start), int(end)))
+        if kind == "object":
+            return Entity("object", str(obj["name"]))
+        raise ValueError(f"entity kind must be 'text' or 'object', found {kind!r}")
+
+
+@dataclass(frozen=True)
+class Record:
+    id: str
+    text_tokens: tuple[str, ...]
+    image_id: str
+    head: Entity
+    tail: Entity
+    relation: str
+
+    @property
+    def pair_kind(self) -> str:
+        kinds = {self.head.kind, self.tail.kind}
+        if kinds == {"text"}:
+            return "text-text"
+        if kinds == {"object"}:
+            return "object-object"
+        return "text-object"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "text_tokens": list(self.text_tokens),
+            "image_id": self.image_id,
+            "head": self.head.to_json(),
+            "tail": self.tail.to_json(),
+            "relation": self.relation,
+        }
+
+    @staticmethod
+    def from_json(obj: dict[str, Any]) -> Record:
+        return Record(
+            id=str(obj["id"]),
+            text_tokens=tuple(str(t) for t in obj["text_tokens"]),
+            image_id=str(obj["image_id"]),
+            head=Entity.from_json(obj["head"]),
+            tail=Entity.from_json(obj["tail"]),
+            relation=str(obj["relation"]),
+        )
+
+
+def object_slot(name: str) -> int:
+    """``"[OBJ3]"`` -> 3."""
+    if not (name.startswith("[OBJ") and name.endswith("]") and name[4:-1].isdigit()):
+        raise ValueError(f"object name must look like '[OBJk]', found {name!r}")
+    return int(name[4:-1])
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write a file through a temp name in the same folder, then rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def write_records(path: str | Path, records: list[Record]) -> None:
+    lines = (json.dumps(r.to_json(), ensure_ascii=False, sort_keys=True) for r in records)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
+
+
+def iter_records(path: str | Path) -> Iterator[Record]:
+    """Read a normalized ``records/<split>.jsonl``; a bad line raises ``file:line: problem``."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                yield Record.from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError) as exc:
+                raise DataError(f"{path}:{lineno}: malformed record ({exc})") from exc
+
+
+class Dataset:
+    """Read access to a normalized dataset folder; imports no model code."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        if not (self.root / "manifest.json").is_file():
+            raise DataError(f"{self.root}: not a normalized dataset (no manifest.json)")
+
+    def records(self, split: str) -> list[Record]:
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, found {split!r}")
+        return list(iter_records(self.root / "records" / f"{split}.jsonl"))
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return json.loads((self.root / "manifest.json").read_text())
+
+    @property
+    def relations(self) -> dict[str, int]:
+        return json.loads((self.root / "relations.json").read_text())
+
+    @property
+    def objects(self) -> dict[str, dict[str, list[float]]]:
+        return json.loads((self.root / "objects.json").read_text())
+
+    def image_path(self, image_id: str) -> Path:
+        return self.root / "images" / image_id
+
+    def image_ids(self) -> list[str]:
+        """Every image referenced by any split, sorted (the order stages process them in)."""
+        ids = {r.image_id for split in SPLITS for r in self.records(split)}
+        return sorted(ids)
+
+    def depth_path(self, image_id: str) -> Path:
+        """Ground-truth depth map shipped with the dataset (synthetic only)."""
+        return self.root / "depth" / (Path(image_id).stem + ".npy")
+
+    @property
+    def captions_path(self) -> Path:
+        return self.root / "captions.json"

@@ -1,0 +1,23 @@
+"""One Typer command per pipeline stage, plus `predict`.
+
+Each stage module keeps heavy imports (torch, transformers) inside its function, so `--help` is fast.
+"""
+
+from __future__ import annotations
+
+import typer
+
+from stages import caption, depth, download, evaluate, features, predict, train
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="REMOTE pipeline stages: download -> depth -> caption -> features -> train -> evaluate.",
+)
+app.command("download")(download.main)
+app.command("depth")(depth.main)
+app.command("caption")(caption.main)
+app.command("features")(features.main)
+app.command("train")(train.main)
+app.command("evaluate")(evaluate.main)
+app.command("predict")(predict.main)

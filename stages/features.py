@@ -1,0 +1,8 @@
+"""The `features` stage (work in progress)."""
+
+from __future__ import annotations
+
+
+def main() -> None:
+    """Not implemented yet."""
+    raise NotImplementedError("features")

@@ -1,0 +1,8 @@
+"""The `predict` stage (work in progress)."""
+
+from __future__ import annotations
+
+
+def main() -> None:
+    """Not implemented yet."""
+    raise NotImplementedError("predict")
