@@ -4,6 +4,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 export DVC_NO_ANALYTICS := 1
+# Stage commands in dvc.yaml call `python`: make it the venv's.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup demo test test-fast lint bench clean
 

@@ -1,0 +1,106 @@
+"""Params loading: strict schema, errors that name the key path and expected type."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import (
+    Params,
+    ParamsError,
+    apply_overrides,
+    load_params,
+    params_from_dict,
+    params_to_dict,
+    section_hash,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def raw_default() -> dict:
+    return yaml.safe_load((ROOT / "params.yaml").read_text())
+
+
+def test_repo_params_load_and_match_dataclass_defaults():
+    params = load_params(ROOT / "params.yaml")
+    assert isinstance(params, Params)
+    assert params.data.source == "synthetic"
+    assert params.model.ot.kernel_floor == pytest.approx(1e-12)
+    # Every key of params.yaml round-trips through the typed object unchanged.
+    assert params_to_dict(params) == raw_default()
+
+
+def test_unknown_key_names_its_path():
+    raw = raw_default()
+    raw["model"]["ot"]["epsilonn"] = 0.5
+    with pytest.raises(ParamsError, match=r"model\.ot\.epsilonn: unknown key"):
+        params_from_dict(raw)
+
+
+def test_missing_key_names_its_path_and_type():
+    raw = raw_default()
+    del raw["train"]["lr"]
+    with pytest.raises(ParamsError, match=r"train\.lr: missing key \(expected float\)"):
+        params_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "expected"),
+    [
+        (("train", "epochs"), "ten", r"train\.epochs: expected int, found str 'ten'"),
+        (("train", "epochs"), 2.5, r"train\.epochs: expected int, found float 2\.5"),
+        (("train", "epochs"), True, r"train\.epochs: expected int, found bool True"),
+        (("data", "pad_to_max"), "yes", r"data\.pad_to_max: expected bool, found str 'yes'"),
+        (("model", "ot", "epsilon"), "abc", r"model\.ot\.epsilon: expected float, found str"),
+        (("data", "source"), "imdb", r"data\.source: expected one of 'synthetic', 'umre'"),
+        (("model", "ot"), 3, r"model\.ot: expected a mapping, found int 3"),
+    ],
+)
+def test_wrong_type_names_path_and_expected_type(path, value, expected):
+    raw = raw_default()
+    node = raw
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    with pytest.raises(ParamsError, match=expected):
+        params_from_dict(raw)
+
+
+def test_float_accepts_int_and_yaml_exponent_strings():
+    raw = raw_default()
+    raw["train"]["lr"] = "1e-5"  # YAML 1.1 reads 1e-5 (no dot) as a string
+    raw["model"]["ot"]["epsilon"] = 1
+    params = params_from_dict(raw)
+    assert params.train.lr == pytest.approx(1e-5)
+    assert isinstance(params.model.ot.epsilon, float)
+
+
+def test_load_params_prefixes_the_file_name(tmp_path):
+    bad = tmp_path / "p.yaml"
+    raw = raw_default()
+    raw["depth"]["batch_size"] = "8"
+    bad.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ParamsError, match=r"p\.yaml: depth\.batch_size: expected int"):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="params file not found"):
+        load_params(tmp_path / "missing.yaml")
+
+
+def test_overrides_are_validated():
+    params = load_params(ROOT / "params.yaml")
+    changed = apply_overrides(params, {"model.ot.enabled": False, "train.lr": 2e-5})
+    assert changed.model.ot.enabled is False and changed.train.lr == pytest.approx(2e-5)
+    assert params.model.ot.enabled is True  # the original is untouched
+    with pytest.raises(ParamsError, match=r"model\.ot\.nope: unknown key"):
+        apply_overrides(params, {"model.ot.nope": 1})
+    with pytest.raises(ParamsError, match=r"model\.ot\.enabled: expected bool"):
+        apply_overrides(params, {"model.ot.enabled": "no"})
+
+
+def test_section_hash_is_stable_and_sensitive():
+    params = load_params(ROOT / "params.yaml")
+    same = load_params(ROOT / "params.yaml")
+    assert section_hash(params.features, params.data) == section_hash(same.features, same.data)
+    other = apply_overrides(params, {"data.max_seq": 32})
+    assert section_hash(params.features, params.data) != section_hash(other.features, other.data)
