@@ -60,14 +60,16 @@ def resolve(name: str) -> ModelSource:
     return ModelSource("hub", name)
 
 
-_TINY_WORDS = """
+_TINY_WORDS = tuple(
+    """
 a an the and or but of in on at to for from with by as is are was were be been has have had it its
 this that these those he she they we you i his her their our your who what which where when why how
 not no yes new old big small today yesterday tomorrow after before during about over under near
 left right front behind above below next said says say told met meets joined joins leads led visits
 visited lives lived born works worked plays played won wins game match team city country party
 president leader member office home show news photo picture image post via rt great good best
-""".split()
+""".split()  # noqa: SIM905 - a word list reads better as text
+)
 
 
 def tiny_vocab() -> list[str]:

@@ -9,15 +9,19 @@ where the data came from::
     <root>/relations.json                     label -> id, "none" = 0
     <root>/manifest.json                      source, version, counts, checksums
     <root>/depth/<image_id stem>.npy          optional: ground-truth depth maps (synthetic)
-    <root>/captions.json                      optional: image id -> {entity name or "[OBJk]": caption}
+    <root>/captions.json                      optional: image id -> {entity or "[OBJk]": caption}
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -219,3 +223,84 @@ class Dataset:
     @property
     def captions_path(self) -> Path:
         return self.root / "captions.json"
+
+
+def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
+    """The sha256 hex digest of a file, read in chunks (archives can be many GB)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(chunk_size), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def staging_dir(out_dir: str | Path) -> Iterator[Path]:
+    """Yield an empty folder next to ``out_dir``; on success it replaces ``out_dir``, on error it
+    is removed, so a reader never sees a half-written dataset. One writer per ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a killed run (same naming scheme) are never trusted: remove them.
+    for stale in out_dir.parent.glob(f".{out_dir.name}.*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
+    tmp.chmod(0o755)
+    try:
+        yield tmp
+        old = out_dir.parent / f".{out_dir.name}.old.partial"
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_dataset(
+    root: str | Path,
+    splits: Mapping[str, Sequence[Record]],
+    objects: Mapping[str, Mapping[str, Sequence[float]]],
+    relations: Sequence[str],
+    *,
+    source: str,
+    version: str,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Write records, objects.json, relations.json and manifest.json into ``root`` (images and
+    captions.json are the caller's); counts and checksums come from what was written."""
+    root = Path(root)
+    if list(relations[:1]) != [NONE_LABEL]:
+        raise ValueError(f"relations must start with {NONE_LABEL!r}, found {list(relations[:1])}")
+    label_ids = {label: i for i, label in enumerate(relations)}
+    counts: dict[str, Any] = {}
+    for split in SPLITS:
+        records = list(splits.get(split, ()))
+        for r in records:
+            if r.relation not in label_ids:
+                raise ValueError(f"record {r.id}: relation {r.relation!r} not in relations")
+            for ent in (r.head, r.tail):
+                if ent.kind == "object" and ent.name not in objects.get(r.image_id, {}):
+                    raise ValueError(f"record {r.id}: {ent.name} not in objects of {r.image_id}")
+        write_records(root / "records" / f"{split}.jsonl", records)
+        counts[split] = {
+            "samples": len(records),
+            "images": len({r.image_id for r in records}),
+            "pair_kinds": {k: sum(r.pair_kind == k for r in records) for k in PAIR_KINDS},
+            "relations": dict(sorted(Counter(r.relation for r in records).items())),
+        }
+    write_json(root / "objects.json", {k: dict(v) for k, v in sorted(objects.items())})
+    write_json(root / "relations.json", label_ids)
+    checksummed = [f"records/{s}.jsonl" for s in SPLITS] + ["objects.json", "relations.json"]
+    if (root / "captions.json").is_file():
+        checksummed.append("captions.json")
+    manifest = {
+        "source": source,
+        "version": version,
+        "splits": counts,
+        "images": len({r.image_id for recs in splits.values() for r in recs}),
+        "sha256": {name: file_sha256(root / name) for name in checksummed},
+        **(extra or {}),
+    }
+    write_json(root / "manifest.json", manifest)
+    return manifest

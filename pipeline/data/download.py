@@ -1,0 +1,291 @@
+"""From a `data.source` to a normalized dataset folder (DESIGN.md §2).
+
+``synthetic`` is generated; ``umre`` and ``mnre`` are downloaded from their published archives,
+checked, unpacked safely and converted; ``local`` converts an archive or folder in either format.
+The published archive layouts are not fixed, so the expected files are searched for in the tree.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import DataParams, Params
+from pipeline.data.archive import Download, Downloader, is_archive, url_join
+from pipeline.data.readers import (
+    MNRE_RELATIONS,
+    ImageIndex,
+    Problems,
+    SourceReader,
+    json_key_lines,
+)
+from pipeline.data.records import (
+    SPLITS,
+    UMRE_RELATIONS,
+    DataError,
+    Record,
+    file_sha256,
+    staging_dir,
+    write_dataset,
+    write_json,
+)
+from pipeline.data.synthetic import generate_synthetic
+
+__all__ = [
+    "prepare_dataset",
+    "convert_umre",
+    "convert_mnre",
+    "find_files",
+    "UMRE_FILES",
+    "MNRE_FILES",
+]
+
+log = logging.getLogger(__name__)
+
+CONVERTER_VERSION = "1"
+# Split -> the accepted file names, in the order they are looked for.
+UMRE_FILES = {"train": ("train_set.json",), "valid": ("val_set.json",), "test": ("test_set.json",)}
+UMRE_OBJECTS = "pos_umke.json"
+UMRE_CAPTIONS = "cap_qwenvl_simply.json"
+UMRE_IMAGE_FOLDER = "UMKE_IMG"
+MNRE_FILES = {
+    "train": ("mnre_train.txt",),
+    "valid": ("mnre_val .txt", "mnre_val.txt"),
+    "test": ("mnre_test.txt",),
+}
+
+
+def find_files(roots: Sequence[Path], names: Sequence[str]) -> Path | None:
+    """The shallowest file under ``roots`` named one of ``names`` (earlier names win a tie);
+    two files with different content at the same depth are ambiguous and raise."""
+    found: list[tuple[int, int, Path]] = []
+    for root in roots:
+        for folder, dirs, files in os.walk(root):
+            dirs.sort()
+            for rank, name in enumerate(names):
+                if name in files:
+                    path = Path(folder) / name
+                    found.append((len(path.relative_to(root).parts), rank, path))
+    if not found:
+        return None
+    found.sort(key=lambda f: (f[0], f[1], str(f[2])))
+    best = found[0]
+    # Equal depth and rank: ambiguous, unless it is the same content twice.
+    tied = [f[2] for f in found[1:] if f[:2] == best[:2]]
+    digest = file_sha256(best[2]) if tied else ""
+    rivals = [path for path in tied if file_sha256(path) != digest]
+    if rivals:
+        raise DataError(
+            f"{best[2]}: ambiguous (found also {', '.join(map(str, rivals))}, expected one "
+            f"{names[best[1]]} in the dataset)"
+        )
+    return best[2]
+
+
+def _require(roots: Sequence[Path], names: Sequence[str]) -> Path:
+    path = find_files(roots, names)
+    if path is None:
+        where = ", ".join(str(r) for r in roots)
+        raise DataError(f"{where}: dataset file not found (expected {' or '.join(names)})")
+    return path
+
+
+def _read_captions(path: Path, image_ids: set[str], problems: Problems) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+        raw = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
+    if not isinstance(raw, dict):
+        raise DataError(
+            f"{path}:1: malformed captions (found {type(raw).__name__}, "
+            "expected image -> {entity or '[OBJk]': caption})"
+        )
+    captions: dict[str, Any] = {}
+    lines = json_key_lines(text, raw)
+    for image_id in sorted(image_ids & set(raw)):
+        entry = raw[image_id]
+        if isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values()):
+            captions[image_id] = entry
+        else:
+            reason = f"image {image_id}: malformed captions (found {entry!r:.80}, expected "
+            problems.add(path, lines[image_id], reason + "{entity or '[OBJk]': caption})")
+    return captions
+
+
+def _convert(
+    out_dir: Path,
+    data: DataParams,
+    *,
+    source: str,
+    split_files: Mapping[str, Path],
+    labels: Sequence[str],
+    images: ImageIndex,
+    objects_file: Path | None,
+    captions_file: Path | None,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Read, validate and write one dataset; shared by every converted source."""
+    problems = Problems(data.on_error)
+    reader = SourceReader(
+        labels=labels,
+        images=images,
+        problems=problems,
+        max_objects=data.max_objects,
+        objects_file=objects_file,
+    )
+    splits: dict[str, list[Record]] = {s: reader.read_split(split_files[s], s) for s in SPLITS}
+    image_ids = {r.image_id for recs in splits.values() for r in recs}
+    if not image_ids:
+        raise DataError(f"{split_files['train']}: no usable records in any split")
+    objects = reader.objects(image_ids)
+    captions = _read_captions(captions_file, image_ids, problems) if captions_file else None
+    files = {s: str(p) for s, p in split_files.items()}
+    files.update(objects=str(objects_file or ""), captions=str(captions_file or ""))
+    with staging_dir(out_dir) as root:
+        for image_id in sorted(image_ids):
+            dest = root / "images" / image_id
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(images.find(image_id), dest)
+        if captions is not None:
+            write_json(root / "captions.json", captions)
+        problems.write_report(root / "skipped.tsv")
+        manifest = write_dataset(
+            root,
+            splits,
+            objects,
+            labels,
+            source=source,
+            version=CONVERTER_VERSION,
+            extra={
+                **extra,
+                "files": files,
+                "on_error": data.on_error,
+                "skipped": {
+                    "records": problems.skipped_records,
+                    "problems": len(problems.items),
+                    "report": "skipped.tsv",
+                },
+            },
+        )
+    if problems.items:
+        log.warning(
+            "%d problems, %d records skipped: see %s",
+            len(problems.items),
+            problems.skipped_records,
+            out_dir / "skipped.tsv",
+        )
+    return manifest
+
+
+def convert_umre(
+    roots: Sequence[Path],
+    out_dir: Path,
+    data: DataParams,
+    *,
+    source: str = "umre",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Convert a UMRE-layout tree (split files, pos_umke.json, captions, UMKE_IMG/) found under
+    ``roots``; the objects and captions files are optional."""
+    split_files = {s: _require(roots, names) for s, names in UMRE_FILES.items()}
+    objects_file = find_files(roots, (UMRE_OBJECTS,))
+    captions_file = find_files(roots, (UMRE_CAPTIONS,))
+    if objects_file is None:
+        log.warning("no %s found: object boxes come from the records", UMRE_OBJECTS)
+    return _convert(
+        out_dir,
+        data,
+        source=source,
+        split_files=split_files,
+        labels=UMRE_RELATIONS,
+        images=ImageIndex(roots, prefer=(UMRE_IMAGE_FOLDER,)),
+        objects_file=objects_file,
+        captions_file=captions_file,
+        extra={"format": "umre", **(extra or {})},
+    )
+
+
+def convert_mnre(
+    text_roots: Sequence[Path],
+    image_roots: Sequence[Path],
+    out_dir: Path,
+    data: DataParams,
+    *,
+    source: str = "mnre",
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Convert MNRE text files (``mnre_train.txt``, ``mnre_val .txt``, ``mnre_test.txt``) and
+    images; MNRE has no boxes, so each image gets zero objects."""
+    split_files = {s: _require(text_roots, names) for s, names in MNRE_FILES.items()}
+    return _convert(
+        out_dir,
+        data,
+        source=source,
+        split_files=split_files,
+        labels=MNRE_RELATIONS,
+        images=ImageIndex(image_roots, prefer=("img_org",)),
+        objects_file=None,
+        captions_file=None,
+        extra={"format": "mnre", **(extra or {})},
+    )
+
+
+def _provenance(downloads: Mapping[str, Download]) -> dict[str, Any]:
+    return {"downloads": {name: d.provenance() for name, d in downloads.items()}}
+
+
+def prepare_dataset(
+    params: Params, out_dir: Path, cache_dir: Path, *, downloader: Downloader | None = None
+) -> dict[str, Any]:
+    """Write the dataset named by ``params.data.source`` to ``out_dir`` (replaced atomically);
+    downloads and their extraction are kept in ``cache_dir``. Returns the manifest."""
+    data = params.data
+    out_dir, cache_dir = Path(out_dir), Path(cache_dir)
+    if data.source == "synthetic":
+        return generate_synthetic(out_dir, data.synthetic, data.max_objects)
+    dl = downloader or Downloader(cache_dir)
+    if data.source == "umre":
+        u = data.umre
+        downloads = {
+            "dataset": dl.fetch(f"gdrive:{u.dataset_id}", "umre_dataset", u.dataset_sha256),
+            "partner": dl.fetch(f"gdrive:{u.partner_id}", "umre_partner", u.partner_sha256),
+        }
+        roots = [dl.extract(d) for d in downloads.values()]
+        return convert_umre(roots, out_dir, data, extra=_provenance(downloads))
+    if data.source == "mnre":
+        m = data.mnre
+        downloads = {
+            split: dl.fetch(url_join(m.text_url, names[0]), names[0])
+            for split, names in MNRE_FILES.items()
+        }
+        text_roots = [d.path.parent for d in downloads.values()]
+        downloads["images"] = dl.fetch(f"gdrive:{m.images_id}", "mnre_images", m.images_sha256)
+        image_root = dl.extract(downloads["images"])
+        return convert_mnre(text_roots, [image_root], out_dir, data, extra=_provenance(downloads))
+    if data.source == "local":
+        return _prepare_local(data, out_dir, dl)
+    raise DataError(f"data.source: unknown source {data.source!r}")
+
+
+def _prepare_local(data: DataParams, out_dir: Path, dl: Downloader) -> dict[str, Any]:
+    if not data.local.path:
+        raise DataError("data.local.path: empty (expected an archive or a folder)")
+    path = Path(data.local.path).expanduser()
+    if path.is_dir():
+        root, extra = path, {"local": {"path": str(path)}}
+    elif is_archive(path):
+        archive = Download(str(path), path, file_sha256(path), pinned=False)
+        root, extra = dl.extract(archive), _provenance({"archive": archive})
+    elif path.exists():
+        raise DataError(f"{path}: not a folder, zip or tar archive (data.local.path)")
+    else:
+        raise DataError(f"{path}: not found (data.local.path)")
+    if data.local.format == "umre":
+        return convert_umre([root], out_dir, data, source="local", extra=extra)
+    return convert_mnre([root], [root], out_dir, data, source="local", extra=extra)

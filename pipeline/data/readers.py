@@ -1,0 +1,375 @@
+"""Readers for the published record formats (UMRE, MNRE, MORE), with validation.
+
+A record file has one Python dict literal per line (parsed with ``ast.literal_eval``)::
+
+    {'token': [...], 'h': {'name': ..., 'pos': [3, 5]},
+     't': {'name': '[OBJ1]', 'pos': [x1, y1, x2, y2]}, 'img_id': '....jpg', 'relation': ...}
+
+A ``pos`` of 2 ints is a token span [start, end); 4 numbers are an object box, named ``[OBJk]``.
+An objects file (UMRE ``pos_umke.json``) maps image -> {"[OBJk]": box}. Boxes may be in pixels or
+in [0, 1]: a box with any coordinate > 1 is divided by its image's size.
+
+Every problem is reported as ``file:line: problem (found ..., expected ...)``. With
+``on_error="raise"`` the first one raises :class:`DataError`; with ``"skip"`` the record (or
+object) is left out and the problem kept for the report.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import io
+import json
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from PIL import Image
+
+from pipeline.data.records import NONE_LABEL, DataError, Entity, Record, atomic_write_text
+
+__all__ = [
+    "MNRE_RELATIONS",
+    "Problem",
+    "Problems",
+    "ImageIndex",
+    "SourceReader",
+    "normalize_label",
+    "json_key_lines",
+]
+
+# MNRE v2: 22 relations plus "None" (spelled "none" here), in the order of its rel2id.
+MNRE_RELATIONS = (
+    NONE_LABEL,
+    "/per/per/parent",
+    "/per/per/siblings",
+    "/per/per/couple",
+    "/per/per/neighbor",
+    "/per/per/peer",
+    "/per/per/charges",
+    "/per/per/alumi",
+    "/per/per/alternate_names",
+    "/per/org/member_of",
+    "/per/loc/place_of_residence",
+    "/per/loc/place_of_birth",
+    "/org/org/alternate_names",
+    "/org/org/subsidiary",
+    "/org/loc/locate_at",
+    "/loc/loc/contain",
+    "/per/misc/present_in",
+    "/per/misc/awarded",
+    "/per/misc/race",
+    "/per/misc/religion",
+    "/per/misc/nationality",
+    "/misc/misc/part_of",
+    "/misc/loc/held_on",
+)
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
+# Detector boxes may overshoot the border by rounding; beyond this share of a side it is an error.
+BOX_TOLERANCE = 0.01
+
+
+def normalize_label(label: str) -> str:
+    """MNRE and MORE spell the empty relation "None"; the normalized layout uses "none"."""
+    return NONE_LABEL if label in ("None", "NA", NONE_LABEL) else label
+
+
+@dataclass(frozen=True)
+class Problem:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+class Problems:
+    """Validation problems: raise on the first (``raise``) or collect them (``skip``)."""
+
+    def __init__(self, on_error: Literal["raise", "skip"]):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', found {on_error!r}")
+        self.on_error = on_error
+        self.items: list[Problem] = []
+        self.skipped_records = 0
+
+    def add(self, file: str | Path, line: int, reason: str) -> None:
+        problem = Problem(str(file), line, reason)
+        if self.on_error == "raise":
+            raise DataError(str(problem))
+        self.items.append(problem)
+
+    def write_report(self, path: str | Path) -> None:
+        """A TSV with one problem per row: file, line, reason."""
+        buf = io.StringIO()
+        writer = csv.writer(buf, delimiter="\t", lineterminator="\n")
+        writer.writerow(["file", "line", "reason"])
+        writer.writerows([p.file, p.line, p.reason] for p in self.items)
+        atomic_write_text(path, buf.getvalue())
+
+
+class ImageIndex:
+    """Finds image files by id under one or more folders (archive layouts vary)."""
+
+    def __init__(self, roots: Iterable[Path], prefer: Sequence[str] = ()):
+        self.roots = [Path(r) for r in roots]
+        self._by_name: dict[str, list[Path]] = {}
+        for root in self.roots:
+            for folder, dirs, files in os.walk(root):
+                dirs.sort()
+                for name in sorted(files):
+                    if name.lower().endswith(IMAGE_SUFFIXES):
+                        self._by_name.setdefault(name, []).append(Path(folder) / name)
+        self._prefer = set(prefer)
+        self._sizes: dict[str, tuple[int, int]] = {}
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    def find(self, image_id: str) -> Path | None:
+        """The file for ``image_id``: a preferred folder first, then the shallowest."""
+        paths = self._by_name.get(Path(image_id).name)
+        if not paths:
+            return None
+        suffix = Path(image_id).parts
+        exact = [p for p in paths if p.parts[-len(suffix) :] == suffix] or paths
+        return min(exact, key=lambda p: (not self._prefer & set(p.parts), len(p.parts), str(p)))
+
+    def size(self, image_id: str) -> tuple[int, int]:
+        """(width, height), read from the file header only."""
+        if image_id not in self._sizes:
+            path = self.find(image_id)
+            if path is None:
+                raise KeyError(image_id)
+            with Image.open(path) as im:
+                self._sizes[image_id] = im.size
+        return self._sizes[image_id]
+
+
+def json_key_lines(text: str, keys: Iterable[str]) -> dict[str, int]:
+    """Line numbers of a JSON object's top-level keys, scanning the text once (keys in order)."""
+    lines: dict[str, int] = {}
+    pos, line = 0, 1
+    for key in keys:
+        for quoted in (json.dumps(key), json.dumps(key, ensure_ascii=False)):
+            found = text.find(quoted, pos)
+            if found >= 0:
+                line += text.count("\n", pos, found)
+                pos = found
+                break
+        lines[key] = line
+    return lines
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _parse_object_name(name: Any, max_objects: int) -> tuple[int | None, str]:
+    """The slot of an "[OBJk]" name, or None and the reason it is not usable."""
+    if not (isinstance(name, str) and name.startswith("[OBJ") and name.endswith("]")):
+        return None, f"bad object name (found {name!r}, expected '[OBJk]')"
+    digits = name[4:-1]
+    if not digits.isdigit():
+        return None, f"bad object name (found {name!r}, expected '[OBJk]')"
+    if int(digits) >= max_objects:
+        return None, (
+            f"object {name} beyond the object slots (found slot {int(digits)}, expected at most "
+            f"{max_objects} objects, [OBJ0]..[OBJ{max_objects - 1}])"
+        )
+    return int(digits), ""
+
+
+class SourceReader:
+    """Reads record files and an optional objects file into normalized records and boxes."""
+
+    def __init__(
+        self,
+        *,
+        labels: Sequence[str],
+        images: ImageIndex,
+        problems: Problems,
+        max_objects: int = 12,
+        objects_file: Path | None = None,
+    ):
+        self.labels = list(labels)
+        self._label_set = set(labels)
+        self.images = images
+        self.problems = problems
+        self.max_objects = max_objects
+        self.objects_file = objects_file
+        self._raw_objects: dict[str, Any] | None = None
+        self._object_lines: dict[str, int] = {}
+        if objects_file is not None:
+            text = Path(objects_file).read_text(encoding="utf-8")
+            try:
+                raw = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{objects_file}:{exc.lineno}: malformed JSON (found {exc.msg}, "
+                    "expected an object: image -> {'[OBJk]': box})"
+                ) from exc
+            if not isinstance(raw, dict):
+                raise DataError(
+                    f"{objects_file}:1: malformed objects file (found {type(raw).__name__}, "
+                    "expected an object: image -> {'[OBJk]': box})"
+                )
+            self._raw_objects = raw
+            self._object_lines = json_key_lines(text, raw)
+        # image -> {name: normalized box}; filled lazily, only for images that records use.
+        self._objects: dict[str, dict[str, list[float]]] = {}
+
+    # --- boxes ---------------------------------------------------------------------------------
+    def _normalize_box(self, box: Any, image_id: str) -> tuple[list[float] | None, str]:
+        if not (isinstance(box, list | tuple) and len(box) == 4 and all(map(_is_number, box))):
+            return None, f"malformed box (found {box!r}, expected 4 numbers x1, y1, x2, y2)"
+        coords = [float(v) for v in box]
+        if any(v > 1 for v in coords):
+            try:
+                width, height = self.images.size(image_id)
+            except KeyError:
+                return None, f"image {image_id} not found (needed to normalize the pixel box {box})"
+            coords = [coords[0] / width, coords[1] / height, coords[2] / width, coords[3] / height]
+        lo, hi = -BOX_TOLERANCE, 1 + BOX_TOLERANCE
+        x1, y1, x2, y2 = coords
+        if not all(lo <= v <= hi for v in coords) or x2 <= x1 or y2 <= y1:
+            shown = [round(v, 4) for v in coords]
+            return None, (
+                f"bad box (found {list(box)}, normalized {shown}, expected 0 <= x1 < x2 <= 1 "
+                "and 0 <= y1 < y2 <= 1)"
+            )
+        return [round(min(max(v, 0.0), 1.0), 6) for v in coords], ""
+
+    def _image_objects(self, image_id: str) -> dict[str, list[float]]:
+        """The image's valid objects from the objects file (problems reported once per image)."""
+        if image_id in self._objects:
+            return self._objects[image_id]
+        objects: dict[str, list[float]] = {}
+        self._objects[image_id] = objects
+        if self._raw_objects is None:
+            return objects
+        entry = self._raw_objects.get(image_id, {})
+        line = self._object_lines.get(image_id, 1)
+        if not isinstance(entry, dict):
+            found = type(entry).__name__
+            reason = f"image {image_id}: malformed entry (found {found}, expected "
+            self.problems.add(self.objects_file, line, reason + "{'[OBJk]': box})")
+            return objects
+        beyond = [n for n in entry if _parse_object_name(n, self.max_objects)[0] is None]
+        if beyond:
+            reason = (
+                f"image {image_id} has too many objects (found {len(entry)}, expected at most "
+                f"{self.max_objects} named [OBJ0]..[OBJ{self.max_objects - 1}]; "
+                f"left out: {', '.join(map(str, beyond))})"
+            )
+            self.problems.add(self.objects_file, line, reason)
+        for name, box in entry.items():
+            if name in beyond:
+                continue
+            norm, reason = self._normalize_box(box, image_id)
+            if norm is None:
+                self.problems.add(self.objects_file, line, f"image {image_id}, {name}: {reason}")
+            else:
+                objects[name] = norm
+        return objects
+
+    def objects(self, image_ids: Iterable[str]) -> dict[str, dict[str, list[float]]]:
+        """Normalized boxes for each image (empty for an image without objects)."""
+        return {i: dict(sorted(self._image_objects(i).items())) for i in sorted(set(image_ids))}
+
+    # --- records -------------------------------------------------------------------------------
+    def read_split(self, path: Path, split: str) -> list[Record]:
+        """Read one record file; bad lines are reported (raise) or left out (skip)."""
+        records: list[Record] = []
+        with Path(path).open(encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                record, reason = self._parse(line, f"{split}-{lineno:06d}")
+                if record is None:
+                    self.problems.skipped_records += 1
+                    self.problems.add(path, lineno, reason)
+                else:
+                    records.append(record)
+        return records
+
+    def _parse(self, line: str, record_id: str) -> tuple[Record | None, str]:
+        expected = "expected a dict literal with token, h, t, img_id, relation"
+        try:
+            raw = ast.literal_eval(line.strip())
+        except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
+            return None, f"malformed line (found {type(exc).__name__}: {exc}, {expected})"
+        missing = (
+            sorted({"token", "h", "t", "img_id", "relation"} - set(raw))
+            if isinstance(raw, dict)
+            else None
+        )
+        if missing is None or missing:
+            found = f"missing {', '.join(missing)}" if missing else type(raw).__name__
+            return None, f"malformed line (found {found}, {expected})"
+        tokens, image_id, relation = raw["token"], raw["img_id"], raw["relation"]
+        if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
+            return None, f"malformed line (found token {tokens!r:.60}, expected a list of strings)"
+        if not isinstance(image_id, str) or not image_id or _unsafe_relpath(image_id):
+            return None, f"malformed line (found img_id {image_id!r}, expected a file name)"
+        label = normalize_label(relation) if isinstance(relation, str) else relation
+        if label not in self._label_set:
+            return None, (
+                f"unknown relation (found {relation!r}, expected one of the "
+                f"{len(self.labels)} labels: {', '.join(self.labels)})"
+            )
+        if self.images.find(image_id) is None:
+            roots = ", ".join(str(r) for r in self.images.roots)
+            return None, f"missing image (found no file {image_id!r}, expected one under {roots})"
+        entities = []
+        for key in ("h", "t"):
+            entity, reason = self._entity(raw[key], key, len(tokens), image_id)
+            if entity is None:
+                return None, reason
+            entities.append(entity)
+        return Record(record_id, tuple(tokens), image_id, entities[0], entities[1], label), ""
+
+    def _entity(
+        self, raw: Any, key: str, n_tokens: int, image_id: str
+    ) -> tuple[Entity | None, str]:
+        if not (isinstance(raw, dict) and "name" in raw and "pos" in raw):
+            return None, f"malformed line (found {key}={raw!r:.60}, expected {{'name', 'pos'}})"
+        name, pos = raw["name"], raw["pos"]
+        if not isinstance(pos, list | tuple) or len(pos) not in (2, 4):
+            return None, f"malformed line (found {key} pos {pos!r}, expected 2 ints or 4 numbers)"
+        if len(pos) == 2:
+            if not (all(isinstance(v, int) and not isinstance(v, bool) for v in pos)):
+                return None, f"malformed line (found {key} pos {pos!r}, expected 2 ints)"
+            start, end = pos
+            if not 0 <= start < end <= n_tokens:
+                return None, (
+                    f"span outside the tokens (found {key} pos [{start}, {end}), expected "
+                    f"0 <= start < end <= {n_tokens})"
+                )
+            return Entity("text", str(name), (start, end)), ""
+        slot, reason = _parse_object_name(name, self.max_objects)
+        if slot is None:
+            return None, f"{key}: {reason}"
+        box, reason = self._normalize_box(pos, image_id)
+        if box is None:
+            return None, f"{key} {name}: {reason}"
+        objects = self._image_objects(image_id)
+        if self._raw_objects is None:
+            objects.setdefault(name, box)  # no objects file: the records' boxes are the objects
+        elif name not in objects:
+            listed = self._raw_objects.get(image_id)
+            found = ", ".join(listed) if isinstance(listed, dict) and listed else "no objects"
+            return None, (
+                f"object {name} missing from {Path(self.objects_file).name} for image "
+                f"{image_id} (found {found}, expected {name} with a valid box)"
+            )
+        return Entity("object", name), ""
+
+
+def _unsafe_relpath(name: str) -> bool:
+    parts = Path(name.replace("\\", "/")).parts
+    return name.startswith(("/", "\\")) or ".." in parts

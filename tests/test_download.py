@@ -1,0 +1,411 @@
+"""Archives, downloads and the download stage, offline: crafted archives served from local files."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import sys
+import tarfile
+import threading
+import types
+import zipfile
+from pathlib import Path
+
+import pytest
+from conftest import source_records
+from typer.testing import CliRunner
+
+from pipeline.config import Params, apply_overrides, params_to_dict
+from pipeline.data.archive import (
+    ChecksumError,
+    Downloader,
+    UnsafeArchiveError,
+    download_url,
+    safe_extract,
+    url_join,
+)
+from pipeline.data.download import prepare_dataset
+from pipeline.data.records import UMRE_RELATIONS, DataError, Dataset
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _zip(path: Path, entries: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return path
+
+
+def _tar(path: Path, entries: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
+    with tarfile.open(path, "w:gz") as tf:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tf.addfile(info)
+    return path
+
+
+def _pack(folder: Path, archive: Path, top: str) -> Path:
+    """Archive every file under ``folder`` below a top folder ``top`` (zip or tar by suffix)."""
+    files = {
+        f"{top}/{p.relative_to(folder)}": p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+    return _zip(archive, files) if archive.suffix == ".zip" else _tar(archive, files)
+
+
+# --- safe extraction ----------------------------------------------------------------------------
+def test_extracts_zip_and_tar_into_place(tmp_path):
+    entries = {"top/a.txt": b"alpha", "top/sub/b.txt": b"beta"}
+    for archive in (_zip(tmp_path / "x.zip", entries), _tar(tmp_path / "x.tar.gz", entries)):
+        target = tmp_path / f"out_{archive.name}"
+        safe_extract(archive, target)
+        assert (target / "top" / "sub" / "b.txt").read_bytes() == b"beta"
+        assert (target / "top" / "a.txt").read_bytes() == b"alpha"
+    assert not list(tmp_path.glob(".*partial"))
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("../evil.txt", "points outside the target"),
+        ("/tmp/evil.txt", "absolute path"),
+        ("ok/../../evil.txt", "points outside the target"),
+        ("C:\\evil.txt", "absolute path"),
+    ],
+)
+def test_zip_slip_is_refused(tmp_path, kind, name, message):
+    entries = {"good.txt": b"fine", name: b"evil"}
+    make = _zip if kind == "zip" else _tar
+    archive = make(tmp_path / f"bad.{kind}", entries)
+    with pytest.raises(UnsafeArchiveError, match=message) as info:
+        safe_extract(archive, tmp_path / "out" / "target")
+    assert str(archive) in str(info.value) and repr(name) in str(info.value)
+    assert not (tmp_path / "out" / "target").exists()
+    assert not (tmp_path / "evil.txt").exists() and not (tmp_path / "out" / "evil.txt").exists()
+
+
+def test_tar_links_pointing_out_are_refused_and_inside_allowed(tmp_path):
+    bad = _tar(tmp_path / "bad.tgz", {"a/b.txt": b"x"}, links={"a/link": "../../etc/passwd"})
+    with pytest.raises(UnsafeArchiveError, match=r"link 'a/link' -> '../../etc/passwd' points"):
+        safe_extract(bad, tmp_path / "t1")
+    absolute = _tar(tmp_path / "abs.tgz", {"a/b.txt": b"x"}, links={"a/link": "/etc/passwd"})
+    with pytest.raises(UnsafeArchiveError, match="points outside"):
+        safe_extract(absolute, tmp_path / "t2")
+    good = _tar(tmp_path / "good.tgz", {"a/b.txt": b"x"}, links={"a/link": "b.txt"})
+    safe_extract(good, tmp_path / "t3")
+    assert (tmp_path / "t3" / "a" / "link").read_bytes() == b"x"
+
+
+def test_size_limit_and_non_archives(tmp_path):
+    archive = _zip(tmp_path / "big.zip", {"a.bin": b"0" * 5000, "b.bin": b"1" * 5000})
+    with pytest.raises(
+        UnsafeArchiveError, match=r"unpacks to 10000 bytes \(expected at most 9999\)"
+    ):
+        safe_extract(archive, tmp_path / "t", max_bytes=9999)
+    safe_extract(archive, tmp_path / "t", max_bytes=10000)
+    text = tmp_path / "notes.txt"
+    text.write_text("hello world")
+    with pytest.raises(DataError, match=r"notes.txt: not a zip or tar archive \(found first bytes"):
+        safe_extract(text, tmp_path / "t2")
+
+
+# --- downloads ----------------------------------------------------------------------------------
+class _RangeHandler(http.server.BaseHTTPRequestHandler):
+    payload = b""
+    honour_range = True
+    seen_ranges: list = []
+
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        rng = self.headers.get("Range")
+        type(self).seen_ranges.append(rng)
+        data, status = self.payload, 200
+        if rng and self.honour_range:
+            start = int(rng.removeprefix("bytes=").rstrip("-"))
+            data, status = self.payload[start:], 206
+        self.send_response(status)
+        if status == 206:
+            self.send_header(
+                "Content-Range", f"bytes {start}-{len(self.payload) - 1}/{len(self.payload)}"
+            )
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def http_server():
+    _RangeHandler.payload = bytes(range(256)) * 400
+    _RangeHandler.seen_ranges = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/file.bin"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+def test_http_download_resumes_a_partial_file(tmp_path, http_server, honour_range, monkeypatch):
+    monkeypatch.setattr(_RangeHandler, "honour_range", honour_range)
+    payload = _RangeHandler.payload
+    dest = tmp_path / "file.bin"
+    (tmp_path / "file.bin.part").write_bytes(payload[:30000])
+    download_url(http_server, dest)
+    assert dest.read_bytes() == payload and not (tmp_path / "file.bin.part").exists()
+    assert _RangeHandler.seen_ranges == ["bytes=30000-"]  # asked to resume; served whole if refused
+    download_url(http_server, tmp_path / "again.bin")
+    assert (
+        _RangeHandler.seen_ranges[-1] is None and (tmp_path / "again.bin").read_bytes() == payload
+    )
+
+
+def test_local_paths_and_file_urls_use_the_same_code(tmp_path):
+    src = tmp_path / "dir with space" / "mnre_val .txt"
+    src.parent.mkdir()
+    src.write_bytes(b"line\n")
+    url = url_join(src.parent.as_uri(), src.name)
+    assert url.endswith("/mnre_val%20.txt")
+    assert download_url(url, tmp_path / "a.txt").read_bytes() == b"line\n"
+    dl = Downloader(tmp_path / "cache")
+    got = dl.fetch(str(src), "b.txt")
+    assert got.path.read_bytes() == b"line\n" and got.sha256 == _sha(src) and not got.pinned
+    with pytest.raises(DataError, match="download failed"):
+        download_url((tmp_path / "missing.bin").as_uri(), tmp_path / "c.bin")
+
+
+def test_checksum_mismatch_names_file_expected_and_found(tmp_path):
+    src = tmp_path / "archive.zip"
+    src.write_bytes(b"not what was pinned")
+    dl = Downloader(tmp_path / "cache")
+    wrong = "0" * 64
+    with pytest.raises(ChecksumError) as info:
+        dl.fetch(str(src), "archive.zip", sha256=wrong)
+    key = hashlib.sha256(str(src).encode()).hexdigest()[:12]
+    dest = tmp_path / "cache" / "downloads" / key / "archive.zip"
+    assert str(info.value) == f"{dest}: sha256 mismatch (found {_sha(src)}, expected {wrong})"
+    assert not dest.exists() and dest.with_name("archive.zip.mismatch").exists()
+    assert dl.fetch(str(src), "archive.zip", sha256=_sha(src).upper()).pinned
+
+
+def test_drive_sources_go_through_gdown(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_download(id, output, quiet, resume):  # noqa: A002 (gdown's keyword)
+        calls.append((id, resume))
+        Path(output).write_bytes(b"from drive")
+        return output
+
+    monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download=fake_download))
+    got = Downloader(tmp_path).fetch("gdrive:ABC123", "x.bin")
+    assert calls == [("ABC123", True)] and got.path.read_bytes() == b"from drive"
+    Downloader(tmp_path).fetch("gdrive:ABC123", "x.bin")  # cached: no second download
+    assert len(calls) == 1
+    Downloader(tmp_path).fetch("gdrive:OTHER", "x.bin")  # another id never reuses that file
+    assert calls[-1] == ("OTHER", True)
+
+
+# --- end to end ---------------------------------------------------------------------------------
+def _params(**overrides) -> Params:
+    return apply_overrides(Params(), overrides)
+
+
+def _umre_archives(tmp_path: Path, umre_tree) -> tuple[Path, Path]:
+    """The two published archives: images under a nested top folder (zip), the partner files
+    under umke_partner/ (tar.gz)."""
+    tree = umre_tree(tmp_path / "src")
+    dataset = _pack(tree / "UMKE_IMG", tmp_path / "umre_dataset.zip", "UMRE/data/UMKE_IMG")
+    partner = _pack(tree / "umke_partner", tmp_path / "umke_partner.tar.gz", "umke_partner")
+    return dataset, partner
+
+
+def test_umre_end_to_end_from_archives(tmp_path, umre_tree):
+    dataset, partner = _umre_archives(tmp_path, umre_tree)
+    params = _params(**{"data.source": "umre", "data.umre.partner_sha256": _sha(partner)})
+    u = params.data.umre
+    redirect = {f"gdrive:{u.dataset_id}": str(dataset), f"gdrive:{u.partner_id}": str(partner)}
+    out = tmp_path / "raw" / "umre"
+    manifest = prepare_dataset(
+        params, out, tmp_path / "cache", downloader=Downloader(tmp_path / "cache", redirect)
+    )
+    ds = Dataset(out)
+    assert [len(ds.records(s)) for s in ("train", "valid", "test")] == [3, 1, 1]
+    assert ds.records("valid")[0].relation == "none"
+    assert ds.relations == {label: i for i, label in enumerate(UMRE_RELATIONS)}
+    assert ds.objects == {
+        "img_a.jpg": {"[OBJ0]": [0.0, 0.0, 0.5, 0.5], "[OBJ1]": [0.1, 0.1, 0.6, 0.9]},
+        "img_b.jpg": {},
+        "img_c.png": {"[OBJ0]": [0.1, 0.1, 0.9, 0.9]},
+    }
+    assert sorted(p.name for p in (out / "images").iterdir()) == [
+        "img_a.jpg",
+        "img_b.jpg",
+        "img_c.png",
+    ]
+    assert (out / "images" / "img_a.jpg").read_bytes() == (
+        tmp_path / "src" / "UMKE_IMG" / "img_a.jpg"
+    ).read_bytes()
+    captions = json.loads(ds.captions_path.read_text())
+    assert captions == {
+        "img_a.jpg": {"Bill Cosby": "a man", "[OBJ1]": "a man in a suit"},
+        "img_b.jpg": {"Walk of Fame": "a street"},
+    }
+    downloads = manifest["downloads"]
+    assert downloads["partner"] == {
+        "source": f"gdrive:{u.partner_id}",
+        "sha256": _sha(partner),
+        "pinned": True,
+    }
+    assert downloads["dataset"]["sha256"] == _sha(dataset) and not downloads["dataset"]["pinned"]
+    assert manifest["splits"]["train"]["pair_kinds"] == {
+        "text-text": 1,
+        "text-object": 1,
+        "object-object": 1,
+    }
+    assert manifest["skipped"] == {"records": 0, "problems": 0, "report": "skipped.tsv"}
+    assert (out / "skipped.tsv").read_text() == "file\tline\treason\n"
+    assert manifest["files"]["train"].endswith("umke_partner/train_set.json")
+    # A rerun uses the cache: the sources may be gone.
+    dataset.unlink()
+    partner.unlink()
+    again = prepare_dataset(
+        params, out, tmp_path / "cache", downloader=Downloader(tmp_path / "cache", redirect)
+    )
+    assert again["sha256"] == manifest["sha256"]
+
+
+def test_pinned_checksum_mismatch_stops_before_writing(tmp_path, umre_tree):
+    dataset, partner = _umre_archives(tmp_path, umre_tree)
+    params = _params(**{"data.source": "umre", "data.umre.dataset_sha256": "ab" * 32})
+    u = params.data.umre
+    redirect = {f"gdrive:{u.dataset_id}": str(dataset), f"gdrive:{u.partner_id}": str(partner)}
+    with pytest.raises(
+        ChecksumError,
+        match=f"umre_dataset: sha256 mismatch \\(found {_sha(dataset)}, expected {'ab' * 32}\\)",
+    ):
+        prepare_dataset(
+            params,
+            tmp_path / "out",
+            tmp_path / "cache",
+            downloader=Downloader(tmp_path / "cache", redirect),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_mnre_end_to_end_text_urls_and_image_archive(tmp_path, mnre_tree):
+    mnre_tree(tmp_path / "mnre_txt", tmp_path / "imgs")
+    images = _pack(tmp_path / "imgs", tmp_path / "mnre_images.zip", "mnre_image")
+    params = _params(
+        **{"data.source": "mnre", "data.mnre.text_url": (tmp_path / "mnre_txt").as_uri()}
+    )
+    redirect = {f"gdrive:{params.data.mnre.images_id}": str(images)}
+    out = tmp_path / "raw" / "mnre"
+    manifest = prepare_dataset(
+        params, out, tmp_path / "cache", downloader=Downloader(tmp_path / "cache", redirect)
+    )
+    ds = Dataset(out)
+    assert [len(ds.records(s)) for s in ("train", "valid", "test")] == [1, 1, 1]
+    assert ds.records("test")[0].relation == "/per/per/parent"
+    assert ds.records("valid")[0].relation == "none"  # MNRE spells it "None"
+    assert ds.objects == {"img_a.jpg": {}, "img_b.jpg": {}, "img_c.png": {}}
+    assert len(ds.relations) == 23 and ds.relations["none"] == 0
+    assert manifest["downloads"]["valid"]["source"].endswith("/mnre_txt/mnre_val%20.txt")
+    assert not ds.captions_path.exists()
+
+
+def test_local_folder_in_skip_mode_reports_bad_records(tmp_path, umre_tree):
+    bad = [
+        "{'token': ['x'",
+        {
+            "token": ["a", "b"],
+            "h": {"name": "a", "pos": [0, 1]},
+            "t": {"name": "b", "pos": [1, 3]},
+            "img_id": "img_a.jpg",
+            "relation": "/per/per/self",
+        },
+    ]
+
+    tree = umre_tree(
+        tmp_path / "tree", records={"val_set.json": source_records()["val_set.json"] + bad}
+    )
+    out = tmp_path / "out"
+    params = _params(
+        **{"data.source": "local", "data.local.path": str(tree), "data.on_error": "skip"}
+    )
+    manifest = prepare_dataset(params, out, tmp_path / "cache")
+    assert manifest["skipped"] == {"records": 2, "problems": 2, "report": "skipped.tsv"}
+    assert manifest["splits"]["valid"]["samples"] == 1
+    rows = (out / "skipped.tsv").read_text().splitlines()
+    assert rows[1].startswith(f"{tree / 'umke_partner' / 'val_set.json'}\t2\tmalformed line")
+    assert rows[2].startswith(
+        f"{tree / 'umke_partner' / 'val_set.json'}\t3\tspan outside the tokens"
+    )
+    raising = _params(**{"data.source": "local", "data.local.path": str(tree)})
+    with pytest.raises(DataError, match=r"val_set.json:2: malformed line"):
+        prepare_dataset(raising, tmp_path / "out2", tmp_path / "cache")
+    assert not (tmp_path / "out2").exists()
+
+
+def test_local_archive_and_missing_files(tmp_path, umre_tree):
+    tree = umre_tree(tmp_path / "tree")
+    archive = _pack(tree, tmp_path / "mine.tar.gz", "release-v1")
+    params = _params(**{"data.source": "local", "data.local.path": str(archive)})
+    manifest = prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+    assert manifest["source"] == "local" and manifest["downloads"]["archive"]["sha256"] == _sha(
+        archive
+    )
+    (tree / "umke_partner" / "test_set.json").unlink()
+    params = _params(**{"data.source": "local", "data.local.path": str(tree)})
+    with pytest.raises(DataError, match=r"dataset file not found \(expected test_set.json\)"):
+        prepare_dataset(params, tmp_path / "out3", tmp_path / "cache")
+    twice = umre_tree(tmp_path / "twice")
+    (twice / "dup").mkdir()
+    copy = (twice / "umke_partner" / "train_set.json").read_text()
+    (twice / "dup" / "train_set.json").write_text(copy)  # the same file twice is fine
+    params = _params(**{"data.source": "local", "data.local.path": str(twice)})
+    assert prepare_dataset(params, tmp_path / "out4", tmp_path / "cache")["images"] == 3
+    (twice / "dup" / "train_set.json").write_text(copy.splitlines()[0] + "\n")
+    expected = (
+        r"dup/train_set.json: ambiguous \(found also .*umke_partner/train_set.json, expected one"
+    )
+    with pytest.raises(DataError, match=expected):
+        prepare_dataset(params, tmp_path / "out4", tmp_path / "cache")
+
+
+def test_stage_command_writes_the_synthetic_dataset(tmp_path):
+    import yaml
+
+    from stages.cli import app
+
+    raw = params_to_dict(
+        _params(
+            **{
+                "data.synthetic.train": 12,
+                "data.synthetic.valid": 6,
+                "data.synthetic.test": 6,
+                "data.synthetic.image_size": 48,
+            }
+        )
+    )
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "raw"
+    result = CliRunner().invoke(app, ["download", "--params", str(params_file), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert Dataset(out).manifest["splits"]["train"]["samples"] == 12
+    raw["data"]["source"], raw["data"]["local"]["path"] = "local", str(tmp_path / "nowhere")
+    params_file.write_text(yaml.safe_dump(raw))
+    result = CliRunner().invoke(app, ["download", "--params", str(params_file), "--out", str(out)])
+    assert result.exit_code == 1 and "nowhere: not found (data.local.path)" in result.output

@@ -1,0 +1,191 @@
+"""Record-format reader: parsing, box normalization, and every validation error with its message."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import TOKENS, source_objects, source_records, write_images, write_lines
+
+from pipeline.data.readers import (
+    MNRE_RELATIONS,
+    ImageIndex,
+    Problems,
+    SourceReader,
+    json_key_lines,
+)
+from pipeline.data.records import UMRE_RELATIONS, DataError
+
+GOOD = source_records()["train_set.json"][0]
+
+
+def _reader(root: Path, on_error: str = "raise", objects: dict | None = None, max_objects=12):
+    write_images(root / "UMKE_IMG")
+    objects_file = root / "pos_umke.json"
+    objects_file.write_text(json.dumps(source_objects() if objects is None else objects, indent=2))
+    return SourceReader(
+        labels=UMRE_RELATIONS,
+        images=ImageIndex([root], prefer=("UMKE_IMG",)),
+        problems=Problems(on_error),
+        max_objects=max_objects,
+        objects_file=objects_file,
+    )
+
+
+def test_reads_records_and_normalizes_pixel_boxes(tmp_path):
+    reader = _reader(tmp_path)
+    path = write_lines(tmp_path / "train_set.json", source_records()["train_set.json"] + [""])
+    records = reader.read_split(path, "train")
+    assert [r.id for r in records] == ["train-000001", "train-000002", "train-000003"]
+    first, second, third = records
+    assert first.text_tokens == tuple(TOKENS) and first.image_id == "img_a.jpg"
+    assert (first.head.kind, first.head.name, first.head.span) == ("text", "Bill Cosby", (1, 3))
+    assert first.tail.span == (5, 8) and first.relation == "/per/misc/present_in"
+    assert (second.pair_kind, third.pair_kind) == ("text-object", "object-object")
+    assert third.head.name == "[OBJ0]" and third.relation == "/loc/loc/contain"
+    # img_a is 200 x 100: the pixel boxes of pos_umke.json are divided by its size.
+    objects = reader.objects(["img_a.jpg", "img_b.jpg"])
+    assert objects == {
+        "img_a.jpg": {"[OBJ0]": [0.0, 0.0, 0.5, 0.5], "[OBJ1]": [0.1, 0.1, 0.6, 0.9]},
+        "img_b.jpg": {},
+    }
+
+
+def test_mnre_none_spelling_and_label_list(tmp_path):
+    reader = _reader(tmp_path)
+    path = write_lines(tmp_path / "val.txt", [{**GOOD, "relation": "None"}])
+    assert reader.read_split(path, "valid")[0].relation == "none"
+    assert len(MNRE_RELATIONS) == 23 and MNRE_RELATIONS[0] == "none"
+    assert len(set(MNRE_RELATIONS)) == 23 and "/per/per/self" not in MNRE_RELATIONS
+
+
+def _bad(**changes) -> dict:
+    return {**GOOD, **changes}
+
+
+BAD_LINES = [
+    ("{'token': ['a', 'b'], 'h': ", r"malformed line \(found SyntaxError"),
+    ("print('hi')", r"malformed line \(found ValueError"),
+    (
+        repr({k: v for k, v in GOOD.items() if k != "img_id"}),
+        r"malformed line \(found missing img_id",
+    ),
+    (
+        _bad(h={"name": "Bill Cosby", "pos": [3, 12]}),
+        r"span outside the tokens \(found h pos \[3, 12\), expected 0 <= start < end <= 9\)",
+    ),
+    (
+        _bad(t={"name": "[OBJ1]", "pos": [10, 10, 250, 50]}),
+        r"t \[OBJ1\]: bad box \(found \[10, 10, 250, 50\], normalized \[0.05, 0.1, 1.25, 0.5\], "
+        r"expected 0 <= x1 < x2 <= 1",
+    ),
+    (
+        _bad(t={"name": "[OBJ1]", "pos": [0.5, 0.2, 0.4, 0.3]}),
+        r"t \[OBJ1\]: bad box \(found \[0.5, 0.2, 0.4, 0.3\]",
+    ),
+    (
+        _bad(t={"name": "[OBJ7]", "pos": [0.1, 0.1, 0.2, 0.2]}),
+        r"object \[OBJ7\] missing from pos_umke.json for image img_a.jpg "
+        r"\(found \[OBJ0\], \[OBJ1\], expected \[OBJ7\]",
+    ),
+    (
+        _bad(t={"name": "[OBJ12]", "pos": [0.1, 0.1, 0.2, 0.2]}),
+        r"t: object \[OBJ12\] beyond the object slots \(found slot 12, expected at most 12 objects",
+    ),
+    (
+        _bad(t={"name": "car", "pos": [0.1, 0.1, 0.2, 0.2]}),
+        r"t: bad object name \(found 'car', expected '\[OBJk\]'\)",
+    ),
+    (_bad(img_id="nope.jpg"), r"missing image \(found no file 'nope.jpg', expected one under "),
+    (
+        _bad(relation="/per/per/friend"),
+        r"unknown relation \(found '/per/per/friend', expected one of the 28 labels",
+    ),
+]
+
+
+@pytest.mark.parametrize(("line", "message"), BAD_LINES)
+def test_each_problem_raises_with_file_line_and_reason(tmp_path, line, message):
+    reader = _reader(tmp_path)
+    path = write_lines(tmp_path / "train_set.json", [GOOD, line, GOOD])
+    with pytest.raises(DataError) as info:
+        reader.read_split(path, "train")
+    assert re.match(re.escape(f"{path}:2: ") + message, str(info.value)), str(info.value)
+
+
+def test_too_many_objects_is_reported_at_the_objects_file_line(tmp_path):
+    objects = source_objects()
+    objects["img_b.jpg"] = {f"[OBJ{k}]": [0.0, 0.0, 0.5, 0.5] for k in range(14)}
+    reader = _reader(tmp_path, objects=objects)
+    line = (tmp_path / "pos_umke.json").read_text().splitlines().index('  "img_b.jpg": {') + 1
+    path = write_lines(tmp_path / "val.txt", [_bad(img_id="img_b.jpg")])
+    reader.read_split(path, "valid")  # text-only record: fine so far
+    with pytest.raises(DataError) as info:
+        reader.objects(["img_b.jpg"])
+    assert str(info.value).startswith(
+        f"{tmp_path / 'pos_umke.json'}:{line}: image img_b.jpg has too many objects "
+        "(found 14, expected at most 12 named [OBJ0]..[OBJ11]; left out: [OBJ12], [OBJ13])"
+    )
+
+
+def test_bad_box_in_objects_file_names_image_and_object(tmp_path):
+    objects = source_objects()
+    objects["img_c.png"]["[OBJ1]"] = [0.9, 0.1, 0.2, 0.5]
+    reader = _reader(tmp_path, objects=objects)
+    with pytest.raises(DataError, match=r"pos_umke.json:\d+: image img_c.png, \[OBJ1\]: bad box"):
+        reader.objects(["img_c.png"])
+
+
+def test_skip_mode_keeps_good_records_and_writes_the_report(tmp_path):
+    objects = source_objects()
+    objects["img_b.jpg"] = {f"[OBJ{k}]": [0.0, 0.0, 0.5, 0.5] for k in range(13)}
+    reader = _reader(tmp_path, on_error="skip", objects=objects)
+    lines = [GOOD, "not a dict", _bad(relation="/x/y"), GOOD, _bad(img_id="nope.jpg")]
+    lines.append(_bad(img_id="img_b.jpg", t={"name": "[OBJ12]", "pos": [0.1, 0.1, 0.2, 0.2]}))
+    lines.append(_bad(img_id="img_b.jpg", t={"name": "[OBJ3]", "pos": [0.1, 0.1, 0.2, 0.2]}))
+    path = write_lines(tmp_path / "train_set.json", lines)
+    records = reader.read_split(path, "train")
+    assert [r.id for r in records] == ["train-000001", "train-000004", "train-000007"]
+    objects_out = reader.objects(r.image_id for r in records)
+    assert sorted(objects_out["img_b.jpg"]) == sorted(f"[OBJ{k}]" for k in range(12))
+    problems = reader.problems
+    assert problems.skipped_records == 4
+    assert [(p.file, p.line) for p in problems.items[:4]] == [(str(path), n) for n in (2, 3, 5, 6)]
+    assert problems.items[4].file.endswith("pos_umke.json")  # image b: 13 objects
+    report = tmp_path / "skipped.tsv"
+    problems.write_report(report)
+    rows = list(csv.reader(report.open(), delimiter="\t"))
+    assert rows[0] == ["file", "line", "reason"] and len(rows) == 6
+    assert rows[2][1:] == ["3", rows[2][2]] and rows[2][2].startswith("unknown relation")
+
+
+def test_without_objects_file_the_record_boxes_are_the_objects(tmp_path):
+    write_images(tmp_path / "imgs")
+    reader = SourceReader(
+        labels=UMRE_RELATIONS, images=ImageIndex([tmp_path]), problems=Problems("raise")
+    )
+    path = write_lines(tmp_path / "train.txt", source_records()["train_set.json"])
+    reader.read_split(path, "train")
+    assert reader.objects(["img_a.jpg"]) == {
+        "img_a.jpg": {"[OBJ0]": [0.0, 0.0, 0.5, 0.5], "[OBJ1]": [0.1, 0.1, 0.6, 0.9]}
+    }
+
+
+def test_image_index_prefers_the_named_folder_then_the_shallowest(tmp_path):
+    write_images(tmp_path / "deep" / "copy")
+    write_images(tmp_path / "other")
+    write_images(tmp_path / "x" / "UMKE_IMG")
+    assert ImageIndex([tmp_path], prefer=("UMKE_IMG",)).find("img_a.jpg") == (
+        tmp_path / "x" / "UMKE_IMG" / "img_a.jpg"
+    )
+    assert ImageIndex([tmp_path]).find("img_a.jpg") == tmp_path / "other" / "img_a.jpg"
+    assert ImageIndex([tmp_path]).find("missing.jpg") is None
+    assert ImageIndex([tmp_path]).size("img_c.png") == (100, 200)
+
+
+def test_json_key_lines_finds_each_top_level_key():
+    text = '{\n  "a.jpg": {"[OBJ0]": [1, 2, 3, 4]},\n\n  "b.jpg": {},\n  "c.jpg": {}\n}\n'
+    assert json_key_lines(text, json.loads(text)) == {"a.jpg": 2, "b.jpg": 4, "c.jpg": 5}

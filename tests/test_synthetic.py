@@ -1,0 +1,278 @@
+"""The synthetic generator: determinism, coverage, and labels recomputed from the saved files."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.config import SyntheticParams
+from pipeline.data.records import PAIR_KINDS, SPLITS, UMRE_RELATIONS, Dataset
+from pipeline.data.synthetic import VOCABULARY, generate_synthetic
+
+SMALL = SyntheticParams(seed=5, train=20, valid=8, test=8, image_size=64)
+MEDIUM = SyntheticParams(seed=7, train=150, valid=60, test=60, image_size=64)
+
+# Written here, not imported, so the rules are checked against an independent reading of the text.
+CLAUSE_WORDS = {
+    "/per/org/member_of": ("joined", "member", "signed"),
+    "/per/org/leader_of": ("leads", "head", "chief"),
+    "/per/loc/place_of_birth": ("born", "birthplace", "native"),
+    "/org/loc/locate_at": ("based", "office", "offices"),
+}
+CUE_WORDS = {
+    "/per/per/self": ("pictured", "shows", "smiles"),
+    "/per/loc/place_of_residence": ("lives", "home", "moved"),
+    "/per/misc/present_in": ("attended", "marched", "protest"),
+}
+CUE_NOUN = {
+    "/per/per/self": "person",
+    "/per/loc/place_of_residence": "building",
+    "/per/misc/present_in": "flag",
+}
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+@pytest.fixture(scope="module")
+def medium(tmp_path_factory) -> Dataset:
+    root = tmp_path_factory.mktemp("syn") / "data"
+    generate_synthetic(root, MEDIUM)
+    return Dataset(root)
+
+
+def test_same_seed_gives_byte_identical_files_and_another_seed_does_not(tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    generate_synthetic(a, SMALL)
+    generate_synthetic(b, SMALL)
+    generate_synthetic(c, dataclasses.replace(SMALL, seed=6))
+    tree_a, tree_b, tree_c = _tree(a), _tree(b), _tree(c)
+    assert tree_a == tree_b
+    expected = {"records/train.jsonl", "objects.json", "relations.json", "manifest.json"}
+    expected |= {"captions.json", "images/syn_train_00000.png", "depth/syn_train_00000.npy"}
+    assert expected <= set(tree_a)
+    assert tree_a["records/train.jsonl"] != tree_c["records/train.jsonl"]
+    assert tree_a["images/syn_train_00000.png"] != tree_c["images/syn_train_00000.png"]
+
+
+def test_regenerating_replaces_the_folder(tmp_path):
+    root = tmp_path / "data"
+    generate_synthetic(root, SMALL)
+    (root / "stale.txt").write_text("old")
+    generate_synthetic(root, SMALL)
+    assert not (root / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data"]  # no temp folders left
+
+
+def test_every_split_has_all_pair_kinds_and_none(tmp_path):
+    generate_synthetic(tmp_path / "data", SMALL)
+    ds = Dataset(tmp_path / "data")
+    for split in SPLITS:
+        records = ds.records(split)
+        assert len(records) == getattr(SMALL, split)
+        assert {r.pair_kind for r in records} == set(PAIR_KINDS), split
+        assert "none" in {r.relation for r in records}, split
+
+
+def test_mix_of_pair_kinds_and_none_share(medium):
+    records = [r for s in SPLITS for r in medium.records(s)]
+    kinds = Counter(r.pair_kind for r in records)
+    assert max(kinds.values()) - min(kinds.values()) <= 1
+    none_share = sum(r.relation == "none" for r in records) / len(records)
+    assert 0.2 <= none_share <= 0.3
+    for kind in PAIR_KINDS:  # `none` comes from every pair kind, and so does every positive
+        labels = Counter(r.relation for r in records if r.pair_kind == kind)
+        assert labels["none"] >= 0.15 * kinds[kind]
+        assert len(labels) >= 3
+
+
+def test_texts_spans_captions_and_vocabulary(medium):
+    vocabulary = set(VOCABULARY)
+    captions = json.loads(medium.captions_path.read_text())
+    for split in SPLITS:
+        for r in medium.records(split):
+            assert 10 <= len(r.text_tokens) <= 25
+            assert set(r.text_tokens) <= vocabulary
+            for ent in (r.head, r.tail):
+                if ent.kind == "text":
+                    start, end = ent.span
+                    assert " ".join(r.text_tokens[start:end]) == ent.name
+                    assert len(ent.name.split()) == end - start
+                assert ent.name in captions[r.image_id]
+    for per_image in captions.values():
+        for key, caption in per_image.items():
+            assert set(caption.split()) <= vocabulary
+            if key.startswith("[OBJ"):
+                noun = caption.split()[-1]
+                assert caption.split()[0] == "a" and noun in ("person", "building", "flag")
+            else:
+                assert caption in ("a person", "an organisation", "a place")
+    names = {ent for per_image in captions.values() for ent in per_image if "[OBJ" not in ent}
+    assert any(len(name.split()) >= 2 for name in names)
+
+
+def test_relations_file_follows_umre_order(medium):
+    relations = medium.relations
+    assert relations["none"] == 0
+    assert sorted(relations.values()) == list(range(len(relations)))
+    order = sorted(relations, key=relations.get)
+    assert order == [label for label in UMRE_RELATIONS if label in relations]
+    used = {r.relation for s in SPLITS for r in medium.records(s)}
+    assert used == set(relations)
+
+
+def _pixels(box: list[float], size: int) -> tuple[int, int, int, int]:
+    return tuple(round(v * size) for v in box)
+
+
+def _scene(ds: Dataset, image_id: str, size: int):
+    """Per object: (noun from the caption, pixel box, depth read at the box-centre pixel)."""
+    depth = np.load(ds.depth_path(image_id))
+    captions = json.loads(ds.captions_path.read_text())[image_id]
+    scene = {}
+    for name, box in ds.objects[image_id].items():
+        x1, y1, x2, y2 = _pixels(box, size)
+        scene[name] = (
+            captions[name].split()[-1],
+            (x1, y1, x2, y2),
+            float(depth[(y1 + y2) // 2, (x1 + x2) // 2]),
+        )
+    return scene, depth
+
+
+def test_images_depth_maps_and_boxes(medium):
+    size = MEDIUM.image_size
+    objects = medium.objects
+    for image_id in medium.image_ids():
+        with Image.open(medium.image_path(image_id)) as im:
+            assert im.size == (size, size) and im.mode == "RGB"
+        scene, depth = _scene(medium, image_id, size)
+        assert depth.dtype == np.float32 and depth.shape == (size, size)
+        assert 2 <= len(objects[image_id]) <= 12
+        assert sorted(objects[image_id]) == sorted(f"[OBJ{k}]" for k in range(len(scene)))
+        depths = [d for _, _, d in scene.values()]
+        assert len(set(depths)) == len(depths)  # distinct, and each visible at its centre
+        assert all(0.15 <= d <= 1.0 for d in depths)
+        assert set(np.unique(depth).tolist()) <= {0.0, *depths}
+        assert (depth == 0).any()  # background is 0
+        for _, (x1, y1, x2, y2), d in scene.values():
+            assert 0.19 * size <= x2 - x1 <= 0.46 * size and 0.19 * size <= y2 - y1 <= 0.46 * size
+            assert (depth[:y1] != d).all() and (
+                depth[y2:] != d
+            ).all()  # the object stays in its box
+            assert (depth[:, :x1] != d).all() and (depth[:, x2:] != d).all()
+
+
+def _segment_index(tokens: tuple[str, ...], span: tuple[int, int]) -> int:
+    """Which " . "-separated segment of the post a span lies in."""
+    return tokens[: span[0]].count(".")
+
+
+def _expected_text_label(tokens: tuple[str, ...], head, tail) -> str:
+    """A relation holds when both marked mentions sit in one segment with a relation word."""
+    segment = _segment_index(tokens, head.span)
+    if segment != _segment_index(tokens, tail.span):
+        return "none"
+    words = set(" ".join(tokens).split(" . ")[segment].split())
+    labels = [label for label, ws in CLAUSE_WORDS.items() if words & set(ws)]
+    assert len(labels) <= 1
+    return labels[0] if labels else "none"
+
+
+def _expected_object_label(scene, head: str, tail: str) -> str:
+    (h_noun, h_box, h_depth), (t_noun, t_box, t_depth) = scene[head], scene[tail]
+    cx, cy = (t_box[0] + t_box[2]) / 2, (t_box[1] + t_box[3]) / 2
+    if h_noun == "building" and h_box[0] < cx < h_box[2] and h_box[1] < cy < h_box[3]:
+        return "/loc/loc/contain"
+    if h_noun == "flag" and t_noun == "building":
+        return "/misc/loc/held_on"
+    if h_noun == t_noun == "person" and h_depth > t_depth:
+        return "/per/per/opponent"
+    return "none"
+
+
+def test_labels_follow_the_rules_recomputed_from_saved_files(medium):
+    size = MEDIUM.image_size
+    seen = Counter()
+    for split in SPLITS:
+        for r in medium.records(split):
+            if r.pair_kind == "text-text":
+                expected = _expected_text_label(r.text_tokens, r.head, r.tail)
+            elif r.pair_kind == "text-object":
+                scene, _ = _scene(medium, r.image_id, size)
+                family = [lab for lab, ws in CUE_WORDS.items() if set(ws) & set(r.text_tokens)]
+                assert len(family) <= 1
+                # The marked person mention is the one in the cue (not in the relation clause).
+                segment = " ".join(r.text_tokens).split(" . ")[
+                    _segment_index(r.text_tokens, r.head.span)
+                ]
+                assert not set(segment.split()) & {w for ws in CLAUSE_WORDS.values() for w in ws}
+                fits = family and scene[r.tail.name][0] == CUE_NOUN[family[0]]
+                expected = family[0] if fits else "none"
+                seen["text-object none with cue" if family and not fits else "other"] += 1
+            else:
+                scene, _ = _scene(medium, r.image_id, size)
+                expected = _expected_object_label(scene, r.head.name, r.tail.name)
+            assert r.relation == expected, (r.id, r.text_tokens, r.head, r.tail)
+    assert seen["text-object none with cue"] > 0  # the image decides, not only the text
+
+
+def test_depth_and_geometry_decide_object_pairs_both_ways(medium):
+    size = MEDIUM.image_size
+    cases = Counter()
+    for split in SPLITS:
+        for r in medium.records(split):
+            if r.pair_kind != "object-object":
+                continue
+            scene, depth = _scene(medium, r.image_id, size)
+            (hn, hb, _), (tn, tb, _) = scene[r.head.name], scene[r.tail.name]
+            if hn == tn == "person":
+                apart = hb[2] <= tb[0] or tb[2] <= hb[0] or hb[3] <= tb[1] or tb[3] <= hb[1]
+                cases[(r.relation, "apart" if apart else "overlap")] += 1
+            if hn == "building":  # containment: geometry decides, both outcomes occur
+                cases[("square head", r.relation)] += 1
+    for label in ("/per/per/opponent", "none"):
+        for layout in ("apart", "overlap"):
+            assert cases[(label, layout)] > 0, cases
+    assert cases[("square head", "/loc/loc/contain")] > 0 and cases[("square head", "none")] > 0
+
+
+def test_manifest_counts_and_checksums_match_the_files(medium):
+    manifest = medium.manifest
+    assert manifest["source"] == "synthetic" and manifest["params"]["seed"] == MEDIUM.seed
+    for split in SPLITS:
+        records = medium.records(split)
+        counts = manifest["splits"][split]
+        assert counts["samples"] == len(records) == getattr(MEDIUM, split)
+        assert counts["pair_kinds"] == dict(Counter(r.pair_kind for r in records))
+        assert counts["relations"] == dict(Counter(r.relation for r in records))
+        assert counts["images"] == len({r.image_id for r in records})
+    for name, digest in manifest["sha256"].items():
+        assert hashlib.sha256((medium.root / name).read_bytes()).hexdigest() == digest
+    assert (
+        manifest["images"]
+        == len(medium.image_ids())
+        == len(list((medium.root / "images").iterdir()))
+    )
+
+
+def test_images_per_split_and_bad_params(tmp_path):
+    params = SyntheticParams(seed=1, train=12, valid=6, test=6, image_size=48, images_per_split=3)
+    manifest = generate_synthetic(tmp_path / "d", params, max_objects=4)
+    assert [manifest["splits"][s]["images"] for s in SPLITS] == [3, 3, 3]
+    assert max(len(v) for v in Dataset(tmp_path / "d").objects.values()) <= 4
+    with pytest.raises(ValueError, match="images_per_split"):
+        generate_synthetic(tmp_path / "e", SyntheticParams(train=40, images_per_split=2))
+    with pytest.raises(ValueError, match="max_objects"):
+        generate_synthetic(tmp_path / "f", SMALL, max_objects=1)
+    assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
