@@ -113,8 +113,9 @@ def test_texts_spans_captions_and_vocabulary(medium):
         for key, caption in per_image.items():
             assert set(caption.split()) <= vocabulary
             if key.startswith("[OBJ"):
-                noun = caption.split()[-1]
-                assert caption.split()[0] == "a" and noun in ("person", "building", "flag")
+                article, colour, noun = caption.split()
+                assert article == ("an" if colour[0] in "aeiou" else "a")
+                assert noun in ("person", "building", "flag")
             else:
                 assert caption in ("a person", "an organisation", "a place")
     names = {ent for per_image in captions.values() for ent in per_image if "[OBJ" not in ent}

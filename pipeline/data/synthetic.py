@@ -486,7 +486,10 @@ def generate_synthetic(out_dir: Path, params: SyntheticParams, max_objects: int 
                 }
                 captions[f"{stem}.png"] = {
                     **{post.names[k]: ENTITY_CAPTION[k] for k in post.names},
-                    **{n: f"a {o.colour} {SHAPE_NOUN[o.shape]}" for n, o in named.items()},
+                    **{
+                        n: f"{'an' if o.colour[0] in 'aeiou' else 'a'} {o.colour} {SHAPE_NOUN[o.shape]}"
+                        for n, o in named.items()
+                    },
                 }
                 records += [
                     Record(
