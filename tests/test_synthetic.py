@@ -277,3 +277,16 @@ def test_images_per_split_and_bad_params(tmp_path):
     with pytest.raises(ValueError, match="max_objects"):
         generate_synthetic(tmp_path / "f", SMALL, max_objects=1)
     assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
+
+
+def test_atomic_write_gives_files_the_usual_mode(tmp_path):
+    import os
+
+    from pipeline.data.records import atomic_write_text
+
+    target = tmp_path / "out.txt"
+    atomic_write_text(target, "x")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert target.read_text() == "x"

@@ -1,0 +1,164 @@
+"""Depth benchmark: batched vs one-image-at-a-time inference, and store bytes per image.
+
+    .venv/bin/python -m bench.depth                     # tiny model + a ViT-S-sized random model
+    .venv/bin/python -m bench.depth --no-small --images 96
+    .venv/bin/python -m bench.depth --model /models/Depth-Anything-V2-Large-hf --dtype float16
+
+Inference: the same preprocessed images (three sizes, so batches are grouped by size) through the
+same model with ``depth.batch_size`` vs 1; model time only, best of ``--repeats``; on the GPU
+when there is one. Storage: a depth
+store of the synthetic dataset (the tiny model's maps and the shipped maps) against the original
+script's format, one uncompressed float32 ``.npz`` per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from pipeline.config import DepthParams, SyntheticParams
+from pipeline.data.records import Dataset
+from pipeline.data.synthetic import generate_synthetic
+from pipeline.depth import infer_depth, load_depth_model, preprocess, run_depth, select_device
+from pipeline.depth_store import DepthStore
+
+SIZES = [(96, 128), (128, 96), (112, 112)]  # (height, width) of the benchmark images
+
+
+def small_depth_model():
+    """A random model with Depth-Anything-V2-Small's sizes (ViT-S/14, 24.8M parameters), run at a
+    112-pixel short side so it finishes on a CPU."""
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
+
+    backbone = Dinov2Config(
+        image_size=518,
+        patch_size=14,
+        hidden_size=384,
+        num_hidden_layers=12,
+        num_attention_heads=6,
+        mlp_ratio=4,
+        out_indices=[3, 6, 9, 12],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        fusion_hidden_size=64,
+        neck_hidden_sizes=[48, 96, 192, 384],
+        head_hidden_size=32,
+        reassemble_hidden_size=384,
+    )
+    torch.manual_seed(0)
+    processor = DPTImageProcessor(
+        size={"height": 112, "width": 112},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        do_pad=False,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    return DepthAnythingForDepthEstimation(config).eval(), processor
+
+
+def bench_images(n: int) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    images = []
+    for i in range(n):
+        h, w = SIZES[i % len(SIZES)]
+        yy, xx = np.mgrid[0:h, 0:w]
+        pixels = np.stack([xx * 255 // w, yy * 255 // h, rng.integers(0, 255, (h, w))], -1)
+        images.append(Image.fromarray(pixels.astype(np.uint8)))
+    return images
+
+
+def images_per_second(model, pixels, batch_size: int, dtype: str, repeats: int) -> float:
+    infer_depth(model, pixels[:batch_size], batch_size, dtype)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        infer_depth(model, pixels, batch_size, dtype)  # returns numpy: includes the GPU sync
+        best = min(best, time.perf_counter() - start)
+    return len(pixels) / best
+
+
+def bench_inference(name: str, model, processor, n: int, args: argparse.Namespace) -> None:
+    batch_size = args.batch_size
+    model = model.to(select_device())
+    pixels = [preprocess(processor, im) for im in bench_images(n)]
+    params = sum(p.numel() for p in model.parameters())
+    shapes = sorted({tuple(p.shape[1:]) for p in pixels})
+    print(f"\n{name}: {params / 1e6:.2f}M parameters, {n} images at input sizes {shapes}")
+    single = images_per_second(model, pixels, 1, args.dtype, args.repeats)
+    batched = images_per_second(model, pixels, batch_size, args.dtype, args.repeats)
+    print(f"  one at a time     {single:8.1f} images/s")
+    print(f"  batch_size={batch_size:<6d} {batched:8.1f} images/s")
+    print(f"  ratio             {batched / single:8.2f}x")
+
+
+def npz_bytes(depth: np.ndarray) -> int:
+    buffer = io.BytesIO()
+    np.savez(buffer, depth=depth.astype(np.float32))
+    return len(buffer.getvalue())
+
+
+def bench_storage(images: int, batch_size: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        samples = 2 * images // 3  # about one image per two samples, over three splits
+        synthetic = SyntheticParams(seed=1, train=samples, valid=samples, test=samples)
+        generate_synthetic(root / "syn", synthetic)
+        dataset = Dataset(root / "syn")
+        print(f"\nstorage: synthetic dataset, {len(dataset.image_ids())} images of 96x96")
+        for source in ("model", "dataset"):
+            depth = DepthParams(
+                source=source, model="tiny", batch_size=batch_size, dtype="float32", shard_size=256
+            )
+            start = time.perf_counter()
+            run_depth(dataset, root / source, depth)
+            seconds = time.perf_counter() - start
+            store = DepthStore(root / source)
+            stored = sum(p.stat().st_size for p in (root / source).iterdir()) / len(store)
+            shape = store.get(store.ids()[0]).shape
+            npz = np.mean([npz_bytes(store.get(i)) for i in store.ids()])
+            label = "tiny model maps" if source == "model" else "shipped maps"
+            print(
+                f"  {label:16s} {shape[0]}x{shape[1]}: store {stored:8.0f} B/image, "
+                f"float32 .npz {npz:8.0f} B/image, {npz / stored:5.2f}x smaller; "
+                f"stage {len(store) / seconds:6.1f} images/s end to end"
+            )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", help="depth.model: tiny, a folder or a hub id")
+    parser.add_argument("--dtype", default="float32", help="depth.dtype (autocast on GPU only)")
+    parser.add_argument("--images", type=int, default=48, help="images for --model")
+    parser.add_argument("--small-images", type=int, default=12, help="images for the small model")
+    parser.add_argument("--no-small", action="store_true", help="skip the ViT-S-sized model")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, device {select_device()}, CPU threads {args.threads}")
+    model, processor = load_depth_model(args.model)
+    bench_inference(args.model, model, processor, args.images, args)
+    if not args.no_small:
+        model, processor = small_depth_model()
+        bench_inference("ViT-S-sized random", model, processor, args.small_images, args)
+    bench_storage(args.images, args.batch_size)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,480 @@
+"""Depth maps for every image, from Depth-Anything-V2 or a dataset's shipped maps, into a store.
+
+The store (format in :mod:`pipeline.depth_store`) is a few Parquet shards of ``depth.shard_size``
+images each, in sorted image-id order, plus ``skipped.json`` and ``manifest.json``.
+
+Resuming: a shard is written under a temp name and renamed when complete, and records the run's
+settings fingerprint (source, model name, dtype, shard size, image list) and a digest of its
+inputs. A rerun keeps the shards whose fingerprint and inputs match and computes only the rest; a
+shard made with other settings is deleted rather than mixed in. Batching is done inside a shard,
+so a shard's bytes do not depend on which run, or which worker, computed it.
+
+Scale-out: ``shard=i, num_shards=n`` computes store shards ``i, i+n, i+2n, ...`` into the same
+folder. The worker that finds every shard complete writes the manifest; if the workers ran on
+different machines, copy their shard files into one folder and run once more without sharding to
+write it (nothing is recomputed). Under ``accelerate launch`` the stage reads ``RANK`` and
+``WORLD_SIZE`` as the defaults of ``--shard`` / ``--num-shards`` and uses GPU ``LOCAL_RANK``.
+
+Numbers: on CPU the model runs in float32 whatever ``depth.dtype`` says; on GPU ``depth.dtype``
+float16/bfloat16 enables autocast. Byte-identical reruns assume the same device, torch thread count
+and library versions: float results (and pyarrow's writer) are deterministic only under those.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from PIL import Image
+
+from pipeline.config import DepthParams, params_to_dict
+from pipeline.data.records import DataError, Dataset, write_json
+from pipeline.depth_store import (
+    FORMAT,
+    MANIFEST,
+    SKIPPED,
+    read_shard_info,
+    shard_name,
+    write_shard,
+)
+from pipeline.hub import resolve
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import DepthAnythingForDepthEstimation
+
+__all__ = [
+    "DepthRunResult",
+    "run_depth",
+    "load_depth_model",
+    "tiny_depth_model",
+    "load_image",
+    "preprocess",
+    "predict_depth",
+    "infer_depth",
+    "select_device",
+]
+
+log = logging.getLogger(__name__)
+
+# Problems PIL raises for missing, truncated, corrupt or oversized image files.
+_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
+@dataclass
+class DepthRunResult:
+    """What one run did: shards and images it computed (and skipped), whether the store is done."""
+
+    total_shards: int
+    shards_computed: list[int] = field(default_factory=list)
+    images_computed: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    complete: bool = False
+
+
+# --- model ---------------------------------------------------------------------------------------
+
+
+def tiny_depth_model(seed: int = 0) -> tuple[DepthAnythingForDepthEstimation, Any]:
+    """A 121k-parameter Depth-Anything-V2 with seeded random weights and its image processor."""
+    import torch
+    from transformers import (
+        DepthAnythingConfig,
+        DepthAnythingForDepthEstimation,
+        Dinov2Config,
+        DPTImageProcessor,
+    )
+
+    backbone = Dinov2Config(
+        image_size=56,
+        patch_size=14,
+        hidden_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        mlp_ratio=2,
+        out_features=["stage1", "stage2", "stage3", "stage4"],
+        reshape_hidden_states=False,
+    )
+    config = DepthAnythingConfig(
+        backbone_config=backbone,
+        fusion_hidden_size=16,
+        neck_hidden_sizes=[8, 16, 32, 32],
+        head_hidden_size=8,
+        reassemble_hidden_size=32,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = DepthAnythingForDepthEstimation(config)
+    # The released Depth-Anything-V2 processor settings, at a 56-pixel short side.
+    processor = DPTImageProcessor(
+        size={"height": 56, "width": 56},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        do_pad=False,
+        resample=Image.Resampling.BICUBIC,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+    return model.eval(), processor
+
+
+def load_depth_model(name: str) -> tuple[DepthAnythingForDepthEstimation, Any]:
+    """Model and image processor by name: "tiny", a local folder, or a hub id (same loader)."""
+    from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
+
+    source = resolve(name)
+    if source.kind == "tiny":
+        return tiny_depth_model()
+    location = str(source.path) if source.kind == "local" else source.name
+    try:
+        processor = AutoImageProcessor.from_pretrained(location)
+        model = DepthAnythingForDepthEstimation.from_pretrained(location)
+    except OSError as exc:
+        raise OSError(
+            f"depth.model={name!r}: cannot load it ({exc}). Without network, download the model "
+            "to a folder and set depth.model to that folder."
+        ) from exc
+    return model.eval(), processor
+
+
+def select_device() -> torch.device:
+    """GPU ``LOCAL_RANK`` (0 outside a launcher) when CUDA is available, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def preprocess(processor: Any, image: Image.Image) -> torch.Tensor:
+    """One image as the model's input, ``[3, h, w]``; h and w follow the image's aspect ratio."""
+    return processor(images=image, return_tensors="pt")["pixel_values"][0]
+
+
+def predict_depth(
+    model: DepthAnythingForDepthEstimation,
+    processor: Any,
+    images: Sequence[Image.Image],
+    batch_size: int,
+    dtype: str = "float32",
+) -> list[np.ndarray]:
+    """Raw depth (float32 ``[h, w]`` at the model's output size) per image, in input order."""
+    return infer_depth(model, [preprocess(processor, im) for im in images], batch_size, dtype)
+
+
+def infer_depth(
+    model: DepthAnythingForDepthEstimation,
+    pixels: Sequence[torch.Tensor],
+    batch_size: int,
+    dtype: str = "float32",
+    on_batch: Callable[[int], None] | None = None,
+) -> list[np.ndarray]:
+    """Raw depth per preprocessed image, in input order.
+
+    Inputs are batched with others of the same size (in order of first appearance), so no batch
+    carries padding; ``dtype`` float16/bfloat16 turns on autocast on a GPU.
+    """
+    import torch
+
+    device = next(model.parameters()).device
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, p in enumerate(pixels):
+        groups.setdefault(tuple(p.shape), []).append(i)
+    autocast = device.type == "cuda" and dtype != "float32"
+    out: list[np.ndarray | None] = [None] * len(pixels)
+    with (
+        torch.inference_mode(),
+        torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=autocast),
+    ):
+        for members in groups.values():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start : start + batch_size]
+                batch = torch.stack([pixels[i] for i in chunk]).to(device, non_blocking=True)
+                predicted = model(pixel_values=batch).predicted_depth.float().cpu().numpy()
+                for i, depth in zip(chunk, predicted, strict=True):
+                    out[i] = depth
+                if on_batch is not None:
+                    on_batch(len(chunk))
+    return out  # type: ignore[return-value]
+
+
+# --- inputs --------------------------------------------------------------------------------------
+
+
+def load_image(path: Path) -> Image.Image:
+    """Decode an image as RGB; a missing, truncated or corrupt file raises ``path: problem``."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except _IMAGE_ERRORS as exc:
+        raise DataError(f"{path}: {_problem(exc, path)}") from exc
+
+
+def _load_shipped_depth(path: Path) -> np.ndarray:
+    try:
+        depth = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"{path}: {_problem(exc, path)}") from exc
+    if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.floating):
+        raise DataError(
+            f"{path}: expected a 2-D float depth map, found {depth.dtype} {depth.shape}"
+        )
+    return depth.astype(np.float32)
+
+
+def _problem(exc: BaseException, path: Path) -> str:
+    """The error without the path (PIL repeats it), so reports do not depend on where data lives."""
+    if isinstance(exc, FileNotFoundError):
+        return "file not found"
+    message = str(exc).replace(repr(str(path)), "").replace(str(path), "").strip(" :")
+    return message or type(exc).__name__
+
+
+def _input_path(dataset: Dataset, source: str, image_id: str) -> Path:
+    return dataset.depth_path(image_id) if source == "dataset" else dataset.image_path(image_id)
+
+
+def _fingerprint(depth: DepthParams, image_ids: Sequence[str]) -> str:
+    """What decides a shard's content; a store with another fingerprint is started over."""
+    settings: dict[str, Any] = {
+        "format": FORMAT,
+        "source": depth.source,
+        "shard_size": depth.shard_size,
+    }
+    if depth.source == "model":
+        # The requested dtype, not the effective one: a CPU run may finish a GPU run's store.
+        settings |= {"model": depth.model, "dtype": depth.dtype}
+    settings["images"] = hashlib.sha256("\n".join(image_ids).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _inputs_digest(dataset: Dataset, source: str, image_ids: Sequence[str]) -> str:
+    """Ids and file sizes of a shard's inputs: a replaced or repaired file redoes its shard."""
+    parts = []
+    for image_id in image_ids:
+        path = _input_path(dataset, source, image_id)
+        parts.append(f"{image_id}\t{path.stat().st_size if path.exists() else -1}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
+
+
+# --- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ShardInputs:
+    index: int
+    ids: list[str]  # the images that loaded, in sorted order
+    items: list[Any]  # model inputs [3, h, w] (model source) or float32 maps (dataset source)
+    skipped: list[dict[str, str]]
+
+
+def run_depth(
+    dataset: Dataset,
+    out_dir: str | Path,
+    depth: DepthParams,
+    on_error: Literal["raise", "skip"] = "raise",
+    shard: int = 0,
+    num_shards: int = 1,
+    progress: bool = False,
+    on_shard_written: Callable[[int], None] | None = None,
+) -> DepthRunResult:
+    """Fill ``out_dir`` with depth maps of every image in ``dataset``, resuming what is done.
+
+    Computes the store shards assigned to worker ``shard`` of ``num_shards``, then writes the
+    manifest if every shard of the store is complete. ``on_shard_written(index)`` runs after each
+    shard lands on disk.
+    """
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard must be in [0, {num_shards}), found {shard}")
+    if depth.shard_size < 1 or depth.batch_size < 1:
+        raise ValueError("depth.shard_size and depth.batch_size must be at least 1")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    image_ids = dataset.image_ids()
+    plan = [image_ids[i : i + depth.shard_size] for i in range(0, len(image_ids), depth.shard_size)]
+    fingerprint = _fingerprint(depth, image_ids)
+    _drop_stale(out_dir, fingerprint, len(plan))
+
+    def is_done(index: int) -> bool:
+        info = read_shard_info(out_dir / shard_name(index))
+        return (
+            info is not None
+            and info["fingerprint"] == fingerprint
+            and info["inputs"] == _inputs_digest(dataset, depth.source, plan[index])
+            # Switching to on_error=raise retries images that an earlier run skipped.
+            and not (on_error == "raise" and info["skipped"])
+        )
+
+    result = DepthRunResult(total_shards=len(plan))
+    todo = [k for k in range(shard, len(plan), num_shards) if not is_done(k)]
+    log.info(
+        "depth: %d shards in the store; worker %d/%d has %d to compute (%d images)",
+        len(plan), shard, num_shards, len(todo), sum(len(plan[k]) for k in todo),
+    )  # fmt: skip
+    if todo:
+        _unfinish(out_dir)
+        _compute_shards(dataset, out_dir, depth, on_error, plan, todo, fingerprint, progress,
+                        result, on_shard_written)  # fmt: skip
+
+    done = [k for k in range(len(plan)) if is_done(k)]
+    if len(done) == len(plan):
+        _write_manifest(dataset, out_dir, depth, plan, fingerprint)
+        result.complete = True
+    else:
+        log.info(
+            "depth: %d of %d shards done; run the other workers, or rerun without --shard, "
+            "to finish the store", len(done), len(plan),
+        )  # fmt: skip
+    return result
+
+
+def _unfinish(out_dir: Path) -> None:
+    """Mark the store unfinished: readers refuse it until the manifest is written again."""
+    (out_dir / MANIFEST).unlink(missing_ok=True)
+    (out_dir / SKIPPED).unlink(missing_ok=True)
+
+
+def _drop_stale(out_dir: Path, fingerprint: str, num_shards: int) -> None:
+    """Delete shards (and the manifest) made with other settings, so nothing stale is mixed in."""
+    manifest = out_dir / MANIFEST
+    if manifest.is_file():
+        try:
+            stale = json.loads(manifest.read_text()).get("fingerprint") != fingerprint
+        except ValueError:
+            stale = True
+        if stale:
+            _unfinish(out_dir)
+    stale_shards = []
+    for path in sorted(out_dir.glob("shard-*.parquet")):
+        info = read_shard_info(path)
+        index = int(path.stem.split("-")[1]) if path.stem.split("-")[1].isdigit() else -1
+        # Unreadable files are left for their own worker to overwrite; only a different
+        # fingerprint (or an index past the end) proves a shard belongs to another run.
+        if (info is not None and info.get("fingerprint") != fingerprint) or index >= num_shards:
+            stale_shards.append(path)
+    if stale_shards:
+        log.warning(
+            "depth: %s holds %d shards made with other settings (model, dtype, source, shard size "
+            "or image list); starting over", out_dir, len(stale_shards),
+        )  # fmt: skip
+        for path in stale_shards:
+            path.unlink(missing_ok=True)
+
+
+def _compute_shards(
+    dataset: Dataset,
+    out_dir: Path,
+    depth: DepthParams,
+    on_error: str,
+    plan: list[list[str]],
+    todo: list[int],
+    fingerprint: str,
+    progress: bool,
+    result: DepthRunResult,
+    on_shard_written: Callable[[int], None] | None,
+) -> None:
+    from tqdm.auto import tqdm
+
+    model = processor = None
+    if depth.source == "model":
+        model, processor = load_depth_model(depth.model)
+        device = select_device()
+        model = model.to(device)
+        log.info("depth: %s on %s (dtype %s)", depth.model, device, depth.dtype)
+        if device.type == "cpu" and depth.dtype != "float32":
+            log.info("depth: no GPU, so depth.dtype=%s is ignored (float32 on CPU)", depth.dtype)
+
+    def load(index: int) -> _ShardInputs:
+        inputs = _ShardInputs(index, [], [], [])
+        for image_id in plan[index]:
+            path = _input_path(dataset, depth.source, image_id)
+            try:
+                if depth.source == "dataset":
+                    item = _load_shipped_depth(path)
+                else:
+                    item = preprocess(processor, load_image(path))
+            except DataError as exc:
+                if on_error == "raise":
+                    raise
+                problem = str(exc).removeprefix(f"{path}: ")
+                log.warning("depth: skipping %s", exc)
+                rel = path.relative_to(dataset.root).as_posix()
+                inputs.skipped.append({"image_id": image_id, "path": rel, "problem": problem})
+                continue
+            inputs.ids.append(image_id)
+            inputs.items.append(item)
+        return inputs
+
+    bar = tqdm(
+        total=sum(len(plan[k]) for k in todo), unit="img", desc="depth", disable=not progress
+    )
+    # Decoding and preprocessing the next shard's images overlaps with the model running on this
+    # one. Memory: two shards of model inputs (3 x h x w float32 each).
+    with bar, ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(load, todo[0])
+        for position, index in enumerate(todo):
+            inputs = pending.result()
+            if position + 1 < len(todo):
+                pending = pool.submit(load, todo[position + 1])
+            bar.update(len(inputs.skipped))
+            if depth.source == "model":
+                maps = infer_depth(model, inputs.items, depth.batch_size, depth.dtype, bar.update)
+            else:
+                maps = inputs.items
+                bar.update(len(maps))
+            info = {
+                "fingerprint": fingerprint,
+                "inputs": _inputs_digest(dataset, depth.source, plan[index]),
+                "shard": index,
+                "skipped": inputs.skipped,
+            }
+            write_shard(out_dir / shard_name(index), inputs.ids, maps, info)
+            result.shards_computed.append(index)
+            result.images_computed += len(inputs.ids)
+            result.skipped.extend(inputs.skipped)
+            if on_shard_written is not None:
+                on_shard_written(index)
+
+
+def _write_manifest(
+    dataset: Dataset,
+    out_dir: Path,
+    depth: DepthParams,
+    plan: list[list[str]],
+    fingerprint: str,
+) -> None:
+    shards, skipped = [], []
+    for index, ids in enumerate(plan):
+        info = read_shard_info(out_dir / shard_name(index))
+        skipped.extend(info["skipped"])
+        shards.append({"file": shard_name(index), "images": len(ids) - len(info["skipped"])})
+    count = sum(s["images"] for s in shards)
+    write_json(out_dir / SKIPPED, skipped)
+    manifest = {
+        "format": FORMAT,
+        "source": depth.source,
+        "model": depth.model if depth.source == "model" else "dataset",
+        "params": params_to_dict(depth),
+        "values": (
+            "raw model output (relative inverse depth, larger = nearer) at the model's output size"
+            if depth.source == "model"
+            else "the dataset's shipped depth maps (larger = nearer) at their own size"
+        )
+        + "; stored as float16 of depth/scale, scale a power of two",
+        "count": count,
+        "skipped": len(skipped),
+        "fingerprint": fingerprint,
+        "dataset": dataset.manifest.get("source"),
+        "shards": shards,
+    }
+    write_json(out_dir / MANIFEST, manifest)
+    log.info("depth: store %s complete: %d images, %d skipped", out_dir, count, len(skipped))

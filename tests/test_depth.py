@@ -1,0 +1,390 @@
+"""Depth stage: a map per image, batching, resume after SIGKILL, sharding, bad input, loading."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import typer
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.config import DepthParams, SyntheticParams
+from pipeline.data.records import DataError, Dataset, Entity, Record, write_dataset
+from pipeline.data.synthetic import generate_synthetic
+from pipeline.depth import (
+    infer_depth,
+    load_depth_model,
+    predict_depth,
+    preprocess,
+    run_depth,
+    tiny_depth_model,
+)
+from pipeline.depth_store import MANIFEST, DepthStore, decode_depth, encode_depth
+
+ROOT = Path(__file__).resolve().parents[1]
+F16_EPS = 2.0**-11  # float16 relative rounding bound (10 stored mantissa bits)
+
+# (height, width, format, depth magnitude): non-square, both orientations, PNG and JPEG, and shipped
+# maps far outside float16's plain range (1e5 overflows it, 1e-7 is subnormal there).
+IMAGES = [
+    (96, 128, "jpg", 1.0),
+    (96, 128, "png", 3.0),
+    (80, 100, "png", 1e5),
+    (120, 60, "jpg", 1e-7),
+    (64, 64, "png", 2.0),
+    (96, 128, "jpg", 0.5),
+    (70, 140, "png", 10.0),
+    (96, 128, "png", 1.5),
+]
+
+
+def make_dataset(root: Path) -> Dataset:
+    """A normalized dataset of non-square images with shipped depth maps."""
+    rng = np.random.default_rng(0)
+    (root / "images").mkdir(parents=True)
+    (root / "depth").mkdir()
+    records = []
+    for i, (h, w, fmt, magnitude) in enumerate(IMAGES):
+        image_id = f"img_{i:02d}.{fmt}"
+        yy, xx = np.mgrid[0:h, 0:w]
+        pixels = np.stack([xx * 255 // w, yy * 255 // h, rng.integers(0, 255, (h, w))], -1)
+        Image.fromarray(pixels.astype(np.uint8)).save(root / "images" / image_id, quality=90)
+        depth = magnitude * (1 + yy / h + rng.random((h, w)) * 0.1)
+        np.save(root / "depth" / f"img_{i:02d}.npy", depth.astype(np.float32))
+        text = Entity("text", "a", (0, 1))
+        split = ("train", "valid", "test")[i % 3]
+        records.append((split, Record(f"r{i}", ("a", "b"), image_id, text, text, "none")))
+    splits = {s: [r for sp, r in records if sp == s] for s in ("train", "valid", "test")}
+    write_dataset(root, splits, {}, ["none"], source="test", version="1")
+    return Dataset(root)
+
+
+def params(**overrides) -> DepthParams:
+    base = {"source": "model", "model": "tiny", "batch_size": 4, "dtype": "float32"}
+    return DepthParams(**(base | {"shard_size": 3} | overrides))
+
+
+def store_bytes(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """On a loaded CPU, torch threads fighting each other make the tiny model many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Dataset:
+    return make_dataset(tmp_path_factory.mktemp("ds") / "mixed")
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory) -> Path:
+    """An uninterrupted, unsharded run with the tiny model: 8 images in 3 shards."""
+    out = tmp_path_factory.mktemp("ref") / "depth"
+    result = run_depth(dataset, out, params())
+    assert result.complete and result.shards_computed == [0, 1, 2]
+    return out
+
+
+def test_every_image_has_raw_model_depth_with_its_aspect(dataset, reference):
+    store = DepthStore(reference)
+    assert store.ids() == dataset.image_ids() and len(store) == len(IMAGES)
+    model, processor = tiny_depth_model()
+    for image_id in dataset.image_ids():
+        image = Image.open(dataset.image_path(image_id)).convert("RGB")
+        depth = store.get(image_id)
+        h, w = depth.shape
+        height, width = image.height, image.width
+        # The processor keeps the aspect ratio: short side 56, long side rounded to 14 pixels.
+        short, long_ = sorted((height, width))
+        assert min(h, w) == 56 and max(h, w) == round(56 * long_ / short / 14) * 14
+        assert (h >= w) == (height >= width)
+        assert abs(h * width - w * height) <= 7 * (height + width)
+        # Stored values are the model's raw output, within float16 rounding.
+        (direct,) = predict_depth(model, processor, [image], batch_size=1)
+        assert depth.dtype == np.float32 and np.abs(direct).max() > 0
+        np.testing.assert_allclose(depth, direct, rtol=0, atol=np.abs(direct).max() * F16_EPS)
+    assert store.manifest["model"] == "tiny" and store.manifest["count"] == len(IMAGES)
+    assert store.skipped == [] and store.manifest["skipped"] == 0
+
+
+def test_batched_equals_one_at_a_time_and_batches_never_mix_sizes(dataset):
+    model, processor = tiny_depth_model()
+    images = [Image.open(dataset.image_path(i)).convert("RGB") for i in dataset.image_ids()]
+    batches: list[int] = []
+    pixels = [preprocess(processor, image) for image in images]
+    batched = infer_depth(model, pixels, batch_size=3, on_batch=batches.append)
+    single = infer_depth(model, pixels, batch_size=1)
+    for a, b in zip(batched, single, strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+    # Processed sizes: 56x70 (four 96x128 images and the 80x100), 112x56, 56x56, 56x112.
+    assert sorted(batches) == [1, 1, 1, 2, 3]
+
+
+def test_store_reader_contract(reference, tmp_path):
+    store = DepthStore(reference)
+    assert "img_00.jpg" in store and "nope.jpg" not in store
+    with pytest.raises(KeyError, match=rf"'nope.jpg'.*{reference}"):
+        store.get("nope.jpg")
+    first = store.get("img_03.jpg")
+    clone = pickle.loads(pickle.dumps(store))
+    np.testing.assert_array_equal(clone.get("img_03.jpg"), first)
+    with pytest.raises(FileNotFoundError, match="no manifest.json"):
+        DepthStore(tmp_path)
+
+
+def test_encoding_keeps_float16_precision_at_any_magnitude():
+    rng = np.random.default_rng(1)
+    for magnitude in (1e-9, 1e-7, 1.0, 7e4, 1e9):
+        depth = (rng.random((5, 7)) * magnitude).astype(np.float32)
+        scale, values = encode_depth(depth)
+        assert np.log2(scale) == int(np.log2(scale)) and np.abs(values).max() <= 1
+        back = decode_depth(5, 7, scale, values)
+        np.testing.assert_allclose(back, depth, rtol=F16_EPS, atol=magnitude * 2.0**-24)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        encode_depth(np.array([[1.0, np.nan]]))
+
+
+def test_dataset_source_reproduces_shipped_maps(dataset, tmp_path):
+    result = run_depth(dataset, tmp_path / "depth", params(source="dataset", model="unused"))
+    store = DepthStore(tmp_path / "depth")
+    assert result.complete and store.manifest["model"] == "dataset"
+    for image_id in dataset.image_ids():
+        shipped = np.load(dataset.depth_path(image_id))
+        np.testing.assert_allclose(store.get(image_id), shipped, rtol=F16_EPS, atol=0)
+
+    # A damaged shipped map follows data.on_error like a damaged image.
+    shutil.copytree(dataset.root, tmp_path / "ds")
+    damaged = Dataset(tmp_path / "ds")
+    damaged.depth_path("img_05.jpg").write_bytes(b"")
+    with pytest.raises(DataError, match=rf"^{damaged.depth_path('img_05.jpg')}: "):
+        run_depth(damaged, tmp_path / "d2", params(source="dataset"), on_error="raise")
+    run_depth(damaged, tmp_path / "d2", params(source="dataset"), on_error="skip")
+    assert [s["path"] for s in DepthStore(tmp_path / "d2").skipped] == ["depth/img_05.npy"]
+
+
+def test_synthetic_dataset_every_image(tmp_path):
+    synthetic = SyntheticParams(seed=5, train=6, valid=3, test=3, image_size=48)
+    generate_synthetic(tmp_path / "syn", synthetic, max_objects=4)
+    ds = Dataset(tmp_path / "syn")
+    shipped = run_depth(ds, tmp_path / "shipped", params(source="dataset", shard_size=4))
+    modelled = run_depth(ds, tmp_path / "model", params(shard_size=4))
+    assert shipped.complete and modelled.complete
+    ids = ds.image_ids()
+    assert DepthStore(tmp_path / "shipped").ids() == DepthStore(tmp_path / "model").ids() == ids
+    for image_id in ids:
+        truth = np.load(ds.depth_path(image_id))
+        got = DepthStore(tmp_path / "shipped").get(image_id)
+        np.testing.assert_allclose(got, truth, rtol=F16_EPS, atol=0)
+        assert DepthStore(tmp_path / "model").get(image_id).shape == (56, 56)  # square images
+
+
+KILL_SCRIPT = """
+import os, signal, sys
+import torch
+from pipeline.data.records import Dataset
+from pipeline.depth import run_depth
+from tests.test_depth import params
+
+def die(index):
+    if index == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+torch.set_num_threads(1)
+run_depth(Dataset(sys.argv[1]), sys.argv[2], params(), on_shard_written=die)
+"""
+
+
+def test_sigkill_then_rerun_finishes_only_the_rest_byte_identically(dataset, reference, tmp_path):
+    out = tmp_path / "depth"
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(dataset.root), str(out)],
+        cwd=ROOT,
+        capture_output=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    assert sorted(p.name for p in out.iterdir()) == ["shard-00000.parquet", "shard-00001.parquet"]
+    with pytest.raises(FileNotFoundError, match="not a finished depth store"):
+        DepthStore(out)
+    # Leftovers of a kill during a write: a half-written temp file, and (as if copied by hand)
+    # a truncated shard under its final name. Neither may be trusted.
+    (out / ".shard-00002.parquet.tmp").write_bytes(b"PAR1 half")
+    shard1 = (out / "shard-00001.parquet").read_bytes()
+    (out / "shard-00001.parquet").write_bytes(shard1[: len(shard1) // 2])
+
+    result = run_depth(dataset, out, params())
+    assert result.complete and result.shards_computed == [1, 2]
+    assert result.images_computed == len(IMAGES) - 3
+    assert store_bytes(out) == store_bytes(reference)
+    # A rerun of a finished store computes nothing and changes nothing.
+    again = run_depth(dataset, out, params())
+    assert again.shards_computed == [] and store_bytes(out) == store_bytes(reference)
+
+
+def test_other_settings_start_over(dataset, reference, tmp_path):
+    out = tmp_path / "depth"
+    shutil.copytree(reference, out)
+    (out / "shard-00002.parquet").unlink()  # an unfinished store made with the tiny model...
+    (out / MANIFEST).unlink()
+    result = run_depth(dataset, out, params(source="dataset"))  # ...then resumed with the dataset
+    assert result.shards_computed == [0, 1, 2]
+    store = DepthStore(out)
+    assert store.manifest["source"] == "dataset"
+    np.testing.assert_allclose(
+        store.get("img_00.jpg"), np.load(dataset.depth_path("img_00.jpg")), rtol=F16_EPS
+    )
+    # A different dtype or shard size is another run too; the finished store is redone.
+    assert run_depth(dataset, out, params(dtype="bfloat16")).shards_computed == [0, 1, 2]
+    two = run_depth(dataset, out, params(shard_size=5))
+    assert two.shards_computed == [0, 1] and sorted(p.name for p in out.glob("shard-*")) == [
+        "shard-00000.parquet",
+        "shard-00001.parquet",
+    ]
+    assert DepthStore(out).ids() == dataset.image_ids()
+    # Batch size is a speed knob only: it keeps the shards.
+    assert run_depth(dataset, out, params(shard_size=5, batch_size=1)).shards_computed == []
+
+
+def test_two_workers_equal_one(dataset, reference, tmp_path):
+    out = tmp_path / "depth"
+    first = run_depth(dataset, out, params(), shard=0, num_shards=2)
+    assert first.shards_computed == [0, 2] and not first.complete
+    assert not (out / MANIFEST).exists()
+    second = run_depth(dataset, out, params(), shard=1, num_shards=2)
+    assert second.shards_computed == [1] and second.complete
+    assert store_bytes(out) == store_bytes(reference)
+
+
+def break_images(root: Path) -> tuple[Path, Path]:
+    truncated, garbage = root / "images" / "img_03.jpg", root / "images" / "img_04.png"
+    data = truncated.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    garbage.write_bytes(b"this is not an image")
+    return truncated, garbage
+
+
+def test_bad_images_raise_or_are_skipped_and_reported(dataset, reference, tmp_path):
+    shutil.copytree(dataset.root, tmp_path / "ds")
+    broken = Dataset(tmp_path / "ds")
+    truncated, garbage = break_images(broken.root)
+    out = tmp_path / "depth"
+
+    with pytest.raises(DataError, match=rf"^{truncated}: image file is truncated"):
+        run_depth(broken, out, params(), on_error="raise")
+
+    result = run_depth(broken, out, params(), on_error="skip")
+    assert result.complete
+    store = DepthStore(out)
+    assert len(store) == len(IMAGES) - 2 and store.manifest["skipped"] == 2
+    assert [(s["image_id"], s["path"]) for s in store.skipped] == [
+        ("img_03.jpg", "images/img_03.jpg"),
+        ("img_04.png", "images/img_04.png"),
+    ]
+    assert store.skipped[0]["problem"].startswith("image file is truncated")
+    assert store.skipped[1]["problem"] == "cannot identify image file"
+    with pytest.raises(KeyError, match="'img_04.png'.*see skipped.json"):
+        store.get("img_04.png")
+    np.testing.assert_array_equal(store.get("img_00.jpg"), DepthStore(reference).get("img_00.jpg"))
+
+    # on_error=raise retries what was skipped; once the files are repaired, the store is whole.
+    with pytest.raises(DataError, match=rf"^{truncated}: image file is truncated"):
+        run_depth(broken, out, params(), on_error="raise")
+    assert not (out / MANIFEST).exists()  # the store is unfinished again until the rerun ends
+    for path in (truncated, garbage):
+        shutil.copy(dataset.image_path(path.name), path)
+    assert run_depth(broken, out, params(), on_error="raise").complete
+    assert store_bytes(out) == store_bytes(reference)
+
+
+def test_local_folder_and_hub_id_share_the_loader(tmp_path, monkeypatch):
+    from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
+
+    model, processor = tiny_depth_model()
+    model.save_pretrained(tmp_path / "tiny-depth")
+    processor.save_pretrained(tmp_path / "tiny-depth")
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (90, 60, 3), np.uint8))
+    (expected,) = predict_depth(model, processor, [image], batch_size=1)
+
+    loaded, loaded_processor = load_depth_model(str(tmp_path / "tiny-depth"))
+    (got,) = predict_depth(loaded, loaded_processor, [image], batch_size=1)
+    np.testing.assert_array_equal(got, expected)
+
+    # A hub id reaches the same two from_pretrained calls, with the id as given.
+    seen = []
+    for cls in (AutoImageProcessor, DepthAnythingForDepthEstimation):
+        original = cls.from_pretrained.__func__
+
+        def redirect(klass, name, *args, _original=original, **kwargs):
+            seen.append(name)
+            return _original(klass, str(tmp_path / "tiny-depth"), *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(redirect))
+    hub_model, hub_processor = load_depth_model("depth-anything/Depth-Anything-V2-Small-hf")
+    assert seen == ["depth-anything/Depth-Anything-V2-Small-hf"] * 2
+    (got,) = predict_depth(hub_model, hub_processor, [image], batch_size=1)
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_tiny_model_is_seeded_and_leaves_global_rng_alone():
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a, _ = tiny_depth_model()
+    after = torch.rand(1)
+    b, _ = tiny_depth_model()
+    assert torch.equal(before, after)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
+
+
+def stage_app() -> typer.Typer:
+    from stages.depth import main
+
+    app = typer.Typer()
+    app.command()(main)
+    return app
+
+
+def test_stage_command(dataset, reference, tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["depth"] |= {"source": "model", "model": "tiny", "batch_size": 4, "shard_size": 3}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    args = ["--params", str(tmp_path / "params.yaml"), "--dataset", str(dataset.root)]
+    out = tmp_path / "depth"
+    runner = CliRunner()
+    done = runner.invoke(stage_app(), [*args, "--out", str(out), "--no-progress"])
+    assert done.exit_code == 0, done.output
+    assert "computed 8 images in 3 of 3 shards" in done.output
+    assert store_bytes(out) == store_bytes(reference)
+    bad = runner.invoke(
+        stage_app(), [*args, "--out", str(out), "--shard", "2", "--num-shards", "2"]
+    )
+    assert bad.exit_code == 2 and "must be below" in bad.output
+    assert runner.invoke(stage_app(), [*args, "--dataset", str(tmp_path)]).exit_code == 1
+
+
+def test_help_explains_sharding_and_accelerate():
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages", "depth", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("--num-shards", "--shard", "--dataset", "--out", "accelerate launch", "RANK"):
+        assert needle in proc.stdout
