@@ -114,6 +114,7 @@ class CaptionParams:
 class FeaturesParams:
     crop_size: int = 64
     shard_size: int = 1024
+    image_shard_size: int = 256
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,9 @@ def _build(cls: type, raw: dict[str, Any], path: str) -> Any:
 def params_from_dict(raw: dict[str, Any]) -> Params:
     """Build :class:`Params` from a nested mapping, strictly (every key present, nothing extra)."""
     if not isinstance(raw, dict):
-        raise ParamsError(f"params: expected a mapping at the top level, found {type(raw).__name__}")
+        raise ParamsError(
+            f"params: expected a mapping at the top level, found {type(raw).__name__}"
+        )
     return _build(Params, raw, "")
 
 

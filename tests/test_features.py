@@ -1,0 +1,606 @@
+"""The feature cache and its loader: markers, captions, truncation, crops, depth, batches."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import BertTokenizerFast
+
+from pipeline import features as F
+from pipeline.config import Params, apply_overrides
+from pipeline.data.records import (
+    PAIR_KINDS,
+    Dataset,
+    Entity,
+    Record,
+    write_json,
+    write_records,
+)
+from pipeline.hub import MARKERS, load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+VOCAB = [
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "bill", "co", "##sby", "visited", "paris", ".",
+    "is", "home", "to", "a", "man", "in", "red", "shirt", "tall", "tower", "the", "city", "of",
+    "lights", "comedian", "##s",
+]  # fmt: skip
+RELATIONS = ["none", "/per/loc/place_of_residence", "/per/misc/present_in", "/loc/loc/contain"]
+SENT_A = ("Bill", "Cosby", "visited", "Paris", ".")
+SENT_B = ("Paris", "is", "home", "to", "Bill", "Cosby")
+OBJECTS = {
+    "a.png": {"[OBJ0]": [0.1, 0.2, 0.6, 0.9], "[OBJ2]": [0.5, 0.0, 1.0, 0.5]},
+    "b.jpg": {"[OBJ0]": [0.0, 0.0, 1.0, 1.0], "[OBJ1]": [0.25, 0.3, 0.8, 0.71]},
+    "c.png": {},
+}
+CAPTIONS = {
+    "a.png": {"Bill Cosby": "a comedian", "[OBJ2]": "a tall tower"},
+    "b.jpg": {"[OBJ1]": "a man in a red shirt", "Paris": "the city of lights"},
+}
+
+
+def text(name, start, end):
+    return Entity("text", name, (start, end))
+
+
+def obj(k):
+    return Entity("object", f"[OBJ{k}]")
+
+
+RECORDS = {
+    "train": [
+        Record("t0", SENT_A, "a.png", text("Bill Cosby", 0, 2), text("Paris", 3, 4), RELATIONS[2]),
+        Record("t1", SENT_B, "a.png", text("Paris", 0, 1), text("Bill Cosby", 4, 6), RELATIONS[0]),
+        Record("t2", SENT_A, "a.png", text("Bill Cosby", 0, 2), obj(2), RELATIONS[2]),
+        Record("t3", SENT_A, "a.png", obj(0), obj(2), RELATIONS[3]),
+        Record("t4", SENT_B, "b.jpg", obj(1), text("Paris", 0, 1), RELATIONS[1]),
+        Record("t5", SENT_B, "c.png", text("Paris", 0, 1), text("Bill Cosby", 4, 6), RELATIONS[0]),
+    ],
+    "valid": [
+        Record("v0", SENT_A, "b.jpg", obj(0), obj(1), RELATIONS[0]),
+        Record("v1", SENT_B, "c.png", text("Paris", 0, 1), text("Bill Cosby", 4, 6), RELATIONS[1]),
+    ],
+    "test": [Record("s0", SENT_A, "a.png", text("Paris", 3, 4), obj(0), RELATIONS[2])],
+}
+
+
+class FakeDepth:
+    """The DepthStore interface over in-memory maps (a missing id raises KeyError)."""
+
+    def __init__(self, maps):
+        self.maps = maps
+
+    def get(self, image_id):
+        return self.maps[image_id].copy()
+
+
+class FakeCaptions:
+    """The CaptionTable interface over a dict."""
+
+    def __init__(self, table, backend="file"):
+        self.table, self.backend = table, backend
+
+    def get(self, image_id, key):
+        return self.table.get(image_id, {}).get(key)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A crafted normalized dataset, depth maps, captions and a local tokenizer folder."""
+    root = tmp_path_factory.mktemp("features")
+    data = root / "dataset"
+    rng = np.random.default_rng(0)
+    (data / "images").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (30, 40, 3), dtype=np.uint8)).save(data / "images/a.png")
+    Image.fromarray(rng.integers(0, 256, (21, 33, 3), dtype=np.uint8)).save(data / "images/b.jpg")
+    Image.fromarray(rng.integers(0, 256, (10, 10), dtype=np.uint8)).save(data / "images/c.png")
+    for split, records in RECORDS.items():
+        write_records(data / "records" / f"{split}.jsonl", records)
+    write_json(data / "objects.json", OBJECTS)
+    write_json(data / "relations.json", {r: i for i, r in enumerate(RELATIONS)})
+    write_json(data / "manifest.json", {"source": "test", "version": "1"})
+    depth = FakeDepth(
+        {
+            "a.png": (rng.random((15, 20)) * 5 + 2).astype(np.float32),  # half the image size
+            "b.jpg": (rng.random((21, 33)) * 3 - 1).astype(np.float32),
+            "c.png": np.ones((10, 10), np.float32),
+        }
+    )
+    tok_dir = root / "tokenizer"
+    BertTokenizerFast(
+        vocab={w: i for i, w in enumerate(VOCAB)}, do_lower_case=True
+    ).save_pretrained(tok_dir)
+    params = apply_overrides(
+        Params(),
+        {
+            "model.text_model": str(tok_dir),
+            "data.max_objects": 4,
+            "data.max_seq": 40,
+            "features.crop_size": 16,
+            "features.shard_size": 4,
+            "features.image_shard_size": 2,
+        },
+    )
+    return {
+        "root": root,
+        "dataset": Dataset(data),
+        "depth": depth,
+        "captions": FakeCaptions(CAPTIONS),
+        "params": params,
+        "tokenizer": load_tokenizer(str(tok_dir)),
+    }
+
+
+def build(world, name, params=None, **kwargs):
+    params = params or world["params"]
+    out = world["root"] / name
+    kwargs.setdefault("depth", world["depth"])
+    kwargs.setdefault("captions", world["captions"])
+    report = F.build_features(world["dataset"], out, params, **kwargs)
+    return out, report
+
+
+@pytest.fixture(scope="module")
+def cache(world):
+    return build(world, "cache")
+
+
+def tokens(world, ids):
+    return world["tokenizer"].convert_ids_to_tokens(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text
+
+
+def test_markers_wrap_the_word_pieces_of_multi_word_and_edge_entities(world):
+    encoder = F.TextEncoder(world["tokenizer"], max_seq=40)
+    t0, t1 = RECORDS["train"][:2]
+    got = encoder.encode(t0, None)
+    assert tokens(world, got.input_ids) == [
+        "[CLS]", "<s1>", "bill", "co", "##sby", "</s1>", "visited", "<s2>", "paris", "</s2>", ".",
+        "[SEP]",
+    ]  # fmt: skip
+    assert got.token_type_ids == [0] * 12
+    # entity at the sentence start (head) and at its end (tail)
+    got = encoder.encode(t1, None)
+    assert tokens(world, got.input_ids) == [
+        "[CLS]", "<s1>", "paris", "</s1>", "is", "home", "to", "<s2>", "bill", "co", "##sby",
+        "</s2>", "[SEP]",
+    ]  # fmt: skip
+    expected = {"<s1>": 1, "</s1>": 3, "<s2>": 7, "</s2>": 11}
+    assert got.marker_positions == [expected.get(m, -1) for m in MARKERS]
+    # the same span for head and tail nests: <s1> <s2> ... </s2> </s1>
+    same = Record("x", SENT_A, "a.png", text("Paris", 3, 4), text("Paris", 3, 4), "none")
+    assert tokens(world, encoder.encode(same, None).input_ids)[5:10] == [
+        "<s1>", "<s2>", "paris", "</s2>", "</s1>",
+    ]  # fmt: skip
+
+
+def test_object_entities_get_no_sentence_markers(world):
+    encoder = F.TextEncoder(world["tokenizer"], max_seq=40)
+    got = encoder.encode(RECORDS["train"][3], None)  # object-object
+    assert tokens(world, got.input_ids) == ["[CLS]", "bill", "co", "##sby", "visited", "paris", ".",
+                                            "[SEP]"]  # fmt: skip
+    assert got.marker_positions == [-1] * 12
+
+
+def test_caption_segment_order_and_missing_caption(world):
+    encoder = F.TextEncoder(world["tokenizer"], max_seq=40)
+    t2 = RECORDS["train"][2]  # text head "Bill Cosby", object tail [OBJ2]
+    got = encoder.encode(t2, ("a comedian", "a tall tower"))
+    toks = tokens(world, got.input_ids)
+    sep = toks.index("[SEP]")
+    assert toks[sep:] == [
+        "[SEP]", "<k1>", "a", "comedian", "</k1>", "<o2>", "a", "tall", "tower", "</o2>", "[SEP]",
+    ]  # fmt: skip
+    assert got.token_type_ids == [0] * (sep + 1) + [1] * 10
+    pos = dict(zip(MARKERS, got.marker_positions, strict=True))
+    assert (pos["<s1>"], pos["<k1>"], pos["<o2>"], pos["<s2>"], pos["<k2>"]) == (1, 10, 14, -1, -1)
+    # object head, text tail with a missing caption: markers kept around empty content
+    got = encoder.encode(RECORDS["train"][4], ("a man", None))
+    toks = tokens(world, got.input_ids)
+    assert toks[toks.index("[SEP]") :] == [
+        "[SEP]", "<o1>", "a", "man", "</o1>", "<k2>", "</k2>", "[SEP]",
+    ]  # fmt: skip
+
+
+def test_truncation_cuts_captions_before_the_sentence(world):
+    t2 = RECORDS["train"][2]  # sentence: 8 tokens + [CLS] [SEP]
+    captions = ("a comedian comedians", "a tall tower")  # 4 and 3 word pieces
+    full = F.TextEncoder(world["tokenizer"], 40).encode(t2, captions)
+    assert len(full.input_ids) == 10 + 4 + 3 + 4 + 1
+    # 20 tokens: 2 caption pieces must go, longest caption first (4 -> 3, then tie -> tail's)
+    got = F.TextEncoder(world["tokenizer"], 20).encode(t2, captions)
+    assert len(got.input_ids) == 20
+    assert tokens(world, got.input_ids)[10:] == [
+        "<k1>", "a", "comedian", "comedian", "</k1>", "<o2>", "a", "tall", "</o2>", "[SEP]",
+    ]  # fmt: skip
+    assert (got.caption_tokens_cut, got.sentence_tokens_cut, got.markers_dropped) == (2, 0, [])
+    # 14 tokens: only the two empty marker pairs fit (+ [SEP])
+    got = F.TextEncoder(world["tokenizer"], 15).encode(t2, captions)
+    assert tokens(world, got.input_ids)[10:] == ["<k1>", "</k1>", "<o2>", "</o2>", "[SEP]"]
+    assert got.caption_tokens_cut == 7 and got.markers_dropped == []
+    # 13 tokens: the tail's block goes first, the head keeps its markers
+    got = F.TextEncoder(world["tokenizer"], 13).encode(t2, captions)
+    assert tokens(world, got.input_ids)[10:] == ["<k1>", "</k1>", "[SEP]"]
+    assert got.markers_dropped == ["<o2>", "</o2>"]
+    # 9 tokens: no caption segment at all, then the sentence loses its last piece
+    got = F.TextEncoder(world["tokenizer"], 9).encode(t2, captions)
+    assert tokens(world, got.input_ids) == [
+        "[CLS]", "<s1>", "bill", "co", "##sby", "</s1>", "visited", "paris", "[SEP]",
+    ]  # fmt: skip
+    assert got.sentence_tokens_cut == 1 and got.token_type_ids == [0] * 9
+    assert got.markers_dropped == ["<k1>", "</k1>", "<o2>", "</o2>"]
+    # 6 tokens: the sentence cut drops the closing head marker too
+    got = F.TextEncoder(world["tokenizer"], 6).encode(t2, captions)
+    assert tokens(world, got.input_ids) == ["[CLS]", "<s1>", "bill", "co", "##sby", "[SEP]"]
+    assert got.markers_dropped == ["</s1>", "<k1>", "</k1>", "<o2>", "</o2>"]
+    assert got.marker_positions[:2] == [1, -1]
+
+
+def test_report_counts_truncation_and_missing_captions(world):
+    params = apply_overrides(world["params"], {"data.max_seq": 14})
+    out, report = build(world, "short", params)
+    assert json.loads((out / "report.json").read_text()) == report
+    train = report["splits"]["train"]
+    # every train sentence (10-13 tokens with [CLS]/[SEP]) leaves <= 3 tokens for captions; check
+    # against the encoder sample by sample
+    encoder = F.TextEncoder(world["tokenizer"], 14)
+    expected_markers = {m: 0 for m in MARKERS}
+    expected_samples = 0
+    for r in RECORDS["train"]:
+        pair = tuple(world["captions"].get(r.image_id, e.name) for e in (r.head, r.tail))
+        enc = encoder.encode(r, pair)
+        expected_samples += bool(enc.markers_dropped)
+        for m in enc.markers_dropped:
+            expected_markers[m] += 1
+    assert train["markers_dropped"] == expected_markers
+    assert train["samples_with_dropped_markers"] == expected_samples > 0
+    assert train["length"]["max"] <= 14
+    # no caption for Paris in a.png (t0, t1), anything in c.png (t5: 2), [OBJ0] in a.png (t3)
+    full = build(world, "full_report")[1]["splits"]["train"]
+    assert full["captions_missing"] == {"text": 4, "object": 1}
+    assert full["samples_with_dropped_markers"] == 0
+    assert full["markers_dropped"] == {m: 0 for m in MARKERS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def test_box_to_pixels_rounds_clamps_and_keeps_one_pixel():
+    assert F.box_to_pixels([0.1, 0.2, 0.6, 0.9], 40, 30) == (4, 6, 24, 27)
+    assert F.box_to_pixels([0.0, 0.0, 1.0, 1.0], 33, 21) == (0, 0, 33, 21)
+    assert F.box_to_pixels([0.5, 0.5, 0.5, 0.5], 10, 10) == (5, 5, 6, 6)
+    assert F.box_to_pixels([0.99, 0.0, 1.0, 0.01], 10, 10) == (9, 0, 10, 1)
+
+
+def test_crops_equal_a_direct_pil_crop_and_resize(world, cache):
+    ds = F.FeatureDataset(cache[0], "train", world["params"])
+    assert ds.image_ids == ["a.png", "b.jpg", "c.png"]
+    for i, image_id in enumerate(ds.image_ids):
+        image = Image.open(world["dataset"].image_path(image_id)).convert("RGB")
+        for slot in range(4):
+            box = OBJECTS[image_id].get(f"[OBJ{slot}]")
+            if box is None:
+                assert not ds.object_crops[i, slot].any()
+                continue
+            px = F.box_to_pixels(box, image.width, image.height)
+            direct = np.asarray(image.crop(px).resize((16, 16), Image.Resampling.BICUBIC))
+            np.testing.assert_array_equal(ds.object_crops[i, slot], direct.transpose(2, 0, 1))
+
+
+def test_a_solid_box_crops_to_its_colour(tmp_path):
+    image = Image.new("RGB", (50, 40), (0, 0, 255))
+    image.paste((200, 10, 30), (10, 8, 30, 28))  # exactly the box [0.2, 0.2, 0.6, 0.7]
+    boxes, mask = F.object_layout({"[OBJ1]": [0.2, 0.2, 0.6, 0.7]}, 3, "x")
+    crops = F.crop_objects(image, boxes, mask, 8)
+    assert crops.shape == (3, 3, 8, 8)
+    assert (crops[1].reshape(3, -1).T == [200, 10, 30]).all()
+    assert not crops[0].any() and not crops[2].any()
+
+
+def test_depth_crops_equal_a_slice_and_nearest_resize_of_the_map(world, cache):
+    ds = F.FeatureDataset(cache[0], "train", world["params"])
+    for i, image_id in enumerate(ds.image_ids):
+        depth_map = world["depth"].get(image_id)
+        low, high = depth_map.min(), depth_map.max()
+        norm = (depth_map - low) / (high - low) if high > low else np.zeros_like(depth_map)
+        height, width = depth_map.shape
+        for slot in range(4):
+            box = OBJECTS[image_id].get(f"[OBJ{slot}]")
+            if box is None:
+                assert not ds.depth_crops[i, slot].any()
+                continue
+            left, top, right, bottom = F.box_to_pixels(box, width, height)
+            cut = Image.fromarray(norm[top:bottom, left:right].astype(np.float32))
+            direct = np.asarray(cut.resize((16, 16), Image.Resampling.NEAREST))
+            np.testing.assert_allclose(ds.depth_crops[i, slot], direct, rtol=1e-3, atol=1e-3)
+            assert ds.depth_crops[i, slot].dtype == np.float16
+    # a.png's map is half the image's size: its boxes map with the map's own H, W
+    assert F.box_to_pixels(OBJECTS["a.png"]["[OBJ0]"], 20, 15) == (2, 3, 12, 14)
+    norm = F.normalize_depth(np.array([[2.0, 4.0], [3.0, 6.0]]))
+    np.testing.assert_array_equal(norm, [[0, 0.5], [0.25, 1]])
+    assert not F.normalize_depth(np.full((3, 2), 7.0)).any()  # flat map: zeros
+
+
+def test_samples_match_the_records(world, cache):
+    for split, records in RECORDS.items():
+        ds = F.FeatureDataset(cache[0], split, world["params"])
+        assert ds.sample_ids == [r.id for r in records]
+        batch = ds.batch(range(len(ds)))
+        assert batch["labels"].tolist() == [RELATIONS.index(r.relation) for r in records]
+        assert batch["pair_kind"].tolist() == [PAIR_KINDS.index(r.pair_kind) for r in records]
+        slots = [[e.slot if e.kind == "object" else -1 for e in (r.head, r.tail)] for r in records]
+        assert batch["object_slot"].tolist() == slots
+        assert batch["num_objects"].tolist() == [len(OBJECTS[r.image_id]) for r in records]
+        for b, r in enumerate(records):
+            ids = batch["input_ids"][b]
+            for role, entity in enumerate((r.head, r.tail)):
+                s, k, o = batch["marker_pos"][b, role].tolist()
+                n = role + 1
+                if entity.kind == "text":
+                    assert tokens(world, [ids[s]]) == [f"<s{n}>"] and o == -1
+                    assert tokens(world, [ids[k]]) == [f"<k{n}>"]
+                else:
+                    assert s == -1 and k == -1 and tokens(world, [ids[o]]) == [f"<o{n}>"]
+    ds = F.FeatureDataset(cache[0], "train", world["params"])
+    a = ds.image_ids.index("a.png")
+    np.testing.assert_allclose(
+        ds.boxes[a], [[0.1, 0.2, 0.6, 0.9, 0.35], [0] * 5, [0.5, 0.0, 1.0, 0.5, 0.25], [0] * 5]
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Cache files
+
+
+def test_reruns_are_byte_identical_and_sharded(world, cache):
+    out, _ = cache
+    again, _ = build(world, "again")
+    files = sorted(p.relative_to(out) for p in out.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file())
+    # 6 train samples in shards of 4, 3 images in shards of 2
+    assert {str(f) for f in files if f.parts[0] == "train"} == {
+        "train/samples-00000.parquet", "train/samples-00001.parquet",
+        "train/images-00000.parquet", "train/images-00001.parquet",
+    }  # fmt: skip
+    for f in files:
+        assert (out / f).read_bytes() == (again / f).read_bytes(), f
+    # rebuilding over an existing cache replaces it in place, same bytes, no leftovers
+    build(world, "again")
+    assert sorted(p.relative_to(again) for p in again.rglob("*") if p.is_file()) == files
+    assert not (world["root"] / "again.partial").exists()
+
+
+def test_a_killed_run_resumes_from_finished_image_shards(world, cache, monkeypatch):
+    real = F._images_table
+    calls = []
+
+    def dying(*args, **kwargs):
+        if len(calls) == 3:
+            raise KeyboardInterrupt  # killed while building the 4th image shard
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(F, "_images_table", dying)
+    with pytest.raises(KeyboardInterrupt):
+        build(world, "resumed")
+    assert (world["root"] / "resumed.partial").is_dir()
+    assert not (world["root"] / "resumed").exists()
+    calls.clear()
+    monkeypatch.setattr(F, "_images_table", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    out, _ = build(world, "resumed")
+    assert calls == [["a.png"]]  # only test's shard: train's 2 and valid's 1 were kept
+    for f in cache[0].rglob("*.parquet"):
+        assert (out / f.relative_to(cache[0])).read_bytes() == f.read_bytes()
+    # a leftover built with other settings is discarded, not reused
+    monkeypatch.setattr(F, "_images_table", dying)
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        build(world, "other")
+    calls.clear()
+    monkeypatch.setattr(F, "_images_table", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    build(world, "other", apply_overrides(world["params"], {"data.use_box": False}))
+    assert len(calls) == 4
+
+
+def test_a_stale_cache_is_refused_naming_the_setting(world, cache):
+    for key, value in [
+        ("data.max_seq", 64),
+        ("model.text_model", "tiny"),
+        ("features.crop_size", 32),
+        ("data.use_depth", False),
+    ]:
+        params = apply_overrides(world["params"], {key: value})
+        with pytest.raises(F.StaleCacheError, match=rf"{key}=.*params say {key}={value!r}"):
+            F.FeatureDataset(cache[0], "train", params)
+    # pad_to_max is the loader's business: the same cache serves both
+    F.FeatureDataset(
+        cache[0], "train", apply_overrides(world["params"], {"data.pad_to_max": False})
+    )
+    with pytest.raises(FileNotFoundError, match="run the features stage"):
+        F.FeatureDataset(world["root"] / "nowhere", "train", world["params"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def test_batches_padded_to_max_seq_or_per_batch(world, cache):
+    fixed = F.FeatureDataset(cache[0], "train", world["params"])
+    dynamic = F.FeatureDataset(
+        cache[0], "train", apply_overrides(world["params"], {"data.pad_to_max": False})
+    )
+    items = [fixed[i] for i in (3, 0)]
+    a = F.collate(items)
+    b = F.collate([dynamic[i] for i in (3, 0)])
+    lengths = [int(fixed.lengths[3]), int(fixed.lengths[0])]
+    assert a["input_ids"].shape == (2, 40) and b["input_ids"].shape == (2, max(lengths))
+    assert a["attention_mask"].sum(1).tolist() == lengths == b["attention_mask"].sum(1).tolist()
+    assert (a["input_ids"][0, lengths[0] :] == 0).all()  # [PAD]
+    for batch in (a, b):
+        assert tokens(world, batch["input_ids"][1, : lengths[1]].tolist())[:3] == [
+            "[CLS]", "<s1>", "bill",
+        ]  # fmt: skip
+        assert batch["token_type_ids"][1, : lengths[1]].tolist() == [0] * 12 + [1] * (
+            lengths[1] - 12
+        )
+    for key in ("pixel_values", "depth_values", "boxes", "marker_pos", "labels", "object_slot"):
+        assert torch.equal(a[key], b[key])
+    assert a.keys() == {
+        "input_ids", "token_type_ids", "attention_mask", "marker_pos", "object_slot",
+        "pixel_values", "depth_values", "boxes", "num_objects", "labels", "pair_kind",
+    }  # fmt: skip
+    dtypes = {k: v.dtype for k, v in a.items()}
+    floats = {"pixel_values", "depth_values", "boxes"}
+    assert {k for k, d in dtypes.items() if d == torch.float32} == floats
+    assert {d for k, d in dtypes.items() if k not in floats} == {torch.int64}
+    assert a["pixel_values"].shape == (2, 4, 3, 16, 16)
+    assert a["depth_values"].shape == (2, 4, 16, 16)
+
+
+def test_pixel_values_are_clip_normalized_and_empty_slots_zero(world, cache):
+    ds = F.FeatureDataset(cache[0], "train", world["params"])
+    batch = ds.batch([4])  # b.jpg: slots 0 and 1
+    crops = ds.object_crops[ds.image_ids.index("b.jpg")].astype(np.float32) / 255
+    mean = np.array(F.CLIP_MEAN, np.float32)[:, None, None]
+    std = np.array(F.CLIP_STD, np.float32)[:, None, None]
+    for slot in (0, 1):
+        np.testing.assert_allclose(
+            batch["pixel_values"][0, slot].numpy(), (crops[slot] - mean) / std, atol=1e-5
+        )
+    assert not batch["pixel_values"][0, 2:].any() and not batch["depth_values"][0, 2:].any()
+
+
+def test_make_loader_is_seeded_and_covers_every_sample(world, cache):
+    def order(seed):
+        loader = F.make_loader(cache[0], "train", world["params"], 4, shuffle=True, seed=seed)
+        return [i for batch in loader for i in batch["labels"].tolist()], loader
+
+    first, loader = order(7)
+    assert first == order(7)[0]
+    assert sorted(first) == sorted(RELATIONS.index(r.relation) for r in RECORDS["train"])
+    orders = {tuple(order(seed)[0]) for seed in range(6)}
+    assert len(orders) > 1
+    assert [len(b["labels"]) for b in loader] == [4, 2]
+    plain = F.make_loader(cache[0], "train", world["params"], 6, shuffle=False, seed=0)
+    assert next(iter(plain))["labels"].tolist() == [
+        RELATIONS.index(r.relation) for r in RECORDS["train"]
+    ]
+
+
+def test_ablation_switches_zero_their_inputs(world, cache):
+    params = apply_overrides(
+        world["params"], {"data.use_depth": False, "data.use_box": False, "data.use_caption": False}
+    )
+    out, report = build(world, "ablated", params, depth=None, captions=None)
+    assert report["caption_segment"] is False
+    ds = F.FeatureDataset(out, "train", params)
+    batch = ds.batch(range(len(ds)))
+    full = F.FeatureDataset(cache[0], "train", world["params"]).batch(range(len(ds)))
+    assert not batch["depth_values"].any() and full["depth_values"].any()
+    assert not batch["boxes"].any() and full["boxes"].any()
+    assert torch.equal(batch["pixel_values"], full["pixel_values"])
+    assert not batch["token_type_ids"].any()
+    assert (batch["marker_pos"][:, :, 1:] == -1).all()  # no <k>/<o> markers
+    assert torch.equal(batch["marker_pos"][:, :, 0], full["marker_pos"][:, :, 0])
+    # a caption table whose backend is "none" means no caption segment either
+    _, report = build(world, "nocap", captions=FakeCaptions({}, backend="none"))
+    assert report["caption_segment"] is False
+
+
+def test_missing_depth_map_is_an_error_or_zeros_under_skip(world):
+    depth = FakeDepth({k: v for k, v in world["depth"].maps.items() if k != "b.jpg"})
+    with pytest.raises(F.DataError, match=r"b\.jpg.*no depth map.*data.on_error=skip"):
+        build(world, "nodepth", depth=depth)
+    params = apply_overrides(world["params"], {"data.on_error": "skip"})
+    out, report = build(world, "nodepth", params, depth=depth)
+    assert report["splits"]["train"]["image_problems"]["count"] == 1
+    ds = F.FeatureDataset(out, "train", params)
+    b = ds.image_ids.index("b.jpg")
+    assert not ds.depth_crops[b].any() and ds.object_crops[b].any()
+
+
+def test_stage_help_lists_the_options():
+    result = subprocess.run(
+        [sys.executable, "-m", "stages", "features", "--help"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    for option in ("--params", "--dataset", "--depth", "--captions", "--out"):
+        assert option in result.stdout
+
+
+def test_stage_runs_on_the_synthetic_dataset_with_the_real_readers(tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from pipeline.caption import run_caption
+    from pipeline.config import SyntheticParams, params_to_dict
+    from pipeline.data.synthetic import generate_synthetic
+    from pipeline.depth import run_depth
+    from pipeline.depth_store import DepthStore
+    from stages.cli import app
+
+    params = apply_overrides(Params(), {"data.max_seq": 48})
+    synthetic = SyntheticParams(seed=3, train=6, valid=3, test=3, image_size=48)
+    generate_synthetic(tmp_path / "raw", synthetic, params.data.max_objects)
+    dataset = Dataset(tmp_path / "raw")
+    run_depth(dataset, tmp_path / "depth", params.depth)
+    run_caption(dataset, tmp_path / "captions", params.caption, progress=False)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_to_dict(params)))
+    args = [
+        "features",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--dataset",
+        str(tmp_path / "raw"),
+    ]
+    for name in ("depth", "captions", "out"):
+        args += [f"--{name}", str(tmp_path / name)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["caption_segment"] is True
+    assert report["splits"]["train"]["captions_missing"] == {"text": 0, "object": 0}
+
+    ds = F.FeatureDataset(tmp_path / "out", "train", params)
+    records = dataset.records("train")
+    batch = ds.batch(range(len(ds)))
+    assert batch["labels"].tolist() == [dataset.relations[r.relation] for r in records]
+    assert (batch["token_type_ids"].sum(1) > 0).all()  # every sample has its caption segment
+    store = DepthStore(tmp_path / "depth")
+    image_id = records[0].image_id
+    i = ds.image_ids.index(image_id)
+    boxes, mask = F.object_layout(dataset.objects[image_id], params.data.max_objects, image_id)
+    direct = F.crop_depth(F.normalize_depth(store.get(image_id)), boxes, mask, 64)
+    np.testing.assert_allclose(ds.depth_crops[i], direct, atol=1e-3)
+    assert ds.depth_crops[i][mask].std() > 0
+
+
+def test_empty_splits_are_written_and_read_back(world, tmp_path):
+    data = tmp_path / "dataset"
+    (data / "images").mkdir(parents=True)
+    shutil.copy(world["dataset"].root / "images" / "b.jpg", data / "images" / "b.jpg")
+    write_records(data / "records" / "train.jsonl", [])
+    write_records(data / "records" / "valid.jsonl", [])
+    write_records(data / "records" / "test.jsonl", RECORDS["valid"][:1])
+    write_json(data / "objects.json", OBJECTS)
+    write_json(data / "relations.json", {r: i for i, r in enumerate(RELATIONS)})
+    write_json(data / "manifest.json", {"source": "test", "version": "1"})
+    out = tmp_path / "features"
+    report = F.build_features(Dataset(data), out, world["params"], world["depth"], None)
+    assert report["splits"]["train"]["samples"] == 0
+    assert len(F.FeatureDataset(out, "train", world["params"])) == 0
+    test = F.FeatureDataset(out, "test", world["params"])
+    assert test.image_ids == ["b.jpg"] and test.batch([0])["labels"].tolist() == [0]
