@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import typer
 
-from stages import caption, depth, download, evaluate, features, predict, train
+from stages import caption, depth, download, evaluate, features, predict, preset, train
 
 app = typer.Typer(
     add_completion=False,
@@ -21,3 +21,4 @@ app.command("features")(features.main)
 app.command("train")(train.main)
 app.command("evaluate")(evaluate.main)
 app.command("predict")(predict.main)
+app.command("preset")(preset.main)

@@ -1,0 +1,115 @@
+"""The paper preset resolves to valid params whose model names fit their loaders."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import yaml
+
+from pipeline import hub
+from pipeline.config import ParamsError, load_params
+from pipeline.presets import (
+    apply_preset,
+    as_exp_flags,
+    available_presets,
+    load_preset,
+    write_into_params,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def params():
+    return load_params(ROOT / "params.yaml")
+
+
+def test_presets_exist():
+    assert {"paper", "paper-mllm"} <= set(available_presets())
+
+
+@pytest.mark.parametrize("name", ["paper", "paper-mllm"])
+def test_paper_preset_is_the_paper_setup(params, name):
+    p = apply_preset(params, name)
+    assert p.data.source == "umre"
+    assert (p.data.max_seq, p.data.pad_to_max) == (256, True)
+    assert (p.train.batch_size, p.train.lr, p.train.warmup_ratio) == (32, 1e-5, 0.06)
+    assert (p.train.epochs, p.train.seed, p.train.weight_decay) == (30, 1234, 0.01)
+    assert p.train.mixed_precision == "bf16"
+    assert (p.model.pool_after_layer, p.model.fusion_start_layer) == (7, 8)
+    assert (p.model.ot.kernel_floor, p.model.ot.barycentric, p.model.ot.epsilon) == (
+        1e-12,
+        False,
+        0.5,
+    )
+    assert p.model.ot.iterations == 50
+    assert p.depth.source == "model"
+
+
+@pytest.mark.parametrize("name", ["paper", "paper-mllm"])
+def test_paper_model_names_are_well_formed_for_their_loaders(params, name):
+    p = apply_preset(params, name)
+    # transformers hub ids (text tower, depth model, captioner)
+    for model_name in (p.model.text_model, p.depth.model, p.caption.model):
+        if p.caption.backend != "mllm" and model_name == p.caption.model:
+            continue
+        assert hub.resolve(model_name).kind == "hub", model_name
+    assert p.model.text_model == "bert-base-uncased"
+    assert p.depth.model == "depth-anything/Depth-Anything-V2-Large-hf"
+    # timm: the exact pretrained tag of OpenAI's CLIP ViT-B/32 with QuickGELU
+    assert p.model.vision_model in timm.list_pretrained()
+    assert p.model.vision_model == "vit_base_patch32_clip_quickgelu_224.openai"
+
+
+def test_mllm_variant_extends_paper():
+    paper, mllm = load_preset("paper"), load_preset("paper-mllm")
+    assert mllm["caption.backend"] == "mllm"
+    assert mllm["caption.model"] == "Qwen/Qwen2.5-VL-7B-Instruct"
+    assert {k: v for k, v in mllm.items() if k not in paper} == {
+        "caption.model": "Qwen/Qwen2.5-VL-7B-Instruct",
+        "caption.dtype": "bfloat16",
+        "caption.batch_size": 16,
+    }
+
+
+def test_unknown_preset_and_bad_key_are_refused(params, tmp_path, monkeypatch):
+    with pytest.raises(ParamsError, match="unknown preset 'nope'"):
+        load_preset("nope")
+    import pipeline.presets as presets
+
+    (tmp_path / "bad.yaml").write_text("model.ot.epsilonn: 0.5\n")
+    monkeypatch.setattr(presets, "PRESETS_DIR", tmp_path)
+    with pytest.raises(ParamsError, match=r"preset 'bad': model\.ot\.epsilonn: unknown key"):
+        apply_preset(params, "bad")
+
+
+def test_flags_parse_back_to_the_preset_values():
+    overrides = load_preset("paper")
+    flags = as_exp_flags(overrides)
+    assert flags[0::2] == ["-S"] * len(overrides)
+    parsed = {}
+    for flag in flags[1::2]:
+        key, _, text = flag.partition("=")
+        parsed[key] = yaml.safe_load(text)
+    assert parsed == overrides
+
+
+def test_apply_writes_params_keeping_comments(params, tmp_path):
+    target = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", target)
+    write_into_params(target, load_preset("paper"))
+    assert load_params(target) == apply_preset(params, "paper")
+    assert "# Parameters, grouped by stage." in target.read_text()
+
+
+def test_cli_prints_flags_and_applies(tmp_path):
+    target = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", target)
+    cmd = [sys.executable, "-m", "stages", "preset", "paper", "--params", str(target)]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "-S data.source=umre" in out and "-S train.lr=1.0e-05" in out
+    subprocess.run([*cmd, "--apply"], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert load_params(target).data.source == "umre"
