@@ -1,8 +1,93 @@
-"""The `caption` stage (work in progress)."""
+"""The `caption` stage: describe every text entity and visual object, import captions, or none."""
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+from typing import Annotated
 
-def main() -> None:
-    """Not implemented yet."""
-    raise NotImplementedError("caption")
+import typer
+
+from stages.common import ParamsOption, read_params, setup_logging
+
+log = logging.getLogger("stages.caption")
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def main(
+    params: ParamsOption = Path("params.yaml"),
+    dataset: Annotated[
+        Path | None,
+        typer.Option(
+            "--dataset", help="Normalized dataset folder (default: data/raw/<data.source>)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option("--out", help="Output folder (captions.json, captions.jsonl, manifest).")
+    ] = Path("data/captions"),
+    shard: Annotated[
+        int | None,
+        typer.Option(
+            "--shard", min=0, show_default="$RANK, else 0", help="This worker's part (0-based)."
+        ),
+    ] = None,
+    num_shards: Annotated[
+        int | None,
+        typer.Option(
+            "--num-shards",
+            min=1,
+            show_default="$WORLD_SIZE, else 1",
+            help="Split the mllm work into this many parts, one per worker.",
+        ),
+    ] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Write data/captions/ with caption.backend: mllm (generate), file (import), or none.
+
+    Resume: rerun a killed mllm run; it generates only the captions still missing.
+
+    Rows made with another model, prompt version or options are never reused.
+
+    Workers: give each --shard i --num-shards n and the same --out; the last to finish merges.
+
+    Under accelerate launch, RANK / WORLD_SIZE are the defaults and LOCAL_RANK picks the GPU.
+
+    Workers on other machines: copy their out/shards/ here, then run once without --num-shards.
+    """
+    from pipeline.caption import run_caption
+    from pipeline.data.records import DataError, Dataset
+
+    setup_logging()
+    p = read_params(params)
+    root = dataset if dataset is not None else Path("data/raw") / p.data.source
+    shard = shard if shard is not None else _env_int("RANK") or 0
+    num_shards = num_shards if num_shards is not None else _env_int("WORLD_SIZE") or 1
+    if shard >= num_shards:
+        typer.echo(f"error: --shard {shard} must be below --num-shards {num_shards}", err=True)
+        raise typer.Exit(2)
+    try:
+        summary = run_caption(
+            Dataset(root), out, p.caption, shard=shard, num_shards=num_shards, progress=progress
+        )
+    except (DataError, OSError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if "coverage" not in summary:
+        log.info(
+            "shard %d/%d: %d item(s), %d generated now; %d item(s) of other shards missing",
+            shard, num_shards, summary["items"], summary["generated"], summary["missing"],
+        )  # fmt: skip
+        return
+    cov = summary["coverage"]
+    log.info(
+        "%s: backend %s, %d caption(s); coverage %d/%d (entities %d/%d, objects %d/%d)%s",
+        out, summary["backend"], summary["captions"], cov["found"], cov["total"],
+        cov["entities"]["found"], cov["entities"]["total"],
+        cov["objects"]["found"], cov["objects"]["total"],
+        f", {summary['filled']} filled empty" if summary["filled"] else "",
+    )  # fmt: skip

@@ -1,0 +1,458 @@
+"""The caption stage: items, prompts, batched generation, resume, shards, file import, reader."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from pipeline.caption import (
+    Captioner,
+    append_rows,
+    build_prompt,
+    crop_box,
+    load_prompts,
+    read_row_log,
+    run_caption,
+    settings_id,
+    shard_items,
+)
+from pipeline.caption_table import CaptionTable, caption_items
+from pipeline.config import CaptionParams, Params, SyntheticParams, params_to_dict
+from pipeline.data.records import DataError, Dataset
+from pipeline.data.synthetic import generate_synthetic
+
+PROMPTS = Path(__file__).resolve().parents[1] / "pipeline" / "prompts" / "caption_v1.json"
+MLLM = CaptionParams(
+    backend="mllm", model="tiny", prompts=str(PROMPTS), max_new_tokens=6, batch_size=4
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Generation is many tiny matmuls: on a shared CPU, more threads only add contention."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Dataset:
+    root = tmp_path_factory.mktemp("caption") / "raw"
+    generate_synthetic(root, SyntheticParams(seed=5, train=6, valid=3, test=3, image_size=64), 4)
+    return Dataset(root)
+
+
+@pytest.fixture(scope="module")
+def captioner() -> Captioner:
+    return Captioner.load("tiny", max_new_tokens=MLLM.max_new_tokens)
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, captioner, tmp_path_factory) -> Path:
+    """An uninterrupted mllm run, for the other runs to be compared with."""
+    out = tmp_path_factory.mktemp("reference") / "captions"
+    run_caption(dataset, out, MLLM, captioner=captioner, progress=False)
+    return out
+
+
+def spy(monkeypatch, captioner: Captioner) -> list[tuple[str, Image.Image]]:
+    """Record every (prompt, image) the captioner is asked about."""
+    calls: list[tuple[str, Image.Image]] = []
+    describe = captioner.describe
+
+    def recording(prompts, images, system=""):
+        calls.extend(zip(prompts, images, strict=True))
+        return describe(prompts, images, system)
+
+    monkeypatch.setattr(captioner, "describe", recording)
+    return calls
+
+
+def expected_keys(root: Path) -> set[tuple[str, str]]:
+    """Every (image id, key) worth a caption, computed from the raw files, not the library."""
+    keys, images = set(), set()
+    for split in ("train", "valid", "test"):
+        for line in (root / "records" / f"{split}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            images.add(record["image_id"])
+            for entity in (record["head"], record["tail"]):
+                if entity["kind"] == "text":
+                    keys.add((record["image_id"], entity["name"]))
+    objects = json.loads((root / "objects.json").read_text())
+    keys |= {(image, key) for image in images for key in objects.get(image, {})}
+    return keys
+
+
+def test_every_text_entity_and_object_gets_one_row(dataset, reference):
+    keys = expected_keys(dataset.root)
+    rows = [json.loads(line) for line in (reference / "captions.jsonl").read_text().splitlines()]
+    assert sorted((r["image_id"], r["key"]) for r in rows) == sorted(keys)
+    assert {(r["model"], r["prompt_version"]) for r in rows} == {("tiny", "caption_v1")}
+    kinds = {(r["image_id"], r["key"]): r["kind"] for r in rows}
+    assert all((kinds[k] == "object") == k[1].startswith("[OBJ") for k in keys)
+
+    table = CaptionTable(reference)
+    assert (
+        table.backend == "mllm" and table.model == "tiny" and table.prompt_version == "caption_v1"
+    )
+    assert len(table) == len(keys)
+    assert all(table.get(r["image_id"], r["key"]) == r["caption"] for r in rows)
+    assert table.get(rows[0]["image_id"], "[OBJ99]") is None
+    assert table.get("no-such-image.png", rows[0]["key"]) is None
+    coverage = table.coverage(dataset)
+    assert (coverage.total, coverage.found, coverage.missing) == (len(keys), len(keys), ())
+    n_objects = sum(k[1].startswith("[OBJ") for k in keys)
+    assert (coverage.objects_total, coverage.entities_total) == (n_objects, len(keys) - n_objects)
+    manifest = json.loads((reference / "manifest.json").read_text())
+    assert manifest["coverage"]["found"] == manifest["items"] == len(keys)
+    # The random tiny model still answers differently for different prompts and images.
+    assert len({r["caption"] for r in rows}) > len(rows) // 2
+
+
+def test_prompts_name_the_entity_and_carry_the_post(dataset, captioner, tmp_path, monkeypatch):
+    calls = spy(monkeypatch, captioner)
+    run_caption(dataset, tmp_path / "out", MLLM, captioner=captioner, progress=False)
+    items = caption_items(dataset)
+    assert len(calls) == len(items)
+    texts = {}
+    for split in ("train", "valid", "test"):
+        for record in dataset.records(split):
+            texts.setdefault(record.image_id, " ".join(record.text_tokens))
+    for item, (prompt, image) in zip(items, calls, strict=True):
+        assert texts[item.image_id] in prompt
+        full = Image.open(dataset.image_path(item.image_id))
+        if item.kind == "entity":
+            assert f"what is '{item.key}' in the text?" in prompt
+            assert image.size == full.size
+        else:
+            assert "[OBJ" not in prompt
+            x1, y1, x2, y2 = item.box
+            assert image.tobytes() == crop_box(full.convert("RGB"), item.box).tobytes()
+            assert image.size[0] == pytest.approx((x2 - x1) * full.size[0], abs=2)
+            assert image.size[1] == pytest.approx((y2 - y1) * full.size[1], abs=2)
+
+
+def test_batched_generation_equals_one_at_a_time(dataset, captioner, reference, tmp_path):
+    items = caption_items(dataset)[:6]
+    prompts = load_prompts(PROMPTS)
+    questions = [build_prompt(it, prompts) for it in items]
+    images = []
+    for item in items:
+        image = Image.open(dataset.image_path(item.image_id)).convert("RGB")
+        images.append(crop_box(image, item.box) if item.kind == "object" else image)
+    batched = captioner.describe(questions, images)
+    single = [captioner.describe([q], [im])[0] for q, im in zip(questions, images, strict=True)]
+    assert batched == single
+    assert len(set(batched)) > 1
+
+    # The same through the stage: batch size 1 writes exactly what batch size 4 wrote.
+    one = dataclasses.replace(MLLM, batch_size=1)
+    run_caption(dataset, tmp_path / "one", one, captioner=captioner, progress=False)
+    for name in ("captions.json", "captions.jsonl"):
+        assert (tmp_path / "one" / name).read_bytes() == (reference / name).read_bytes()
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_at_once(rows_made: int) -> None:
+    raise Killed
+
+
+def test_kill_and_resume_equals_uninterrupted(dataset, captioner, reference, tmp_path, monkeypatch):
+    out = tmp_path / "captions"
+
+    def kill_after_two_batches(rows_made: int) -> None:
+        if rows_made >= 2 * MLLM.batch_size:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_caption(
+            dataset, out, MLLM, captioner=captioner, progress=False,
+            after_batch=kill_after_two_batches,
+        )  # fmt: skip
+    assert not (out / "manifest.json").exists() and not (out / "captions.json").exists()
+    assert len(read_row_log(out / "captions.jsonl")) == 2 * MLLM.batch_size
+    # A crash in the middle of the next write leaves a cut line; it must not be trusted.
+    with (out / "captions.jsonl").open("a") as fh:
+        fh.write('{"caption": "half a row", "image_id": "syn_tr')
+
+    # Killed again one batch later: the cut line is gone and the log holds whole rows only.
+    calls = spy(monkeypatch, captioner)
+    with pytest.raises(Killed):
+        run_caption(
+            dataset, out, MLLM, captioner=captioner, progress=False,
+            after_batch=kill_at_once,
+        )  # fmt: skip
+    assert len(read_row_log(out / "captions.jsonl")) == 3 * MLLM.batch_size
+    assert (out / "captions.jsonl").read_text().count("\n") == 3 * MLLM.batch_size
+
+    manifest = run_caption(dataset, out, MLLM, captioner=captioner, progress=False)
+    total = len(caption_items(dataset))
+    assert len(calls) == total - 2 * MLLM.batch_size
+    assert manifest["coverage"]["found"] == total
+    for name in ("captions.json", "captions.jsonl", "manifest.json"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
+
+    # A rerun of a finished folder generates nothing and changes nothing.
+    calls.clear()
+    run_caption(dataset, out, MLLM, captioner=captioner, progress=False)
+    assert calls == []
+    assert (out / "captions.json").read_bytes() == (reference / "captions.json").read_bytes()
+
+
+def test_row_log_drops_a_cut_last_line_and_rejects_corruption(tmp_path):
+    path = tmp_path / "log.jsonl"
+    rows = [{"image_id": "a.jpg", "key": k, "caption": "c", "settings": "s"} for k in "xy"]
+    append_rows(path, rows)
+    whole = path.read_bytes()
+    with path.open("ab") as fh:
+        fh.write(b'{"image_id": "a.jpg", "key": "z", "capt')
+    assert read_row_log(path) == rows
+    assert path.read_bytes() != whole  # a reader that does not own the log leaves it alone
+    assert read_row_log(path, repair=True) == rows
+    assert path.read_bytes() == whole
+    append_rows(path, rows[:1])
+    assert read_row_log(path) == rows + rows[:1]
+
+    path.write_text(whole.decode() + '{"image_id": "b.jpg"}\n')
+    with pytest.raises(DataError, match=r"log\.jsonl:3: corrupt caption row"):
+        read_row_log(path)
+
+
+def test_other_model_or_prompt_version_is_not_reused(
+    dataset, captioner, reference, tmp_path, monkeypatch
+):
+    prompts = load_prompts(PROMPTS)
+    base = settings_id("tiny", prompts, 6, "float32")
+    assert len({
+        base,
+        settings_id("tiny-b", prompts, 6, "float32"),
+        settings_id("tiny", dataclasses.replace(prompts, version="caption_v2"), 6, "float32"),
+        settings_id("tiny", prompts, 7, "float32"),
+        settings_id("tiny", prompts, 6, "bfloat16"),
+    }) == 5  # fmt: skip
+
+    out = tmp_path / "captions"
+    shutil.copytree(reference, out)
+    raw = json.loads(PROMPTS.read_text())
+    raw["version"] = "caption_v2"
+    v2 = tmp_path / "caption_v2.json"
+    v2.write_text(json.dumps(raw))
+    calls = spy(monkeypatch, captioner)
+    manifest = run_caption(
+        dataset, out, dataclasses.replace(MLLM, prompts=str(v2)), captioner=captioner,
+        progress=False,
+    )  # fmt: skip
+    assert len(calls) == manifest["items"]
+    rows = read_row_log(out / "captions.jsonl")
+    assert {r["prompt_version"] for r in rows} == {"caption_v2"}
+    assert len(rows) == manifest["items"]
+    assert manifest["prompt_version"] == "caption_v2"
+
+    # Same version, edited text: also regenerated (the template's hash is part of the settings).
+    raw["entity"]["prompt"] += " Answer in one line."
+    v2.write_text(json.dumps(raw))
+    calls.clear()
+    run_caption(
+        dataset, out, dataclasses.replace(MLLM, prompts=str(v2)), captioner=captioner,
+        progress=False,
+    )  # fmt: skip
+    assert len(calls) == manifest["items"]
+
+
+def test_shards_split_the_work_and_merge_to_the_single_run(
+    dataset, captioner, reference, tmp_path, monkeypatch
+):
+    items = caption_items(dataset)
+    parts = [shard_items(items, i, 3) for i in range(3)]
+    assert [it for part in parts for it in part] == items
+    assert max(map(len, parts)) - min(map(len, parts)) <= 1
+    with pytest.raises(ValueError, match="--shard"):
+        shard_items(items, 3, 3)
+
+    # Two workers: the first leaves its part; the last to finish finds every item done and merges.
+    out = tmp_path / "captions"
+    first = run_caption(dataset, out, MLLM, shard=0, num_shards=2, captioner=captioner,
+                        progress=False)  # fmt: skip
+    assert first["generated"] == len(shard_items(items, 0, 2))
+    assert first["missing"] == len(shard_items(items, 1, 2))
+    assert [p.name for p in (out / "shards").iterdir()] == ["part-000-of-002.jsonl"]
+    assert not (out / "captions.json").exists() and not (out / "manifest.json").exists()
+    last = run_caption(dataset, out, MLLM, shard=1, num_shards=2, captioner=captioner,
+                       progress=False)  # fmt: skip
+    assert last["coverage"]["found"] == len(items)
+    assert not (out / "shards").exists()
+    for name in ("captions.json", "captions.jsonl", "manifest.json"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes()
+
+    # One worker of three done elsewhere; a plain run merges its part and generates the rest.
+    merged = tmp_path / "merged"
+    run_caption(dataset, merged, MLLM, shard=1, num_shards=3, captioner=captioner, progress=False)
+    calls = spy(monkeypatch, captioner)
+    run_caption(dataset, merged, MLLM, captioner=captioner, progress=False)
+    assert len(calls) == len(items) - len(shard_items(items, 1, 3))
+    assert not (merged / "shards").exists()
+    for name in ("captions.json", "captions.jsonl", "manifest.json"):
+        assert (merged / name).read_bytes() == (reference / name).read_bytes()
+
+
+def crafted_caption_file(dataset: Dataset, path: Path) -> tuple[dict, tuple, tuple]:
+    """A UMRE-style file: every item but one entity and one object, plus an entity no record
+    pairs, an image the dataset does not have and an object the image does not have."""
+    items = caption_items(dataset)
+    dropped_entity = next(it for it in items if it.kind == "entity")
+    dropped_object = next(it for it in items if it.kind == "object")
+    mapping: dict[str, dict[str, str]] = {}
+    for n, it in enumerate(items):
+        if it not in (dropped_entity, dropped_object):
+            mapping.setdefault(it.image_id, {})[it.key] = f"caption {n} of {it.key}"
+    first = items[0]
+    mapping[first.image_id][first.text.split()[0]] = "a word of the post, no record pairs it"
+    mapping["not_in_dataset.jpg"] = {"Someone": "unknown image"}
+    mapping[first.image_id]["[OBJ11]"] = "unknown object"
+    path.write_text(json.dumps(mapping))
+    return mapping, dropped_entity, dropped_object
+
+
+def test_file_backend_round_trip_with_coverage_and_fill(dataset, tmp_path, caplog):
+    mapping, dropped_entity, dropped_object = crafted_caption_file(dataset, tmp_path / "cap.json")
+    params = CaptionParams(backend="file", file=str(tmp_path / "cap.json"), on_missing="fill")
+    with caplog.at_level(logging.WARNING):
+        manifest = run_caption(dataset, tmp_path / "out", params)
+    items = caption_items(dataset)
+    n_objects = sum(it.kind == "object" for it in items)
+    assert manifest["coverage"] == {
+        "total": len(items),
+        "found": len(items) - 2,
+        "fraction": round((len(items) - 2) / len(items), 6),
+        "entities": {"total": len(items) - n_objects, "found": len(items) - n_objects - 1},
+        "objects": {"total": n_objects, "found": n_objects - 1},
+    }
+    assert (manifest["filled"], manifest["unused"], manifest["unknown"]["count"]) == (2, 1, 2)
+    unknown = {(e["image_id"], e["key"]) for e in manifest["unknown"]["entries"]}
+    assert unknown == {("not_in_dataset.jpg", "Someone"), (items[0].image_id, "[OBJ11]")}
+    assert "image 'not_in_dataset.jpg' key 'Someone'" in caplog.text
+    assert f"image {items[0].image_id!r} key '[OBJ11]'" in caplog.text
+
+    table = CaptionTable(tmp_path / "out")
+    assert table.backend == "file"
+    for item in items:
+        want = mapping.get(item.image_id, {}).get(item.key, "")
+        assert table.get(item.image_id, item.key) == want
+    assert table.get(dropped_entity.image_id, dropped_entity.key) == ""
+    assert table.get("not_in_dataset.jpg", "Someone") is None
+    # The reader also opens a bare caption file, as is.
+    bare = CaptionTable(tmp_path / "cap.json")
+    assert bare.backend == "file" and bare.as_dict() == mapping
+
+
+def test_file_backend_fails_on_missing_captions_naming_them(dataset, tmp_path):
+    _, dropped_entity, dropped_object = crafted_caption_file(dataset, tmp_path / "cap.json")
+    params = CaptionParams(backend="file", file=str(tmp_path / "cap.json"), on_missing="fail")
+    with pytest.raises(DataError) as err:
+        run_caption(dataset, tmp_path / "out", params)
+    message = str(err.value)
+    assert "2 of" in message and "on_missing: fill" in message
+    for item in (dropped_entity, dropped_object):
+        assert f"image {item.image_id!r} key {item.key!r}" in message
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+def test_file_backend_defaults_to_the_datasets_captions(dataset, tmp_path):
+    manifest = run_caption(dataset, tmp_path / "out", CaptionParams())
+    assert manifest["source_file"] == str(dataset.captions_path)
+    assert manifest["coverage"]["found"] == manifest["items"] == len(caption_items(dataset))
+    shipped = json.loads(dataset.captions_path.read_text())
+    table = CaptionTable(tmp_path / "out")
+    for item in caption_items(dataset):
+        assert table.get(item.image_id, item.key) == shipped[item.image_id][item.key]
+
+
+def test_bad_caption_file_names_image_and_key(dataset, tmp_path):
+    image_id = caption_items(dataset)[0].image_id
+    (tmp_path / "cap.json").write_text(json.dumps({image_id: {"[OBJ0]": ["not", "text"]}}))
+    params = CaptionParams(backend="file", file=str(tmp_path / "cap.json"))
+    with pytest.raises(DataError, match=rf"image '{image_id}' key '\[OBJ0\]': expected a caption"):
+        run_caption(dataset, tmp_path / "out", params)
+
+
+def test_none_backend_writes_an_empty_table(dataset, reference, tmp_path):
+    out = tmp_path / "captions"
+    shutil.copytree(reference, out)  # a previous mllm output must not leak through
+    manifest = run_caption(dataset, out, CaptionParams(backend="none"))
+    table = CaptionTable(out)
+    assert table.backend == "none" and len(table) == 0
+    item = caption_items(dataset)[0]
+    assert table.get(item.image_id, item.key) is None
+    assert manifest["coverage"]["found"] == 0 and manifest["items"] == len(caption_items(dataset))
+    assert (out / "captions.jsonl").read_text() == ""
+
+
+def test_a_saved_model_loads_from_its_folder_and_answers_the_same(dataset, captioner, tmp_path):
+    folder = tmp_path / "tiny-qwen"
+    captioner.processor.save_pretrained(folder)
+    captioner.model.save_pretrained(folder)
+    loaded = Captioner.load(str(folder), max_new_tokens=MLLM.max_new_tokens)
+    assert type(loaded.model) is type(captioner.model)
+    item = caption_items(dataset)[0]
+    question = build_prompt(item, load_prompts(PROMPTS))
+    image = Image.open(dataset.image_path(item.image_id)).convert("RGB")
+    assert loaded.describe([question], [image]) == captioner.describe([question], [image])
+
+
+def test_crop_box_cuts_pixels_and_widens_degenerate_boxes():
+    image = Image.new("RGB", (200, 100))
+    assert crop_box(image, (0.1, 0.2, 0.5, 0.6)).size == (80, 40)
+    assert crop_box(image, (0.25, 0.5, 0.25, 0.5)).size == (1, 1)
+    thin = crop_box(image, (0.0, 0.0, 1.0, 0.0))  # 200 x 0 pixels: widened to 200 x 2
+    assert thin.size == (200, 2)
+    assert crop_box(image, (0.9, 0.9, 1.2, 1.3)).size == (20, 10)  # clipped to the image
+
+
+def test_prompt_templates_are_checked(tmp_path):
+    prompts = load_prompts(PROMPTS)
+    assert prompts.version == "caption_v1" and prompts.entity.image == "full"
+    raw = json.loads(PROMPTS.read_text())
+    raw["object"]["prompt"] = "what is {name} in {post}?"
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=r"bad\.json: \"object\.prompt\": unknown placeholder"):
+        load_prompts(tmp_path / "bad.json")
+    del raw["version"]
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match="version"):
+        load_prompts(tmp_path / "bad.json")
+
+
+def test_cli_runs_the_stage_and_checks_shard_options(dataset, tmp_path):
+    from stages.cli import app
+
+    params = params_to_dict(Params())
+    params["caption"]["backend"] = "file"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    runner = CliRunner()
+    help_text = runner.invoke(app, ["caption", "--help"]).output
+    for option in ("--params", "--dataset", "--out", "--shard", "--num-shards"):
+        assert option in help_text
+    args = ["caption", "--params", str(tmp_path / "params.yaml"), "--dataset", str(dataset.root)]
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert CaptionTable(tmp_path / "out").coverage(dataset).fraction == 1.0
+    bad = runner.invoke(
+        app, [*args, "--out", str(tmp_path / "o2"), "--shard", "2", "--num-shards", "2"]
+    )
+    assert bad.exit_code == 2 and "--shard 2" in bad.output
+    wrong_backend = runner.invoke(app, [*args, "--out", str(tmp_path / "o3"), "--num-shards", "2"])
+    assert wrong_backend.exit_code == 1 and "mllm only" in wrong_backend.output
