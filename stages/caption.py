@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, read_params, setup_logging
+from stages.common import ParamsOption, read_params, resolve_shard, setup_logging
 
 log = logging.getLogger("stages.caption")
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name, "")
-    return int(value) if value.isdigit() else None
 
 
 def main(
@@ -65,11 +59,7 @@ def main(
     setup_logging()
     p = read_params(params)
     root = dataset if dataset is not None else Path("data/raw") / p.data.source
-    shard = shard if shard is not None else _env_int("RANK") or 0
-    num_shards = num_shards if num_shards is not None else _env_int("WORLD_SIZE") or 1
-    if shard >= num_shards:
-        typer.echo(f"error: --shard {shard} must be below --num-shards {num_shards}", err=True)
-        raise typer.Exit(2)
+    shard, num_shards = resolve_shard(shard, num_shards)
     try:
         summary = run_caption(
             Dataset(root), out, p.caption, shard=shard, num_shards=num_shards, progress=progress

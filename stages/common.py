@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -27,5 +28,26 @@ def read_params(path: Path) -> Params:
 
 def setup_logging() -> None:
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name, "")
+    return int(value) if value.isdigit() else None
+
+
+def resolve_shard(shard: int | None, num_shards: int | None) -> tuple[int, int]:
+    """This worker's shard: the options, else the launcher's RANK / WORLD_SIZE (accelerate,
+    torchrun), else the whole job. A shard outside the range is a usage error (exit code 2)."""
+    shard = shard if shard is not None else _env_int("RANK") or 0
+    num_shards = num_shards if num_shards is not None else _env_int("WORLD_SIZE") or 1
+    if not 0 <= shard < num_shards:
+        typer.echo(
+            f"error: --shard {shard} must be below --num-shards {num_shards} and not negative",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return shard, num_shards

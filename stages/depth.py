@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, read_params, setup_logging
-
-
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name)
-    return int(value) if value is not None and value.isdigit() else None
+from stages.common import ParamsOption, read_params, resolve_shard, setup_logging
 
 
 def main(
@@ -55,11 +49,7 @@ def main(
     from pipeline.data.records import DataError, Dataset
     from pipeline.depth import run_depth
 
-    shard = shard if shard is not None else _env_int("RANK") or 0
-    num_shards = num_shards if num_shards is not None else _env_int("WORLD_SIZE") or 1
-    if shard >= num_shards:
-        typer.echo(f"error: --shard {shard} must be below --num-shards {num_shards}", err=True)
-        raise typer.Exit(2)
+    shard, num_shards = resolve_shard(shard, num_shards)
     try:
         ds = Dataset(dataset if dataset is not None else Path("data/raw") / p.data.source)
         result = run_depth(
