@@ -1,0 +1,102 @@
+"""Layer-wise mixture-of-experts aggregation (DESIGN.md §3).
+
+One direction (e.g. vision -> text): every recorded state ``V_j`` of the other stream (detached) is read
+by its own cross-attention with this stream's tokens as queries, giving ``A_j``. A per-token router
+``softmax(Linear((J + 1) D -> J + 1)([t, A_0 .. A_{J-1}]))`` mixes expert 0 (``t`` itself) and experts
+``j + 1 = t + W2_j act(W1_j [t, A_j])``.
+
+Everything here acts on each query token independently, so the model runs it only on the tokens its
+head reads (entity markers, entity objects); the result equals running it on every token and
+gathering.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["CrossAttention", "Expert", "LayerwiseMoE"]
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries over a state, then ``LayerNorm(W_o ...)``.
+
+    A key bias would shift every score of a query by the same amount, so there is none. The key and
+    value projections are folded into the (few) queries instead of applied to the (many) state tokens:
+    ``q_h . (W_k^h s) = (W_k^h^T q_h) . s`` and ``sum_s p_s W_v^h s = W_v^h sum_s p_s s``, which is
+    the same attention at a fraction of the cost when queries are fewer than keys.
+    """
+
+    def __init__(self, hidden: int, num_heads: int) -> None:
+        super().__init__()
+        if hidden % num_heads:
+            raise ValueError(f"hidden size {hidden} is not a multiple of {num_heads} heads")
+        self.num_heads = num_heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden, bias=False)
+        self.value = nn.Linear(hidden, hidden)
+        self.output = nn.Linear(hidden, hidden)
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(
+        self, queries: torch.Tensor, state: torch.Tensor, state_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """``queries`` ``[B, N, D]`` over ``state`` ``[B, M, D]`` (``state_mask`` ``[B, M]``, True on
+        real tokens, or None) -> ``[B, N, D]``."""
+        batch, count, hidden = queries.shape
+        heads, head_dim = self.num_heads, hidden // self.num_heads
+        q = self.query(queries).reshape(batch, count, heads, head_dim) * head_dim**-0.5
+        key_weight = self.key.weight.reshape(heads, head_dim, hidden)
+        folded = torch.einsum("bnhd,hdc->bhnc", q, key_weight).reshape(batch, heads * count, hidden)
+        scores = torch.bmm(folded, state.transpose(1, 2))  # [B, H*N, M]
+        if state_mask is not None:
+            scores = scores.masked_fill(~state_mask[:, None, :], float("-inf"))
+        mixed = torch.bmm(scores.softmax(dim=-1), state).reshape(batch, heads, count, hidden)
+        value_weight = self.value.weight.reshape(heads, head_dim, hidden)
+        context = torch.einsum("bhnc,hdc->bnhd", mixed, value_weight).reshape(batch, count, hidden)
+        return self.norm(self.output(context + self.value.bias))
+
+
+class Expert(nn.Module):
+    """``t + W2 act(W1 [t, a])``."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(2 * hidden, hidden)
+        self.down = nn.Linear(hidden, hidden)
+
+    def forward(self, tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        return tokens + self.down(F.gelu(self.up(torch.cat([tokens, attended], dim=-1))))
+
+
+class LayerwiseMoE(nn.Module):
+    """Aggregates the ``num_states`` recorded states of the other stream into this stream's tokens."""
+
+    def __init__(self, hidden: int, num_heads: int, num_states: int) -> None:
+        super().__init__()
+        self.attentions = nn.ModuleList(
+            CrossAttention(hidden, num_heads) for _ in range(num_states)
+        )
+        self.experts = nn.ModuleList(Expert(hidden) for _ in range(num_states))
+        self.router = nn.Linear((num_states + 1) * hidden, num_states + 1)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        states: list[torch.Tensor],
+        state_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``tokens`` ``[B, N, D]``; ``states``: the other stream's ``J`` states ``[B, M_j, D]``
+        (detached here); ``state_mask`` ``[B, M]`` for states that carry text padding."""
+        if len(states) != len(self.attentions):
+            raise ValueError(f"expected {len(self.attentions)} states, got {len(states)}")
+        attended = [
+            attention(tokens, state.detach(), state_mask)
+            for attention, state in zip(self.attentions, states, strict=True)
+        ]
+        weights = self.router(torch.cat([tokens, *attended], dim=-1)).softmax(dim=-1)
+        outputs = [tokens] + [
+            expert(tokens, a) for expert, a in zip(self.experts, attended, strict=True)
+        ]
+        return torch.einsum("bne,bned->bnd", weights, torch.stack(outputs, dim=2))

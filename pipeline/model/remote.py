@@ -1,0 +1,234 @@
+"""REMOTE (DESIGN.md §3): embeddings -> dual-stream encoder (+ multilevel OT) -> layer-wise MoE ->
+entity head -> relation logits.
+
+``build_model(params, num_labels, tokenizer)`` builds it from params (pretrained towers when asked);
+``RemoteModel.model_config`` is a JSON dict from which ``RemoteModel.from_config`` rebuilds the same
+architecture with random weights, ready for a saved state dict.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.config import Params, params_to_dict
+from pipeline.model.embeddings import ObjectPatchEmbeddings, ObjectPooling
+from pipeline.model.encoder import DualStreamEncoder, EncoderStates
+from pipeline.model.moe import LayerwiseMoE
+from pipeline.model.towers import (
+    load_text_tower,
+    load_vision_tower,
+    text_tower_from_spec,
+    vision_tower_from_spec,
+)
+
+__all__ = ["EntityHead", "RemoteModel", "build_model", "model_config", "CONFIG_FORMAT"]
+
+CONFIG_FORMAT = 1
+
+
+class EntityHead(nn.Module):
+    """Entity vectors and relation logits.
+
+    A text entity is ``M([h_<s>, h_<k>])``, an object ``M([v_obj, h_<o>])`` with ``M = Linear(2D, D)``;
+    an absent marker contributes zeros. Without ``M`` (captions off and
+    ``head.project_without_caption`` false, as in the original) the entity is ``h_<s>`` / ``v_obj``.
+    Logits are ``Linear(2D, num_labels)([head, tail])``.
+    """
+
+    def __init__(self, hidden: int, num_labels: int, project: bool, dropout: float) -> None:
+        super().__init__()
+        self.entity = nn.Linear(2 * hidden, hidden) if project else None
+        self.dropout = nn.Dropout(dropout)
+        self.classifier = nn.Linear(2 * hidden, num_labels)
+
+    def entity_vectors(
+        self, markers: torch.Tensor, objects: torch.Tensor, is_object: torch.Tensor
+    ) -> torch.Tensor:
+        """``markers`` ``[B, 2, 3, D]`` (head/tail x <s>/<k>/<o> states, zeros where absent),
+        ``objects`` ``[B, 2, D]``, ``is_object`` ``[B, 2]`` bool -> ``[B, 2, D]``."""
+        is_object = is_object[..., None]
+        first = torch.where(is_object, objects, markers[:, :, 0])
+        if self.entity is None:
+            return first
+        second = torch.where(is_object, markers[:, :, 2], markers[:, :, 1])
+        return self.entity(torch.cat([first, second], dim=-1))
+
+    def forward(
+        self, markers: torch.Tensor, objects: torch.Tensor, is_object: torch.Tensor
+    ) -> torch.Tensor:
+        pair = self.entity_vectors(markers, objects, is_object).flatten(1)  # [head, tail]
+        return self.classifier(self.dropout(pair))
+
+
+def _gather(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``states[b, index[b, k]]`` for ``index`` ``[B, K]`` (negative -> position 0) -> ``[B, K, D]``."""
+    index = index.clamp(min=0)[..., None].expand(-1, -1, states.shape[-1])
+    return torch.gather(states, 1, index)
+
+
+class RemoteModel(nn.Module):
+    """The REMOTE relation classifier; ``forward(batch) -> logits [B, num_labels]``.
+
+    The batch follows docs/ARCHITECTURE.md. Object slots beyond ``num_objects`` hold zero crops and
+    are not masked (as in the original): they take part in attention, pooling and OT like any slot.
+    """
+
+    def __init__(
+        self,
+        config: dict[str, Any],
+        text_tower: nn.Module | None = None,
+        vision_tower: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        self.model_config = copy.deepcopy(config)
+        if text_tower is None:
+            text_tower = text_tower_from_spec(config["text"])
+        if vision_tower is None:
+            vision_tower = vision_tower_from_spec(config["vision"])
+        text_config = text_tower.config
+        hidden = text_config.hidden_size
+        if vision_tower.embed_dim != hidden:
+            raise ValueError(
+                f"the text tower's hidden size is {hidden} but the vision tower's is "
+                f"{vision_tower.embed_dim}; REMOTE needs equal sizes (pick towers that match)"
+            )
+        self.max_objects = config["max_objects"]
+        self.mask_padding = config["mask_padding"]
+        self.use_box = config["use_box"]
+        self.text_embeddings = text_tower.embeddings
+        self.object_embeddings = ObjectPatchEmbeddings(
+            vision_tower, config["crop_size"], config["use_depth"]
+        )
+        pooling = ObjectPooling(
+            hidden, self.object_embeddings.tokens_per_object, config["use_box"], config["dropout"]
+        )
+        ot = config["ot"]
+        self.encoder = DualStreamEncoder(
+            list(text_tower.encoder.layer),
+            list(vision_tower.blocks),
+            pooling,
+            pool_after_layer=config["pool_after_layer"],
+            fusion_start_layer=config["fusion_start_layer"],
+            ot={k: v for k, v in ot.items() if k != "enabled"} if ot["enabled"] else None,
+        )
+        num_states = text_config.num_hidden_layers + 1
+        self.text_moe = self.object_moe = None
+        if config["moe"]["enabled"]:
+            heads = text_config.num_attention_heads
+            self.text_moe = LayerwiseMoE(hidden, heads, num_states)  # vision -> text
+            self.object_moe = LayerwiseMoE(hidden, heads, num_states)  # text -> vision
+        project = config["use_caption"] or config["head"]["project_without_caption"]
+        self.head = EntityHead(hidden, config["num_labels"], project, config["dropout"])
+        self._init_added(text_config.initializer_range)
+
+    def _init_added(self, std: float) -> None:
+        """BERT-style init for the modules REMOTE adds (the towers keep their weights)."""
+        added = [self.encoder.pooling, self.head, self.text_moe, self.object_moe]
+        added += [layer.fusion for layer in self.encoder.text_layers]
+        added += [self.encoder.text_transport, self.encoder.vision_transport]
+        for module in added:
+            if module is None:
+                continue
+            for sub in module.modules():
+                if isinstance(sub, nn.Linear):
+                    nn.init.normal_(sub.weight, std=std)
+                    if sub.bias is not None:
+                        nn.init.zeros_(sub.bias)
+                elif isinstance(sub, nn.LayerNorm):
+                    nn.init.ones_(sub.weight)
+                    nn.init.zeros_(sub.bias)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], tokenizer: Any) -> RemoteModel:
+        """The architecture of ``config`` with random weights (to load a saved state dict into)."""
+        if config.get("format") != CONFIG_FORMAT:
+            raise ValueError(
+                f"model config format {config.get('format')!r} is not supported "
+                f"(expected {CONFIG_FORMAT})"
+            )
+        vocab_size = config["text"]["bert_config"]["vocab_size"]
+        if len(tokenizer) != vocab_size:
+            raise ValueError(
+                f"the tokenizer has {len(tokenizer)} tokens but the model config has {vocab_size}"
+            )
+        return cls(config)
+
+    def encode(self, batch: dict[str, torch.Tensor]) -> EncoderStates:
+        """Embeddings and the dual-stream encoder: every recorded state of both streams."""
+        if batch["pixel_values"].shape[1] != self.max_objects:
+            raise ValueError(
+                f"batch has {batch['pixel_values'].shape[1]} object slots, the model "
+                f"{self.max_objects} (data.max_objects)"
+            )
+        text = self.text_embeddings(
+            input_ids=batch["input_ids"], token_type_ids=batch.get("token_type_ids")
+        )
+        depth = batch["depth_values"] if self.object_embeddings.depth_patch is not None else None
+        vision = self.object_embeddings(batch["pixel_values"].to(text.dtype), depth)
+        boxes = batch["boxes"] if self.use_box else None
+        text_mask = batch["attention_mask"].bool()
+        return self.encoder(text, vision, boxes, text_mask, self.mask_padding)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Relation logits ``[B, num_labels]`` for a batch as in docs/ARCHITECTURE.md."""
+        states = self.encode(batch)
+        batch_size = batch["input_ids"].shape[0]
+        positions = batch["marker_pos"].reshape(batch_size, 6)
+        slots = batch["object_slot"]
+        # Only the tokens the head reads go through the MoE (it acts per token).
+        markers = _gather(states.text[-1], positions)
+        objects = _gather(states.vision[-1], slots)
+        if self.text_moe is not None:
+            text_mask = batch["attention_mask"].bool() if self.mask_padding else None
+            markers = self.text_moe(markers, states.vision)
+            objects = self.object_moe(objects, states.text, text_mask)
+        markers = markers * (positions >= 0)[..., None].to(markers.dtype)
+        is_object = slots >= 0
+        objects = objects * is_object[..., None].to(objects.dtype)
+        return self.head(markers.reshape(batch_size, 2, 3, -1), objects, is_object)
+
+
+def model_config(params: Params, num_labels: int, text_spec: dict, vision_spec: dict) -> dict:
+    """The JSON model config: the towers' specs (see ``towers``) and what params decide."""
+    return {
+        "format": CONFIG_FORMAT,
+        "text": text_spec,
+        "vision": vision_spec,
+        "num_labels": num_labels,
+        "crop_size": params.features.crop_size,
+        "max_objects": params.data.max_objects,
+        "use_depth": params.data.use_depth,
+        "use_box": params.data.use_box,
+        "use_caption": params.data.use_caption,
+        "mask_padding": not params.data.pad_to_max,
+        "pool_after_layer": params.model.pool_after_layer,
+        "fusion_start_layer": params.model.fusion_start_layer,
+        "dropout": params.model.dropout,
+        "ot": params_to_dict(params.model.ot),
+        "moe": params_to_dict(params.model.moe),
+        "head": params_to_dict(params.model.head),
+    }
+
+
+def build_model(params: Params, num_labels: int, tokenizer: Any) -> RemoteModel:
+    """REMOTE from params: towers by name (pretrained weights when ``model.pretrained`` and the name
+    has them; ``tiny`` presets otherwise), everything else from ``params.model``. Seed beforehand."""
+    model_params = params.model
+    text_tower, text_spec = load_text_tower(
+        model_params.text_model, model_params.pretrained, len(tokenizer)
+    )
+    max_positions = text_tower.config.max_position_embeddings
+    if params.data.max_seq > max_positions:
+        raise ValueError(
+            f"data.max_seq {params.data.max_seq} exceeds the text tower's "
+            f"{max_positions} position embeddings"
+        )
+    vision_tower, vision_spec = load_vision_tower(
+        model_params.vision_model, model_params.pretrained
+    )
+    config = model_config(params, num_labels, text_spec, vision_spec)
+    return RemoteModel(config, text_tower, vision_tower)

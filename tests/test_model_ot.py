@@ -1,0 +1,194 @@
+"""Multilevel OT: POT's log-domain Sinkhorn against plain-domain references, the floor quirk,
+padding, barycentric rows, recompute-in-backward and chunking."""
+
+from __future__ import annotations
+
+import ot as pot
+import pytest
+import torch
+
+from pipeline.model import ot as model_ot
+from pipeline.model.ot import MultilevelTransport, floored_cost, sinkhorn_plan, transport_plan
+
+EPS = 0.5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Many small ops: one thread beats two on a shared machine and keeps timings stable.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def plain_sinkhorn(cost, epsilon, iterations, floor, row_mass, column_mass):
+    """Plain-domain Sinkhorn on the kernel exp(-C/eps) + floor (float64), u first, from v = 1."""
+    kernel = torch.exp(-cost / epsilon) + floor
+    v = torch.ones_like(column_mass)
+    for _ in range(iterations):
+        u = row_mass / (kernel @ v)
+        v = column_mass / (kernel.T @ u)
+    return u[:, None] * kernel * v[None, :]
+
+
+def module(
+    hidden: int,
+    floor: float,
+    iterations: int = 50,
+    barycentric: bool = False,
+    solver: str = "log_sinkhorn",
+):
+    torch.manual_seed(0)
+    layer = MultilevelTransport(hidden, EPS, iterations, floor, barycentric, solver)
+    with torch.no_grad():
+        layer.weight.fill_(0.7)
+    return layer
+
+
+def reference_costs(layer, hidden, source):
+    """cdist(LN(W_q Q), LN(W_k S)) in float64, from the module's parameters."""
+    layer = layer.double()
+    q = layer.query_norm(layer.query(hidden.double()))
+    k = layer.key_norm(layer.key(source.double()))
+    layer.float()
+    return torch.cdist(q, k)
+
+
+def rel_err(a, b):
+    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+
+
+SOLVER_FLOORS = [
+    ("log_sinkhorn", 0.0),
+    ("log_sinkhorn", 1e-12),
+    ("log_sinkhorn", 1e-3),
+    ("sinkhorn", 1e-12),
+    ("sinkhorn", 1e-3),
+]
+
+
+@pytest.mark.parametrize(("solver", "floor"), SOLVER_FLOORS)
+def test_layer_plan_and_output_match_plain_domain_reference(solver, floor):
+    # Hidden size 8: costs ~2-8, so exp(-C/eps) is well inside float64 and the floor matters at 1e-3.
+    layer = module(8, floor, solver=solver)
+    torch.manual_seed(1)
+    hidden, source = torch.randn(3, 5, 8), torch.randn(3, 9, 8)
+    with torch.no_grad():
+        plan = layer.plan(hidden, source)
+        out = layer(hidden, source)
+    costs = reference_costs(layer, hidden, source)
+    for b in range(3):
+        rows, cols = torch.full((5,), 1 / 5, dtype=torch.float64), torch.full((9,), 1 / 9).double()
+        ref = plain_sinkhorn(costs[b], EPS, 50, floor, rows, cols)
+        assert rel_err(plan[b], ref) <= 1e-4
+        ref_out = hidden[b].double() + 0.7 * ref @ source[b].double()
+        assert rel_err(out[b], ref_out) <= 1e-4
+    # The floor changes the plan measurably at 1e-3, so the reference is not trivially the same.
+    if floor == 1e-3:
+        pure = plain_sinkhorn(costs[0], EPS, 50, 0.0, rows, cols)
+        assert rel_err(plan[0], pure) > 1e-3
+
+
+def test_matches_pot_single_problem_sinkhorn_with_floor_zero():
+    torch.manual_seed(2)
+    cost = torch.rand(2, 6, 10, dtype=torch.float64)  # well conditioned: converged in 50 iterations
+    plan = sinkhorn_plan(floored_cost(cost.float(), EPS, 0.0), EPS, 50)
+    for b in range(2):
+        ref = pot.sinkhorn(
+            torch.full((6,), 1 / 6).double(),
+            torch.full((10,), 1 / 10).double(),
+            cost[b],
+            EPS,
+            numItermax=1000,
+            stopThr=1e-8,
+        )
+        assert rel_err(plan[b], ref) <= 1e-4
+
+
+@pytest.mark.parametrize("solver", ["log_sinkhorn", "sinkhorn"])
+def test_floor_quirk_large_costs_give_exactly_uniform_plan(solver):
+    # Costs 37-41 (LayerNormed 768-d vectors): exp(-C/eps) < 1e-32, every entry sits on the floor.
+    torch.manual_seed(3)
+    cost = 37 + 4 * torch.rand(2, 7, 13)
+    plan = transport_plan(floored_cost(cost, EPS, 1e-12), EPS, 50, solver=solver)
+    assert rel_err(plan, torch.full_like(plan, 1 / (7 * 13))) <= 1e-6
+    # Without the floor the same costs give a far-from-uniform plan.
+    pure = transport_plan(cost, EPS, 50)
+    assert rel_err(pure, torch.full_like(pure, 1 / (7 * 13))) > 0.5
+
+
+def test_paper_sized_layer_is_uniform_at_initialization():
+    # The quirk as the model meets it: a fresh 768-d layer's plan is 1/(n_q * n_s) everywhere.
+    layer = module(768, 1e-12)
+    torch.manual_seed(4)
+    hidden, source = torch.randn(2, 4, 768), torch.randn(2, 12, 768)
+    with torch.no_grad():
+        plan = layer.plan(hidden, source)
+    assert rel_err(plan, torch.full_like(plan, 1 / 48)) <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("solver", "floor"), [("log_sinkhorn", 0.0), ("log_sinkhorn", 1e-12), ("sinkhorn", 1e-12)]
+)
+def test_padding_has_zero_mass_and_does_not_change_the_real_plan(solver, floor):
+    layer = module(8, floor, solver=solver)
+    torch.manual_seed(5)
+    hidden = torch.randn(2, 6, 8, requires_grad=True)
+    source = torch.randn(2, 12, 8, requires_grad=True)
+    hidden_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2]).bool()
+    source_mask = torch.tensor([[1] * 12, [1] * 4 + [0] * 2 + [1] * 4 + [0] * 2]).bool()
+    plan = layer.plan(hidden, source, hidden_mask, source_mask)
+    alone = layer.plan(hidden[1:, :4], source[1:, source_mask[1]])[0]
+    assert rel_err(plan[1, :4][:, source_mask[1]], alone) <= 1e-5
+    assert plan[1, 4:].abs().max() == 0 and plan[1][:, ~source_mask[1]].abs().max() == 0
+    assert abs(plan[1].sum().item() - 1) < 1e-5
+    # Values and gradients stay finite with zero-mass rows and columns.
+    out = layer(hidden, source, hidden_mask, source_mask)
+    (out * torch.randn_like(out)).sum().backward()
+    grads = [hidden.grad, source.grad] + [p.grad for p in layer.parameters()]
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert torch.isfinite(out).all()
+    # Padded query rows are left unchanged (no mass, nothing transported).
+    assert torch.equal(out[1, 4:], hidden[1, 4:])
+
+
+def test_barycentric_rows_sum_to_one_and_padded_rows_stay_zero():
+    layer = module(8, 1e-12, barycentric=True)
+    torch.manual_seed(6)
+    hidden, source = torch.randn(2, 5, 8), torch.randn(2, 7, 8)
+    hidden_mask = torch.tensor([[1] * 5, [1] * 3 + [0] * 2]).bool()
+    with torch.no_grad():
+        plan = layer.plan(hidden, source, hidden_mask, None)
+    rows = plan.sum(-1)
+    assert torch.allclose(rows[0], torch.ones(5), atol=1e-5)
+    assert torch.allclose(rows[1, :3], torch.ones(3), atol=1e-5) and rows[1, 3:].abs().max() == 0
+
+
+def test_recomputed_and_chunked_solve_matches_plain_autodiff(monkeypatch):
+    torch.manual_seed(7)
+    cost = (3 * torch.rand(5, 6, 9)).requires_grad_()
+    weights = torch.randn(5, 6, 9)
+    direct = sinkhorn_plan(cost, EPS, 30)
+    (grad_direct,) = torch.autograd.grad((direct * weights).sum(), cost)
+    monkeypatch.setattr(model_ot, "CHUNK_ELEMENTS", 2 * 6 * 9)  # chunks of 2 problems
+    chunked = transport_plan(cost, EPS, 30)
+    (grad_chunked,) = torch.autograd.grad((chunked * weights).sum(), cost)
+    assert rel_err(chunked, direct) <= 1e-6
+    assert rel_err(grad_chunked, grad_direct) <= 1e-5
+    assert grad_direct.abs().max() > 0
+
+
+def test_plain_domain_solver_agrees_with_log_domain_and_refuses_floor_zero():
+    torch.manual_seed(8)
+    cost = (6 * torch.rand(4, 9, 15)).requires_grad_()
+    weights = torch.randn(4, 9, 15)
+    plans, grads = [], []
+    for solver in ("log_sinkhorn", "sinkhorn"):
+        plan = transport_plan(floored_cost(cost, EPS, 1e-6), EPS, 50, solver=solver)
+        plans.append(plan)
+        grads.append(torch.autograd.grad((plan * weights).sum(), cost)[0])
+    assert rel_err(plans[1], plans[0]) <= 1e-4
+    assert rel_err(grads[1], grads[0]) <= 1e-3
+    with pytest.raises(ValueError, match="kernel_floor > 0"):
+        MultilevelTransport(8, EPS, 50, 0.0, False, "sinkhorn")

@@ -1,0 +1,272 @@
+"""The REMOTE model end to end on tiny towers: padding invariance, the vectorized head against a
+per-sample loop, gradients reaching every parameter (default and ablations), rebuilding from
+``model_config``, and overfitting a small batch."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+from pipeline.config import Params, apply_overrides
+from pipeline.hub import load_tokenizer
+from pipeline.model import RemoteModel, build_model
+from pipeline.model.example import random_batch
+
+SLOTS = 4  # object slots in these tests (the paper's 12 only makes them slower)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("tiny")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Many small ops: one thread beats two on a shared machine and keeps timings stable.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(tokenizer, seed: int = 0, **overrides) -> RemoteModel:
+    params = apply_overrides(Params(), {"data.max_objects": SLOTS, **overrides})
+    torch.manual_seed(seed)
+    return build_model(params, 28, tokenizer)
+
+
+def make_batch(tokenizer, lengths, seed=0, **kwargs):
+    return random_batch(tokenizer, lengths, max_objects=SLOTS, seed=seed, **kwargs)
+
+
+def select(batch, index: list[int], width: int):
+    """Samples ``index`` of ``batch`` with their texts cut or padded to ``width``."""
+    out = {k: v[index] for k, v in batch.items()}
+    length = batch["attention_mask"].shape[1]
+    for key in ("input_ids", "token_type_ids", "attention_mask"):
+        value = out[key][:, :width]
+        if width > length:
+            value = F.pad(value, (0, width - length))  # pad id, segment and mask are all 0
+        out[key] = value
+    return out
+
+
+def rel_err(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_logits_do_not_depend_on_padding_with_pad_to_max_false(tokenizer):
+    model = make_model(tokenizer, **{"data.pad_to_max": False}).eval()
+    batch = make_batch(tokenizer, [6, 9, 25, 12, 7, 30])
+    with torch.no_grad():
+        together = model(batch)
+        for b in (0, 1, 3):
+            width = int(batch["attention_mask"][b].sum())
+            alone = model(select(batch, [b], width))[0]
+            assert rel_err(together[b], alone) <= 1e-5
+            longer = model(select(batch, [b, 5], width + 40))[0]
+            assert rel_err(longer, alone) <= 1e-5
+
+
+def test_padding_changes_logits_in_the_paper_mode(tokenizer):
+    # pad_to_max=true reproduces the original: padding joins OT, prefix attention and the MoE.
+    model = make_model(tokenizer, **{"data.pad_to_max": True}).eval()
+    batch = make_batch(tokenizer, [6, 9, 12])
+    with torch.no_grad():
+        short = model(batch)
+        padded = model(select(batch, [0, 1, 2], batch["input_ids"].shape[1] + 20))
+    assert rel_err(padded, short) > 1e-3
+
+
+def loop_logits(model: RemoteModel, batch) -> torch.Tensor:
+    """The head as a per-sample Python loop over full final states (MoE run on every token)."""
+    states = model.encode(batch)
+    text, objects = states.text[-1], states.vision[-1]
+    if model.text_moe is not None:
+        mask = batch["attention_mask"].bool() if model.mask_padding else None
+        text = model.text_moe(text, states.vision)
+        objects = model.object_moe(objects, states.text, mask)
+    zero = torch.zeros(text.shape[-1])
+    logits = []
+    for b in range(len(batch["input_ids"])):
+        pair = []
+        for entity in range(2):
+            s, k, o = batch["marker_pos"][b, entity].tolist()
+            slot = int(batch["object_slot"][b, entity])
+            if slot >= 0:
+                first, second = objects[b, slot], text[b, o] if o >= 0 else zero
+            else:
+                first = text[b, s] if s >= 0 else zero
+                second = text[b, k] if k >= 0 else zero
+            if model.head.entity is None:
+                pair.append(first)
+            else:
+                pair.append(model.head.entity(torch.cat([first, second])))
+        logits.append(model.head.classifier(torch.cat(pair)))
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"data.pad_to_max": False},
+        {"model.moe.enabled": False},
+        {"data.use_caption": False, "model.head.project_without_caption": False},
+    ],
+    ids=["default", "masked", "no-moe", "raw-without-caption"],
+)
+def test_vectorized_head_equals_per_sample_loop(tokenizer, overrides):
+    model = make_model(tokenizer, **overrides).eval()
+    use_caption = overrides.get("data.use_caption", True)
+    batch = make_batch(tokenizer, [8, 12, 10, 15, 9, 11, 7, 13, 14], use_caption=use_caption)
+    # Truncated markers (-1) of every kind: a text head's <s>, a text tail's <k>, an object's <o>.
+    batch["marker_pos"][3, 0, 0] = -1
+    batch["marker_pos"][4, 0, 1] = -1
+    batch["marker_pos"][5, 1, 2] = -1
+    batch["marker_pos"][7, 1, 2] = -1
+    with torch.no_grad():
+        vectorized = model(batch)
+        looped = loop_logits(model, batch)
+    assert rel_err(vectorized, looped) <= 1e-5
+    # Truncation is visible: the same batch without it gives other logits for those samples.
+    intact = make_batch(tokenizer, [8, 12, 10, 15, 9, 11, 7, 13, 14], use_caption=use_caption)
+    with torch.no_grad():
+        changed = (model(intact) - vectorized).abs().amax(dim=1) > 1e-4
+    # Without captions there are no <k>/<o> markers to truncate; only the <s> of sample 3 counts.
+    expected = [3, 4, 5, 7] if use_caption else [3]
+    assert changed.nonzero().flatten().tolist() == expected
+
+
+def analytically_zero(model: RemoteModel) -> set[str]:
+    """BERT key biases shift all of a query's scores equally, so their gradient is zero unless the
+    keys also serve as prefix keys of the next vision layer (mixed with the ViT's own keys)."""
+    encoder = model.encoder
+    last = len(encoder.text_layers) - 1
+    return {
+        f"encoder.text_layers.{i}.layer.attention.self.key.bias"
+        for i in range(len(encoder.text_layers))
+        if not (encoder.fusion_start_layer - 1 <= i < last)
+    }
+
+
+ABLATIONS = {
+    "default": {},
+    "masked": {"data.pad_to_max": False},
+    "no-ot": {"model.ot.enabled": False},
+    "no-moe": {"model.moe.enabled": False},
+    "no-depth": {"data.use_depth": False},
+    "no-box": {"data.use_box": False},
+    "no-caption": {"data.use_caption": False},
+    "no-caption-raw": {"data.use_caption": False, "model.head.project_without_caption": False},
+    "pure-ot-barycentric": {"model.ot.kernel_floor": 0.0, "model.ot.barycentric": True},
+    "plain-domain-solver": {"model.ot.solver": "sinkhorn", "data.pad_to_max": False},
+    "late-fusion": {"model.pool_after_layer": 2, "model.fusion_start_layer": 3},
+}
+
+
+@pytest.mark.parametrize("name", list(ABLATIONS))
+def test_every_parameter_gets_a_gradient(tokenizer, name):
+    overrides = {"model.ot.iterations": 20, **ABLATIONS[name]}
+    model = make_model(tokenizer, **overrides).train()
+    use_caption = overrides.get("data.use_caption", True)
+    batch = make_batch(tokenizer, [8, 12, 10, 9, 11, 7], use_caption=use_caption)
+    loss = F.cross_entropy(model(batch), batch["labels"])
+    loss.backward()
+    zero = analytically_zero(model)
+    for param_name, param in model.named_parameters():
+        assert param.grad is not None, f"{param_name}: no gradient"
+        assert torch.isfinite(param.grad).all(), f"{param_name}: non-finite gradient"
+        scale = param.grad.abs().max().item()
+        if param_name in zero:
+            assert scale < 1e-6, f"{param_name}: expected an (analytically) zero gradient"
+        else:
+            assert scale > 0, f"{param_name}: zero gradient"
+
+
+def test_only_used_modules_are_built(tokenizer):
+    names = lambda model: {n for n, _ in model.named_parameters()}  # noqa: E731
+    full = make_model(tokenizer)
+    assert any("depth_patch" in n for n in names(full))
+    assert any("pooling.box" in n for n in names(full))
+    assert not any("pooler" in n or "cls_token" in n for n in names(full))
+    layers = len(full.encoder.text_layers)
+    start = full.encoder.fusion_start_layer
+    assert [layer.fusion is not None for layer in full.encoder.text_layers] == [
+        i >= start for i in range(layers)
+    ]
+    assert len(full.encoder.text_transport) == len(full.encoder.vision_transport) == layers - 1
+    assert len(full.text_moe.attentions) == layers + 1
+    assert all(a.key.bias is None for a in full.text_moe.attentions)
+    checks = {
+        "data.use_depth": "depth_patch",
+        "data.use_box": "pooling.box",
+        "model.ot.enabled": "transport",
+        "model.moe.enabled": "_moe",
+    }
+    for key, fragment in checks.items():
+        model = make_model(tokenizer, **{key: False})
+        assert not any(fragment in n for n in names(model)), key
+        assert sum(p.numel() for p in model.parameters()) < sum(
+            p.numel() for p in full.parameters()
+        )
+    raw = make_model(
+        tokenizer, **{"data.use_caption": False, "model.head.project_without_caption": False}
+    )
+    assert raw.head.entity is None and make_model(tokenizer).head.entity is not None
+
+
+def test_object_tokens_per_layer_follow_the_config(tokenizer):
+    model = make_model(tokenizer, **{"model.pool_after_layer": 2}).eval()
+    batch = make_batch(tokenizer, [8, 9])
+    with torch.no_grad():
+        states = model.encode(batch)
+    # 4 slots x (2x2 RGB + 2x2 depth patches) until pooled after layer 2, then one token per slot.
+    assert [s.shape[1] for s in states.vision] == [32, 32, 32, SLOTS, SLOTS]
+    assert [s.shape[1] for s in states.text] == [batch["input_ids"].shape[1]] * 5
+
+
+def test_model_config_rebuilds_the_same_model(tokenizer):
+    model = make_model(tokenizer, **{"data.use_box": False, "model.ot.barycentric": True}).eval()
+    config = json.loads(json.dumps(model.model_config))
+    torch.manual_seed(123)
+    rebuilt = RemoteModel.from_config(config, tokenizer).eval()
+    batch = make_batch(tokenizer, [8, 9, 10])
+    with torch.no_grad():
+        assert rel_err(rebuilt(batch), model(batch)) > 1e-3  # random weights differ
+        rebuilt.load_state_dict(model.state_dict(), strict=True)
+        assert torch.equal(rebuilt(batch), model(batch))
+    with pytest.raises(ValueError, match="tokenizer has"):
+        RemoteModel.from_config(config, list(range(len(tokenizer) + 1)))  # a longer vocabulary
+
+
+def test_wrong_number_of_object_slots_fails_clearly(tokenizer):
+    model = make_model(tokenizer)
+    batch = random_batch(tokenizer, [8], max_objects=SLOTS + 1)
+    with pytest.raises(ValueError, match="object slots"):
+        model(batch)
+
+
+def test_tiny_model_overfits_a_small_batch(tokenizer):
+    model = make_model(
+        tokenizer, seed=1, **{"model.dropout": 0.0, "model.ot.iterations": 10}
+    ).train()
+    batch = make_batch(tokenizer, [6 + i % 5 for i in range(32)], caption_length=2, seed=3)
+    batch["labels"] = torch.arange(32) % 28  # arbitrary but fixed: learnable only by fitting
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps = 0
+    while steps < 60:  # the bound: 100% train accuracy takes about 20 steps here
+        logits = model(batch)
+        if (logits.argmax(-1) == batch["labels"]).all():
+            break
+        optimizer.zero_grad()
+        F.cross_entropy(logits, batch["labels"]).backward()
+        optimizer.step()
+        steps += 1
+    model.eval()
+    with torch.no_grad():
+        accuracy = (model(batch).argmax(-1) == batch["labels"]).float().mean().item()
+    assert accuracy == 1.0, f"train accuracy {accuracy} after {steps} steps"
