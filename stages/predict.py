@@ -1,8 +1,36 @@
-"""The `predict` stage (work in progress)."""
+"""The `predict` command: label new (text, image, entity pair) inputs with a trained model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
 
-def main() -> None:
-    """Not implemented yet."""
-    raise NotImplementedError("predict")
+import typer
+
+from stages.common import setup_logging
+
+
+def main(
+    input: Annotated[Path, typer.Option("--input", help="Input JSONL (see below).")],
+    output: Annotated[Path, typer.Option(help="Output JSONL, one line per input line.")],
+    model: Annotated[Path, typer.Option(help="Trained model folder.")] = Path("models/best"),
+    batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 64,
+) -> None:
+    """Label each input line; write {"line", "id", "label", "probabilities"} per line.
+
+    An input line has "text_tokens" (a list) or "text" (split on whitespace); "image" (a path
+    relative to the input file); "head" and "tail", each {"span": \\[start, end]} over the tokens
+    or {"box": \\[x1, y1, x2, y2]} in \\[0, 1]; optional "objects" (more boxes), "head_caption",
+    "tail_caption", "depth" (a .npy map) and "id". Details: pipeline/predict.py.
+    """
+    setup_logging()
+    from pipeline.data.records import DataError
+    from pipeline.features import StaleCacheError
+    from pipeline.predict import predict_file
+
+    try:
+        results = predict_file(model, input, output, batch_size)
+    except (DataError, StaleCacheError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(f"predict: labelled {len(results)} inputs -> {output}")

@@ -1,8 +1,89 @@
-"""The `train` stage (work in progress)."""
+"""The `train` stage: train REMOTE, select on dev, keep models/best and a resumable checkpoint."""
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
 
-def main() -> None:
-    """Not implemented yet."""
-    raise NotImplementedError("train")
+import typer
+
+from stages.common import ParamsOption, read_params, setup_logging
+
+log = logging.getLogger("stages.train")
+
+
+def _launch_processes(num_processes: int, argv: list[str]) -> int:
+    """Re-run this command under torchrun with ``num_processes`` local processes (gloo on CPU,
+    NCCL on GPUs); accelerate inside each process reads the launcher's environment."""
+    import subprocess
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc_per_node={num_processes}", "-m", "stages", "train", *argv,
+    ]  # fmt: skip
+    log.info("launching %d processes: %s", num_processes, " ".join(cmd))
+    return subprocess.run(cmd, check=False).returncode
+
+
+def main(
+    params: ParamsOption = Path("params.yaml"),
+    features: Annotated[Path, typer.Option(help="Feature cache (features stage output).")] = Path(
+        "data/features"
+    ),
+    dataset: Annotated[
+        Path | None,
+        typer.Option(
+            help="Normalized dataset, for relations.json (default: data/raw/<data.source>)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path, typer.Option(help="Model folder: <out>/best and <out>/checkpoint.")
+    ] = Path("models"),
+    live: Annotated[Path, typer.Option(help="dvclive log folder.")] = Path("dvclive"),
+) -> None:
+    """Train on the train split, score dev every epoch, keep the best-dev model in <out>/best.
+
+    train.num_processes > 1 relaunches this command with torchrun on this machine. For several
+    machines, start it yourself on each, e.g. `accelerate launch --num_machines 2 --machine_rank R
+    --main_process_ip HOST --num_processes 8 -m stages train ...` (the command then runs as is).
+    A killed run continues from <out>/checkpoint when rerun with the same params and features.
+    """
+    setup_logging()
+    p = read_params(params)
+    inside_launch = "WORLD_SIZE" in os.environ
+    if p.train.num_processes > 1 and not inside_launch:
+        argv = ["--params", str(params), "--features", str(features), "--out", str(out)]
+        argv += ["--live", str(live)]
+        if dataset is not None:
+            argv += ["--dataset", str(dataset)]
+        raise typer.Exit(_launch_processes(p.train.num_processes, argv))
+
+    from pipeline.data.records import DataError
+    from pipeline.features import StaleCacheError
+    from pipeline.train import train
+
+    try:
+        result = train(
+            p,
+            features,
+            dataset if dataset is not None else Path("data/raw") / p.data.source,
+            out,
+            live,
+        )
+    except (DataError, StaleCacheError, FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    if int(os.environ.get("RANK", "0")) == 0:
+        how = " (early stop)" if result.stopped_early else ""
+        resumed = (
+            f", resumed after epoch {result.resumed_from_epoch}"
+            if result.resumed_from_epoch
+            else ""
+        )
+        typer.echo(
+            f"train: best dev micro-F1 {result.best_score:.4f} at epoch {result.best_epoch}"
+            f"{how}{resumed}; wrote {out / 'best'}"
+        )

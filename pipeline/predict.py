@@ -1,0 +1,397 @@
+"""Label new (text, image, entity pair) inputs with a trained model folder.
+
+Input: JSONL, one object per line::
+
+    {"id": "optional, echoed back",
+     "text_tokens": ["Bill", "Cosby", "visits", ...]   or   "text": "Bill Cosby visits ...",
+     "image": "photos/1.jpg",                    # relative to the input file's folder
+     "head": {"span": [0, 2]},                   # text entity: token span [start, end)
+     "tail": {"box": [0.1, 0.2, 0.5, 0.9]},      # visual object: box in [0, 1] image coordinates
+     "objects": [[x1, y1, x2, y2], ...],         # optional: the image's other objects
+     "head_caption": "...", "tail_caption": "...",   # optional captions
+     "depth": "maps/1.npy"}                      # optional: a float [H, W] depth map
+
+- ``"text"`` is split on whitespace; spans index those tokens.
+- Object slots: ``objects`` in their order, then the head's and the tail's box unless equal to one
+  already listed. An image is needed only when some box is given.
+- Captions: none unless given (missing ones leave their markers empty, as in training).
+- Depth, when the model uses it: the line's ``"depth"`` map if given, else the depth model named in
+  the saved params when ``depth.source`` is ``"model"``, else zeros (with a warning).
+
+Every sample goes through the features module's own code (markers, truncation, crops, depth
+crops, normalization) by writing a small temporary normalized dataset and feature cache, so
+predictions match what training and evaluation saw.
+
+Output: JSONL, one line per input line: ``{"line", "id", "label", "probabilities": {label: p}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pipeline.data.records import (
+    NONE_LABEL,
+    SPLITS,
+    DataError,
+    Dataset,
+    Entity,
+    Record,
+    atomic_write_text,
+    write_json,
+    write_records,
+)
+
+__all__ = ["PredictInput", "read_inputs", "predict_file", "predict_inputs"]
+
+log = logging.getLogger(__name__)
+
+_KEYS = {
+    "id",
+    "text_tokens",
+    "text",
+    "image",
+    "head",
+    "tail",
+    "objects",
+    "head_caption",
+    "tail_caption",
+    "depth",
+}
+
+
+@dataclass(frozen=True)
+class PredictInput:
+    """One validated input line; entities refer to tokens (span) or object slots (box)."""
+
+    where: str  # "file:line", for error messages
+    line: int
+    id: str | None
+    tokens: tuple[str, ...]
+    image: Path | None
+    boxes: tuple[tuple[float, float, float, float], ...]  # object slots, in order
+    head: Entity
+    tail: Entity
+    head_caption: str | None
+    tail_caption: str | None
+    depth: Path | None
+
+
+def _box(value: Any, where: str, what: str) -> tuple[float, float, float, float]:
+    ok = (
+        isinstance(value, list)
+        and len(value) == 4
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+    )
+    if not ok:
+        raise DataError(f"{where}: {what}: expected [x1, y1, x2, y2], found {value!r}")
+    x1, y1, x2, y2 = (float(v) for v in value)
+    if not (0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1):
+        raise DataError(
+            f"{where}: {what}: expected 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1, found {value!r}"
+        )
+    return x1, y1, x2, y2
+
+
+def _optional_str(obj: dict[str, Any], key: str, where: str) -> str | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, str):
+        raise DataError(f"{where}: {key!r}: expected a string, found {value!r}")
+    return value
+
+
+def _parse_line(obj: Any, where: str, line: int, base: Path, max_objects: int) -> PredictInput:
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, found {type(obj).__name__}")
+    unknown = sorted(set(obj) - _KEYS)
+    if unknown:
+        raise DataError(f"{where}: unknown key {unknown[0]!r} (known: {', '.join(sorted(_KEYS))})")
+    if ("text" in obj) == ("text_tokens" in obj):
+        raise DataError(f"{where}: give exactly one of 'text' (a string) or 'text_tokens' (a list)")
+    if "text" in obj:
+        if not isinstance(obj["text"], str):
+            raise DataError(f"{where}: 'text': expected a string, found {obj['text']!r}")
+        tokens = tuple(obj["text"].split())
+    else:
+        value = obj["text_tokens"]
+        if not (isinstance(value, list) and all(isinstance(t, str) for t in value)):
+            raise DataError(f"{where}: 'text_tokens': expected a list of strings, found {value!r}")
+        tokens = tuple(value)
+    if not tokens:
+        raise DataError(f"{where}: the text is empty")
+
+    raw_objects = obj.get("objects", [])
+    if not isinstance(raw_objects, list):
+        raise DataError(f"{where}: 'objects': expected a list of boxes, found {raw_objects!r}")
+    boxes = [_box(b, where, f"objects[{i}]") for i, b in enumerate(raw_objects)]
+
+    entities = []
+    for role in ("head", "tail"):
+        value = obj.get(role)
+        if not isinstance(value, dict) or len(value.keys() & {"span", "box"}) != 1:
+            raise DataError(
+                f'{where}: {role!r}: expected {{"span": [start, end]}} or '
+                f'{{"box": [x1, y1, x2, y2]}}, found {value!r}'
+            )
+        if "span" in value:
+            span = value["span"]
+            valid = (
+                isinstance(span, list)
+                and len(span) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+                and 0 <= span[0] < span[1] <= len(tokens)
+            )
+            if not valid:
+                raise DataError(
+                    f"{where}: {role}.span: expected [start, end) with 0 <= start < end <= "
+                    f"{len(tokens)} (the number of tokens), found {span!r}"
+                )
+            name = " ".join(tokens[span[0] : span[1]])
+            entities.append(Entity("text", name, (span[0], span[1])))
+        else:
+            box = _box(value["box"], where, f"{role}.box")
+            if box not in boxes:
+                boxes.append(box)
+            entities.append(Entity("object", f"[OBJ{boxes.index(box)}]"))
+    if len(boxes) > max_objects:
+        raise DataError(
+            f"{where}: {len(boxes)} objects, but the model has {max_objects} object slots"
+        )
+
+    image = None
+    if obj.get("image") is not None:
+        image = base / _optional_str(obj, "image", where)
+    if boxes:
+        if image is None:
+            raise DataError(f"{where}: 'image' is required when boxes are given")
+        if not image.is_file():
+            raise DataError(f"{where}: image {image}: file not found")
+        try:
+            with Image.open(image):  # reads the header only: catches what is not an image
+                pass
+        except OSError as exc:
+            raise DataError(f"{where}: image {image}: cannot read it ({exc})") from exc
+    depth = None
+    if obj.get("depth") is not None:
+        depth = base / _optional_str(obj, "depth", where)
+        if not depth.is_file():
+            raise DataError(f"{where}: depth map {depth}: file not found")
+    sample_id = obj.get("id")
+    return PredictInput(
+        where=where,
+        line=line,
+        id=None if sample_id is None else str(sample_id),
+        tokens=tokens,
+        image=image,
+        boxes=tuple(boxes),
+        head=entities[0],
+        tail=entities[1],
+        head_caption=_optional_str(obj, "head_caption", where),
+        tail_caption=_optional_str(obj, "tail_caption", where),
+        depth=depth,
+    )
+
+
+def read_inputs(path: str | Path, max_objects: int) -> list[PredictInput]:
+    """Parse and validate an input JSONL; a bad line raises ``DataError("file:line: problem")``."""
+    path = Path(path)
+    inputs = []
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            where = f"{path}:{line_no}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(
+                    f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
+                ) from exc
+            inputs.append(_parse_line(obj, where, line_no, path.parent, max_objects))
+    if not inputs:
+        raise DataError(f"{path}: no input lines")
+    return inputs
+
+
+class _LineCaptions:
+    """The caption reader the features module expects, serving the captions given in the lines."""
+
+    def __init__(self, backend: str, captions: dict[str, dict[str, str]]):
+        self._backend, self._captions = backend, captions
+
+    @property
+    def backend(self) -> str:
+        return self._backend
+
+    def get(self, image_id: str, key: str) -> str | None:
+        return self._captions.get(image_id, {}).get(key)
+
+
+class _LineDepth:
+    """The depth reader the features module expects: maps by image id, rounded like the store."""
+
+    def __init__(self, maps: dict[str, np.ndarray]):
+        self._maps = maps
+
+    def get(self, image_id: str) -> np.ndarray:
+        return self._maps[image_id]
+
+
+def _store_rounding(depth_map: np.ndarray) -> np.ndarray:
+    """The values the depth store would return for this map (float16 relative to a power of 2)."""
+    from pipeline.depth_store import decode_depth, encode_depth
+
+    scale, values = encode_depth(depth_map)
+    return decode_depth(*depth_map.shape, scale, values)
+
+
+def _depth_maps(inputs: Sequence[PredictInput], image_ids: list[str], params: Any) -> dict:
+    """One depth map per image id with objects: the line's own, the depth model's, or zeros."""
+    maps: dict[str, np.ndarray] = {}
+    by_model, zeros = [], 0
+    for item, image_id in zip(inputs, image_ids, strict=True):
+        if not item.boxes:
+            continue
+        if item.depth is not None:
+            try:
+                depth_map = np.load(item.depth, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise DataError(f"{item.where}: depth map {item.depth}: {exc}") from exc
+            if depth_map.ndim != 2 or not np.issubdtype(depth_map.dtype, np.floating):
+                raise DataError(
+                    f"{item.where}: depth map {item.depth}: expected a 2-D float array, "
+                    f"found {depth_map.dtype} {depth_map.shape}"
+                )
+            maps[image_id] = _store_rounding(depth_map.astype(np.float32))
+        elif params.depth.source == "model":
+            by_model.append((item, image_id))
+        else:
+            with Image.open(item.image) as image:
+                maps[image_id] = np.zeros((image.height, image.width), dtype=np.float32)
+            zeros += 1
+    if zeros:
+        log.warning(
+            "%d input lines have objects but no 'depth' map, and the model's depth came from its "
+            "dataset (depth.source=%s): their depth channel is zeros, unlike in training",
+            zeros,
+            params.depth.source,
+        )
+    if by_model:
+        from pipeline.depth import load_depth_model, load_image, predict_depth
+
+        model, processor = load_depth_model(params.depth.model)
+        images = [load_image(item.image) for item, _ in by_model]
+        predicted = predict_depth(model, processor, images, params.depth.batch_size)
+        for (_, image_id), depth_map in zip(by_model, predicted, strict=True):
+            maps[image_id] = _store_rounding(depth_map)
+    return maps
+
+
+def _write_dataset(root: Path, inputs: Sequence[PredictInput], labels: list[str]) -> list[str]:
+    """A normalized dataset (test split = the inputs) for the features module; returns image ids."""
+    (root / "images").mkdir(parents=True)
+    records, objects, image_ids = [], {}, []
+    for index, item in enumerate(inputs):
+        suffix = item.image.suffix if item.image is not None else ".none"
+        image_id = f"input-{index:07d}{suffix}"  # one image per line: captions are per line
+        image_ids.append(image_id)
+        if item.image is not None:
+            target = root / "images" / image_id
+            try:
+                target.symlink_to(item.image.resolve())
+            except OSError:
+                shutil.copyfile(item.image, target)
+        objects[image_id] = {f"[OBJ{k}]": list(box) for k, box in enumerate(item.boxes)}
+        records.append(
+            Record(
+                id=item.where,
+                text_tokens=item.tokens,
+                image_id=image_id,
+                head=item.head,
+                tail=item.tail,
+                relation=NONE_LABEL,  # unknown; the features module needs some label
+            )
+        )
+    for split in SPLITS:
+        write_records(root / "records" / f"{split}.jsonl", records if split == "test" else [])
+    write_json(root / "objects.json", objects)
+    write_json(root / "relations.json", {label: i for i, label in enumerate(labels)})
+    write_json(root / "manifest.json", {"source": "predict", "counts": {"test": len(records)}})
+    return image_ids
+
+
+def predict_inputs(
+    trained: Any, inputs: Sequence[PredictInput], batch_size: int = 64
+) -> list[dict[str, Any]]:
+    """Labels and class probabilities for validated inputs (``trained``: a ``TrainedModel``)."""
+    from pipeline.features import FeatureDataset, build_features
+    from pipeline.train import predict_dataset
+
+    params = trained.params
+    with tempfile.TemporaryDirectory(prefix="remote-predict-") as tmp:
+        root = Path(tmp) / "dataset"
+        image_ids = _write_dataset(root, inputs, trained.labels)
+        captions = {
+            image_id: {
+                entity.name: caption
+                for entity, caption in (
+                    (item.head, item.head_caption),
+                    (item.tail, item.tail_caption),
+                )
+                if caption is not None
+            }
+            for item, image_id in zip(inputs, image_ids, strict=True)
+        }
+        depth = (
+            _LineDepth(_depth_maps(inputs, image_ids, params)) if params.data.use_depth else None
+        )
+        build_features(
+            Dataset(root),
+            Path(tmp) / "features",
+            params,
+            depth,
+            _LineCaptions(params.caption.backend, captions),
+            tokenizer=trained.tokenizer,
+        )
+        dataset = FeatureDataset(Path(tmp) / "features", "test", params)
+        device = next(trained.model.parameters()).device
+        out = predict_dataset(trained.model, dataset, params, batch_size, device)
+    results = []
+    for item, probs in zip(inputs, out["probs"], strict=True):
+        results.append(
+            {
+                "line": item.line,
+                "id": item.id,
+                "label": trained.labels[int(np.argmax(probs))],
+                "probabilities": {
+                    label: round(float(p), 6)
+                    for label, p in zip(trained.labels, probs, strict=True)
+                },
+            }
+        )
+    return results
+
+
+def predict_file(
+    model_dir: str | Path, input_path: str | Path, output_path: str | Path, batch_size: int = 64
+) -> list[dict[str, Any]]:
+    """Read inputs, label them with the model folder, write the output JSONL atomically."""
+    import torch
+
+    from pipeline.train import load_trained
+
+    trained = load_trained(model_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    inputs = read_inputs(input_path, trained.params.data.max_objects)
+    results = predict_inputs(trained, inputs, batch_size)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
+    atomic_write_text(output_path, text)
+    return results

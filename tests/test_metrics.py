@@ -1,0 +1,178 @@
+"""Metric functions against hand-computed cases and scikit-learn; tables and pictures."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline import metrics
+
+LABELS = ["none", "/per/org/member_of", "/loc/loc/contain"]
+#        idx:   0  1  2  3  4  5
+GOLD = np.array([0, 1, 1, 2, 0, 2])
+PRED = np.array([1, 1, 0, 2, 0, 1])
+KINDS = np.array([0, 0, 1, 1, 2, 2])
+
+
+def test_micro_and_accuracy_by_hand():
+    # correct non-none: idx 1, 3 -> 2; positive predictions: idx 0, 1, 3, 5 -> 4; gold non-none: 4.
+    assert metrics.micro_prf(GOLD, PRED) == pytest.approx((0.5, 0.5, 0.5))
+    result = metrics.score(GOLD, PRED, KINDS, LABELS)
+    assert result["micro_precision"] == pytest.approx(0.5)
+    assert result["micro_recall"] == pytest.approx(0.5)
+    assert result["micro_f1"] == pytest.approx(0.5)
+    assert result["accuracy"] == pytest.approx(3 / 6)  # idx 1, 3, 4 (none == none counts here)
+
+
+def test_per_relation_and_macro_by_hand():
+    rows = metrics.per_relation(GOLD, PRED, LABELS)
+    assert [r["label"] for r in rows] == LABELS[1:]  # none excluded
+    member, contain = rows
+    # member_of: predicted at 0, 1, 5 (one hit), gold at 1, 2.
+    member_prs = (member["precision"], member["recall"], member["support"])
+    assert member_prs == pytest.approx((1 / 3, 0.5, 2))
+    assert member["f1"] == pytest.approx(0.4)
+    # contain: predicted at 3 (hit), gold at 3, 5.
+    contain_prf = (contain["precision"], contain["recall"], contain["f1"])
+    assert contain_prf == pytest.approx((1, 0.5, 2 / 3))
+    result = metrics.score(GOLD, PRED, KINDS, LABELS)
+    assert result["macro_f1"] == pytest.approx((0.4 + 2 / 3) / 2)
+
+
+def test_by_pair_kind_by_hand():
+    by_kind = metrics.score(GOLD, PRED, KINDS, LABELS)["by_pair_kind"]
+    assert list(by_kind) == ["text-text", "text-object", "object-object"]
+    # text-text: gold [0, 1], pred [1, 1] -> P 1/2, R 1 -> F 2/3.
+    assert by_kind["text-text"] == {"micro_f1": pytest.approx(2 / 3), "support": 2}
+    # text-object: gold [1, 2], pred [0, 2] -> P 1, R 1/2 -> F 2/3.
+    assert by_kind["text-object"] == {"micro_f1": pytest.approx(2 / 3), "support": 2}
+    # object-object: gold [0, 2], pred [0, 1] -> nothing correct.
+    assert by_kind["object-object"] == {"micro_f1": 0.0, "support": 2}
+
+
+def test_degenerate_cases_have_no_division_errors():
+    gold = np.array([1, 2, 0])
+    all_none = np.zeros(3, dtype=int)
+    assert metrics.micro_prf(gold, all_none) == (0.0, 0.0, 0.0)
+    result = metrics.score(gold, all_none, np.zeros(3, dtype=int), LABELS)
+    assert result["accuracy"] == pytest.approx(1 / 3)
+    assert result["by_pair_kind"]["object-object"] == {"micro_f1": 0.0, "support": 0}
+    # Only none in gold: nothing to recall; a spurious positive gives precision 0.
+    assert metrics.micro_prf([0, 0], [0, 2]) == (0.0, 0.0, 0.0)
+    perfect = metrics.score([0, 1, 2], [0, 1, 2], [0, 1, 2], LABELS)
+    assert perfect["micro_f1"] == perfect["macro_f1"] == perfect["accuracy"] == 1.0
+    # A relation only predicted (never gold) still enters the macro average, with F1 0.
+    only_pred = metrics.score([1, 1], [1, 2], [0, 0], LABELS)
+    assert only_pred["macro_f1"] == pytest.approx((2 / 3 + 0.0) / 2)
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.score([1, 2], [1], [0, 0], LABELS)
+    with pytest.raises(ValueError, match="outside the label map"):
+        metrics.per_relation([5], [0], LABELS)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_matches_scikit_learn(seed):
+    from sklearn.metrics import accuracy_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(seed)
+    num_labels = 9
+    labels = ["none"] + [f"/r/{i}" for i in range(1, num_labels)]
+    # none-heavy gold like real data; label 8 never appears in gold, only sometimes predicted.
+    gold = np.where(rng.random(400) < 0.4, 0, rng.integers(1, num_labels - 1, 400))
+    pred = np.where(rng.random(400) < 0.6, gold, rng.integers(0, num_labels, 400))
+    kinds = rng.integers(0, 3, 400)
+    non_none = list(range(1, num_labels))
+    p, r, f, _ = precision_recall_fscore_support(
+        gold, pred, labels=non_none, average="micro", zero_division=0
+    )
+    result = metrics.score(gold, pred, kinds, labels)
+    assert (result["micro_precision"], result["micro_recall"], result["micro_f1"]) == pytest.approx(
+        (p, r, f)
+    )
+    assert result["accuracy"] == pytest.approx(accuracy_score(gold, pred))
+    seen = sorted((set(gold) | set(pred)) - {0})
+    _, _, macro, _ = precision_recall_fscore_support(
+        gold, pred, labels=seen, average="macro", zero_division=0
+    )
+    assert result["macro_f1"] == pytest.approx(macro)
+    ps, rs, fs, support = precision_recall_fscore_support(
+        gold, pred, labels=seen, average=None, zero_division=0
+    )
+    rows = metrics.per_relation(gold, pred, labels)
+    assert [row["label"] for row in rows] == [labels[i] for i in seen]
+    assert [row["precision"] for row in rows] == pytest.approx(ps)
+    assert [row["recall"] for row in rows] == pytest.approx(rs)
+    assert [row["f1"] for row in rows] == pytest.approx(fs)
+    assert [row["support"] for row in rows] == support.tolist()
+    for index, kind in enumerate(("text-text", "text-object", "object-object")):
+        mask = kinds == index
+        _, _, f_kind, _ = precision_recall_fscore_support(
+            gold[mask], pred[mask], labels=non_none, average="micro", zero_division=0
+        )
+        assert result["by_pair_kind"][kind]["micro_f1"] == pytest.approx(f_kind)
+        assert result["by_pair_kind"][kind]["support"] == int(mask.sum())
+
+
+def test_confusion_matrix_and_records():
+    from sklearn.metrics import confusion_matrix
+
+    matrix = metrics.confusion_matrix(GOLD, PRED, len(LABELS))
+    np.testing.assert_array_equal(matrix, confusion_matrix(GOLD, PRED, labels=[0, 1, 2]))
+    assert matrix[2, 1] == 1  # gold contain (idx 5) predicted as member_of
+    records = metrics.confusion_records(GOLD, PRED, LABELS)
+    assert records[0] == {"actual": "none", "predicted": "/per/org/member_of"}
+    assert records[2] == {"actual": "/per/org/member_of", "predicted": "none"}
+    assert len(records) == len(GOLD)
+
+
+def test_written_tables_and_pictures(tmp_path):
+    rows = metrics.per_relation(GOLD, PRED, LABELS)
+    metrics.write_per_relation_csv(tmp_path / "per_relation.csv", rows)
+    with (tmp_path / "per_relation.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == ["label", "precision", "recall", "f1", "support"]
+    assert table[0] == {
+        "label": "/per/org/member_of",
+        "precision": "0.3333",
+        "recall": "0.5000",
+        "f1": "0.4000",
+        "support": "2",
+    }
+    metrics.write_confusion_json(
+        tmp_path / "confusion.json", metrics.confusion_records(GOLD, PRED, LABELS)
+    )
+    data = json.loads((tmp_path / "confusion.json").read_text())
+    assert len(data["confusion"]) == 6 and data["confusion"][3]["actual"] == "/loc/loc/contain"
+
+    metrics.plot_confusion(tmp_path / "plots" / "confusion.png", GOLD, PRED, LABELS)
+    with Image.open(tmp_path / "plots" / "confusion.png") as image:
+        assert image.format == "PNG" and min(image.size) > 100
+
+
+def test_training_plot_reads_dvclive_logs(tmp_path):
+    from dvclive import Live
+
+    live_dir = tmp_path / "dvclive"
+    with Live(str(live_dir), dvcyaml=False, save_dvc_exp=False) as live:
+        for epoch in (1, 2, 3):
+            for step in range(1, 5):
+                live.step = (epoch - 1) * 4 + step
+                live.log_metric("train/loss", 2.0 / (live.step + 1))
+            live.log_metric("epoch", epoch)
+            live.log_metric("train/epoch_loss", 1.0 / epoch)
+            live.log_metric("dev/micro_f1", 0.2 * epoch)
+    steps, losses = metrics.read_live_metric(live_dir, "train/loss")
+    assert steps.tolist() == list(range(1, 13))
+    assert losses[0] == pytest.approx(1.0)
+    epoch_steps, f1 = metrics.read_live_metric(live_dir, "dev/micro_f1")
+    assert epoch_steps.tolist() == [4, 8, 12] and f1 == pytest.approx([0.2, 0.4, 0.6])
+
+    metrics.plot_training(live_dir, tmp_path / "training.png")
+    with Image.open(tmp_path / "training.png") as image:
+        assert image.format == "PNG" and image.size[0] > image.size[1] > 100
+    with pytest.raises(FileNotFoundError, match="dev/nothing"):
+        metrics.read_live_metric(live_dir, "dev/nothing")

@@ -1,0 +1,184 @@
+"""`predict`: input validation, slot assignment, and the round trip against evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from test_train import build_world, small_params
+
+from pipeline.caption_table import CaptionTable
+from pipeline.data.records import DataError, Dataset
+from pipeline.predict import predict_file, predict_inputs, read_inputs
+from pipeline.train import load_trained, train
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> dict[str, Path]:
+    """A briefly trained model and the evaluate outputs of its test split."""
+    from pipeline.metrics import evaluate_model
+
+    root = tmp_path_factory.mktemp("predict")
+    params = small_params(**{"train.epochs": 2})
+    world = build_world(root, params)
+    train(params, world["features"], world["raw"], root / "models", root / "dvclive")
+    evaluate_model(
+        root / "models" / "best", world["features"], root / "metrics", root / "plots", None
+    )
+    return {**world, "best": root / "models" / "best", "metrics": root / "metrics"}
+
+
+def record_inputs(raw: Path, captions: Path, folder: Path) -> list[dict]:
+    """Predict inputs for every test record, paths relative to ``folder``."""
+    dataset = Dataset(raw)
+    table = CaptionTable(captions)
+    objects = dataset.objects
+    lines = []
+    for record in dataset.records("test"):
+        boxes = objects.get(record.image_id, {})
+        line = {
+            "id": record.id,
+            "text_tokens": list(record.text_tokens),
+            "image": os.path.relpath(dataset.image_path(record.image_id), folder),
+            "objects": [boxes[f"[OBJ{k}]"] for k in range(len(boxes))],
+            "depth": os.path.relpath(dataset.depth_path(record.image_id), folder),
+        }
+        for role, entity in (("head", record.head), ("tail", record.tail)):
+            line[role] = (
+                {"span": list(entity.span)}
+                if entity.kind == "text"
+                else {"box": boxes[entity.name]}
+            )
+            caption = table.get(record.image_id, entity.name)
+            if caption is not None:
+                line[f"{role}_caption"] = caption
+        lines.append(line)
+    return lines
+
+
+def write_jsonl(path: Path, lines: list) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join((x if isinstance(x, str) else json.dumps(x)) + "\n" for x in lines))
+    return path
+
+
+def test_predict_on_test_records_matches_evaluate(model, tmp_path):
+    inputs = write_jsonl(tmp_path / "in" / "test.jsonl", record_inputs(
+        model["raw"], model["captions"], tmp_path / "in"
+    ))  # fmt: skip
+    results = predict_file(model["best"], inputs, tmp_path / "out.jsonl")
+    evaluated = [
+        json.loads(line)
+        for line in (model["metrics"] / "predictions.jsonl").read_text().splitlines()
+    ]
+    assert [r["id"] for r in results] == [e["id"] for e in evaluated]
+    assert [r["label"] for r in results] == [e["predicted"] for e in evaluated]
+    confidence = [r["probabilities"][r["label"]] for r in results]
+    np.testing.assert_allclose(confidence, [e["confidence"] for e in evaluated], atol=2e-6)
+    written = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert written == results
+    first = written[0]
+    assert first["line"] == 1 and sum(first["probabilities"].values()) == pytest.approx(1, abs=1e-4)
+    assert first["label"] == max(first["probabilities"], key=first["probabilities"].get)
+    # The model did learn something, so the comparison is not between constant predictions.
+    assert len({r["label"] for r in results}) > 2
+
+
+def test_lines_without_depth_get_zeros_and_a_warning(model, tmp_path, caplog):
+    line = record_inputs(model["raw"], model["captions"], tmp_path)[0]
+    line.pop("depth")
+    line.update(
+        objects=[], head={"box": [0.0, 0.0, 0.5, 0.5]}, tail={"box": [0.25, 0.25, 1.0, 1.0]}
+    )
+    trained = load_trained(model["best"])
+    path = write_jsonl(tmp_path / "in.jsonl", [line])
+    with caplog.at_level(logging.WARNING, logger="pipeline.predict"):
+        (result,) = predict_inputs(trained, read_inputs(path, 6))
+    assert "depth channel is zeros" in caplog.text
+    assert result["label"] in trained.labels
+
+
+def test_slots_raw_text_and_captions(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    line = {
+        "text": "Anna  Berg visits Paris",
+        "image": "img.png",
+        "objects": [[0.1, 0.1, 0.4, 0.4], [0.5, 0.5, 0.9, 0.9]],
+        "head": {"box": [0.5, 0.5, 0.9, 0.9]},  # = objects[1]
+        "tail": {"box": [0.0, 0.0, 1.0, 1.0]},  # new: gets slot 2
+        "tail_caption": "a city",
+    }
+    (item,) = read_inputs(write_jsonl(tmp_path / "in.jsonl", [line]), max_objects=6)
+    assert item.tokens == ("Anna", "Berg", "visits", "Paris")
+    assert (item.head.name, item.tail.name) == ("[OBJ1]", "[OBJ2]")
+    assert len(item.boxes) == 3 and item.image == tmp_path / "img.png"
+    assert (item.head_caption, item.tail_caption) == (None, "a city")
+    text = {"text_tokens": ["Bill", "Cosby", "in", "Oslo"], "head": {"span": [0, 2]}}
+    (item,) = read_inputs(
+        write_jsonl(tmp_path / "t.jsonl", [{**text, "tail": {"span": [3, 4]}}]), 6
+    )
+    assert (item.head.name, item.head.span, item.tail.name) == ("Bill Cosby", (0, 2), "Oslo")
+    assert item.image is None and item.boxes == ()  # a text-text pair needs no image
+
+
+GOOD = {"text_tokens": ["a", "b", "c"], "head": {"span": [0, 1]}, "tail": {"span": [2, 3]}}
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        ("{not json", "not valid JSON"),
+        ([1, 2], "expected a JSON object"),
+        ({**GOOD, "colour": 1}, "unknown key 'colour'"),
+        ({**GOOD, "text": "a b c"}, "exactly one of 'text'"),
+        ({**GOOD, "head": {"span": [2, 9]}}, "head.span: expected [start, end) with 0 <= start"),
+        ({**GOOD, "tail": {"name": "x"}}, "'tail': expected"),
+        ({**GOOD, "tail": {"box": [0.5, 0.1, 0.2, 0.9]}}, "tail.box: expected 0 <= x1 < x2"),
+        ({**GOOD, "tail": {"box": [0.1, 0.1, 0.2, 0.9]}}, "'image' is required"),
+        ({**GOOD, "image": "nope.jpg", "objects": [[0, 0, 1, 1]]}, "nope.jpg: file not found"),
+        ({**GOOD, "image": "in.jsonl", "objects": [[0, 0, 1, 1]]}, "in.jsonl: cannot read it"),
+        (
+            {**GOOD, "objects": [[0, 0, 0.5, 0.5]] * 7, "image": "x"},
+            "7 objects, but the model has 6",
+        ),
+        ({**GOOD, "text_tokens": []}, "the text is empty"),
+        ({**GOOD, "head_caption": 3}, "'head_caption': expected a string"),
+    ],
+)
+def test_bad_lines_name_the_file_and_line(tmp_path, line, problem):
+    path = write_jsonl(tmp_path / "in.jsonl", [GOOD, "", line])
+    with pytest.raises(DataError) as info:
+        read_inputs(path, max_objects=6)
+    assert str(info.value).startswith(f"{path}:3: ")
+    assert problem in str(info.value)
+
+
+def test_predict_command(model, tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    good = write_jsonl(tmp_path / "good.jsonl", [{**GOOD, "id": 7}])
+    args = ["predict", "--model", str(model["best"]), "--output", str(tmp_path / "out.jsonl")]
+    result = CliRunner().invoke(app, [*args, "--input", str(good)])
+    assert result.exit_code == 0, result.output
+    (row,) = [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert row["id"] == "7" and row["label"] in row["probabilities"]
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "head": {"span": [1, 1]}}])
+    result = CliRunner().invoke(app, [*args, "--input", str(bad)])
+    assert result.exit_code == 1
+    assert f"{bad}:2: head.span" in result.output

@@ -1,0 +1,373 @@
+"""The training loop, checkpoints and the evaluate stage, on the real tiny model and feature cache.
+
+One small synthetic dataset goes through the real download -> depth -> caption -> features code
+once per module; training runs use the tiny model at a size that learns in a few epochs.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline import metrics
+from pipeline.config import Params, apply_overrides, load_params, params_to_dict
+from pipeline.train import (
+    ShardedSampler,
+    TrainingInterrupted,
+    build_optimizer,
+    label_list,
+    load_trained,
+    predict_dataset,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Small enough for a shared 2-core machine; the dataset and model code paths are the real ones.
+SMALL = {
+    "data.synthetic.train": 240,
+    "data.synthetic.valid": 60,
+    "data.synthetic.test": 60,
+    "data.synthetic.image_size": 64,
+    "data.max_objects": 6,
+    "data.max_seq": 48,
+    "data.pad_to_max": False,
+    "features.crop_size": 32,
+    "model.ot.solver": "sinkhorn",
+    "model.ot.iterations": 10,
+    "train.epochs": 6,
+    "train.batch_size": 16,
+    "train.eval_batch_size": 64,
+    "train.lr": 2e-3,
+    "train.num_workers": 0,
+}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The machine is shared: one thread per process avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def small_params(**overrides: Any) -> Params:
+    base = load_params(REPO / "params.yaml")
+    return apply_overrides(base, {**SMALL, **overrides})
+
+
+def build_world(root: Path, params: Params) -> dict[str, Path]:
+    """Run download, depth, caption and features (library calls) into ``root``."""
+    from pipeline.caption import run_caption
+    from pipeline.caption_table import CaptionTable
+    from pipeline.data.records import Dataset
+    from pipeline.data.synthetic import generate_synthetic
+    from pipeline.depth import run_depth
+    from pipeline.depth_store import DepthStore
+    from pipeline.features import build_features
+
+    raw, depth, captions, features = (root / n for n in ("raw", "depth", "captions", "features"))
+    generate_synthetic(raw, params.data.synthetic, params.data.max_objects)
+    dataset = Dataset(raw)
+    run_depth(dataset, depth, params.depth)
+    run_caption(dataset, captions, params.caption, progress=False)
+    build_features(dataset, features, params, DepthStore(depth), CaptionTable(captions))
+    return {"raw": raw, "depth": depth, "captions": captions, "features": features}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    return build_world(tmp_path_factory.mktemp("world"), small_params())
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces
+
+
+def test_label_list_checks_the_label_map():
+    assert label_list({"none": 0, "b": 2, "a": 1}) == ["none", "a", "b"]
+    with pytest.raises(ValueError, match="ids must be 0..1"):
+        label_list({"none": 0, "a": 2})
+    with pytest.raises(ValueError, match="'none' must have id 0"):
+        label_list({"a": 0, "none": 1})
+
+
+def test_sharded_sampler_splits_one_permutation_and_resumes():
+    shards = [ShardedSampler(10, shuffle=True, seed=3, shard=r, num_shards=3) for r in range(3)]
+    first = [list(s) for s in shards]
+    assert [len(s) for s in shards] == [4, 4, 4]
+    drawn = [i for epoch in first for i in epoch]
+    # 12 slots over 10 samples: every sample once, two wrapped around, and no shard repeats one.
+    assert sorted(set(drawn)) == list(range(10)) and len(drawn) == 12
+    assert all(len(set(s)) == len(s) for s in first)
+    # The generator state is the data order: restoring it replays the next epoch exactly.
+    single = ShardedSampler(10, shuffle=True, seed=3)
+    list(single)
+    state = single.state_dict()
+    second = list(single)
+    replay = ShardedSampler(10, shuffle=True, seed=99)
+    replay.load_state_dict(state)
+    assert list(replay) == second
+    assert second != list(ShardedSampler(10, shuffle=True, seed=3))  # epochs differ
+    assert list(ShardedSampler(5, shuffle=False, seed=0)) == [0, 1, 2, 3, 4]
+
+
+def test_optimizer_covers_every_trainable_parameter_once():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
+    model[2].weight.requires_grad_(False)
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01)
+    grouped = [p for g in optimizer.param_groups for p in g["params"]]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(grouped) == len(trainable) == 5
+    assert {id(p) for p in grouped} == {id(p) for p in trainable}
+    decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
+    assert decay[0.01] == {id(model[0].weight)}  # matrices decay; biases and norm gains do not
+    assert id(model[1].weight) in decay[0.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Training end to end (through the train stage's command line)
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory) -> dict[str, Any]:
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    root = tmp_path_factory.mktemp("trained")
+    params_file = root / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params_to_dict(small_params())))
+    out, live = root / "models", root / "dvclive"
+    result = CliRunner().invoke(
+        app,
+        [
+            "train", "--params", str(params_file), "--features", str(world["features"]),
+            "--dataset", str(world["raw"]), "--out", str(out), "--live", str(live),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    return {"params_file": params_file, "out": out, "live": live, "output": result.output}
+
+
+def test_training_lowers_the_loss_and_beats_the_majority_baseline(world, trained):
+    from pipeline.features import FeatureDataset
+
+    params = small_params()
+    _, epoch_loss = metrics.read_live_metric(trained["live"], "train/epoch_loss")
+    _, dev_f1 = metrics.read_live_metric(trained["live"], "dev/micro_f1")
+    assert len(epoch_loss) == len(dev_f1) == params.train.epochs
+    assert epoch_loss[-1] < 0.8 * epoch_loss[0]
+    # Majority baseline: predict the most frequent train label for every dev sample.
+    train_labels = FeatureDataset(world["features"], "train", params).labels
+    dev = FeatureDataset(world["features"], "valid", params)
+    majority = np.full_like(dev.labels, np.bincount(train_labels).argmax())
+    baseline = metrics.micro_prf(dev.labels, majority)[2]
+    assert dev_f1.max() > baseline + 0.2
+    # The kept model is the best dev epoch's and scores what was logged for it.
+    model = load_trained(trained["out"] / "best")
+    best = int(np.argmax(dev_f1))
+    assert model.info["epoch"] == best + 1
+    out = predict_dataset(model.model, dev, model.params, 64)
+    assert metrics.micro_prf(out["gold"], out["pred"])[2] == pytest.approx(dev_f1[best])
+    summary = json.loads((trained["live"] / "metrics.json").read_text())
+    assert summary["best"] == {"dev_micro_f1": pytest.approx(dev_f1[best]), "epoch": best + 1}
+    assert "best dev micro-F1" in trained["output"]
+
+
+def test_model_folder_is_self_contained_and_pickle_free(trained):
+    best = trained["out"] / "best"
+    assert sorted(p.name for p in best.iterdir()) == [
+        "model.safetensors",
+        "tokenizer",
+        "trained.json",
+    ]
+    meta = json.loads((best / "trained.json").read_text())
+    assert meta["labels"]["none"] == 0 and meta["tokenizer"]["path"] == "tokenizer"
+    assert meta["params"]["train"]["epochs"] == SMALL["train.epochs"]
+    loaded = load_trained(best)
+    # The saved tokenizer has the 12 entity markers as single tokens.
+    ids = loaded.tokenizer.convert_tokens_to_ids(["<s1>", "</o2>"])
+    assert loaded.tokenizer.unk_token_id not in ids
+    assert not loaded.model.training
+
+
+def test_evaluate_stage_writes_metrics_tables_and_plots(world, trained, tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    metrics_dir, plots_dir = tmp_path / "metrics", tmp_path / "plots"
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate", "--params", str(trained["params_file"]),
+            "--features", str(world["features"]), "--model", str(trained["out"] / "best"),
+            "--metrics", str(metrics_dir), "--plots", str(plots_dir), "--live", str(trained["live"]),
+        ],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    test = json.loads((metrics_dir / "test.json").read_text())
+    keys = {"micro_f1", "micro_precision", "micro_recall", "accuracy", "macro_f1", "by_pair_kind"}
+    assert set(test) == keys
+    assert all(0 <= test[k] <= 1 for k in keys - {"by_pair_kind"})
+    assert set(test["by_pair_kind"]) == {"text-text", "text-object", "object-object"}
+    assert sum(v["support"] for v in test["by_pair_kind"].values()) == SMALL["data.synthetic.test"]
+    # Every file agrees with the per-sample predictions.
+    rows = [
+        json.loads(line) for line in (metrics_dir / "predictions.jsonl").read_text().splitlines()
+    ]
+    labels = load_trained(trained["out"] / "best").labels
+    gold = [labels.index(r["gold"]) for r in rows]
+    pred = [labels.index(r["predicted"]) for r in rows]
+    assert test["micro_f1"] == pytest.approx(metrics.micro_prf(gold, pred)[2])
+    assert test["micro_f1"] > 0.3
+    confusion = json.loads((plots_dir / "confusion.json").read_text())["confusion"]
+    assert [(c["actual"], c["predicted"]) for c in confusion] == [
+        (r["gold"], r["predicted"]) for r in rows
+    ]
+    with (metrics_dir / "per_relation.csv").open() as fh:
+        table = list(csv.DictReader(fh))
+    seen = {r["gold"] for r in rows} | {r["predicted"] for r in rows}
+    assert {r["label"] for r in table} == seen - {"none"}
+    for name in ("confusion.png", "training.png"):
+        assert (plots_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Resuming, early stopping, several processes
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
+    params = small_params(**{"train.epochs": 3, "train.grad_accum": 2})
+    args = (params, world["features"], world["raw"])
+    full = train(*args, tmp_path / "a", tmp_path / "a_live")
+    # 240 samples / 16 = 15 micro-batches -> 8 optimizer steps an epoch; stop inside epoch 2.
+    with pytest.raises(TrainingInterrupted):
+        train(*args, tmp_path / "b", tmp_path / "b_live", stop_after_step=11)
+    meta = json.loads((tmp_path / "b" / "checkpoint" / "meta.json").read_text())
+    assert (meta["epoch"], meta["global_step"]) == (1, 8)
+    resumed = train(*args, tmp_path / "b", tmp_path / "b_live")
+    assert (resumed.resumed_from_epoch, resumed.epochs_run) == (1, 2)
+    assert_same_weights(weights(full.model), weights(resumed.model))
+    assert resumed.history == full.history
+    # The logs have each step once, as in the uninterrupted run (steps 9-11 were logged twice).
+    steps_a, loss_a = metrics.read_live_metric(tmp_path / "a_live", "train/loss")
+    steps_b, loss_b = metrics.read_live_metric(tmp_path / "b_live", "train/loss")
+    assert steps_b.tolist() == steps_a.tolist() == list(range(1, 25))
+    np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
+    best_a = load_trained(tmp_path / "a" / "best").model.state_dict()
+    best_b = load_trained(tmp_path / "b" / "best").model.state_dict()
+    assert_same_weights(best_a, best_b)
+
+    # A finished checkpoint is not trained further; a params change makes it ignored.
+    again = train(*args, tmp_path / "b", tmp_path / "b_live")
+    assert (again.resumed_from_epoch, again.epochs_run) == (3, 0)
+    changed = small_params(**{"train.epochs": 1, "train.lr": 1e-3})
+    fresh = train(changed, world["features"], world["raw"], tmp_path / "b", tmp_path / "b_live")
+    assert (fresh.resumed_from_epoch, fresh.epochs_run) == (0, 1)
+
+
+def test_early_stopping_after_patience_epochs_without_gain(world, tmp_path):
+    # lr 0: dev F1 never changes, so the best stays epoch 1 and patience 2 stops after epoch 3.
+    params = small_params(**{"train.lr": 0.0, "train.epochs": 10, "train.patience": 2})
+    result = train(params, world["features"], world["raw"], tmp_path / "m", tmp_path / "live")
+    assert result.stopped_early and result.best_epoch == 1
+    assert [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert json.loads((tmp_path / "m" / "checkpoint" / "meta.json").read_text())["finished"]
+
+
+WORKER = textwrap.dedent(
+    """
+    import hashlib, json, os, sys
+    from pathlib import Path
+    sys.path.insert(0, {tests!r})
+    from test_train import small_params
+    from pipeline.train import train
+
+    params = small_params(**json.loads({overrides!r}))
+    out = Path({out!r})
+    result = train(params, {features!r}, {raw!r}, out / "models", out / "live")
+    digest = hashlib.sha256()
+    for name, tensor in sorted(result.model.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().numpy().tobytes())
+    (out / f"rank{{os.environ['RANK']}}.txt").write_text(digest.hexdigest())
+    """
+)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_finish_with_identical_weights(world, tmp_path):
+    overrides = {"train.epochs": 2, "train.batch_size": 8}
+    script = tmp_path / "worker.py"
+    script.write_text(
+        WORKER.format(
+            tests=str(Path(__file__).parent),
+            overrides=json.dumps(overrides),
+            out=str(tmp_path),
+            features=str(world["features"]),
+            raw=str(world["raw"]),
+        )  # fmt: skip
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    done = subprocess.run(
+        [*cmd, str(script)], env=env, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert digests[0] == digests[1]
+    # Rank 0 alone wrote the outputs; the logged step count reflects the halved per-process data.
+    steps, _ = metrics.read_live_metric(tmp_path / "live", "train/loss")
+    per_epoch = -(-SMALL["data.synthetic.train"] // (2 * overrides["train.batch_size"]))
+    assert steps.tolist() == list(range(1, 2 * per_epoch + 1))
+    assert load_trained(tmp_path / "models" / "best").info["num_processes"] == 2
+
+
+def test_train_stage_relaunches_itself_for_several_processes(tmp_path, monkeypatch):
+    import subprocess as sp
+
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    params_file = tmp_path / "params.yaml"
+    params_file.write_text(
+        yaml.safe_dump(params_to_dict(small_params(**{"train.num_processes": 3})))
+    )
+    launched = []
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(
+        sp, "run", lambda cmd, check: launched.append(cmd) or sp.CompletedProcess(cmd, 0)
+    )
+    result = CliRunner().invoke(app, ["train", "--params", str(params_file), "--out", "m"])
+    assert result.exit_code == 0, result.output
+    (cmd,) = launched
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m"]
+    assert cmd[6:] == [
+        "stages", "train", "--params", str(params_file), "--features", "data/features",
+        "--out", "m", "--live", "dvclive",
+    ]  # fmt: skip
