@@ -107,6 +107,18 @@ def umre_tree() -> Callable[..., Path]:
     return make
 
 
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tests use tiny tensors: one thread avoids oversubscription stalls on a shared 2-core CPU,
+    and keeps float results independent of the thread count."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture
 def mnre_tree() -> Callable[..., Path]:
     """Write MNRE text files into ``text_root`` and images under ``image_root/img_org/``."""

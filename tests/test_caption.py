@@ -35,17 +35,6 @@ MLLM = CaptionParams(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Generation is many tiny matmuls: on a shared CPU, more threads only add contention."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Dataset:
     root = tmp_path_factory.mktemp("caption") / "raw"

@@ -77,15 +77,6 @@ def store_bytes(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """On a loaded CPU, torch threads fighting each other make the tiny model many times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Dataset:
     return make_dataset(tmp_path_factory.mktemp("ds") / "mixed")

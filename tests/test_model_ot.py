@@ -13,15 +13,6 @@ from pipeline.model.ot import MultilevelTransport, floored_cost, sinkhorn_plan, 
 EPS = 0.5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Many small ops: one thread beats two on a shared machine and keeps timings stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def plain_sinkhorn(cost, epsilon, iterations, floor, row_mass, column_mass):
     """Plain-domain Sinkhorn on the kernel exp(-C/eps) + floor (float64), u first, from v = 1."""
     kernel = torch.exp(-cost / epsilon) + floor

@@ -23,15 +23,6 @@ def tokenizer():
     return load_tokenizer("tiny")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Many small ops: one thread beats two on a shared machine and keeps timings stable.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(tokenizer, seed: int = 0, **overrides) -> RemoteModel:
     params = apply_overrides(Params(), {"data.max_objects": SLOTS, **overrides})
     torch.manual_seed(seed)

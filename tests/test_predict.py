@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 from test_train import build_world, small_params
 
@@ -17,14 +16,6 @@ from pipeline.caption_table import CaptionTable
 from pipeline.data.records import DataError, Dataset
 from pipeline.predict import predict_file, predict_inputs, read_inputs
 from pipeline.train import load_trained, train
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

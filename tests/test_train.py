@@ -54,15 +54,6 @@ SMALL = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The machine is shared: one thread per process avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def small_params(**overrides: Any) -> Params:
     base = load_params(REPO / "params.yaml")
     return apply_overrides(base, {**SMALL, **overrides})

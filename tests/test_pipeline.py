@@ -1,0 +1,131 @@
+"""End-to-end smoke: the DVC pipeline in a temporary git repo, as a researcher would run it.
+
+Runs `dvc repro` on the embedded default at the smallest sizes (with the tiny depth model and the
+tiny captioner, so those code paths run too), then `dvc exp run -S train.epochs=1`, and checks that
+re-runs are cheap: nothing re-runs when nothing changed, `train.lr` re-runs only train and evaluate,
+`caption.*` does not re-run depth. Select with `pytest -m pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+pytestmark = pytest.mark.pipeline
+
+SMALL = {
+    "data": {"synthetic": {"train": 48, "valid": 16, "test": 16, "image_size": 64}},
+    "depth": {"source": "model", "batch_size": 4},
+    "caption": {"backend": "mllm", "max_new_tokens": 4, "batch_size": 8},
+    "train": {"epochs": 2, "batch_size": 16},
+}
+
+
+def _merge(base: dict, patch: dict) -> None:
+    for key, value in patch.items():
+        if isinstance(value, dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
+
+
+def run(args: list[str], cwd: Path) -> str:
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    proc = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc.stdout + proc.stderr
+
+
+def project_files() -> list[str]:
+    """Tracked files plus untracked ones git does not ignore: the working tree a clone would have."""
+    out = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT, capture_output=True, text=True, check=True,
+    ).stdout  # fmt: skip
+    return [f for f in out.splitlines() if (ROOT / f).is_file()]
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    repo = tmp_path_factory.mktemp("pipeline") / "repo"
+    for name in project_files():
+        target = repo / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, target)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    _merge(params, SMALL)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    (repo / "dvc.lock").unlink(missing_ok=True)
+    run(["git", "init", "-q"], repo)
+    run(["git", "config", "user.email", "smoke@test.local"], repo)
+    run(["git", "config", "user.name", "smoke"], repo)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "smoke"], repo)
+    run([str(BIN / "dvc"), "repro"], repo)
+    return repo
+
+
+def dvc(repo: Path, *args: str) -> str:
+    return run([str(BIN / "dvc"), *args], repo)
+
+
+def changed_stages(repo: Path) -> set[str]:
+    status = json.loads(dvc(repo, "status", "--json"))
+    return set(status)
+
+
+def test_repro_writes_metrics_with_the_documented_keys(repo):
+    metrics = json.loads((repo / "metrics" / "test.json").read_text())
+    for key in ("micro_f1", "micro_precision", "micro_recall", "accuracy", "macro_f1"):
+        assert 0.0 <= metrics[key] <= 1.0, key
+    assert set(metrics["by_pair_kind"]) == {"text-text", "text-object", "object-object"}
+    for kind in metrics["by_pair_kind"].values():
+        assert set(kind) == {"micro_f1", "support"}
+    assert (repo / "models" / "best" / "model.safetensors").is_file()
+    assert changed_stages(repo) == set()
+
+
+def test_second_repro_does_nothing(repo):
+    out = dvc(repo, "repro")
+    assert "Running stage" not in out, out
+
+
+def test_only_train_and_evaluate_depend_on_lr(repo):
+    params_path = repo / "params.yaml"
+    original = params_path.read_text()
+    try:
+        params = yaml.safe_load(original)
+        params["train"]["lr"] = params["train"]["lr"] * 2
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        assert changed_stages(repo) == {"train", "evaluate"}
+        params = yaml.safe_load(original)
+        params["caption"]["max_new_tokens"] += 1
+        params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+        changed = changed_stages(repo)
+        assert "caption" in changed and "depth" not in changed and "download" not in changed
+    finally:
+        params_path.write_text(original)
+    assert changed_stages(repo) == set()
+
+
+def test_exp_run_with_override_and_clean_status(repo):
+    dvc(repo, "exp", "run", "-S", "train.epochs=1")
+    assert yaml.safe_load((repo / "params.yaml").read_text())["train"]["epochs"] == 1
+    metrics = json.loads((repo / "metrics" / "test.json").read_text())
+    assert "micro_f1" in metrics and "by_pair_kind" in metrics
+    shown = dvc(repo, "exp", "show", "--md")
+    assert "micro_f1" in shown and "train.epochs" in shown
+    assert changed_stages(repo) == set()
