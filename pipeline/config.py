@@ -199,6 +199,10 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             raise ParamsError(f"{path}: expected a mapping, found {type(value).__name__} {value!r}")
         return _build(tp, value, path)
     if origin is Literal:
+        # `dvc exp run -S` rewrites params.yaml by YAML 1.2 rules, leaving `no` unquoted, which
+        # YAML 1.1 readers (PyYAML) load as False: read it back as the choice it was.
+        if value is False and "no" in typing.get_args(tp):
+            return "no"
         if value not in typing.get_args(tp):
             raise ParamsError(f"{path}: expected {_type_name(tp)}, found {value!r}")
         return value

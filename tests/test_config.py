@@ -104,3 +104,12 @@ def test_section_hash_is_stable_and_sensitive():
     assert section_hash(params.features, params.data) == section_hash(same.features, same.data)
     other = apply_overrides(params, {"data.max_seq": 32})
     assert section_hash(params.features, params.data) != section_hash(other.features, other.data)
+
+
+def test_unquoted_no_written_by_dvc_reads_back_as_the_choice():
+    raw = raw_default()
+    raw["train"]["mixed_precision"] = yaml.safe_load("no")  # what PyYAML makes of `no`
+    assert params_from_dict(raw).train.mixed_precision == "no"
+    raw["train"]["mixed_precision"] = True
+    with pytest.raises(ParamsError, match=r"train\.mixed_precision: expected one of 'no'"):
+        params_from_dict(raw)
