@@ -242,6 +242,7 @@ def test_wrong_number_of_object_slots_fails_clearly(tokenizer):
 
 
 def test_tiny_model_overfits_a_small_batch(tokenizer):
+    # 10 Sinkhorn iterations instead of 50 keep the test fast; the structure is the paper's.
     model = make_model(
         tokenizer, seed=1, **{"model.dropout": 0.0, "model.ot.iterations": 10}
     ).train()

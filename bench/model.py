@@ -1,0 +1,258 @@
+"""Benchmark: seconds per REMOTE training step (forward, backward, AdamW) and peak memory, on CPU.
+
+Base sizes with random weights (BERT-base ``BertConfig()`` + timm ``vit_base_patch32_clip_quickgelu_224``,
+12 objects with depth, 28 labels, batch 8), each setting in a fresh subprocess so its peak RSS is its
+own. Prints the median step time after a warm-up, the peak RSS, the ratio to the original code's
+numbers measured on this kind of machine (2 threads), and where the time goes. The ``small`` setting
+keeps 12 layers per tower at hidden 128 (2 heads, intermediate 512); the original's exact small
+configuration is not recorded.
+
+    .venv/bin/python bench/model.py            # all settings (slow: minutes per setting)
+    .venv/bin/python bench/model.py --quick    # 1 warm-up + 2 steps per setting
+    .venv/bin/python bench/model.py --settings realistic,seq128 --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# Each setting: batch size, hidden size, text width (pad_to: every text padded to it, as with
+# data.pad_to_max; None: padded per batch) and the original code's numbers it is compared with (fixed
+# measurements on this kind of machine, 2 threads); per-batch padding is compared with the paper's
+# seq-256 run. Targets: half the original's time at equal settings, a quarter with per-batch padding.
+SETTINGS = {
+    "seq256": dict(
+        batch=8, hidden=768, pad_to=256, reference_s=24.9, reference_gb=14.1, target=0.5
+    ),
+    "seq128": dict(
+        batch=8, hidden=768, pad_to=128, reference_s=13.5, reference_gb=None, target=0.5
+    ),
+    "realistic": dict(
+        batch=8, hidden=768, pad_to=None, reference_s=24.9, reference_gb=14.1, target=0.25
+    ),
+    "small": dict(batch=32, hidden=128, pad_to=128, reference_s=6.7, reference_gb=None, target=0.5),
+}
+SENTENCE = 60  # word pieces per sentence (about), so texts are ~90 tokens with captions
+CAPTION = 10  # word pieces per caption
+
+
+def build(setting: dict, solver: str):
+    """The model (random weights) and one batch for a setting."""
+    import torch
+    from transformers import BertConfig
+
+    from pipeline.config import Params, apply_overrides
+    from pipeline.hub import MARKERS, load_tokenizer
+    from pipeline.model import RemoteModel
+    from pipeline.model.example import random_batch
+    from pipeline.model.remote import model_config
+
+    hidden = setting["hidden"]
+    heads = 12 if hidden == 768 else 2
+    text = BertConfig(
+        vocab_size=30522 + len(MARKERS),
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        intermediate_size=4 * hidden,
+    )
+    vision_args = {} if hidden == 768 else {"embed_dim": hidden, "num_heads": heads}
+    params = apply_overrides(
+        Params(),
+        {
+            "data.pad_to_max": setting["pad_to"] is not None,
+            "data.max_seq": setting["pad_to"] or 256,
+            "model.pool_after_layer": 7,
+            "model.fusion_start_layer": 8,
+            "model.ot.solver": solver,
+        },
+    )
+    config = model_config(
+        params,
+        28,
+        {"bert_config": text.to_dict()},
+        {"architecture": "vit_base_patch32_clip_quickgelu_224", "model_args": vision_args},
+    )
+    torch.manual_seed(0)
+    model = RemoteModel(config)
+    # Word-piece ids only need to be valid: the tiny tokenizer's ids are a subset of BERT-base's.
+    tokenizer = load_tokenizer("tiny")
+    generator = torch.Generator().manual_seed(1)
+    lengths = (
+        SENTENCE - 15 + torch.randint(0, 31, (setting["batch"],), generator=generator)
+    ).tolist()
+    batch = random_batch(
+        tokenizer, lengths, caption_length=CAPTION, pad_to=setting["pad_to"], seed=2
+    )
+    return model, batch
+
+
+class Timers:
+    """Wall time per component: forward and backward hooks on the model's modules."""
+
+    def __init__(self, model) -> None:
+        self.total = defaultdict(float)
+        self._start = {}
+        groups = {
+            "embeddings": [model.text_embeddings, model.object_embeddings],
+            "text layers": list(model.encoder.text_layers),
+            "vision layers": list(model.encoder.vision_layers),
+            "OT": list(model.encoder.text_transport or [])
+            + list(model.encoder.vision_transport or []),
+            "MoE": [m for m in (model.text_moe, model.object_moe) if m is not None],
+            "head": [model.head],
+        }
+        for name, modules in groups.items():
+            for module in modules:
+                module.register_forward_pre_hook(self._enter(name, "forward"))
+                module.register_forward_hook(self._exit(name, "forward"))
+                module.register_full_backward_pre_hook(self._enter(name, "backward"))
+                module.register_full_backward_hook(self._exit(name, "backward"))
+
+    def _enter(self, name, phase):
+        def hook(*_):
+            self._start[(name, phase)] = time.perf_counter()
+
+        return hook
+
+    def _exit(self, name, phase):
+        def hook(*_):
+            start = self._start.pop((name, phase), None)
+            if start is not None:
+                self.total[f"{name} ({phase})"] += time.perf_counter() - start
+
+        return hook
+
+
+def run_child(name: str, solver: str, steps: int, warmup: int, threads: int, profile: bool) -> dict:
+    import torch
+    from torch.nn import functional as F
+
+    torch.set_num_threads(threads)
+    model, batch = build(SETTINGS[name], solver)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    timers = Timers(model) if profile else None
+    times, phases = [], defaultdict(float)
+    for step in range(warmup + steps):
+        if timers is not None and step == warmup:
+            timers.total.clear()
+        start = time.perf_counter()
+        loss = F.cross_entropy(model(batch), batch["labels"])
+        forward = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        backward = time.perf_counter()
+        optimizer.step()
+        end = time.perf_counter()
+        if step >= warmup:
+            times.append(end - start)
+            phases["forward"] += forward - start
+            phases["backward"] += backward - forward
+            phases["optimizer"] += end - backward
+    rss_gb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    breakdown = {k: v / steps for k, v in phases.items()}
+    if timers is not None:
+        breakdown.update({k: v / steps for k, v in timers.total.items()})
+    return {
+        "setting": name,
+        "tokens": list(batch["input_ids"].shape),
+        "real_tokens": int(batch["attention_mask"].sum()),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "step_s": times,
+        "median_s": statistics.median(times),
+        "peak_rss_gb": rss_gb,
+        "breakdown_s": breakdown,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument(
+        "--settings", default=",".join(SETTINGS), help="comma-separated: " + ", ".join(SETTINGS)
+    )
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per setting")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--ot-solver",
+        default="log_sinkhorn",
+        choices=["log_sinkhorn", "sinkhorn"],
+        help="model.ot.solver for every setting (default: log_sinkhorn)",
+    )
+    parser.add_argument("--quick", action="store_true", help="1 warm-up step + 2 timed steps")
+    parser.add_argument("--no-profile", action="store_true", help="skip the per-component timers")
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup = 2, 1
+    if args.child:
+        result = run_child(
+            args.child, args.ot_solver, args.steps, args.warmup, args.threads, not args.no_profile
+        )
+        print(json.dumps(result))
+        return
+
+    names = [n for n in args.settings.split(",") if n]
+    unknown = [n for n in names if n not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+    print(
+        f"threads={args.threads} steps={args.steps} warmup={args.warmup} "
+        f"model.ot.solver={args.ot_solver}"
+    )
+    for name in names:
+        command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
+        command += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
+        command += ["--ot-solver", args.ot_solver]
+        if args.no_profile:
+            command.append("--no-profile")
+        out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+        if out.returncode:
+            print(f"{name}: failed\n{out.stderr[-3000:]}")
+            continue
+        result = json.loads(out.stdout.strip().splitlines()[-1])
+        setting = SETTINGS[name]
+        width = f"padded to {setting['pad_to']}" if setting["pad_to"] else "padded per batch"
+        print(
+            f"\n{name}: hidden {setting['hidden']}, batch x tokens {result['tokens']} ({width}, "
+            f"{result['real_tokens']} real tokens), {result['parameters'] / 1e6:.0f}M parameters"
+        )
+        steps = ", ".join(f"{t:.2f}" for t in result["step_s"])
+        ratio = result["median_s"] / setting["reference_s"]
+        print(
+            f"  median {result['median_s']:.2f} s/step ({steps}); original {setting['reference_s']} s"
+            f" -> ratio {ratio:.2f} (target <= {setting['target']})"
+        )
+        memory = f"  peak RSS {result['peak_rss_gb']:.2f} GB"
+        if setting["reference_gb"]:
+            memory += f" (original at seq 256: {setting['reference_gb']} GB)"
+        print(memory)
+        parts = result["breakdown_s"]
+        for phase in ("forward", "backward", "optimizer"):
+            share = 100 * parts[phase] / result["median_s"]
+            inside = sorted(
+                ((k.split(" (")[0], v) for k, v in parts.items() if k.endswith(f"({phase})")),
+                key=lambda kv: -kv[1],
+            )
+            detail = ", ".join(f"{k} {v:.2f}" for k, v in inside if v >= 0.005)
+            print(
+                f"  {phase:<9} {parts[phase]:6.2f} s {share:5.1f}%"
+                + (f"  [{detail}]" if detail else "")
+            )
+
+
+if __name__ == "__main__":
+    main()
