@@ -41,7 +41,7 @@ from pipeline.caption_table import (
     read_caption_mapping,
 )
 from pipeline.config import CaptionParams
-from pipeline.data.records import DataError, Dataset, atomic_write_text, write_json
+from pipeline.data.records import DataError, Dataset, atomic_write_text, read_json, write_json
 from pipeline.hub import resolve
 
 if TYPE_CHECKING:
@@ -98,12 +98,7 @@ _FIELDS = {"entity": {"text", "name"}, "object": {"text"}}
 def load_prompts(path: str | Path) -> PromptSet:
     """Load and check a prompt template file; errors name the file and the field."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: prompt template file not found (param caption.prompts)") from exc
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    raw = read_json(path, "prompt template file (param caption.prompts)")
     if not isinstance(raw, dict) or not isinstance(raw.get("version"), str) or not raw["version"]:
         raise DataError(f'{path}: expected an object with a non-empty string "version"')
     templates = {}

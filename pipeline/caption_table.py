@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.data.records import SPLITS, DataError, Dataset
+from pipeline.data.records import SPLITS, DataError, Dataset, read_json
 
 __all__ = [
     "CaptionItem",
@@ -114,12 +114,7 @@ def coverage_of(captions: dict[str, dict[str, str]], items: Iterable[CaptionItem
 def read_caption_mapping(path: str | Path) -> dict[str, dict[str, str]]:
     """Read and check a caption file in the UMRE format: image -> {name or "[OBJk]": text}."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: caption file not found") from exc
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+    raw = read_json(path, "caption file")
     if not isinstance(raw, dict):
         raise DataError(
             f"{path}: expected a JSON object image id -> {{key: caption}}, "

@@ -290,3 +290,17 @@ def test_atomic_write_gives_files_the_usual_mode(tmp_path):
     os.umask(umask)
     assert target.stat().st_mode & 0o777 == 0o666 & ~umask
     assert target.read_text() == "x"
+
+
+def test_read_json_errors_name_the_file_and_line(tmp_path):
+    from pipeline.data.records import DataError, read_json
+
+    bad = tmp_path / "captions.json"
+    bad.write_text('{\n  "a": 1,\n  oops\n}\n')
+    with pytest.raises(DataError, match=r"captions\.json:3: not valid JSON"):
+        read_json(bad, "caption file")
+    with pytest.raises(DataError, match=r"missing\.json: caption file not found"):
+        read_json(tmp_path / "missing.json", "caption file")
+    good = tmp_path / "ok.json"
+    good.write_text('{"k": [1]}')
+    assert read_json(good, "x") == {"k": [1]}

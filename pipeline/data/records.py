@@ -171,6 +171,17 @@ def atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
+def read_json(path: str | Path, what: str) -> Any:
+    """Parse a JSON file; a missing file or bad JSON raises DataError naming the file (and line)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise DataError(f"{path}: {what} not found") from exc
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
