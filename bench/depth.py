@@ -26,7 +26,14 @@ from PIL import Image
 from pipeline.config import DepthParams, SyntheticParams
 from pipeline.data.records import Dataset
 from pipeline.data.synthetic import generate_synthetic
-from pipeline.depth import infer_depth, load_depth_model, preprocess, run_depth, select_device
+from pipeline.depth import (
+    depth_processor,
+    infer_depth,
+    load_depth_model,
+    preprocess,
+    run_depth,
+    select_device,
+)
 from pipeline.depth_store import DepthStore
 
 SIZES = [(96, 128), (128, 96), (112, 112)]  # (height, width) of the benchmark images
@@ -39,7 +46,6 @@ def small_depth_model():
         DepthAnythingConfig,
         DepthAnythingForDepthEstimation,
         Dinov2Config,
-        DPTImageProcessor,
     )
 
     backbone = Dinov2Config(
@@ -60,14 +66,7 @@ def small_depth_model():
         reassemble_hidden_size=384,
     )
     torch.manual_seed(0)
-    processor = DPTImageProcessor(
-        size={"height": 112, "width": 112},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=14,
-        do_pad=False,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
+    processor = depth_processor(112)
     return DepthAnythingForDepthEstimation(config).eval(), processor
 
 

@@ -83,6 +83,21 @@ class DepthRunResult:
 # --- model ---------------------------------------------------------------------------------------
 
 
+def depth_processor(short_side: int) -> Any:
+    """The released Depth-Anything-V2 image processor settings, at ``short_side`` pixels."""
+    from transformers import DPTImageProcessor
+
+    return DPTImageProcessor(
+        size={"height": short_side, "width": short_side},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        do_pad=False,
+        resample=Image.Resampling.BICUBIC,
+        image_mean=[0.485, 0.456, 0.406],
+        image_std=[0.229, 0.224, 0.225],
+    )
+
+
 def tiny_depth_model(seed: int = 0) -> tuple[DepthAnythingForDepthEstimation, Any]:
     """A 121k-parameter Depth-Anything-V2 with seeded random weights and its image processor."""
     import torch
@@ -90,7 +105,6 @@ def tiny_depth_model(seed: int = 0) -> tuple[DepthAnythingForDepthEstimation, An
         DepthAnythingConfig,
         DepthAnythingForDepthEstimation,
         Dinov2Config,
-        DPTImageProcessor,
     )
 
     backbone = Dinov2Config(
@@ -113,16 +127,7 @@ def tiny_depth_model(seed: int = 0) -> tuple[DepthAnythingForDepthEstimation, An
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DepthAnythingForDepthEstimation(config)
-    # The released Depth-Anything-V2 processor settings, at a 56-pixel short side.
-    processor = DPTImageProcessor(
-        size={"height": 56, "width": 56},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=14,
-        do_pad=False,
-        resample=Image.Resampling.BICUBIC,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
+    processor = depth_processor(56)
     return model.eval(), processor
 
 
