@@ -138,10 +138,12 @@ def run_child(name: str, solver: str, steps: int, warmup: int, threads: int, pro
     import torch
     from torch.nn import functional as F
 
+    from pipeline.train import build_optimizer
+
     torch.set_num_threads(threads)
     model, batch = build(SETTINGS[name], solver)
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.01)
     timers = Timers(model) if profile else None
     times, phases = [], defaultdict(float)
     for step in range(warmup + steps):
@@ -188,9 +190,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--ot-solver",
-        default="log_sinkhorn",
-        choices=["log_sinkhorn", "sinkhorn"],
-        help="model.ot.solver for every setting (default: log_sinkhorn)",
+        default="fused",
+        choices=["log_sinkhorn", "sinkhorn", "fused"],
+        help="model.ot.solver for every setting (default: fused)",
     )
     parser.add_argument("--quick", action="store_true", help="1 warm-up step + 2 timed steps")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-component timers")

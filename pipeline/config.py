@@ -124,7 +124,7 @@ class OTParams:
     iterations: int = 50
     kernel_floor: float = 1e-12
     barycentric: bool = False
-    solver: Literal["log_sinkhorn", "sinkhorn"] = "log_sinkhorn"
+    solver: Literal["log_sinkhorn", "sinkhorn", "fused"] = "log_sinkhorn"
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Multilevel OT: POT's log-domain Sinkhorn against plain-domain references, the floor quirk,
-padding, barycentric rows, recompute-in-backward and chunking."""
+"""Multilevel OT: POT's log-domain Sinkhorn and the fused plain-domain solver against plain-domain
+references, the floor quirk, padding, barycentric rows, recompute-in-backward and chunking."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from pipeline.model import ot as model_ot
-from pipeline.model.ot import MultilevelTransport, floored_cost, sinkhorn_plan, transport_plan
+from pipeline.model.ot import (
+    FusedSinkhorn,
+    MultilevelTransport,
+    floored_cost,
+    fused_sinkhorn_plan,
+    sinkhorn_plan,
+    transport_plan,
+)
 
 EPS = 0.5
 
@@ -56,6 +63,8 @@ SOLVER_FLOORS = [
     ("log_sinkhorn", 1e-3),
     ("sinkhorn", 1e-12),
     ("sinkhorn", 1e-3),
+    ("fused", 1e-12),
+    ("fused", 1e-3),
 ]
 
 
@@ -97,12 +106,18 @@ def test_matches_pot_single_problem_sinkhorn_with_floor_zero():
         assert rel_err(plan[b], ref) <= 1e-4
 
 
-@pytest.mark.parametrize("solver", ["log_sinkhorn", "sinkhorn"])
+@pytest.mark.parametrize("solver", ["log_sinkhorn", "sinkhorn", "fused"])
 def test_floor_quirk_large_costs_give_exactly_uniform_plan(solver):
     # Costs 37-41 (LayerNormed 768-d vectors): exp(-C/eps) < 1e-32, every entry sits on the floor.
     torch.manual_seed(3)
     cost = 37 + 4 * torch.rand(2, 7, 13)
-    plan = transport_plan(floored_cost(cost, EPS, 1e-12), EPS, 50, solver=solver)
+    if solver == "fused":
+        kernel = torch.exp(-cost / EPS) + 1e-12
+        plan = fused_sinkhorn_plan(
+            kernel, torch.full((2, 7), 1 / 7), torch.full((2, 13), 1 / 13), 50
+        )
+    else:
+        plan = transport_plan(floored_cost(cost, EPS, 1e-12), EPS, 50, solver=solver)
     assert rel_err(plan, torch.full_like(plan, 1 / (7 * 13))) <= 1e-6
     # Without the floor the same costs give a far-from-uniform plan.
     pure = transport_plan(cost, EPS, 50)
@@ -120,7 +135,8 @@ def test_paper_sized_layer_is_uniform_at_initialization():
 
 
 @pytest.mark.parametrize(
-    ("solver", "floor"), [("log_sinkhorn", 0.0), ("log_sinkhorn", 1e-12), ("sinkhorn", 1e-12)]
+    ("solver", "floor"),
+    [("log_sinkhorn", 0.0), ("log_sinkhorn", 1e-12), ("sinkhorn", 1e-12), ("fused", 1e-12)],
 )
 def test_padding_has_zero_mass_and_does_not_change_the_real_plan(solver, floor):
     layer = module(8, floor, solver=solver)
@@ -183,3 +199,64 @@ def test_plain_domain_solver_agrees_with_log_domain_and_refuses_floor_zero():
     assert rel_err(grads[1], grads[0]) <= 1e-3
     with pytest.raises(ValueError, match="kernel_floor > 0"):
         MultilevelTransport(8, EPS, 50, 0.0, False, "sinkhorn")
+
+
+def _masses(batch, rows, columns, dtype=torch.float32):
+    """Uniform masses with some zero-mass (padded) rows and columns in the last problem."""
+    row_mask, column_mask = torch.ones(batch, rows), torch.ones(batch, columns)
+    row_mask[-1, rows - 2 :] = 0
+    column_mask[-1, 1] = column_mask[-1, columns - 3 :] = 0
+    return (
+        (row_mask / row_mask.sum(-1, keepdim=True)).to(dtype),
+        (column_mask / column_mask.sum(-1, keepdim=True)).to(dtype),
+    )
+
+
+def test_fused_backward_passes_gradcheck_with_padding():
+    torch.manual_seed(9)
+    kernel = (torch.rand(3, 5, 7, dtype=torch.float64) + 0.05).requires_grad_()
+    rows, columns = _masses(3, 5, 7, torch.float64)
+    assert torch.autograd.gradcheck(lambda k: FusedSinkhorn.apply(k, rows, columns, 12), (kernel,))
+
+
+@pytest.mark.parametrize("floor", [1e-12, 1e-3])
+def test_fused_solver_equals_pot_plain_domain_solver_in_plan_and_gradient(floor):
+    # Same iterates as POT's batched `sinkhorn`, from the same costs, padding included.
+    torch.manual_seed(10)
+    distance = (4 * torch.rand(4, 9, 15)).requires_grad_()
+    weights = torch.randn(4, 9, 15)
+    rows, columns = _masses(4, 9, 15)
+    fused = fused_sinkhorn_plan(torch.exp(-distance / EPS) + floor, rows, columns, 50)
+    (grad_fused,) = torch.autograd.grad((fused * weights).sum(), distance)
+    reference = sinkhorn_plan(
+        floored_cost(distance, EPS, floor), EPS, 50, rows, columns, "sinkhorn"
+    )
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), distance)
+    assert rel_err(fused, reference) <= 1e-5
+    assert rel_err(grad_fused, grad_reference) <= 1e-4
+    assert grad_reference.abs().max() > 0
+    # Padding: zero plan and zero gradient on zero-mass rows and columns.
+    assert fused[-1, 7:].abs().max() == 0 and fused[-1][:, 12:].abs().max() == 0
+    assert grad_fused[-1, 7:].abs().max() == 0 and grad_fused[-1][:, 12:].abs().max() == 0
+
+
+def test_fused_chunks_match_one_problem_at_once(monkeypatch):
+    torch.manual_seed(11)
+    kernel = (torch.rand(5, 6, 9) + 0.1).requires_grad_()
+    weights = torch.randn(5, 6, 9)
+    rows, columns = _masses(5, 6, 9)
+    whole = fused_sinkhorn_plan(kernel, rows, columns, 30)
+    (grad_whole,) = torch.autograd.grad((whole * weights).sum(), kernel)
+    monkeypatch.setattr(model_ot, "FUSED_CHUNK_ELEMENTS", 6 * 9)  # x 2 threads: chunks of 2 problems
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    chunked = fused_sinkhorn_plan(kernel, rows, columns, 30)
+    (grad_chunked,) = torch.autograd.grad((chunked * weights).sum(), kernel)
+    assert rel_err(chunked, whole) <= 1e-6 and rel_err(grad_chunked, grad_whole) <= 1e-6
+
+
+def test_fused_solver_refuses_floor_zero_and_learned_marginals():
+    with pytest.raises(ValueError, match="kernel_floor > 0"):
+        MultilevelTransport(8, EPS, 50, 0.0, False, "fused")
+    rows = torch.full((1, 3), 1 / 3, requires_grad=True)
+    with pytest.raises(ValueError, match="constants"):
+        fused_sinkhorn_plan(torch.rand(1, 3, 4), rows, torch.full((1, 4), 0.25), 5)

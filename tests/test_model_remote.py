@@ -49,8 +49,9 @@ def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
 
-def test_logits_do_not_depend_on_padding_with_pad_to_max_false(tokenizer):
-    model = make_model(tokenizer, **{"data.pad_to_max": False}).eval()
+@pytest.mark.parametrize("solver", ["log_sinkhorn", "fused"])
+def test_logits_do_not_depend_on_padding_with_pad_to_max_false(tokenizer, solver):
+    model = make_model(tokenizer, **{"data.pad_to_max": False, "model.ot.solver": solver}).eval()
     batch = make_batch(tokenizer, [6, 9, 25, 12, 7, 30])
     with torch.no_grad():
         together = model(batch)
@@ -155,6 +156,7 @@ ABLATIONS = {
     "no-caption-raw": {"data.use_caption": False, "model.head.project_without_caption": False},
     "pure-ot-barycentric": {"model.ot.kernel_floor": 0.0, "model.ot.barycentric": True},
     "plain-domain-solver": {"model.ot.solver": "sinkhorn", "data.pad_to_max": False},
+    "fused-solver": {"model.ot.solver": "fused", "data.pad_to_max": False},
     "late-fusion": {"model.pool_after_layer": 2, "model.fusion_start_layer": 3},
 }
 

@@ -11,6 +11,12 @@ serves both regimes without under- or overflow. ``model.ot.solver: sinkhorn`` ru
 iterations in the plain domain (POT's batched ``sinkhorn``): no ``exp`` per iteration, several
 times faster, safe only while the floor keeps the kernel away from 0.
 
+``model.ot.solver: fused`` runs those plain-domain iterations itself, on the kernel
+``exp(-C/eps) + floor`` as the original wrote it: each half-iteration is one batched
+matrix-vector product, and the backward pass is written out (:class:`FusedSinkhorn`), so it keeps
+only the kernel and the ``2 x iterations`` scaling vectors instead of a ``[b, n, m]`` tensor per
+iteration, and needs no recomputation. Same iterates as POT's ``sinkhorn`` (tested against it).
+
 Padding gets zero mass (rows and columns) and a cost far above every real one on its columns, so
 the first half-iteration ignores it as well: a padded problem gives the plan of the unpadded one,
 bordered by zeros.
@@ -24,7 +30,15 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["SOLVERS", "floored_cost", "sinkhorn_plan", "transport_plan", "MultilevelTransport"]
+__all__ = [
+    "SOLVERS",
+    "FusedSinkhorn",
+    "floored_cost",
+    "fused_sinkhorn_plan",
+    "sinkhorn_plan",
+    "transport_plan",
+    "MultilevelTransport",
+]
 
 # A padded column costs this many epsilons more than the dearest real one: its share of the first
 # half-iteration (before its zero mass sends its potential to -inf) is below exp(-40), invisible in
@@ -44,7 +58,83 @@ def floored_cost(cost: torch.Tensor, epsilon: float, kernel_floor: float) -> tor
     return -epsilon * torch.logaddexp(-cost / epsilon, log_floor)
 
 
-SOLVERS = ("log_sinkhorn", "sinkhorn")
+SOLVERS = ("log_sinkhorn", "sinkhorn", "fused")
+# The fused solver's problems are solved in batch chunks of about this many kernel elements per
+# thread: a chunk's kernel then stays in cache across its 100 half-iterations (measured on the 11
+# text-OT problems [8, 99, 99 i] at 1 thread: 0.62 s per forward+backward with 2^17, 0.85 s unchunked).
+FUSED_CHUNK_ELEMENTS = 1 << 17
+
+
+class FusedSinkhorn(torch.autograd.Function):
+    """Plain-domain Sinkhorn plans ``diag(f) K diag(g)`` after ``iterations`` iterations, with an
+    explicit backward pass.
+
+    Forward, from ``g_0 = [b > 0]``: ``r_t = K g_{t-1}``, ``f_t = a / r_t``, ``c_t = K^T f_t``,
+    ``g_t = b / c_t``. Backward runs the same recursion in reverse on vectors and collects the
+    kernel's gradient as ``dP * f g^T + U V^T`` with ``U = [f_t, dr_t]``, ``V = [dc_t, g_{t-1}]``:
+    one matrix product instead of one ``[b, n, m]`` tensor per iteration. Zero-mass rows and
+    columns (padding) get zero plan and zero gradient; ``K`` must be positive.
+    """
+
+    @staticmethod
+    def forward(ctx, kernel, row_mass, column_mass, iterations):
+        g = (column_mass > 0).to(kernel.dtype)
+        fs, gs, rs, cs = [], [g], [], []
+        for _ in range(iterations):
+            r = torch.bmm(kernel, g.unsqueeze(-1)).squeeze(-1)
+            f = row_mass / r
+            c = torch.bmm(f.unsqueeze(1), kernel).squeeze(1)
+            g = column_mass / c
+            fs.append(f)
+            gs.append(g)
+            rs.append(r)
+            cs.append(c)
+        ctx.save_for_backward(kernel, *(torch.stack(v) for v in (fs, gs, rs, cs)))
+        return f.unsqueeze(-1) * kernel * g.unsqueeze(1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_plan):
+        kernel, fs, gs, rs, cs = ctx.saved_tensors  # [iterations (+ 1 for gs), b, n or m]
+        f, g = fs[-1], gs[-1]
+        weighted = grad_plan * kernel
+        grad_f = torch.bmm(weighted, g.unsqueeze(-1)).squeeze(-1)
+        grad_g = torch.bmm(f.unsqueeze(1), weighted).squeeze(1)
+        left, right = [], []
+        for t in range(len(fs) - 1, -1, -1):
+            grad_c = -grad_g * gs[t + 1] / cs[t]
+            grad_f = grad_f + torch.bmm(kernel, grad_c.unsqueeze(-1)).squeeze(-1)
+            grad_r = -grad_f * fs[t] / rs[t]
+            grad_g = torch.bmm(grad_r.unsqueeze(1), kernel).squeeze(1)
+            grad_f = torch.zeros_like(grad_f)
+            left += [fs[t], grad_r]
+            right += [grad_c, gs[t]]
+        grad_kernel = torch.baddbmm(
+            grad_plan * f.unsqueeze(-1) * g.unsqueeze(1),
+            torch.stack(left, dim=-1),
+            torch.stack(right, dim=1),
+        )
+        return grad_kernel, None, None, None
+
+
+def fused_sinkhorn_plan(
+    kernel: torch.Tensor, row_mass: torch.Tensor, column_mass: torch.Tensor, iterations: int
+) -> torch.Tensor:
+    """:class:`FusedSinkhorn` in cache-sized batch chunks; ``kernel`` ``[b, n, m]`` positive."""
+    if row_mass.requires_grad or column_mass.requires_grad:
+        raise ValueError("fused Sinkhorn: the marginals are constants (no gradient)")
+    batch, rows, columns = kernel.shape
+    chunk = max(1, FUSED_CHUNK_ELEMENTS * torch.get_num_threads() // (rows * columns))
+    plans = [
+        FusedSinkhorn.apply(
+            kernel[start : start + chunk],
+            row_mass[start : start + chunk],
+            column_mass[start : start + chunk],
+            iterations,
+        )
+        for start in range(0, batch, chunk)
+    ]
+    return plans[0] if len(plans) == 1 else torch.cat(plans)
 
 
 def sinkhorn_plan(
@@ -130,10 +220,10 @@ class MultilevelTransport(nn.Module):
         super().__init__()
         if solver not in SOLVERS:
             raise ValueError(f"model.ot.solver {solver!r}: expected one of {SOLVERS}")
-        if solver == "sinkhorn" and kernel_floor <= 0:
+        if solver in ("sinkhorn", "fused") and kernel_floor <= 0:
             # exp(-C/eps) underflows to 0 for costs above ~50 eps: plain-domain scalings divide by 0.
             raise ValueError(
-                "model.ot.solver 'sinkhorn' (plain domain) needs model.ot.kernel_floor > 0; "
+                f"model.ot.solver {solver!r} (plain domain) needs model.ot.kernel_floor > 0; "
                 "use 'log_sinkhorn' for pure entropic OT"
             )
         self.query = nn.Linear(hidden, hidden)
@@ -158,7 +248,30 @@ class MultilevelTransport(nn.Module):
         ``[B, m, D]``; masks are ``True`` on real tokens."""
         queries = self.query_norm(self.query(hidden)).float()
         keys = self.key_norm(self.key(source)).float()
-        cost = floored_cost(torch.cdist(queries, keys), self.epsilon, self.kernel_floor)
+        distance = torch.cdist(queries, keys)
+        if self.solver == "fused":
+            plan = self._fused_plan(distance, hidden_mask, source_mask)
+        else:
+            plan = self._pot_plan(distance, hidden_mask, source_mask)
+        if self.barycentric:
+            # Rows sum to their mass (1/n); rescale them to 1. Padded rows have no mass: keep 0.
+            total = plan.sum(dim=-1, keepdim=True)
+            plan = plan / torch.where(total > 0, total, torch.ones_like(total))
+        return plan
+
+    def _fused_plan(self, distance, hidden_mask, source_mask) -> torch.Tensor:
+        batch, rows, columns = distance.shape
+        if hidden_mask is None:
+            hidden_mask = distance.new_ones(batch, rows, dtype=torch.bool)
+        if source_mask is None:
+            source_mask = distance.new_ones(batch, columns, dtype=torch.bool)
+        row_mass, column_mass = _uniform_mass(hidden_mask), _uniform_mass(source_mask)
+        # Padding needs no masked cost here: its zero mass zeroes its scalings from g_0 on.
+        kernel = torch.exp(distance / -self.epsilon) + self.kernel_floor
+        return fused_sinkhorn_plan(kernel, row_mass, column_mass, self.iterations)
+
+    def _pot_plan(self, distance, hidden_mask, source_mask) -> torch.Tensor:
+        cost = floored_cost(distance, self.epsilon, self.kernel_floor)
         row_mass = column_mass = None
         if hidden_mask is not None:
             row_mass = _uniform_mass(hidden_mask)
@@ -168,14 +281,9 @@ class MultilevelTransport(nn.Module):
             cost = torch.where(
                 source_mask[:, None, :], cost, dearest + MASKED_COST_MARGIN * self.epsilon
             )
-        plan = transport_plan(
+        return transport_plan(
             cost, self.epsilon, self.iterations, row_mass, column_mass, self.solver
         )
-        if self.barycentric:
-            # Rows sum to their mass (1/n); rescale them to 1. Padded rows have no mass: keep 0.
-            total = plan.sum(dim=-1, keepdim=True)
-            plan = plan / torch.where(total > 0, total, torch.ones_like(total))
-        return plan
 
     def forward(
         self,
