@@ -247,7 +247,8 @@ def test_fused_chunks_match_one_problem_at_once(monkeypatch):
     rows, columns = _masses(5, 6, 9)
     whole = fused_sinkhorn_plan(kernel, rows, columns, 30)
     (grad_whole,) = torch.autograd.grad((whole * weights).sum(), kernel)
-    monkeypatch.setattr(model_ot, "FUSED_CHUNK_ELEMENTS", 6 * 9)  # x 2 threads: chunks of 2 problems
+    # 6 * 9 elements per thread x 2 threads: chunks of 2 problems.
+    monkeypatch.setattr(model_ot, "FUSED_CHUNK_ELEMENTS", 6 * 9)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     chunked = fused_sinkhorn_plan(kernel, rows, columns, 30)
     (grad_chunked,) = torch.autograd.grad((chunked * weights).sum(), kernel)
