@@ -261,3 +261,18 @@ def test_fused_solver_refuses_floor_zero_and_learned_marginals():
     rows = torch.full((1, 3), 1 / 3, requires_grad=True)
     with pytest.raises(ValueError, match="constants"):
         fused_sinkhorn_plan(torch.rand(1, 3, 4), rows, torch.full((1, 4), 0.25), 5)
+
+
+def test_fused_solver_stays_float32_under_mixed_precision():
+    torch.manual_seed(12)
+    distance = (4 * torch.rand(2, 5, 8)).requires_grad_()
+    rows, columns = _masses(2, 5, 8)
+    weights = torch.randn(2, 5, 8)
+    plans, grads = [], []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            plan = fused_sinkhorn_plan(torch.exp(-distance / EPS) + 1e-3, rows, columns, 50)
+        plans.append(plan)
+        grads.append(torch.autograd.grad((plan * weights).sum(), distance)[0])
+    assert plans[1].dtype == torch.float32
+    assert rel_err(plans[1], plans[0]) <= 1e-6 and rel_err(grads[1], grads[0]) <= 1e-6

@@ -95,6 +95,11 @@ class FusedSinkhorn(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_plan):
+        with torch.autocast(grad_plan.device.type, enabled=False):
+            return FusedSinkhorn._backward(ctx, grad_plan.float())
+
+    @staticmethod
+    def _backward(ctx, grad_plan):
         kernel, fs, gs, rs, cs = ctx.saved_tensors  # [iterations (+ 1 for gs), b, n or m]
         f, g = fs[-1], gs[-1]
         weighted = grad_plan * kernel
@@ -125,15 +130,17 @@ def fused_sinkhorn_plan(
         raise ValueError("fused Sinkhorn: the marginals are constants (no gradient)")
     batch, rows, columns = kernel.shape
     chunk = max(1, FUSED_CHUNK_ELEMENTS * torch.get_num_threads() // (rows * columns))
-    plans = [
-        FusedSinkhorn.apply(
-            kernel[start : start + chunk],
-            row_mass[start : start + chunk],
-            column_mass[start : start + chunk],
-            iterations,
-        )
-        for start in range(0, batch, chunk)
-    ]
+    # Mixed precision would run the products in bf16/fp16: keep the iterations in float32.
+    with torch.autocast(kernel.device.type, enabled=False):
+        plans = [
+            FusedSinkhorn.apply(
+                kernel[start : start + chunk].float(),
+                row_mass[start : start + chunk].float(),
+                column_mass[start : start + chunk].float(),
+                iterations,
+            )
+            for start in range(0, batch, chunk)
+        ]
     return plans[0] if len(plans) == 1 else torch.cat(plans)
 
 
