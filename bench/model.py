@@ -3,7 +3,8 @@
 Base sizes with random weights (BERT-base ``BertConfig()`` + timm ``vit_base_patch32_clip_quickgelu_224``,
 12 objects with depth, 28 labels, batch 8), each setting in a fresh subprocess so its peak RSS is its
 own. Prints the median step time after a warm-up, the peak RSS, the ratio to the original code's
-numbers measured on this kind of machine (2 threads), and where the time goes. The ``small`` setting
+numbers measured on this kind of machine (2 threads), where the time goes, and the step's compute
+floor: its FLOPs (torch's FlopCounterMode) over this machine's best matrix-product rate. The ``small`` setting
 keeps 12 layers per tower at hidden 128 (2 heads, intermediate 512); the original's exact small
 configuration is not recorded.
 
@@ -146,6 +147,7 @@ def run_child(name: str, solver: str, steps: int, warmup: int, threads: int, pro
     optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.01)
     timers = Timers(model) if profile else None
     times, phases = [], defaultdict(float)
+    flops = count_flops(model, batch)
     for step in range(warmup + steps):
         if timers is not None and step == warmup:
             timers.total.clear()
@@ -175,7 +177,37 @@ def run_child(name: str, solver: str, steps: int, warmup: int, threads: int, pro
         "median_s": statistics.median(times),
         "peak_rss_gb": rss_gb,
         "breakdown_s": breakdown,
+        "gflop": flops / 1e9,
+        "gemm_gflops": gemm_rate(),
     }
+
+
+def count_flops(model, batch) -> float:
+    """Floating-point operations of one forward + backward (matrix products and convolutions,
+    as torch's FlopCounterMode counts them; the optimizer's few element-wise passes are left out)."""
+    from torch.nn import functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        F.cross_entropy(model(batch), batch["labels"]).backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def gemm_rate() -> float:
+    """This machine's best float32 matrix-product rate (GFLOP/s) over a few step-sized shapes."""
+    import torch
+
+    best = 0.0
+    for m, k, n in ((792, 768, 768), (6144, 768, 768), (4096, 768, 3072), (768, 6144, 768)):
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        a @ b
+        start = time.perf_counter()
+        for _ in range(5):
+            a @ b
+        best = max(best, 5 * 2 * m * k * n / (time.perf_counter() - start) / 1e9)
+    return best
 
 
 def main() -> None:
@@ -237,6 +269,13 @@ def main() -> None:
         print(
             f"  median {result['median_s']:.2f} s/step ({steps}); original {setting['reference_s']} s"
             f" -> ratio {ratio:.2f} (target <= {setting['target']})"
+        )
+        floor = result["gflop"] / result["gemm_gflops"]
+        print(
+            f"  compute: {result['gflop']:.0f} GFLOP per step (forward + backward); at this "
+            f"machine's best matrix-product rate ({result['gemm_gflops']:.0f} GFLOP/s) that is at "
+            f"least {floor:.1f} s, against a target of "
+            f"{setting['target'] * setting['reference_s']:.1f} s"
         )
         memory = f"  peak RSS {result['peak_rss_gb']:.2f} GB"
         if setting["reference_gb"]:
