@@ -1,4 +1,4 @@
-"""One Typer command per pipeline stage, plus `predict`.
+"""One Typer command per pipeline stage, plus `predict`, `preset` and `compare`.
 
 Each stage module keeps heavy imports (torch, transformers) inside its function, so `--help` is fast.
 """
@@ -7,7 +7,17 @@ from __future__ import annotations
 
 import typer
 
-from stages import caption, depth, download, evaluate, features, predict, preset, train
+from stages import (
+    caption,
+    compare,
+    depth,
+    download,
+    evaluate,
+    features,
+    predict,
+    preset,
+    train,
+)
 
 app = typer.Typer(
     add_completion=False,
@@ -22,3 +32,4 @@ app.command("train")(train.main)
 app.command("evaluate")(evaluate.main)
 app.command("predict")(predict.main)
 app.command("preset")(preset.main)
+app.command("compare")(compare.main)
