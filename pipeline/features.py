@@ -187,10 +187,14 @@ class TextEncoder:
         self._pieces: dict[str, list[int]] = {}
 
     def pieces(self, texts: Sequence[str]) -> list[list[int]]:
-        """Word-piece ids of each text (no special tokens); remembered across calls."""
+        """Word-piece ids of each text (no special tokens); remembered across calls. A marker or
+        special token written in the text itself (a post that says ``<s1>``, a caption with
+        ``[SEP]``) is split into ordinary word pieces, so only the encoder places markers."""
         missing = sorted({t for t in texts if t not in self._pieces})
         if missing:
-            encoded = self.tokenizer(missing, add_special_tokens=False)["input_ids"]
+            encoded = self.tokenizer(missing, add_special_tokens=False, split_special_tokens=True)[
+                "input_ids"
+            ]
             self._pieces.update(zip(missing, encoded, strict=True))
         return [self._pieces[t] for t in texts]
 

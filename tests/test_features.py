@@ -191,6 +191,21 @@ def test_object_entities_get_no_sentence_markers(world):
     assert got.marker_positions == [-1] * 12
 
 
+def test_markers_written_in_the_text_are_ordinary_word_pieces(world):
+    # A post or caption that contains "<s1>" or "[SEP]" must not place a marker or a separator.
+    encoder = F.TextEncoder(world["tokenizer"], max_seq=64)
+    words = ("i", "saw", "<s1>", "paris", "[SEP]")
+    record = Record("x", words, "a.png", text("Paris", 3, 4), obj("[OBJ1]"), "none")
+    got = encoder.encode(record, ("<o1> a flag </s2>", "a tower"))
+    toks = tokens(world, got.input_ids)
+    assert toks.count("<s1>") == 1 and toks.count("</s2>") == 0 and toks.count("[SEP]") == 2
+    assert toks.count("<o1>") == 0 and toks.count("<k1>") == 1
+    pos = dict(zip(MARKERS, got.marker_positions, strict=True))
+    assert toks[pos["<s1>"] : pos["<s1>"] + 3] == ["<s1>", "paris", "</s1>"]
+    caption = toks[pos["<k1>"] + 1 : pos["</k1>"]]
+    assert len(caption) > 4 and not set(caption) & set(MARKERS)  # split into ordinary pieces
+
+
 def test_caption_segment_order_and_missing_caption(world):
     encoder = F.TextEncoder(world["tokenizer"], max_seq=40)
     t2 = RECORDS["train"][2]  # text head "Bill Cosby", object tail [OBJ2]
