@@ -28,7 +28,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not pipeline"
 
 lint: setup
-	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -16,16 +16,20 @@ import argparse
 import dataclasses
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from pipeline.caption import Captioner, run_caption
-from pipeline.caption_table import caption_items
-from pipeline.config import CaptionParams, SyntheticParams
+from pipeline.caption.captioner import Captioner
+from pipeline.caption.run import run_caption
+from pipeline.caption.table import caption_items
+from pipeline.config import default_params
 from pipeline.data.records import Dataset
 from pipeline.data.synthetic import generate_synthetic
+
+DEFAULTS = default_params()
 
 PROMPTS = Path(__file__).resolve().parents[1] / "pipeline" / "prompts" / "caption_v1.json"
 
@@ -45,11 +49,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "raw"
         n = max(3, args.samples // 3)
-        generate_synthetic(root, SyntheticParams(seed=3, train=n, valid=n, test=n, image_size=96))
+        generate_synthetic(
+            root, replace(DEFAULTS.data.synthetic, seed=3, train=n, valid=n, test=n, image_size=96)
+        )
         dataset = Dataset(root)
         items = len(caption_items(dataset))
         captioner = Captioner.load(args.model, dtype=args.dtype, max_new_tokens=args.max_new_tokens)
-        params = CaptionParams(
+        params = replace(
+            DEFAULTS.caption,
             backend="mllm",
             model=args.model,
             prompts=str(PROMPTS),

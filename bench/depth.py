@@ -17,24 +17,22 @@ import argparse
 import io
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from pipeline.config import DepthParams, SyntheticParams
+from pipeline.config import default_params
 from pipeline.data.records import Dataset
 from pipeline.data.synthetic import generate_synthetic
-from pipeline.depth import (
-    depth_processor,
-    infer_depth,
-    load_depth_model,
-    preprocess,
-    run_depth,
-    select_device,
-)
-from pipeline.depth_store import DepthStore
+from pipeline.depth.model import depth_processor, infer_depth, load_depth_model, preprocess
+from pipeline.depth.run import run_depth
+from pipeline.depth.store import DepthStore
+from pipeline.device import select_device
+
+DEFAULTS = default_params()
 
 SIZES = [(96, 128), (128, 96), (112, 112)]  # (height, width) of the benchmark images
 
@@ -115,16 +113,23 @@ def bench_storage(images: int, batch_size: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         samples = 2 * images // 3  # about one image per two samples, over three splits
-        synthetic = SyntheticParams(seed=1, train=samples, valid=samples, test=samples)
+        synthetic = replace(
+            DEFAULTS.data.synthetic, seed=1, train=samples, valid=samples, test=samples
+        )
         generate_synthetic(root / "syn", synthetic)
         dataset = Dataset(root / "syn")
         print(f"\nstorage: synthetic dataset, {len(dataset.image_ids())} images of 96x96")
         for source in ("model", "dataset"):
-            depth = DepthParams(
-                source=source, model="tiny", batch_size=batch_size, dtype="float32", shard_size=256
+            depth = replace(
+                DEFAULTS.depth,
+                source=source,
+                model="tiny",
+                batch_size=batch_size,
+                dtype="float32",
+                shard_size=256,
             )
             start = time.perf_counter()
-            run_depth(dataset, root / source, depth)
+            run_depth(dataset, root / source, depth, "raise")
             seconds = time.perf_counter() - start
             store = DepthStore(root / source)
             stored = sum(p.stat().st_size for p in (root / source).iterdir()) / len(store)

@@ -21,15 +21,17 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline import features as F
-from pipeline.caption import run_caption
-from pipeline.caption_table import CaptionTable
-from pipeline.config import Params, apply_overrides
-from pipeline.data.records import Dataset, Record
+from pipeline.caption.run import run_caption
+from pipeline.caption.table import CaptionTable
+from pipeline.config import Params, default_params
+from pipeline.data.images import box_to_pixels
+from pipeline.data.records import Dataset, Record, object_slot
 from pipeline.data.synthetic import generate_synthetic
-from pipeline.depth import run_depth
-from pipeline.depth_store import DepthStore
-from pipeline.hub import load_tokenizer
+from pipeline.depth.run import run_depth
+from pipeline.depth.store import DepthStore
+from pipeline.features.build import build_features
+from pipeline.features.dataset import FeatureDataset, make_loader
+from pipeline.text import load_tokenizer
 
 
 class OnTheFly(torch.utils.data.Dataset):
@@ -79,11 +81,11 @@ class OnTheFly(torch.utils.data.Dataset):
         depth_values = torch.zeros(self.slots, self.size, self.size)
         boxes = torch.zeros(self.slots, 5)
         for name, box in self.objects.get(r.image_id, {}).items():
-            k = int(name[4:-1])
-            crop = image.crop(F.box_to_pixels(box, image.width, image.height))
+            k = object_slot(name)
+            crop = image.crop(box_to_pixels(box, image.width, image.height))
             out = self.processor(images=crop, return_tensors="pt")["pixel_values"]
             pixels[k] = torch.nn.functional.interpolate(out, size=self.size)[0]
-            left, top, right, bottom = F.box_to_pixels(box, depth.shape[1], depth.shape[0])
+            left, top, right, bottom = box_to_pixels(box, depth.shape[1], depth.shape[0])
             cut = torch.from_numpy(depth[top:bottom, left:right].astype(np.float32))
             depth_values[k] = torch.nn.functional.interpolate(cut[None, None], size=self.size)[0, 0]
             boxes[k] = torch.tensor([*box, (box[2] - box[0]) * (box[3] - box[1])])
@@ -121,13 +123,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    params = apply_overrides(Params(), {"data.source": "synthetic"})
+    params = default_params({"data.source": "synthetic"})
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-loader-"))
     raw = work / "raw"
     if not (raw / "manifest.json").is_file():
         generate_synthetic(raw, params.data.synthetic, params.data.max_objects)
     dataset = Dataset(raw)
-    run_depth(dataset, work / "depth", params.depth)
+    run_depth(dataset, work / "depth", params.depth, params.data.on_error)
     run_caption(dataset, work / "captions", params.caption, progress=False)
     store, captions = DepthStore(work / "depth"), CaptionTable(work / "captions")
     npz = work / "npz"
@@ -136,13 +138,15 @@ def main() -> None:
         np.savez(npz / f"{image_id}.npz", depth=store.get(image_id))
 
     start = time.perf_counter()
-    F.build_features(dataset, work / "features", params, store, captions)
+    build_features(dataset, work / "features", params, store, captions)
     build_s = time.perf_counter() - start
     files = list((work / "features" / "train").glob("*.parquet"))
     n_train = len(dataset.records("train"))
     bytes_per_sample = sum(f.stat().st_size for f in files) / n_train
 
-    cached = F.make_loader(work / "features", "train", params, args.batch_size, True, seed=0)
+    train = FeatureDataset.load(work / "features", "train", params)
+    order = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(0))
+    cached = make_loader(train, args.batch_size, sampler=order)
     throughput(cached, args.batch_size)  # warm-up
     cached_sps = throughput(cached, args.cache_samples)
     print(f"synthetic train: {n_train} samples, batch {args.batch_size}, num_workers 0, 1 thread")

@@ -25,6 +25,8 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+from pipeline.config import OT_SOLVERS
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -53,11 +55,11 @@ def build(setting: dict, solver: str):
     import torch
     from transformers import BertConfig
 
-    from pipeline.config import Params, apply_overrides
-    from pipeline.hub import MARKERS, load_tokenizer
-    from pipeline.model import RemoteModel
+    from pipeline.config import default_params
+    from pipeline.model.config import RemoteConfig
     from pipeline.model.example import random_batch
-    from pipeline.model.remote import model_config
+    from pipeline.model.remote import RemoteModel
+    from pipeline.text import MARKERS, load_tokenizer
 
     hidden = setting["hidden"]
     heads = 12 if hidden == 768 else 2
@@ -68,8 +70,7 @@ def build(setting: dict, solver: str):
         intermediate_size=4 * hidden,
     )
     vision_args = {} if hidden == 768 else {"embed_dim": hidden, "num_heads": heads}
-    params = apply_overrides(
-        Params(),
+    params = default_params(
         {
             "data.pad_to_max": setting["pad_to"] is not None,
             "data.max_seq": setting["pad_to"] or 256,
@@ -78,7 +79,7 @@ def build(setting: dict, solver: str):
             "model.ot.solver": solver,
         },
     )
-    config = model_config(
+    config = RemoteConfig.from_params(
         params,
         28,
         {"bert_config": text.to_dict()},
@@ -139,7 +140,7 @@ def run_child(name: str, solver: str, steps: int, warmup: int, threads: int, pro
     import torch
     from torch.nn import functional as F
 
-    from pipeline.train import build_optimizer
+    from pipeline.train.loop import build_optimizer
 
     torch.set_num_threads(threads)
     model, batch = build(SETTINGS[name], solver)
@@ -223,7 +224,7 @@ def main() -> None:
     parser.add_argument(
         "--ot-solver",
         default="fused",
-        choices=["log_sinkhorn", "sinkhorn", "fused"],
+        choices=OT_SOLVERS,
         help="model.ot.solver for every setting (default: fused)",
     )
     parser.add_argument("--quick", action="store_true", help="1 warm-up step + 2 timed steps")

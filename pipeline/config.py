@@ -1,7 +1,9 @@
 """Typed parameters, loaded once from ``params.yaml`` and passed down.
 
 Every section is a frozen dataclass. Loading is strict: an unknown key, a missing key or a value of
-the wrong type fails with a :class:`ParamsError` naming the key path and the expected type.
+the wrong type fails with a :class:`ParamsError` naming the key path and the expected type. The
+dataclasses have no defaults: ``params.yaml`` is the one home of every default, and code that needs
+the shipped configuration (tests, benchmarks) loads it with :func:`default_params`.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import hashlib
 import json
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +29,9 @@ __all__ = [
     "ModelParams",
     "TrainParams",
     "EvaluateParams",
+    "OT_SOLVERS",
     "load_params",
+    "default_params",
     "params_from_dict",
     "params_to_dict",
     "apply_overrides",
@@ -41,146 +45,148 @@ class ParamsError(ValueError):
 
 @dataclass(frozen=True)
 class SyntheticParams:
-    seed: int = 13
-    train: int = 600
-    valid: int = 150
-    test: int = 150
-    image_size: int = 96
-    images_per_split: int = 0
+    seed: int
+    train: int
+    valid: int
+    test: int
+    image_size: int
+    images_per_split: int
 
 
 @dataclass(frozen=True)
 class UmreParams:
-    dataset_id: str = "17N_GVv5sCnT55ZUi_5dXl66bac1TuUlC"
-    partner_id: str = "1ozJ25WaSnHJ7De84tdAWncBU9YV57nYG"
-    dataset_sha256: str = ""
-    partner_sha256: str = ""
+    dataset_id: str
+    partner_id: str
+    dataset_sha256: str
+    partner_sha256: str
 
 
 @dataclass(frozen=True)
 class MnreParams:
-    text_url: str = "https://raw.githubusercontent.com/thecharm/MNRE/main/mnre_txt"
-    images_id: str = "1FYiJFtRayWY32nRH0rdycYzIdDcMmDFR"
-    images_sha256: str = ""
+    text_url: str
+    images_id: str
+    images_sha256: str
 
 
 @dataclass(frozen=True)
 class LocalParams:
-    path: str = ""
-    format: Literal["umre", "mnre"] = "umre"
+    path: str
+    format: Literal["umre", "mnre"]
 
 
 @dataclass(frozen=True)
 class DataParams:
-    source: Literal["synthetic", "umre", "mnre", "local"] = "synthetic"
-    on_error: Literal["raise", "skip"] = "raise"
-    max_objects: int = 12
-    max_seq: int = 64
-    pad_to_max: bool = True
-    use_depth: bool = True
-    use_caption: bool = True
-    use_box: bool = True
-    synthetic: SyntheticParams = field(default_factory=SyntheticParams)
-    umre: UmreParams = field(default_factory=UmreParams)
-    mnre: MnreParams = field(default_factory=MnreParams)
-    local: LocalParams = field(default_factory=LocalParams)
+    source: Literal["synthetic", "umre", "mnre", "local"]
+    on_error: Literal["raise", "skip"]
+    max_objects: int
+    max_seq: int
+    pad_to_max: bool
+    use_depth: bool
+    use_caption: bool
+    use_box: bool
+    synthetic: SyntheticParams
+    umre: UmreParams
+    mnre: MnreParams
+    local: LocalParams
 
 
 Dtype = Literal["float32", "float16", "bfloat16"]
+OTSolver = Literal["log_sinkhorn", "sinkhorn", "fused"]
+OT_SOLVERS: tuple[str, ...] = typing.get_args(OTSolver)
 
 
 @dataclass(frozen=True)
 class DepthParams:
-    source: Literal["model", "dataset"] = "dataset"
-    model: str = "tiny"
-    batch_size: int = 8
-    dtype: Dtype = "float32"
-    shard_size: int = 256
+    source: Literal["model", "dataset"]
+    model: str
+    batch_size: int
+    dtype: Dtype
+    shard_size: int
 
 
 @dataclass(frozen=True)
 class CaptionParams:
-    backend: Literal["mllm", "file", "none"] = "file"
-    model: str = "tiny"
-    file: str = ""
-    prompts: str = "pipeline/prompts/caption_v1.json"
-    max_new_tokens: int = 24
-    batch_size: int = 8
-    dtype: Dtype = "float32"
-    on_missing: Literal["fail", "fill"] = "fail"
+    backend: Literal["mllm", "file", "none"]
+    model: str
+    file: str
+    prompts: str
+    max_new_tokens: int
+    batch_size: int
+    dtype: Dtype
+    on_missing: Literal["fail", "fill"]
 
 
 @dataclass(frozen=True)
 class FeaturesParams:
-    crop_size: int = 64
-    shard_size: int = 1024
-    image_shard_size: int = 256
+    crop_size: int
+    shard_size: int
+    image_shard_size: int
 
 
 @dataclass(frozen=True)
 class OTParams:
-    enabled: bool = True
-    epsilon: float = 0.5
-    iterations: int = 50
-    kernel_floor: float = 1e-12
-    barycentric: bool = False
-    solver: Literal["log_sinkhorn", "sinkhorn", "fused"] = "log_sinkhorn"
+    enabled: bool
+    epsilon: float
+    iterations: int
+    kernel_floor: float
+    barycentric: bool
+    solver: OTSolver
 
 
 @dataclass(frozen=True)
 class MoEParams:
-    enabled: bool = True
+    enabled: bool
 
 
 @dataclass(frozen=True)
 class HeadParams:
-    project_without_caption: bool = True
+    project_without_caption: bool
 
 
 @dataclass(frozen=True)
 class ModelParams:
-    text_model: str = "tiny"
-    vision_model: str = "tiny"
-    pretrained: bool = True
-    pool_after_layer: int = 1
-    fusion_start_layer: int = 2
-    dropout: float = 0.1
-    ot: OTParams = field(default_factory=OTParams)
-    moe: MoEParams = field(default_factory=MoEParams)
-    head: HeadParams = field(default_factory=HeadParams)
+    text_model: str
+    vision_model: str
+    pretrained: bool
+    pool_after_layer: int
+    fusion_start_layer: int
+    dropout: float
+    ot: OTParams
+    moe: MoEParams
+    head: HeadParams
 
 
 @dataclass(frozen=True)
 class TrainParams:
-    seed: int = 1234
-    epochs: int = 15
-    batch_size: int = 32
-    eval_batch_size: int = 64
-    lr: float = 1e-3
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    grad_accum: int = 1
-    max_grad_norm: float = 1.0
-    patience: int = 0
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    num_processes: int = 1
-    num_workers: int = 0
+    seed: int
+    epochs: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_ratio: float
+    grad_accum: int
+    max_grad_norm: float
+    patience: int
+    mixed_precision: Literal["no", "bf16", "fp16"]
+    num_processes: int
+    num_workers: int
 
 
 @dataclass(frozen=True)
 class EvaluateParams:
-    batch_size: int = 64
+    batch_size: int
 
 
 @dataclass(frozen=True)
 class Params:
-    data: DataParams = field(default_factory=DataParams)
-    depth: DepthParams = field(default_factory=DepthParams)
-    caption: CaptionParams = field(default_factory=CaptionParams)
-    features: FeaturesParams = field(default_factory=FeaturesParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    data: DataParams
+    depth: DepthParams
+    caption: CaptionParams
+    features: FeaturesParams
+    model: ModelParams
+    train: TrainParams
+    evaluate: EvaluateParams
 
 
 def _type_name(tp: Any) -> str:
@@ -289,6 +295,15 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         return params_from_dict(raw)
     except ParamsError as exc:
         raise ParamsError(f"{path}: {exc}") from exc
+
+
+# The checkout's params.yaml (the package is used from a source tree or an editable install).
+DEFAULT_PARAMS_FILE = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def default_params(overrides: dict[str, Any] | None = None) -> Params:
+    """The shipped ``params.yaml`` with dotted-key overrides applied (tests, benchmarks)."""
+    return apply_overrides(load_params(DEFAULT_PARAMS_FILE), overrides or {})
 
 
 def apply_overrides(params: Params, overrides: dict[str, Any]) -> Params:

@@ -18,9 +18,9 @@ Input: JSONL, one object per line::
 - Depth, when the model uses it: the line's ``"depth"`` map if given, else the depth model named in
   the saved params when ``depth.source`` is ``"model"``, else zeros (with a warning).
 
-Every sample goes through the features module's own code (markers, truncation, crops, depth
-crops, normalization) by writing a small temporary normalized dataset and feature cache, so
-predictions match what training and evaluation saw.
+Every sample goes through the features stage's own code (:mod:`pipeline.features.featurize`:
+markers, truncation, crops, depth crops) into in-memory tables that the feature reader loads as it
+loads the cache, so predictions match what training and evaluation saw.
 
 Output: JSONL, one line per input line: ``{"line", "id", "label", "probabilities": {label: p}}``.
 """
@@ -29,27 +29,31 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from pipeline.data.records import (
-    NONE_LABEL,
-    SPLITS,
-    DataError,
-    Dataset,
-    Entity,
-    Record,
-    atomic_write_text,
-    write_json,
-    write_records,
+from pipeline.data.images import checked_box, image_size, open_image
+from pipeline.data.records import NONE_LABEL, Entity, Record, object_name
+from pipeline.depth.model import load_depth_model, predict_depth
+from pipeline.depth.run import load_shipped_depth
+from pipeline.depth.store import store_rounding
+from pipeline.device import select_device
+from pipeline.features.dataset import FeatureDataset
+from pipeline.features.featurize import (
+    featurize_image,
+    featurize_sample,
+    images_table,
+    samples_table,
 )
+from pipeline.features.text import TextEncoder
+from pipeline.inference import load_for_inference, predict_dataset
+from pipeline.io import DataError, atomic_write_text
+from pipeline.model.saved import TrainedModel
+from pipeline.text import MARKERS
 
 __all__ = ["PredictInput", "read_inputs", "predict_file", "predict_inputs"]
 
@@ -87,18 +91,7 @@ class PredictInput:
 
 
 def _box(value: Any, where: str, what: str) -> tuple[float, float, float, float]:
-    ok = (
-        isinstance(value, list)
-        and len(value) == 4
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
-    )
-    if not ok:
-        raise DataError(f"{where}: {what}: expected [x1, y1, x2, y2], found {value!r}")
-    x1, y1, x2, y2 = (float(v) for v in value)
-    if not (0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1):
-        raise DataError(
-            f"{where}: {what}: expected 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1, found {value!r}"
-        )
+    x1, y1, x2, y2 = checked_box(value, f"{where}: {what}")
     return x1, y1, x2, y2
 
 
@@ -161,7 +154,7 @@ def _parse_line(obj: Any, where: str, line: int, base: Path, max_objects: int) -
             box = _box(value["box"], where, f"{role}.box")
             if box not in boxes:
                 boxes.append(box)
-            entities.append(Entity("object", f"[OBJ{boxes.index(box)}]"))
+            entities.append(Entity("object", object_name(boxes.index(box))))
     if len(boxes) > max_objects:
         raise DataError(
             f"{where}: {len(boxes)} objects, but the model has {max_objects} object slots"
@@ -176,9 +169,8 @@ def _parse_line(obj: Any, where: str, line: int, base: Path, max_objects: int) -
         if not image.is_file():
             raise DataError(f"{where}: image {image}: file not found")
         try:
-            with Image.open(image):  # reads the header only: catches what is not an image
-                pass
-        except OSError as exc:
+            image_size(image)  # reads the header only: catches what is not an image
+        except DataError as exc:
             raise DataError(f"{where}: image {image}: cannot read it ({exc})") from exc
     depth = None
     if obj.get("depth") is not None:
@@ -223,7 +215,7 @@ def read_inputs(path: str | Path, max_objects: int) -> list[PredictInput]:
 
 
 class _LineCaptions:
-    """The caption reader the features module expects, serving the captions given in the lines."""
+    """The captions given in the lines, as the features code reads captions."""
 
     def __init__(self, backend: str, captions: dict[str, dict[str, str]]):
         self._backend, self._captions = backend, captions
@@ -237,21 +229,13 @@ class _LineCaptions:
 
 
 class _LineDepth:
-    """The depth reader the features module expects: maps by image id, rounded like the store."""
+    """The depth maps of the lines, as the features code reads a depth store."""
 
     def __init__(self, maps: dict[str, np.ndarray]):
         self._maps = maps
 
     def get(self, image_id: str) -> np.ndarray:
         return self._maps[image_id]
-
-
-def _store_rounding(depth_map: np.ndarray) -> np.ndarray:
-    """The values the depth store would return for this map (float16 relative to a power of 2)."""
-    from pipeline.depth_store import decode_depth, encode_depth
-
-    scale, values = encode_depth(depth_map)
-    return decode_depth(*depth_map.shape, scale, values)
 
 
 def _depth_maps(inputs: Sequence[PredictInput], image_ids: list[str], params: Any) -> dict:
@@ -263,20 +247,15 @@ def _depth_maps(inputs: Sequence[PredictInput], image_ids: list[str], params: An
             continue
         if item.depth is not None:
             try:
-                depth_map = np.load(item.depth, allow_pickle=False)
-            except (OSError, ValueError) as exc:
-                raise DataError(f"{item.where}: depth map {item.depth}: {exc}") from exc
-            if depth_map.ndim != 2 or not np.issubdtype(depth_map.dtype, np.floating):
-                raise DataError(
-                    f"{item.where}: depth map {item.depth}: expected a 2-D float array, "
-                    f"found {depth_map.dtype} {depth_map.shape}"
-                )
-            maps[image_id] = _store_rounding(depth_map.astype(np.float32))
+                depth_map = load_shipped_depth(item.depth)
+            except DataError as exc:
+                raise DataError(f"{item.where}: depth map {exc}") from exc
+            maps[image_id] = store_rounding(depth_map)
         elif params.depth.source == "model":
             by_model.append((item, image_id))
         else:
-            with Image.open(item.image) as image:
-                maps[image_id] = np.zeros((image.height, image.width), dtype=np.float32)
+            width, height = image_size(item.image)
+            maps[image_id] = np.zeros((height, width), dtype=np.float32)
             zeros += 1
     if zeros:
         log.warning(
@@ -286,85 +265,63 @@ def _depth_maps(inputs: Sequence[PredictInput], image_ids: list[str], params: An
             params.depth.source,
         )
     if by_model:
-        from pipeline.depth import load_depth_model, load_image, predict_depth
-
         model, processor = load_depth_model(params.depth.model)
-        images = [load_image(item.image) for item, _ in by_model]
-        predicted = predict_depth(model, processor, images, params.depth.batch_size)
+        model = model.to(select_device())
+        images = [open_image(item.image) for item, _ in by_model]
+        predicted = predict_depth(
+            model, processor, images, params.depth.batch_size, params.depth.dtype
+        )
         for (_, image_id), depth_map in zip(by_model, predicted, strict=True):
-            maps[image_id] = _store_rounding(depth_map)
+            maps[image_id] = store_rounding(depth_map)
     return maps
 
 
-def _write_dataset(root: Path, inputs: Sequence[PredictInput], labels: list[str]) -> list[str]:
-    """A normalized dataset (test split = the inputs) for the features module; returns image ids."""
-    (root / "images").mkdir(parents=True)
-    records, objects, image_ids = [], {}, []
-    for index, item in enumerate(inputs):
-        suffix = item.image.suffix if item.image is not None else ".none"
-        image_id = f"input-{index:07d}{suffix}"  # one image per line: captions are per line
-        image_ids.append(image_id)
-        if item.image is not None:
-            target = root / "images" / image_id
-            try:
-                target.symlink_to(item.image.resolve())
-            except OSError:
-                shutil.copyfile(item.image, target)
-        objects[image_id] = {f"[OBJ{k}]": list(box) for k, box in enumerate(item.boxes)}
-        records.append(
-            Record(
-                id=item.where,
-                text_tokens=item.tokens,
-                image_id=image_id,
-                head=item.head,
-                tail=item.tail,
-                relation=NONE_LABEL,  # unknown; the features module needs some label
-            )
-        )
-    for split in SPLITS:
-        write_records(root / "records" / f"{split}.jsonl", records if split == "test" else [])
-    write_json(root / "objects.json", objects)
-    write_json(root / "relations.json", {label: i for i, label in enumerate(labels)})
-    write_json(root / "manifest.json", {"source": "predict", "counts": {"test": len(records)}})
-    return image_ids
+def _record(item: PredictInput, image_id: str) -> Record:
+    """The input as a record; its label is unknown, and the features code needs one."""
+    return Record(item.where, item.tokens, image_id, item.head, item.tail, NONE_LABEL)
 
 
 def predict_inputs(
-    trained: Any, inputs: Sequence[PredictInput], batch_size: int = 64
+    trained: TrainedModel, inputs: Sequence[PredictInput], batch_size: int
 ) -> list[dict[str, Any]]:
-    """Labels and class probabilities for validated inputs (``trained``: a ``TrainedModel``)."""
-    from pipeline.features import FeatureDataset, build_features
-    from pipeline.train import predict_dataset
-
+    """Labels and class probabilities for validated inputs."""
     params = trained.params
-    with tempfile.TemporaryDirectory(prefix="remote-predict-") as tmp:
-        root = Path(tmp) / "dataset"
-        image_ids = _write_dataset(root, inputs, trained.labels)
-        captions = {
-            image_id: {
-                entity.name: caption
-                for entity, caption in (
-                    (item.head, item.head_caption),
-                    (item.tail, item.tail_caption),
-                )
-                if caption is not None
-            }
-            for item, image_id in zip(inputs, image_ids, strict=True)
-        }
-        depth = (
-            _LineDepth(_depth_maps(inputs, image_ids, params)) if params.data.use_depth else None
+    image_ids = [f"input-{index:07d}" for index in range(len(inputs))]  # captions are per line
+    captions = None
+    if params.data.use_caption and params.caption.backend != "none":
+        captions = _LineCaptions(
+            params.caption.backend,
+            {
+                image_id: {
+                    entity.name: caption
+                    for entity, caption in (
+                        (item.head, item.head_caption),
+                        (item.tail, item.tail_caption),
+                    )
+                    if caption is not None
+                }
+                for item, image_id in zip(inputs, image_ids, strict=True)
+            },
         )
-        build_features(
-            Dataset(root),
-            Path(tmp) / "features",
-            params,
-            depth,
-            _LineCaptions(params.caption.backend, captions),
-            tokenizer=trained.tokenizer,
-        )
-        dataset = FeatureDataset(Path(tmp) / "features", "test", params)
-        device = next(trained.model.parameters()).device
-        out = predict_dataset(trained.model, dataset, params, batch_size, device)
+    depth = _LineDepth(_depth_maps(inputs, image_ids, params)) if params.data.use_depth else None
+    encoder = TextEncoder(trained.tokenizer, params.data.max_seq)
+    samples, images = [], []
+    for item, image_id in zip(inputs, image_ids, strict=True):
+        samples.append(featurize_sample(_record(item, image_id), encoder, captions))
+        objects = {object_name(k): list(box) for k, box in enumerate(item.boxes)}
+        images.append(featurize_image(image_id, item.image, objects, depth, params))
+    label_ids = {label: i for i, label in enumerate(trained.labels)}
+    index = {image_id: i for i, image_id in enumerate(image_ids)}
+    dataset = FeatureDataset(
+        samples_table(samples, index, label_ids),
+        images_table(image_ids, images, params),
+        params,
+        markers=MARKERS,
+        pad_token_id=trained.tokenizer.pad_token_id,
+        name="predict inputs",
+    )
+    device = next(trained.model.parameters()).device
+    out = predict_dataset(trained.model, dataset, batch_size, device)
     results = []
     for item, probs in zip(inputs, out["probs"], strict=True):
         results.append(
@@ -382,14 +339,10 @@ def predict_inputs(
 
 
 def predict_file(
-    model_dir: str | Path, input_path: str | Path, output_path: str | Path, batch_size: int = 64
+    model_dir: str | Path, input_path: str | Path, output_path: str | Path, batch_size: int
 ) -> list[dict[str, Any]]:
     """Read inputs, label them with the model folder, write the output JSONL atomically."""
-    import torch
-
-    from pipeline.train import load_trained
-
-    trained = load_trained(model_dir, "cuda" if torch.cuda.is_available() else "cpu")
+    trained = load_for_inference(model_dir)
     inputs = read_inputs(input_path, trained.params.data.max_objects)
     results = predict_inputs(trained, inputs, batch_size)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)

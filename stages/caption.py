@@ -8,22 +8,23 @@ from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, read_params, resolve_shard, setup_logging
+from stages.common import (
+    ParamsOption,
+    read_params,
+    reported_errors,
+    resolve_shard,
+    setup_logging,
+)
 
 log = logging.getLogger("stages.caption")
 
 
 def main(
-    params: ParamsOption = Path("params.yaml"),
-    dataset: Annotated[
-        Path | None,
-        typer.Option(
-            "--dataset", help="Normalized dataset folder (default: data/raw/<data.source>)."
-        ),
-    ] = None,
+    params: ParamsOption,
+    dataset: Annotated[Path, typer.Option(help="Normalized dataset folder (download's output).")],
     out: Annotated[
-        Path, typer.Option("--out", help="Output folder (captions.json, captions.jsonl, manifest).")
-    ] = Path("data/captions"),
+        Path, typer.Option(help="Output folder (captions.json, captions.jsonl, manifest).")
+    ],
     shard: Annotated[
         int | None,
         typer.Option(
@@ -53,20 +54,16 @@ def main(
 
     Workers on other machines: copy their out/shards/ here, then run once without --num-shards.
     """
-    from pipeline.caption import run_caption
-    from pipeline.data.records import DataError, Dataset
+    from pipeline.caption.run import run_caption
+    from pipeline.data.records import Dataset
 
     setup_logging()
     p = read_params(params)
-    root = dataset if dataset is not None else Path("data/raw") / p.data.source
     shard, num_shards = resolve_shard(shard, num_shards)
-    try:
+    with reported_errors():
         summary = run_caption(
-            Dataset(root), out, p.caption, shard=shard, num_shards=num_shards, progress=progress
+            Dataset(dataset), out, p.caption, shard=shard, num_shards=num_shards, progress=progress
         )
-    except (DataError, OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
     if "coverage" not in summary:
         log.info(
             "shard %d/%d: %d item(s), %d generated now; %d item(s) of other shards missing",

@@ -1,19 +1,28 @@
-"""Options and helpers shared by the stage commands."""
+"""Options and helpers shared by the stage commands: params, logging, shards, and the one place
+where a user's error becomes a message and an exit code instead of a traceback."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from pipeline.config import Params, ParamsError, load_params
+from pipeline.io import DataError, StaleCacheError
+
+# What bad input, a missing or stale upstream output, or an unusable setting raise: reported as
+# "error: <message>" with exit code 1. Anything else is a bug and keeps its traceback.
+USER_ERRORS = (DataError, StaleCacheError, OSError, ValueError)
 
 ParamsOption = Annotated[
-    Path, typer.Option("--params", help="Parameters file (validated against pipeline/config.py).")
+    Path,
+    typer.Option("--params", help="Parameters file (validated against pipeline/config.py)."),
 ]
 
 
@@ -24,6 +33,16 @@ def read_params(path: Path) -> Params:
     except ParamsError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+
+
+@contextmanager
+def reported_errors() -> Iterator[None]:
+    """Turn a user error inside the block into ``error: <message>`` and exit code 1."""
+    try:
+        yield
+    except USER_ERRORS as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 def setup_logging() -> None:

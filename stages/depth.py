@@ -7,16 +7,19 @@ from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, read_params, resolve_shard, setup_logging
+from stages.common import (
+    ParamsOption,
+    read_params,
+    reported_errors,
+    resolve_shard,
+    setup_logging,
+)
 
 
 def main(
-    params: ParamsOption = Path("params.yaml"),
-    dataset: Annotated[
-        Path | None,
-        typer.Option(help="Normalized dataset folder; default data/raw/<data.source>."),
-    ] = None,
-    out: Annotated[Path, typer.Option(help="Depth store folder.")] = Path("data/depth"),
+    params: ParamsOption,
+    dataset: Annotated[Path, typer.Option(help="Normalized dataset folder (download's output).")],
+    out: Annotated[Path, typer.Option(help="Depth store folder.")],
     shard: Annotated[
         int | None,
         typer.Option(help="This worker's index, 0-based.", show_default="$RANK, else 0", min=0),
@@ -46,18 +49,15 @@ def main(
     """
     setup_logging()
     p = read_params(params)
-    from pipeline.data.records import DataError, Dataset
-    from pipeline.depth import run_depth
+    from pipeline.data.records import Dataset
+    from pipeline.depth.run import run_depth
 
     shard, num_shards = resolve_shard(shard, num_shards)
-    try:
-        ds = Dataset(dataset if dataset is not None else Path("data/raw") / p.data.source)
+    with reported_errors():
         result = run_depth(
-            ds, out, p.depth, p.data.on_error, shard=shard, num_shards=num_shards, progress=progress
-        )
-    except (DataError, OSError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+            Dataset(dataset), out, p.depth, p.data.on_error,
+            shard=shard, num_shards=num_shards, progress=progress,
+        )  # fmt: skip
     done = "complete" if result.complete else "incomplete (other workers' shards missing)"
     typer.echo(
         f"depth: computed {result.images_computed} images in {len(result.shards_computed)} of "

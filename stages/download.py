@@ -8,20 +8,17 @@ from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, read_params, setup_logging
+from stages.common import ParamsOption, read_params, reported_errors, setup_logging
 
 log = logging.getLogger("stages.download")
 
 
 def main(
-    params: ParamsOption = Path("params.yaml"),
-    out: Annotated[
-        Path | None,
-        typer.Option(help="Normalized dataset folder; default data/raw/<data.source>."),
-    ] = None,
+    params: ParamsOption,
+    out: Annotated[Path, typer.Option(help="Normalized dataset folder (data/raw/<source>).")],
     cache: Annotated[
         Path, typer.Option(help="Downloaded archives and their extraction, reused across runs.")
-    ] = Path("data/cache"),
+    ],
 ) -> None:
     """Get the dataset, check it, write data/raw/<data.source>/.
 
@@ -35,15 +32,10 @@ def main(
     """
     setup_logging()
     p = read_params(params)
-    from pipeline.data.download import prepare_dataset
-    from pipeline.data.records import DataError
+    from pipeline.data.prepare import prepare_dataset
 
-    out = out if out is not None else Path("data/raw") / p.data.source
-    try:
+    with reported_errors():
         manifest = prepare_dataset(p, out, cache)
-    except DataError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
     for split, counts in manifest["splits"].items():
         kinds = ", ".join(f"{kind} {n}" for kind, n in counts["pair_kinds"].items())
         log.info(

@@ -7,25 +7,22 @@ from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, read_params, setup_logging
+from stages.common import ParamsOption, read_params, reported_errors, setup_logging
 
 
 def main(
-    params: ParamsOption = Path("params.yaml"),
-    dataset: Annotated[
-        Path | None,
-        typer.Option(help="Normalized dataset folder (default: data/raw/<data.source>)."),
-    ] = None,
+    params: ParamsOption,
+    dataset: Annotated[Path, typer.Option(help="Normalized dataset folder (download's output).")],
     depth: Annotated[
         Path, typer.Option(help="Depth store (depth stage output); unread if data.use_depth=false.")
-    ] = Path("data/depth"),
+    ],
     captions: Annotated[
         Path,
         typer.Option(
             help="Caption table (caption stage output); unread if data.use_caption=false."
         ),
-    ] = Path("data/captions"),
-    out: Annotated[Path, typer.Option(help="Feature cache folder.")] = Path("data/features"),
+    ],
+    out: Annotated[Path, typer.Option(help="Feature cache folder.")],
 ) -> None:
     """Word-piece ids with entity markers and caption segment, object crops, depth crops and boxes
     of every split, into Parquet shards <out>/<split>/{samples,images}-NNNNN.parquet, plus
@@ -36,34 +33,23 @@ def main(
     """
     setup_logging()
     p = read_params(params)
-    from pipeline.data.records import DataError, Dataset
-    from pipeline.features import build_features
+    from pipeline.caption.table import CaptionTable
+    from pipeline.data.records import Dataset
+    from pipeline.depth.store import DepthStore
+    from pipeline.features.build import build_features
 
-    try:
-        ds = Dataset(dataset if dataset is not None else Path("data/raw") / p.data.source)
-        depth_store = caption_table = None
-        if p.data.use_depth:
-            from pipeline.depth_store import DepthStore
-
-            depth_store = DepthStore(depth)
-        if p.data.use_caption:
-            from pipeline.caption_table import CaptionTable
-
-            caption_table = CaptionTable(captions)
+    with reported_errors():
         report = build_features(
-            ds,
+            Dataset(dataset),
             out,
             p,
-            depth_store,
-            caption_table,
+            DepthStore(depth) if p.data.use_depth else None,
+            CaptionTable(captions) if p.data.use_caption else None,
             input_paths=[
                 depth if p.data.use_depth else None,
                 captions if p.data.use_caption else None,
             ],
         )
-    except (DataError, FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
     for split, stats in report["splits"].items():
         typer.echo(
             f"features {split}: {stats['samples']} samples, {stats['images']} images, "

@@ -7,13 +7,13 @@ from typing import Annotated
 
 import typer
 
-from stages.common import setup_logging
+from stages.common import reported_errors, setup_logging
 
 
 def main(
     input: Annotated[Path, typer.Option("--input", help="Input JSONL (see below).")],
     output: Annotated[Path, typer.Option(help="Output JSONL, one line per input line.")],
-    model: Annotated[Path, typer.Option(help="Trained model folder.")] = Path("models/best"),
+    model: Annotated[Path, typer.Option(help="Trained model folder, e.g. models/best.")],
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 64,
 ) -> None:
     """Label each input line; write {"line", "id", "label", "probabilities"} per line.
@@ -24,13 +24,8 @@ def main(
     "tail_caption", "depth" (a .npy map) and "id". Details: pipeline/predict.py.
     """
     setup_logging()
-    from pipeline.data.records import DataError
-    from pipeline.features import StaleCacheError
     from pipeline.predict import predict_file
 
-    try:
+    with reported_errors():
         results = predict_file(model, input, output, batch_size)
-    except (DataError, StaleCacheError, FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
     typer.echo(f"predict: labelled {len(results)} inputs -> {output}")

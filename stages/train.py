@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, read_params, setup_logging
+from stages.common import ParamsOption, read_params, reported_errors, setup_logging
 
 log = logging.getLogger("stages.train")
 
@@ -29,20 +29,13 @@ def _launch_processes(num_processes: int, argv: list[str]) -> int:
 
 
 def main(
-    params: ParamsOption = Path("params.yaml"),
-    features: Annotated[Path, typer.Option(help="Feature cache (features stage output).")] = Path(
-        "data/features"
-    ),
+    params: ParamsOption,
+    features: Annotated[Path, typer.Option(help="Feature cache (features stage output).")],
     dataset: Annotated[
-        Path | None,
-        typer.Option(
-            help="Normalized dataset, for relations.json (default: data/raw/<data.source>)."
-        ),
-    ] = None,
-    out: Annotated[
-        Path, typer.Option(help="Model folder: <out>/best and <out>/checkpoint.")
-    ] = Path("models"),
-    live: Annotated[Path, typer.Option(help="dvclive log folder.")] = Path("dvclive"),
+        Path, typer.Option(help="Normalized dataset (download's output), for relations.json.")
+    ],
+    out: Annotated[Path, typer.Option(help="Model folder: <out>/best and <out>/checkpoint.")],
+    live: Annotated[Path, typer.Option(help="dvclive log folder.")],
 ) -> None:
     """Train on the train split, score dev every epoch, keep the best-dev model in <out>/best.
 
@@ -55,27 +48,14 @@ def main(
     p = read_params(params)
     inside_launch = "WORLD_SIZE" in os.environ
     if p.train.num_processes > 1 and not inside_launch:
-        argv = ["--params", str(params), "--features", str(features), "--out", str(out)]
-        argv += ["--live", str(live)]
-        if dataset is not None:
-            argv += ["--dataset", str(dataset)]
+        argv = ["--params", str(params), "--features", str(features), "--dataset", str(dataset)]
+        argv += ["--out", str(out), "--live", str(live)]
         raise typer.Exit(_launch_processes(p.train.num_processes, argv))
 
-    from pipeline.data.records import DataError
-    from pipeline.features import StaleCacheError
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
-    try:
-        result = train(
-            p,
-            features,
-            dataset if dataset is not None else Path("data/raw") / p.data.source,
-            out,
-            live,
-        )
-    except (DataError, StaleCacheError, FileNotFoundError, ValueError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    with reported_errors():
+        result = train(p, features, dataset, out, live)
     if int(os.environ.get("RANK", "0")) == 0:
         how = " (early stop)" if result.stopped_early else ""
         resumed = (

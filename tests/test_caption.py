@@ -6,45 +6,51 @@ import dataclasses
 import json
 import logging
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.caption import (
-    Captioner,
-    append_rows,
-    build_prompt,
-    crop_box,
-    load_prompts,
-    read_row_log,
-    run_caption,
-    settings_id,
-    shard_items,
-)
-from pipeline.caption_table import CaptionTable, caption_items
-from pipeline.config import CaptionParams, Params, SyntheticParams, params_to_dict
-from pipeline.data.records import DataError, Dataset
+from pipeline.caption.captioner import Captioner, crop_box
+from pipeline.caption.prompts import build_prompt, load_prompts
+from pipeline.caption.rowlog import append_rows, read_row_log, settings_id
+from pipeline.caption.run import run_caption, shard_items
+from pipeline.caption.table import CaptionTable, caption_items
+from pipeline.config import default_params, params_to_dict
+from pipeline.data.images import box_to_pixels
+from pipeline.data.records import Dataset
 from pipeline.data.synthetic import generate_synthetic
+from pipeline.io import DataError
+
+DEFAULTS = default_params()
 
 PROMPTS = Path(__file__).resolve().parents[1] / "pipeline" / "prompts" / "caption_v1.json"
-MLLM = CaptionParams(
-    backend="mllm", model="tiny", prompts=str(PROMPTS), max_new_tokens=6, batch_size=4
+MLLM = replace(
+    DEFAULTS.caption,
+    backend="mllm",
+    model="tiny",
+    prompts=str(PROMPTS),
+    max_new_tokens=6,
+    batch_size=4,
 )
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Dataset:
     root = tmp_path_factory.mktemp("caption") / "raw"
-    generate_synthetic(root, SyntheticParams(seed=5, train=6, valid=3, test=3, image_size=64), 4)
+    generate_synthetic(
+        root, replace(DEFAULTS.data.synthetic, seed=5, train=6, valid=3, test=3, image_size=64), 4
+    )
     return Dataset(root)
 
 
 @pytest.fixture(scope="module")
 def captioner() -> Captioner:
-    return Captioner.load("tiny", max_new_tokens=MLLM.max_new_tokens)
+    return Captioner.load("tiny", dtype=MLLM.dtype, max_new_tokens=MLLM.max_new_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +324,9 @@ def crafted_caption_file(dataset: Dataset, path: Path) -> tuple[dict, tuple, tup
 
 def test_file_backend_round_trip_with_coverage_and_fill(dataset, tmp_path, caplog):
     mapping, dropped_entity, dropped_object = crafted_caption_file(dataset, tmp_path / "cap.json")
-    params = CaptionParams(backend="file", file=str(tmp_path / "cap.json"), on_missing="fill")
+    params = replace(
+        DEFAULTS.caption, backend="file", file=str(tmp_path / "cap.json"), on_missing="fill"
+    )
     with caplog.at_level(logging.WARNING):
         manifest = run_caption(dataset, tmp_path / "out", params)
     items = caption_items(dataset)
@@ -350,7 +358,9 @@ def test_file_backend_round_trip_with_coverage_and_fill(dataset, tmp_path, caplo
 
 def test_file_backend_fails_on_missing_captions_naming_them(dataset, tmp_path):
     _, dropped_entity, dropped_object = crafted_caption_file(dataset, tmp_path / "cap.json")
-    params = CaptionParams(backend="file", file=str(tmp_path / "cap.json"), on_missing="fail")
+    params = replace(
+        DEFAULTS.caption, backend="file", file=str(tmp_path / "cap.json"), on_missing="fail"
+    )
     with pytest.raises(DataError) as err:
         run_caption(dataset, tmp_path / "out", params)
     message = str(err.value)
@@ -361,7 +371,7 @@ def test_file_backend_fails_on_missing_captions_naming_them(dataset, tmp_path):
 
 
 def test_file_backend_defaults_to_the_datasets_captions(dataset, tmp_path):
-    manifest = run_caption(dataset, tmp_path / "out", CaptionParams())
+    manifest = run_caption(dataset, tmp_path / "out", DEFAULTS.caption)
     assert manifest["source_file"] == str(dataset.captions_path)
     assert manifest["coverage"]["found"] == manifest["items"] == len(caption_items(dataset))
     shipped = json.loads(dataset.captions_path.read_text())
@@ -373,7 +383,7 @@ def test_file_backend_defaults_to_the_datasets_captions(dataset, tmp_path):
 def test_bad_caption_file_names_image_and_key(dataset, tmp_path):
     image_id = caption_items(dataset)[0].image_id
     (tmp_path / "cap.json").write_text(json.dumps({image_id: {"[OBJ0]": ["not", "text"]}}))
-    params = CaptionParams(backend="file", file=str(tmp_path / "cap.json"))
+    params = replace(DEFAULTS.caption, backend="file", file=str(tmp_path / "cap.json"))
     with pytest.raises(DataError, match=rf"image '{image_id}' key '\[OBJ0\]': expected a caption"):
         run_caption(dataset, tmp_path / "out", params)
 
@@ -381,7 +391,7 @@ def test_bad_caption_file_names_image_and_key(dataset, tmp_path):
 def test_none_backend_writes_an_empty_table(dataset, reference, tmp_path):
     out = tmp_path / "captions"
     shutil.copytree(reference, out)  # a previous mllm output must not leak through
-    manifest = run_caption(dataset, out, CaptionParams(backend="none"))
+    manifest = run_caption(dataset, out, replace(DEFAULTS.caption, backend="none"))
     table = CaptionTable(out)
     assert table.backend == "none" and len(table) == 0
     item = caption_items(dataset)[0]
@@ -394,7 +404,7 @@ def test_a_saved_model_loads_from_its_folder_and_answers_the_same(dataset, capti
     folder = tmp_path / "tiny-qwen"
     captioner.processor.save_pretrained(folder)
     captioner.model.save_pretrained(folder)
-    loaded = Captioner.load(str(folder), max_new_tokens=MLLM.max_new_tokens)
+    loaded = Captioner.load(str(folder), dtype=MLLM.dtype, max_new_tokens=MLLM.max_new_tokens)
     assert type(loaded.model) is type(captioner.model)
     item = caption_items(dataset)[0]
     question = build_prompt(item, load_prompts(PROMPTS))
@@ -409,6 +419,14 @@ def test_crop_box_cuts_pixels_and_widens_degenerate_boxes():
     thin = crop_box(image, (0.0, 0.0, 1.0, 0.0))  # 200 x 0 pixels: widened to 200 x 2
     assert thin.size == (200, 2)
     assert crop_box(image, (0.9, 0.9, 1.2, 1.3)).size == (20, 10)  # clipped to the image
+
+
+def test_the_captioner_sees_the_pixels_the_model_crops():
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
+    for box in [(0.11, 0.27, 0.63, 0.9), (0.0, 0.0, 1.0, 1.0), (0.505, 0.01, 0.77, 0.333)]:
+        pixels = box_to_pixels(box, image.width, image.height)
+        assert np.array_equal(np.asarray(crop_box(image, box)), np.asarray(image.crop(pixels)))
 
 
 def test_prompt_templates_are_checked(tmp_path):
@@ -428,7 +446,7 @@ def test_prompt_templates_are_checked(tmp_path):
 def test_cli_runs_the_stage_and_checks_shard_options(dataset, tmp_path):
     from stages.cli import app
 
-    params = params_to_dict(Params())
+    params = params_to_dict(DEFAULTS)
     params["caption"]["backend"] = "file"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     runner = CliRunner()

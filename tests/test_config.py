@@ -1,5 +1,7 @@
 """Params loading: strict schema, errors that name the key path and expected type."""
 
+import dataclasses
+import typing
 from pathlib import Path
 
 import pytest
@@ -9,6 +11,7 @@ from pipeline.config import (
     Params,
     ParamsError,
     apply_overrides,
+    default_params,
     load_params,
     params_from_dict,
     params_to_dict,
@@ -22,13 +25,30 @@ def raw_default() -> dict:
     return yaml.safe_load((ROOT / "params.yaml").read_text())
 
 
-def test_repo_params_load_and_match_dataclass_defaults():
+def test_repo_params_load_and_round_trip():
     params = load_params(ROOT / "params.yaml")
     assert isinstance(params, Params)
     assert params.data.source == "synthetic"
     assert params.model.ot.kernel_floor == pytest.approx(1e-12)
     # Every key of params.yaml round-trips through the typed object unchanged.
     assert params_to_dict(params) == raw_default()
+
+
+def test_params_yaml_is_the_only_home_of_defaults():
+    # No section dataclass carries a default that could drift from params.yaml.
+    sections, seen = [Params], 0
+    while sections:
+        cls = sections.pop()
+        seen += 1
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert f.default is dataclasses.MISSING, f"{cls.__name__}.{f.name}"
+            assert f.default_factory is dataclasses.MISSING, f"{cls.__name__}.{f.name}"
+            if dataclasses.is_dataclass(hints[f.name]):
+                sections.append(hints[f.name])
+    assert seen == 15  # Params and its 14 sections
+    assert default_params() == load_params(ROOT / "params.yaml")
+    assert default_params({"train.lr": 0.5}).train.lr == 0.5
 
 
 def test_unknown_key_names_its_path():

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -17,20 +18,22 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.config import DepthParams, SyntheticParams
-from pipeline.data.records import DataError, Dataset, Entity, Record, write_dataset
+from pipeline.config import DepthParams, default_params
+from pipeline.data.records import Dataset, Entity, Record, write_dataset
 from pipeline.data.synthetic import generate_synthetic
-from pipeline.depth import (
+from pipeline.depth.model import (
     infer_depth,
     load_depth_model,
     predict_depth,
     preprocess,
-    run_depth,
     tiny_depth_model,
 )
-from pipeline.depth_store import MANIFEST, DepthStore, decode_depth, encode_depth
+from pipeline.depth.run import run_depth
+from pipeline.depth.store import MANIFEST, DepthStore, decode_depth, encode_depth
+from pipeline.io import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULTS = default_params()
 F16_EPS = 2.0**-11  # float16 relative rounding bound (10 stored mantissa bits)
 
 # (height, width, format, depth magnitude): non-square, both orientations, PNG and JPEG, and shipped
@@ -70,7 +73,7 @@ def make_dataset(root: Path) -> Dataset:
 
 def params(**overrides) -> DepthParams:
     base = {"source": "model", "model": "tiny", "batch_size": 4, "dtype": "float32"}
-    return DepthParams(**(base | {"shard_size": 3} | overrides))
+    return replace(DEFAULTS.depth, **(base | {"shard_size": 3} | overrides))
 
 
 def store_bytes(path: Path) -> dict[str, bytes]:
@@ -86,7 +89,7 @@ def dataset(tmp_path_factory) -> Dataset:
 def reference(dataset, tmp_path_factory) -> Path:
     """An uninterrupted, unsharded run with the tiny model: 8 images in 3 shards."""
     out = tmp_path_factory.mktemp("ref") / "depth"
-    result = run_depth(dataset, out, params())
+    result = run_depth(dataset, out, params(), on_error="raise")
     assert result.complete and result.shards_computed == [0, 1, 2]
     return out
 
@@ -106,7 +109,7 @@ def test_every_image_has_raw_model_depth_with_its_aspect(dataset, reference):
         assert (h >= w) == (height >= width)
         assert abs(h * width - w * height) <= 7 * (height + width)
         # Stored values are the model's raw output, within float16 rounding.
-        (direct,) = predict_depth(model, processor, [image], batch_size=1)
+        (direct,) = predict_depth(model, processor, [image], batch_size=1, dtype="float32")
         assert depth.dtype == np.float32 and np.abs(direct).max() > 0
         np.testing.assert_allclose(depth, direct, rtol=0, atol=np.abs(direct).max() * F16_EPS)
     assert store.manifest["model"] == "tiny" and store.manifest["count"] == len(IMAGES)
@@ -118,8 +121,8 @@ def test_batched_equals_one_at_a_time_and_batches_never_mix_sizes(dataset):
     images = [Image.open(dataset.image_path(i)).convert("RGB") for i in dataset.image_ids()]
     batches: list[int] = []
     pixels = [preprocess(processor, image) for image in images]
-    batched = infer_depth(model, pixels, batch_size=3, on_batch=batches.append)
-    single = infer_depth(model, pixels, batch_size=1)
+    batched = infer_depth(model, pixels, batch_size=3, dtype="float32", on_batch=batches.append)
+    single = infer_depth(model, pixels, batch_size=1, dtype="float32")
     for a, b in zip(batched, single, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
@@ -152,7 +155,9 @@ def test_encoding_keeps_float16_precision_at_any_magnitude():
 
 
 def test_dataset_source_reproduces_shipped_maps(dataset, tmp_path):
-    result = run_depth(dataset, tmp_path / "depth", params(source="dataset", model="unused"))
+    result = run_depth(
+        dataset, tmp_path / "depth", params(source="dataset", model="unused"), on_error="raise"
+    )
     store = DepthStore(tmp_path / "depth")
     assert result.complete and store.manifest["model"] == "dataset"
     for image_id in dataset.image_ids():
@@ -170,11 +175,13 @@ def test_dataset_source_reproduces_shipped_maps(dataset, tmp_path):
 
 
 def test_synthetic_dataset_every_image(tmp_path):
-    synthetic = SyntheticParams(seed=5, train=6, valid=3, test=3, image_size=48)
+    synthetic = replace(DEFAULTS.data.synthetic, seed=5, train=6, valid=3, test=3, image_size=48)
     generate_synthetic(tmp_path / "syn", synthetic, max_objects=4)
     ds = Dataset(tmp_path / "syn")
-    shipped = run_depth(ds, tmp_path / "shipped", params(source="dataset", shard_size=4))
-    modelled = run_depth(ds, tmp_path / "model", params(shard_size=4))
+    shipped = run_depth(
+        ds, tmp_path / "shipped", params(source="dataset", shard_size=4), on_error="raise"
+    )
+    modelled = run_depth(ds, tmp_path / "model", params(shard_size=4), on_error="raise")
     assert shipped.complete and modelled.complete
     ids = ds.image_ids()
     assert DepthStore(tmp_path / "shipped").ids() == DepthStore(tmp_path / "model").ids() == ids
@@ -189,7 +196,7 @@ KILL_SCRIPT = """
 import os, signal, sys
 import torch
 from pipeline.data.records import Dataset
-from pipeline.depth import run_depth
+from pipeline.depth.run import run_depth
 from tests.test_depth import params
 
 def die(index):
@@ -197,7 +204,7 @@ def die(index):
         os.kill(os.getpid(), signal.SIGKILL)
 
 torch.set_num_threads(1)
-run_depth(Dataset(sys.argv[1]), sys.argv[2], params(), on_shard_written=die)
+run_depth(Dataset(sys.argv[1]), sys.argv[2], params(), on_shard_written=die, on_error="raise")
 """
 
 
@@ -218,12 +225,12 @@ def test_sigkill_then_rerun_finishes_only_the_rest_byte_identically(dataset, ref
     shard1 = (out / "shard-00001.parquet").read_bytes()
     (out / "shard-00001.parquet").write_bytes(shard1[: len(shard1) // 2])
 
-    result = run_depth(dataset, out, params())
+    result = run_depth(dataset, out, params(), on_error="raise")
     assert result.complete and result.shards_computed == [1, 2]
     assert result.images_computed == len(IMAGES) - 3
     assert store_bytes(out) == store_bytes(reference)
     # A rerun of a finished store computes nothing and changes nothing.
-    again = run_depth(dataset, out, params())
+    again = run_depth(dataset, out, params(), on_error="raise")
     assert again.shards_computed == [] and store_bytes(out) == store_bytes(reference)
 
 
@@ -232,7 +239,9 @@ def test_other_settings_start_over(dataset, reference, tmp_path):
     shutil.copytree(reference, out)
     (out / "shard-00002.parquet").unlink()  # an unfinished store made with the tiny model...
     (out / MANIFEST).unlink()
-    result = run_depth(dataset, out, params(source="dataset"))  # ...then resumed with the dataset
+    result = run_depth(
+        dataset, out, params(source="dataset"), on_error="raise"
+    )  # ...then resumed with the dataset
     assert result.shards_computed == [0, 1, 2]
     store = DepthStore(out)
     assert store.manifest["source"] == "dataset"
@@ -240,23 +249,32 @@ def test_other_settings_start_over(dataset, reference, tmp_path):
         store.get("img_00.jpg"), np.load(dataset.depth_path("img_00.jpg")), rtol=F16_EPS
     )
     # A different dtype or shard size is another run too; the finished store is redone.
-    assert run_depth(dataset, out, params(dtype="bfloat16")).shards_computed == [0, 1, 2]
-    two = run_depth(dataset, out, params(shard_size=5))
+    assert run_depth(dataset, out, params(dtype="bfloat16"), on_error="raise").shards_computed == [
+        0,
+        1,
+        2,
+    ]
+    two = run_depth(dataset, out, params(shard_size=5), on_error="raise")
     assert two.shards_computed == [0, 1] and sorted(p.name for p in out.glob("shard-*")) == [
         "shard-00000.parquet",
         "shard-00001.parquet",
     ]
     assert DepthStore(out).ids() == dataset.image_ids()
     # Batch size is a speed knob only: it keeps the shards.
-    assert run_depth(dataset, out, params(shard_size=5, batch_size=1)).shards_computed == []
+    assert (
+        run_depth(
+            dataset, out, params(shard_size=5, batch_size=1, dtype="float32"), on_error="raise"
+        ).shards_computed
+        == []
+    )
 
 
 def test_two_workers_equal_one(dataset, reference, tmp_path):
     out = tmp_path / "depth"
-    first = run_depth(dataset, out, params(), shard=0, num_shards=2)
+    first = run_depth(dataset, out, params(), shard=0, num_shards=2, on_error="raise")
     assert first.shards_computed == [0, 2] and not first.complete
     assert not (out / MANIFEST).exists()
-    second = run_depth(dataset, out, params(), shard=1, num_shards=2)
+    second = run_depth(dataset, out, params(), shard=1, num_shards=2, on_error="raise")
     assert second.shards_computed == [1] and second.complete
     assert store_bytes(out) == store_bytes(reference)
 
@@ -309,10 +327,10 @@ def test_local_folder_and_hub_id_share_the_loader(tmp_path, monkeypatch):
     model.save_pretrained(tmp_path / "tiny-depth")
     processor.save_pretrained(tmp_path / "tiny-depth")
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (90, 60, 3), np.uint8))
-    (expected,) = predict_depth(model, processor, [image], batch_size=1)
+    (expected,) = predict_depth(model, processor, [image], batch_size=1, dtype="float32")
 
     loaded, loaded_processor = load_depth_model(str(tmp_path / "tiny-depth"))
-    (got,) = predict_depth(loaded, loaded_processor, [image], batch_size=1)
+    (got,) = predict_depth(loaded, loaded_processor, [image], batch_size=1, dtype="float32")
     np.testing.assert_array_equal(got, expected)
 
     # A hub id reaches the same two from_pretrained calls, with the id as given.
@@ -327,7 +345,7 @@ def test_local_folder_and_hub_id_share_the_loader(tmp_path, monkeypatch):
         monkeypatch.setattr(cls, "from_pretrained", classmethod(redirect))
     hub_model, hub_processor = load_depth_model("depth-anything/Depth-Anything-V2-Small-hf")
     assert seen == ["depth-anything/Depth-Anything-V2-Small-hf"] * 2
-    (got,) = predict_depth(hub_model, hub_processor, [image], batch_size=1)
+    (got,) = predict_depth(hub_model, hub_processor, [image], batch_size=1, dtype="float32")
     np.testing.assert_array_equal(got, expected)
 
 
@@ -366,7 +384,12 @@ def test_stage_command(dataset, reference, tmp_path):
         stage_app(), [*args, "--out", str(out), "--shard", "2", "--num-shards", "2"]
     )
     assert bad.exit_code == 2 and "must be below" in bad.output
-    assert runner.invoke(stage_app(), [*args, "--dataset", str(tmp_path)]).exit_code == 1
+    assert (
+        runner.invoke(
+            stage_app(), [*args[:2], "--dataset", str(tmp_path), "--out", str(out)]
+        ).exit_code
+        == 1
+    )
 
 
 def test_help_explains_sharding_and_accelerate():

@@ -17,8 +17,8 @@ import pytest
 from conftest import source_records
 from typer.testing import CliRunner
 
-from pipeline.config import Params, apply_overrides, params_to_dict
-from pipeline.data.archive import (
+from pipeline.config import Params, default_params, params_to_dict
+from pipeline.data.fetch import (
     ChecksumError,
     Downloader,
     UnsafeArchiveError,
@@ -26,8 +26,9 @@ from pipeline.data.archive import (
     safe_extract,
     url_join,
 )
-from pipeline.data.download import prepare_dataset
-from pipeline.data.records import UMRE_RELATIONS, DataError, Dataset
+from pipeline.data.prepare import prepare_dataset
+from pipeline.data.records import UMRE_RELATIONS, Dataset
+from pipeline.io import DataError
 
 
 def _sha(path: Path) -> str:
@@ -219,7 +220,7 @@ def test_drive_sources_go_through_gdown(tmp_path, monkeypatch):
 
 # --- end to end ---------------------------------------------------------------------------------
 def _params(**overrides) -> Params:
-    return apply_overrides(Params(), overrides)
+    return default_params(overrides)
 
 
 def _umre_archives(tmp_path: Path, umre_tree) -> tuple[Path, Path]:
@@ -402,10 +403,12 @@ def test_stage_command_writes_the_synthetic_dataset(tmp_path):
     params_file = tmp_path / "params.yaml"
     params_file.write_text(yaml.safe_dump(raw))
     out = tmp_path / "raw"
-    result = CliRunner().invoke(app, ["download", "--params", str(params_file), "--out", str(out)])
+    command = ["download", "--params", str(params_file), "--out", str(out)]
+    command += ["--cache", str(tmp_path / "c")]
+    result = CliRunner().invoke(app, command)
     assert result.exit_code == 0, result.output
     assert Dataset(out).manifest["splits"]["train"]["samples"] == 12
     raw["data"]["source"], raw["data"]["local"]["path"] = "local", str(tmp_path / "nowhere")
     params_file.write_text(yaml.safe_dump(raw))
-    result = CliRunner().invoke(app, ["download", "--params", str(params_file), "--out", str(out)])
+    result = CliRunner().invoke(app, command)
     assert result.exit_code == 1 and "nowhere: not found (data.local.path)" in result.output

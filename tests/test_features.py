@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,17 +13,18 @@ import torch
 from PIL import Image
 from transformers import BertTokenizerFast
 
-from pipeline import features as F
-from pipeline.config import Params, apply_overrides
-from pipeline.data.records import (
-    PAIR_KINDS,
-    Dataset,
-    Entity,
-    Record,
-    write_json,
-    write_records,
-)
-from pipeline.hub import MARKERS, load_tokenizer
+from pipeline.config import apply_overrides, default_params
+from pipeline.data.images import box_to_pixels
+from pipeline.data.records import PAIR_KINDS, Dataset, Entity, Record, write_records
+from pipeline.features import build as build_module
+from pipeline.features.build import build_features
+from pipeline.features.dataset import CLIP_MEAN, CLIP_STD, FeatureDataset, collate, make_loader
+from pipeline.features.images import crop_depth, crop_objects, normalize_depth, object_layout
+from pipeline.features.text import TextEncoder
+from pipeline.io import DataError, StaleCacheError, write_json
+from pipeline.text import MARKERS, load_tokenizer
+
+DEFAULTS = default_params()
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,10 +118,10 @@ def world(tmp_path_factory):
     BertTokenizerFast(
         vocab={w: i for i, w in enumerate(VOCAB)}, do_lower_case=True
     ).save_pretrained(tok_dir)
-    params = apply_overrides(
-        Params(),
+    params = default_params(
         {
             "model.text_model": str(tok_dir),
+            "data.pad_to_max": True,
             "data.max_objects": 4,
             "data.max_seq": 40,
             "features.crop_size": 16,
@@ -142,7 +144,7 @@ def build(world, name, params=None, **kwargs):
     out = world["root"] / name
     kwargs.setdefault("depth", world["depth"])
     kwargs.setdefault("captions", world["captions"])
-    report = F.build_features(world["dataset"], out, params, **kwargs)
+    report = build_features(world["dataset"], out, params, **kwargs)
     return out, report
 
 
@@ -160,7 +162,7 @@ def tokens(world, ids):
 
 
 def test_markers_wrap_the_word_pieces_of_multi_word_and_edge_entities(world):
-    encoder = F.TextEncoder(world["tokenizer"], max_seq=40)
+    encoder = TextEncoder(world["tokenizer"], max_seq=40)
     t0, t1 = RECORDS["train"][:2]
     got = encoder.encode(t0, None)
     assert tokens(world, got.input_ids) == [
@@ -184,7 +186,7 @@ def test_markers_wrap_the_word_pieces_of_multi_word_and_edge_entities(world):
 
 
 def test_object_entities_get_no_sentence_markers(world):
-    encoder = F.TextEncoder(world["tokenizer"], max_seq=40)
+    encoder = TextEncoder(world["tokenizer"], max_seq=40)
     got = encoder.encode(RECORDS["train"][3], None)  # object-object
     assert tokens(world, got.input_ids) == ["[CLS]", "bill", "co", "##sby", "visited", "paris", ".",
                                             "[SEP]"]  # fmt: skip
@@ -193,7 +195,7 @@ def test_object_entities_get_no_sentence_markers(world):
 
 def test_markers_written_in_the_text_are_ordinary_word_pieces(world):
     # A post or caption that contains "<s1>" or "[SEP]" must not place a marker or a separator.
-    encoder = F.TextEncoder(world["tokenizer"], max_seq=64)
+    encoder = TextEncoder(world["tokenizer"], max_seq=64)
     words = ("i", "saw", "<s1>", "paris", "[SEP]")
     record = Record("x", words, "a.png", text("Paris", 3, 4), obj("[OBJ1]"), "none")
     got = encoder.encode(record, ("<o1> a flag </s2>", "a tower"))
@@ -207,7 +209,7 @@ def test_markers_written_in_the_text_are_ordinary_word_pieces(world):
 
 
 def test_caption_segment_order_and_missing_caption(world):
-    encoder = F.TextEncoder(world["tokenizer"], max_seq=40)
+    encoder = TextEncoder(world["tokenizer"], max_seq=40)
     t2 = RECORDS["train"][2]  # text head "Bill Cosby", object tail [OBJ2]
     got = encoder.encode(t2, ("a comedian", "a tall tower"))
     toks = tokens(world, got.input_ids)
@@ -229,32 +231,32 @@ def test_caption_segment_order_and_missing_caption(world):
 def test_truncation_cuts_captions_before_the_sentence(world):
     t2 = RECORDS["train"][2]  # sentence: 8 tokens + [CLS] [SEP]
     captions = ("a comedian comedians", "a tall tower")  # 4 and 3 word pieces
-    full = F.TextEncoder(world["tokenizer"], 40).encode(t2, captions)
+    full = TextEncoder(world["tokenizer"], 40).encode(t2, captions)
     assert len(full.input_ids) == 10 + 4 + 3 + 4 + 1
     # 20 tokens: 2 caption pieces must go, longest caption first (4 -> 3, then tie -> tail's)
-    got = F.TextEncoder(world["tokenizer"], 20).encode(t2, captions)
+    got = TextEncoder(world["tokenizer"], 20).encode(t2, captions)
     assert len(got.input_ids) == 20
     assert tokens(world, got.input_ids)[10:] == [
         "<k1>", "a", "comedian", "comedian", "</k1>", "<o2>", "a", "tall", "</o2>", "[SEP]",
     ]  # fmt: skip
     assert (got.caption_tokens_cut, got.sentence_tokens_cut, got.markers_dropped) == (2, 0, [])
     # 14 tokens: only the two empty marker pairs fit (+ [SEP])
-    got = F.TextEncoder(world["tokenizer"], 15).encode(t2, captions)
+    got = TextEncoder(world["tokenizer"], 15).encode(t2, captions)
     assert tokens(world, got.input_ids)[10:] == ["<k1>", "</k1>", "<o2>", "</o2>", "[SEP]"]
     assert got.caption_tokens_cut == 7 and got.markers_dropped == []
     # 13 tokens: the tail's block goes first, the head keeps its markers
-    got = F.TextEncoder(world["tokenizer"], 13).encode(t2, captions)
+    got = TextEncoder(world["tokenizer"], 13).encode(t2, captions)
     assert tokens(world, got.input_ids)[10:] == ["<k1>", "</k1>", "[SEP]"]
     assert got.markers_dropped == ["<o2>", "</o2>"]
     # 9 tokens: no caption segment at all, then the sentence loses its last piece
-    got = F.TextEncoder(world["tokenizer"], 9).encode(t2, captions)
+    got = TextEncoder(world["tokenizer"], 9).encode(t2, captions)
     assert tokens(world, got.input_ids) == [
         "[CLS]", "<s1>", "bill", "co", "##sby", "</s1>", "visited", "paris", "[SEP]",
     ]  # fmt: skip
     assert got.sentence_tokens_cut == 1 and got.token_type_ids == [0] * 9
     assert got.markers_dropped == ["<k1>", "</k1>", "<o2>", "</o2>"]
     # 6 tokens: the sentence cut drops the closing head marker too
-    got = F.TextEncoder(world["tokenizer"], 6).encode(t2, captions)
+    got = TextEncoder(world["tokenizer"], 6).encode(t2, captions)
     assert tokens(world, got.input_ids) == ["[CLS]", "<s1>", "bill", "co", "##sby", "[SEP]"]
     assert got.markers_dropped == ["</s1>", "<k1>", "</k1>", "<o2>", "</o2>"]
     assert got.marker_positions[:2] == [1, -1]
@@ -267,7 +269,7 @@ def test_report_counts_truncation_and_missing_captions(world):
     train = report["splits"]["train"]
     # every train sentence (10-13 tokens with [CLS]/[SEP]) leaves <= 3 tokens for captions; check
     # against the encoder sample by sample
-    encoder = F.TextEncoder(world["tokenizer"], 14)
+    encoder = TextEncoder(world["tokenizer"], 14)
     expected_markers = {m: 0 for m in MARKERS}
     expected_samples = 0
     for r in RECORDS["train"]:
@@ -291,14 +293,14 @@ def test_report_counts_truncation_and_missing_captions(world):
 
 
 def test_box_to_pixels_rounds_clamps_and_keeps_one_pixel():
-    assert F.box_to_pixels([0.1, 0.2, 0.6, 0.9], 40, 30) == (4, 6, 24, 27)
-    assert F.box_to_pixels([0.0, 0.0, 1.0, 1.0], 33, 21) == (0, 0, 33, 21)
-    assert F.box_to_pixels([0.5, 0.5, 0.5, 0.5], 10, 10) == (5, 5, 6, 6)
-    assert F.box_to_pixels([0.99, 0.0, 1.0, 0.01], 10, 10) == (9, 0, 10, 1)
+    assert box_to_pixels([0.1, 0.2, 0.6, 0.9], 40, 30) == (4, 6, 24, 27)
+    assert box_to_pixels([0.0, 0.0, 1.0, 1.0], 33, 21) == (0, 0, 33, 21)
+    assert box_to_pixels([0.5, 0.5, 0.5, 0.5], 10, 10) == (5, 5, 6, 6)
+    assert box_to_pixels([0.99, 0.0, 1.0, 0.01], 10, 10) == (9, 0, 10, 1)
 
 
 def test_crops_equal_a_direct_pil_crop_and_resize(world, cache):
-    ds = F.FeatureDataset(cache[0], "train", world["params"])
+    ds = FeatureDataset.load(cache[0], "train", world["params"])
     assert ds.image_ids == ["a.png", "b.jpg", "c.png"]
     for i, image_id in enumerate(ds.image_ids):
         image = Image.open(world["dataset"].image_path(image_id)).convert("RGB")
@@ -307,7 +309,7 @@ def test_crops_equal_a_direct_pil_crop_and_resize(world, cache):
             if box is None:
                 assert not ds.object_crops[i, slot].any()
                 continue
-            px = F.box_to_pixels(box, image.width, image.height)
+            px = box_to_pixels(box, image.width, image.height)
             direct = np.asarray(image.crop(px).resize((16, 16), Image.Resampling.BICUBIC))
             np.testing.assert_array_equal(ds.object_crops[i, slot], direct.transpose(2, 0, 1))
 
@@ -315,15 +317,15 @@ def test_crops_equal_a_direct_pil_crop_and_resize(world, cache):
 def test_a_solid_box_crops_to_its_colour(tmp_path):
     image = Image.new("RGB", (50, 40), (0, 0, 255))
     image.paste((200, 10, 30), (10, 8, 30, 28))  # exactly the box [0.2, 0.2, 0.6, 0.7]
-    boxes, mask = F.object_layout({"[OBJ1]": [0.2, 0.2, 0.6, 0.7]}, 3, "x")
-    crops = F.crop_objects(image, boxes, mask, 8)
+    boxes, mask = object_layout({"[OBJ1]": [0.2, 0.2, 0.6, 0.7]}, 3, "x")
+    crops = crop_objects(image, boxes, mask, 8)
     assert crops.shape == (3, 3, 8, 8)
     assert (crops[1].reshape(3, -1).T == [200, 10, 30]).all()
     assert not crops[0].any() and not crops[2].any()
 
 
 def test_depth_crops_equal_a_slice_and_nearest_resize_of_the_map(world, cache):
-    ds = F.FeatureDataset(cache[0], "train", world["params"])
+    ds = FeatureDataset.load(cache[0], "train", world["params"])
     for i, image_id in enumerate(ds.image_ids):
         depth_map = world["depth"].get(image_id)
         low, high = depth_map.min(), depth_map.max()
@@ -334,21 +336,21 @@ def test_depth_crops_equal_a_slice_and_nearest_resize_of_the_map(world, cache):
             if box is None:
                 assert not ds.depth_crops[i, slot].any()
                 continue
-            left, top, right, bottom = F.box_to_pixels(box, width, height)
+            left, top, right, bottom = box_to_pixels(box, width, height)
             cut = Image.fromarray(norm[top:bottom, left:right].astype(np.float32))
             direct = np.asarray(cut.resize((16, 16), Image.Resampling.NEAREST))
             np.testing.assert_allclose(ds.depth_crops[i, slot], direct, rtol=1e-3, atol=1e-3)
             assert ds.depth_crops[i, slot].dtype == np.float16
     # a.png's map is half the image's size: its boxes map with the map's own H, W
-    assert F.box_to_pixels(OBJECTS["a.png"]["[OBJ0]"], 20, 15) == (2, 3, 12, 14)
-    norm = F.normalize_depth(np.array([[2.0, 4.0], [3.0, 6.0]]))
+    assert box_to_pixels(OBJECTS["a.png"]["[OBJ0]"], 20, 15) == (2, 3, 12, 14)
+    norm = normalize_depth(np.array([[2.0, 4.0], [3.0, 6.0]]))
     np.testing.assert_array_equal(norm, [[0, 0.5], [0.25, 1]])
-    assert not F.normalize_depth(np.full((3, 2), 7.0)).any()  # flat map: zeros
+    assert not normalize_depth(np.full((3, 2), 7.0)).any()  # flat map: zeros
 
 
 def test_samples_match_the_records(world, cache):
     for split, records in RECORDS.items():
-        ds = F.FeatureDataset(cache[0], split, world["params"])
+        ds = FeatureDataset.load(cache[0], split, world["params"])
         assert ds.sample_ids == [r.id for r in records]
         batch = ds.batch(range(len(ds)))
         assert batch["labels"].tolist() == [RELATIONS.index(r.relation) for r in records]
@@ -366,7 +368,7 @@ def test_samples_match_the_records(world, cache):
                     assert tokens(world, [ids[k]]) == [f"<k{n}>"]
                 else:
                     assert s == -1 and k == -1 and tokens(world, [ids[o]]) == [f"<o{n}>"]
-    ds = F.FeatureDataset(cache[0], "train", world["params"])
+    ds = FeatureDataset.load(cache[0], "train", world["params"])
     a = ds.image_ids.index("a.png")
     np.testing.assert_allclose(
         ds.boxes[a], [[0.1, 0.2, 0.6, 0.9, 0.35], [0] * 5, [0.5, 0.0, 1.0, 0.5, 0.25], [0] * 5]
@@ -396,7 +398,7 @@ def test_reruns_are_byte_identical_and_sharded(world, cache):
 
 
 def test_a_killed_run_resumes_from_finished_image_shards(world, cache, monkeypatch):
-    real = F._images_table
+    real = build_module._images_table
     calls = []
 
     def dying(*args, **kwargs):
@@ -405,24 +407,28 @@ def test_a_killed_run_resumes_from_finished_image_shards(world, cache, monkeypat
         calls.append(args[1])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(F, "_images_table", dying)
+    monkeypatch.setattr(build_module, "_images_table", dying)
     with pytest.raises(KeyboardInterrupt):
         build(world, "resumed")
     assert (world["root"] / "resumed.partial").is_dir()
     assert not (world["root"] / "resumed").exists()
     calls.clear()
-    monkeypatch.setattr(F, "_images_table", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(
+        build_module, "_images_table", lambda *a, **k: calls.append(a[1]) or real(*a, **k)
+    )
     out, _ = build(world, "resumed")
     assert calls == [["a.png"]]  # only test's shard: train's 2 and valid's 1 were kept
     for f in cache[0].rglob("*.parquet"):
         assert (out / f.relative_to(cache[0])).read_bytes() == f.read_bytes()
     # a leftover built with other settings is discarded, not reused
-    monkeypatch.setattr(F, "_images_table", dying)
+    monkeypatch.setattr(build_module, "_images_table", dying)
     calls.clear()
     with pytest.raises(KeyboardInterrupt):
         build(world, "other")
     calls.clear()
-    monkeypatch.setattr(F, "_images_table", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    monkeypatch.setattr(
+        build_module, "_images_table", lambda *a, **k: calls.append(a[1]) or real(*a, **k)
+    )
     build(world, "other", apply_overrides(world["params"], {"data.use_box": False}))
     assert len(calls) == 4
 
@@ -435,14 +441,14 @@ def test_a_stale_cache_is_refused_naming_the_setting(world, cache):
         ("data.use_depth", False),
     ]:
         params = apply_overrides(world["params"], {key: value})
-        with pytest.raises(F.StaleCacheError, match=rf"{key}=.*params say {key}={value!r}"):
-            F.FeatureDataset(cache[0], "train", params)
+        with pytest.raises(StaleCacheError, match=rf"{key}=.*params say {key}={value!r}"):
+            FeatureDataset.load(cache[0], "train", params)
     # pad_to_max is the loader's business: the same cache serves both
-    F.FeatureDataset(
+    FeatureDataset.load(
         cache[0], "train", apply_overrides(world["params"], {"data.pad_to_max": False})
     )
     with pytest.raises(FileNotFoundError, match="run the features stage"):
-        F.FeatureDataset(world["root"] / "nowhere", "train", world["params"])
+        FeatureDataset.load(world["root"] / "nowhere", "train", world["params"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -450,13 +456,13 @@ def test_a_stale_cache_is_refused_naming_the_setting(world, cache):
 
 
 def test_batches_padded_to_max_seq_or_per_batch(world, cache):
-    fixed = F.FeatureDataset(cache[0], "train", world["params"])
-    dynamic = F.FeatureDataset(
+    fixed = FeatureDataset.load(cache[0], "train", world["params"])
+    dynamic = FeatureDataset.load(
         cache[0], "train", apply_overrides(world["params"], {"data.pad_to_max": False})
     )
     items = [fixed[i] for i in (3, 0)]
-    a = F.collate(items)
-    b = F.collate([dynamic[i] for i in (3, 0)])
+    a = collate(items)
+    b = collate([dynamic[i] for i in (3, 0)])
     lengths = [int(fixed.lengths[3]), int(fixed.lengths[0])]
     assert a["input_ids"].shape == (2, 40) and b["input_ids"].shape == (2, max(lengths))
     assert a["attention_mask"].sum(1).tolist() == lengths == b["attention_mask"].sum(1).tolist()
@@ -483,11 +489,11 @@ def test_batches_padded_to_max_seq_or_per_batch(world, cache):
 
 
 def test_pixel_values_are_clip_normalized_and_empty_slots_zero(world, cache):
-    ds = F.FeatureDataset(cache[0], "train", world["params"])
+    ds = FeatureDataset.load(cache[0], "train", world["params"])
     batch = ds.batch([4])  # b.jpg: slots 0 and 1
     crops = ds.object_crops[ds.image_ids.index("b.jpg")].astype(np.float32) / 255
-    mean = np.array(F.CLIP_MEAN, np.float32)[:, None, None]
-    std = np.array(F.CLIP_STD, np.float32)[:, None, None]
+    mean = np.array(CLIP_MEAN, np.float32)[:, None, None]
+    std = np.array(CLIP_STD, np.float32)[:, None, None]
     for slot in (0, 1):
         np.testing.assert_allclose(
             batch["pixel_values"][0, slot].numpy(), (crops[slot] - mean) / std, atol=1e-5
@@ -495,9 +501,12 @@ def test_pixel_values_are_clip_normalized_and_empty_slots_zero(world, cache):
     assert not batch["pixel_values"][0, 2:].any() and not batch["depth_values"][0, 2:].any()
 
 
-def test_make_loader_is_seeded_and_covers_every_sample(world, cache):
+def test_make_loader_follows_its_sampler_and_covers_every_sample(world, cache):
+    ds = FeatureDataset.load(cache[0], "train", world["params"])
+
     def order(seed):
-        loader = F.make_loader(cache[0], "train", world["params"], 4, shuffle=True, seed=seed)
+        generator = torch.Generator().manual_seed(seed)
+        loader = make_loader(ds, 4, sampler=torch.utils.data.RandomSampler(ds, generator=generator))
         return [i for batch in loader for i in batch["labels"].tolist()], loader
 
     first, loader = order(7)
@@ -506,7 +515,7 @@ def test_make_loader_is_seeded_and_covers_every_sample(world, cache):
     orders = {tuple(order(seed)[0]) for seed in range(6)}
     assert len(orders) > 1
     assert [len(b["labels"]) for b in loader] == [4, 2]
-    plain = F.make_loader(cache[0], "train", world["params"], 6, shuffle=False, seed=0)
+    plain = make_loader(ds, 6)
     assert next(iter(plain))["labels"].tolist() == [
         RELATIONS.index(r.relation) for r in RECORDS["train"]
     ]
@@ -518,9 +527,9 @@ def test_ablation_switches_zero_their_inputs(world, cache):
     )
     out, report = build(world, "ablated", params, depth=None, captions=None)
     assert report["caption_segment"] is False
-    ds = F.FeatureDataset(out, "train", params)
+    ds = FeatureDataset.load(out, "train", params)
     batch = ds.batch(range(len(ds)))
-    full = F.FeatureDataset(cache[0], "train", world["params"]).batch(range(len(ds)))
+    full = FeatureDataset.load(cache[0], "train", world["params"]).batch(range(len(ds)))
     assert not batch["depth_values"].any() and full["depth_values"].any()
     assert not batch["boxes"].any() and full["boxes"].any()
     assert torch.equal(batch["pixel_values"], full["pixel_values"])
@@ -534,12 +543,12 @@ def test_ablation_switches_zero_their_inputs(world, cache):
 
 def test_missing_depth_map_is_an_error_or_zeros_under_skip(world):
     depth = FakeDepth({k: v for k, v in world["depth"].maps.items() if k != "b.jpg"})
-    with pytest.raises(F.DataError, match=r"b\.jpg.*no depth map.*data.on_error=skip"):
+    with pytest.raises(DataError, match=r"b\.jpg.*no depth map.*data.on_error=skip"):
         build(world, "nodepth", depth=depth)
     params = apply_overrides(world["params"], {"data.on_error": "skip"})
     out, report = build(world, "nodepth", params, depth=depth)
     assert report["splits"]["train"]["image_problems"]["count"] == 1
-    ds = F.FeatureDataset(out, "train", params)
+    ds = FeatureDataset.load(out, "train", params)
     b = ds.image_ids.index("b.jpg")
     assert not ds.depth_crops[b].any() and ds.object_crops[b].any()
 
@@ -560,18 +569,18 @@ def test_stage_runs_on_the_synthetic_dataset_with_the_real_readers(tmp_path):
     import yaml
     from typer.testing import CliRunner
 
-    from pipeline.caption import run_caption
-    from pipeline.config import SyntheticParams, params_to_dict
+    from pipeline.caption.run import run_caption
+    from pipeline.config import params_to_dict
     from pipeline.data.synthetic import generate_synthetic
-    from pipeline.depth import run_depth
-    from pipeline.depth_store import DepthStore
+    from pipeline.depth.run import run_depth
+    from pipeline.depth.store import DepthStore
     from stages.cli import app
 
-    params = apply_overrides(Params(), {"data.max_seq": 48})
-    synthetic = SyntheticParams(seed=3, train=6, valid=3, test=3, image_size=48)
+    params = default_params({"data.max_seq": 48})
+    synthetic = replace(DEFAULTS.data.synthetic, seed=3, train=6, valid=3, test=3, image_size=48)
     generate_synthetic(tmp_path / "raw", synthetic, params.data.max_objects)
     dataset = Dataset(tmp_path / "raw")
-    run_depth(dataset, tmp_path / "depth", params.depth)
+    run_depth(dataset, tmp_path / "depth", params.depth, params.data.on_error)
     run_caption(dataset, tmp_path / "captions", params.caption, progress=False)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_to_dict(params)))
     args = [
@@ -589,7 +598,7 @@ def test_stage_runs_on_the_synthetic_dataset_with_the_real_readers(tmp_path):
     assert report["caption_segment"] is True
     assert report["splits"]["train"]["captions_missing"] == {"text": 0, "object": 0}
 
-    ds = F.FeatureDataset(tmp_path / "out", "train", params)
+    ds = FeatureDataset.load(tmp_path / "out", "train", params)
     records = dataset.records("train")
     batch = ds.batch(range(len(ds)))
     assert batch["labels"].tolist() == [dataset.relations[r.relation] for r in records]
@@ -597,8 +606,8 @@ def test_stage_runs_on_the_synthetic_dataset_with_the_real_readers(tmp_path):
     store = DepthStore(tmp_path / "depth")
     image_id = records[0].image_id
     i = ds.image_ids.index(image_id)
-    boxes, mask = F.object_layout(dataset.objects[image_id], params.data.max_objects, image_id)
-    direct = F.crop_depth(F.normalize_depth(store.get(image_id)), boxes, mask, 64)
+    boxes, mask = object_layout(dataset.objects[image_id], params.data.max_objects, image_id)
+    direct = crop_depth(normalize_depth(store.get(image_id)), boxes, mask, 64)
     np.testing.assert_allclose(ds.depth_crops[i], direct, atol=1e-3)
     assert ds.depth_crops[i][mask].std() > 0
 
@@ -614,8 +623,8 @@ def test_empty_splits_are_written_and_read_back(world, tmp_path):
     write_json(data / "relations.json", {r: i for i, r in enumerate(RELATIONS)})
     write_json(data / "manifest.json", {"source": "test", "version": "1"})
     out = tmp_path / "features"
-    report = F.build_features(Dataset(data), out, world["params"], world["depth"], None)
+    report = build_features(Dataset(data), out, world["params"], world["depth"], None)
     assert report["splits"]["train"]["samples"] == 0
-    assert len(F.FeatureDataset(out, "train", world["params"])) == 0
-    test = F.FeatureDataset(out, "test", world["params"])
+    assert len(FeatureDataset.load(out, "train", world["params"])) == 0
+    test = FeatureDataset.load(out, "test", world["params"])
     assert test.image_ids == ["b.jpg"] and test.batch([0])["labels"].tolist() == [0]

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from pipeline import metrics
+from pipeline.evaluate import plots, report
 
 LABELS = ["none", "/per/org/member_of", "/loc/loc/contain"]
 #        idx:   0  1  2  3  4  5
@@ -131,7 +132,7 @@ def test_confusion_matrix_and_records():
 
 def test_written_tables_and_pictures(tmp_path):
     rows = metrics.per_relation(GOLD, PRED, LABELS)
-    metrics.write_per_relation_csv(tmp_path / "per_relation.csv", rows)
+    report.write_per_relation_csv(tmp_path / "per_relation.csv", rows)
     with (tmp_path / "per_relation.csv").open() as fh:
         table = list(csv.DictReader(fh))
     assert list(table[0]) == ["label", "precision", "recall", "f1", "support"]
@@ -142,13 +143,13 @@ def test_written_tables_and_pictures(tmp_path):
         "f1": "0.4000",
         "support": "2",
     }
-    metrics.write_confusion_json(
+    report.write_confusion_json(
         tmp_path / "confusion.json", metrics.confusion_records(GOLD, PRED, LABELS)
     )
     data = json.loads((tmp_path / "confusion.json").read_text())
     assert len(data["confusion"]) == 6 and data["confusion"][3]["actual"] == "/loc/loc/contain"
 
-    metrics.plot_confusion(tmp_path / "plots" / "confusion.png", GOLD, PRED, LABELS)
+    plots.plot_confusion(tmp_path / "plots" / "confusion.png", GOLD, PRED, LABELS)
     with Image.open(tmp_path / "plots" / "confusion.png") as image:
         assert image.format == "PNG" and min(image.size) > 100
 
@@ -165,14 +166,14 @@ def test_training_plot_reads_dvclive_logs(tmp_path):
             live.log_metric("epoch", epoch)
             live.log_metric("train/epoch_loss", 1.0 / epoch)
             live.log_metric("dev/micro_f1", 0.2 * epoch)
-    steps, losses = metrics.read_live_metric(live_dir, "train/loss")
+    steps, losses = plots.read_live_metric(live_dir, "train/loss")
     assert steps.tolist() == list(range(1, 13))
     assert losses[0] == pytest.approx(1.0)
-    epoch_steps, f1 = metrics.read_live_metric(live_dir, "dev/micro_f1")
+    epoch_steps, f1 = plots.read_live_metric(live_dir, "dev/micro_f1")
     assert epoch_steps.tolist() == [4, 8, 12] and f1 == pytest.approx([0.2, 0.4, 0.6])
 
-    metrics.plot_training(live_dir, tmp_path / "training.png")
+    plots.plot_training(live_dir, tmp_path / "training.png")
     with Image.open(tmp_path / "training.png") as image:
         assert image.format == "PNG" and image.size[0] > image.size[1] > 100
     with pytest.raises(FileNotFoundError, match="dev/nothing"):
-        metrics.read_live_metric(live_dir, "dev/nothing")
+        plots.read_live_metric(live_dir, "dev/nothing")

@@ -93,7 +93,7 @@ def test_layer_plan_and_output_match_plain_domain_reference(solver, floor):
 def test_matches_pot_single_problem_sinkhorn_with_floor_zero():
     torch.manual_seed(2)
     cost = torch.rand(2, 6, 10, dtype=torch.float64)  # well conditioned: converged in 50 iterations
-    plan = sinkhorn_plan(floored_cost(cost.float(), EPS, 0.0), EPS, 50)
+    plan = sinkhorn_plan(floored_cost(cost.float(), EPS, 0.0), EPS, 50, solver="log_sinkhorn")
     for b in range(2):
         ref = pot.sinkhorn(
             torch.full((6,), 1 / 6).double(),
@@ -120,7 +120,7 @@ def test_floor_quirk_large_costs_give_exactly_uniform_plan(solver):
         plan = transport_plan(floored_cost(cost, EPS, 1e-12), EPS, 50, solver=solver)
     assert rel_err(plan, torch.full_like(plan, 1 / (7 * 13))) <= 1e-6
     # Without the floor the same costs give a far-from-uniform plan.
-    pure = transport_plan(cost, EPS, 50)
+    pure = transport_plan(cost, EPS, 50, solver="log_sinkhorn")
     assert rel_err(pure, torch.full_like(pure, 1 / (7 * 13))) > 0.5
 
 
@@ -176,10 +176,10 @@ def test_recomputed_and_chunked_solve_matches_plain_autodiff(monkeypatch):
     torch.manual_seed(7)
     cost = (3 * torch.rand(5, 6, 9)).requires_grad_()
     weights = torch.randn(5, 6, 9)
-    direct = sinkhorn_plan(cost, EPS, 30)
+    direct = sinkhorn_plan(cost, EPS, 30, solver="log_sinkhorn")
     (grad_direct,) = torch.autograd.grad((direct * weights).sum(), cost)
     monkeypatch.setattr(model_ot, "CHUNK_ELEMENTS", 2 * 6 * 9)  # chunks of 2 problems
-    chunked = transport_plan(cost, EPS, 30)
+    chunked = transport_plan(cost, EPS, 30, solver="log_sinkhorn")
     (grad_chunked,) = torch.autograd.grad((chunked * weights).sum(), cost)
     assert rel_err(chunked, direct) <= 1e-6
     assert rel_err(grad_chunked, grad_direct) <= 1e-5
@@ -229,7 +229,7 @@ def test_fused_solver_equals_pot_plain_domain_solver_in_plan_and_gradient(floor)
     fused = fused_sinkhorn_plan(torch.exp(-distance / EPS) + floor, rows, columns, 50)
     (grad_fused,) = torch.autograd.grad((fused * weights).sum(), distance)
     reference = sinkhorn_plan(
-        floored_cost(distance, EPS, floor), EPS, 50, rows, columns, "sinkhorn"
+        floored_cost(distance, EPS, floor), EPS, 50, rows, columns, solver="sinkhorn"
     )
     (grad_reference,) = torch.autograd.grad((reference * weights).sum(), distance)
     assert rel_err(fused, reference) <= 1e-5

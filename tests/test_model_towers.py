@@ -10,16 +10,19 @@ import transformers
 from torch.nn import functional as F
 from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel
 
-from pipeline.config import Params, apply_overrides
-from pipeline.hub import MARKERS, load_tokenizer
-from pipeline.model import build_model, load_text_tower, load_vision_tower, save_vision_tower
+from pipeline.config import Params, default_params
+from pipeline.model.remote import build_model
 from pipeline.model.towers import (
     TINY_TEXT_CONFIG,
     TINY_VISION_ARCHITECTURE,
     TINY_VISION_ARGS,
+    load_text_tower,
+    load_vision_tower,
+    save_vision_tower,
     text_tower_from_spec,
     vision_tower_from_spec,
 )
+from pipeline.text import MARKERS, load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +31,7 @@ def tokenizer():
 
 
 def params(**overrides) -> Params:
-    return apply_overrides(Params(), {"data.max_objects": 4, **overrides})
+    return default_params({"data.max_objects": 4, **overrides})
 
 
 def save_text(folder, vocab_size: int, seed: int = 5, **config) -> BertModel:

@@ -3,7 +3,8 @@
 Runs `dvc repro` on the embedded default at the smallest sizes (with the tiny depth model and the
 tiny captioner, so those code paths run too), then `dvc exp run -S train.epochs=1`, and checks that
 re-runs are cheap: nothing re-runs when nothing changed, `train.lr` re-runs only train and evaluate,
-`caption.*` does not re-run depth. Select with `pytest -m pipeline`.
+`caption.*` does not re-run depth, a comment in the features builder leaves train up to date and
+an edit of the metric code invalidates train and evaluate. Select with `pytest -m pipeline`.
 """
 
 from __future__ import annotations
@@ -132,6 +133,21 @@ def test_only_train_and_evaluate_depend_on_lr(repo):
     # Back to the original lr: train runs again (its persisted checkpoint opts it out of the
     # run-cache); evaluate may come back from the run-cache instead of running. Nothing upstream.
     assert ran_stages(dvc(repo, "repro")) <= {"train", "evaluate"}
+    assert changed_stages(repo) == set()
+
+
+def test_code_edits_invalidate_only_the_stages_that_run_the_code(repo):
+    builder, scoring = repo / "pipeline" / "features" / "build.py", repo / "pipeline" / "metrics.py"
+    originals = {path: path.read_text() for path in (builder, scoring)}
+    try:
+        builder.write_text(originals[builder] + "# a comment in the features builder\n")
+        assert changed_stages(repo) == {"features"}  # train reads the cache, not its builder
+        builder.write_text(originals[builder])
+        scoring.write_text(originals[scoring] + "# a comment in the metric code\n")
+        assert changed_stages(repo) == {"train", "evaluate"}  # dev F1 selects the checkpoint
+    finally:
+        for path, text in originals.items():
+            path.write_text(text)
     assert changed_stages(repo) == set()
 
 

@@ -12,23 +12,25 @@ import pytest
 from PIL import Image
 from test_train import build_world, small_params
 
-from pipeline.caption_table import CaptionTable
-from pipeline.data.records import DataError, Dataset
+from pipeline.caption.table import CaptionTable
+from pipeline.data.records import Dataset
+from pipeline.io import DataError
+from pipeline.model.saved import load_trained
 from pipeline.predict import predict_file, predict_inputs, read_inputs
-from pipeline.train import load_trained, train
+from pipeline.train.loop import train
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> dict[str, Path]:
     """A briefly trained model and the evaluate outputs of its test split."""
-    from pipeline.metrics import evaluate_model
+    from pipeline.evaluate.report import evaluate_model
 
     root = tmp_path_factory.mktemp("predict")
     params = small_params(**{"train.epochs": 2})
     world = build_world(root, params)
     train(params, world["features"], world["raw"], root / "models", root / "dvclive")
     evaluate_model(
-        root / "models" / "best", world["features"], root / "metrics", root / "plots", None
+        root / "models" / "best", world["features"], root / "metrics", root / "plots", None, 64
     )
     return {**world, "best": root / "models" / "best", "metrics": root / "metrics"}
 
@@ -71,7 +73,7 @@ def test_predict_on_test_records_matches_evaluate(model, tmp_path):
     inputs = write_jsonl(tmp_path / "in" / "test.jsonl", record_inputs(
         model["raw"], model["captions"], tmp_path / "in"
     ))  # fmt: skip
-    results = predict_file(model["best"], inputs, tmp_path / "out.jsonl")
+    results = predict_file(model["best"], inputs, tmp_path / "out.jsonl", 64)
     evaluated = [
         json.loads(line)
         for line in (model["metrics"] / "predictions.jsonl").read_text().splitlines()
@@ -98,7 +100,7 @@ def test_lines_without_depth_get_zeros_and_a_warning(model, tmp_path, caplog):
     trained = load_trained(model["best"])
     path = write_jsonl(tmp_path / "in.jsonl", [line])
     with caplog.at_level(logging.WARNING, logger="pipeline.predict"):
-        (result,) = predict_inputs(trained, read_inputs(path, 6))
+        (result,) = predict_inputs(trained, read_inputs(path, 6), 64)
     assert "depth channel is zeros" in caplog.text
     assert result["label"] in trained.labels
 
@@ -138,7 +140,10 @@ GOOD = {"text_tokens": ["a", "b", "c"], "head": {"span": [0, 1]}, "tail": {"span
         ({**GOOD, "text": "a b c"}, "exactly one of 'text'"),
         ({**GOOD, "head": {"span": [2, 9]}}, "head.span: expected [start, end) with 0 <= start"),
         ({**GOOD, "tail": {"name": "x"}}, "'tail': expected"),
-        ({**GOOD, "tail": {"box": [0.5, 0.1, 0.2, 0.9]}}, "tail.box: expected 0 <= x1 < x2"),
+        (
+            {**GOOD, "tail": {"box": [0.5, 0.1, 0.2, 0.9]}},
+            "tail.box: bad box (found [0.5, 0.1, 0.2, 0.9], expected 0 <= x1 < x2",
+        ),
         ({**GOOD, "tail": {"box": [0.1, 0.1, 0.2, 0.9]}}, "'image' is required"),
         ({**GOOD, "image": "nope.jpg", "objects": [[0, 0, 1, 1]]}, "nope.jpg: file not found"),
         ({**GOOD, "image": "in.jsonl", "objects": [[0, 0, 1, 1]]}, "in.jsonl: cannot read it"),

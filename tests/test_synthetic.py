@@ -6,18 +6,21 @@ import dataclasses
 import hashlib
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import SyntheticParams
+from pipeline.config import default_params
 from pipeline.data.records import PAIR_KINDS, SPLITS, UMRE_RELATIONS, Dataset
 from pipeline.data.synthetic import VOCABULARY, generate_synthetic
 
-SMALL = SyntheticParams(seed=5, train=20, valid=8, test=8, image_size=64)
-MEDIUM = SyntheticParams(seed=7, train=150, valid=60, test=60, image_size=64)
+DEFAULTS = default_params()
+
+SMALL = replace(DEFAULTS.data.synthetic, seed=5, train=20, valid=8, test=8, image_size=64)
+MEDIUM = replace(DEFAULTS.data.synthetic, seed=7, train=150, valid=60, test=60, image_size=64)
 
 # Written here, not imported, so the rules are checked against an independent reading of the text.
 CLAUSE_WORDS = {
@@ -268,12 +271,22 @@ def test_manifest_counts_and_checksums_match_the_files(medium):
 
 
 def test_images_per_split_and_bad_params(tmp_path):
-    params = SyntheticParams(seed=1, train=12, valid=6, test=6, image_size=48, images_per_split=3)
+    params = replace(
+        DEFAULTS.data.synthetic,
+        seed=1,
+        train=12,
+        valid=6,
+        test=6,
+        image_size=48,
+        images_per_split=3,
+    )
     manifest = generate_synthetic(tmp_path / "d", params, max_objects=4)
     assert [manifest["splits"][s]["images"] for s in SPLITS] == [3, 3, 3]
     assert max(len(v) for v in Dataset(tmp_path / "d").objects.values()) <= 4
     with pytest.raises(ValueError, match="images_per_split"):
-        generate_synthetic(tmp_path / "e", SyntheticParams(train=40, images_per_split=2))
+        generate_synthetic(
+            tmp_path / "e", replace(DEFAULTS.data.synthetic, train=40, images_per_split=2)
+        )
     with pytest.raises(ValueError, match="max_objects"):
         generate_synthetic(tmp_path / "f", SMALL, max_objects=1)
     assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
@@ -282,7 +295,7 @@ def test_images_per_split_and_bad_params(tmp_path):
 def test_atomic_write_gives_files_the_usual_mode(tmp_path):
     import os
 
-    from pipeline.data.records import atomic_write_text
+    from pipeline.io import atomic_write_text
 
     target = tmp_path / "out.txt"
     atomic_write_text(target, "x")
@@ -293,7 +306,7 @@ def test_atomic_write_gives_files_the_usual_mode(tmp_path):
 
 
 def test_read_json_errors_name_the_file_and_line(tmp_path):
-    from pipeline.data.records import DataError, read_json
+    from pipeline.io import DataError, read_json
 
     bad = tmp_path / "captions.json"
     bad.write_text('{\n  "a": 1,\n  oops\n}\n')

@@ -22,15 +22,11 @@ import yaml
 
 from pipeline import metrics
 from pipeline.config import Params, apply_overrides, load_params, params_to_dict
-from pipeline.train import (
-    ShardedSampler,
-    TrainingInterrupted,
-    build_optimizer,
-    label_list,
-    load_trained,
-    predict_dataset,
-    train,
-)
+from pipeline.data.records import label_list
+from pipeline.evaluate.plots import read_live_metric
+from pipeline.inference import predict_dataset
+from pipeline.model.saved import load_trained
+from pipeline.train.loop import ShardedSampler, TrainingInterrupted, build_optimizer, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -61,18 +57,18 @@ def small_params(**overrides: Any) -> Params:
 
 def build_world(root: Path, params: Params) -> dict[str, Path]:
     """Run download, depth, caption and features (library calls) into ``root``."""
-    from pipeline.caption import run_caption
-    from pipeline.caption_table import CaptionTable
+    from pipeline.caption.run import run_caption
+    from pipeline.caption.table import CaptionTable
     from pipeline.data.records import Dataset
     from pipeline.data.synthetic import generate_synthetic
-    from pipeline.depth import run_depth
-    from pipeline.depth_store import DepthStore
-    from pipeline.features import build_features
+    from pipeline.depth.run import run_depth
+    from pipeline.depth.store import DepthStore
+    from pipeline.features.build import build_features
 
     raw, depth, captions, features = (root / n for n in ("raw", "depth", "captions", "features"))
     generate_synthetic(raw, params.data.synthetic, params.data.max_objects)
     dataset = Dataset(raw)
-    run_depth(dataset, depth, params.depth)
+    run_depth(dataset, depth, params.depth, params.data.on_error)
     run_caption(dataset, captions, params.caption, progress=False)
     build_features(dataset, features, params, DepthStore(depth), CaptionTable(captions))
     return {"raw": raw, "depth": depth, "captions": captions, "features": features}
@@ -164,16 +160,16 @@ def trained(world, tmp_path_factory) -> dict[str, Any]:
 
 
 def test_training_lowers_the_loss_and_beats_the_majority_baseline(world, trained):
-    from pipeline.features import FeatureDataset
+    from pipeline.features.dataset import FeatureDataset
 
     params = small_params()
-    _, epoch_loss = metrics.read_live_metric(trained["live"], "train/epoch_loss")
-    _, dev_f1 = metrics.read_live_metric(trained["live"], "dev/micro_f1")
+    _, epoch_loss = read_live_metric(trained["live"], "train/epoch_loss")
+    _, dev_f1 = read_live_metric(trained["live"], "dev/micro_f1")
     assert len(epoch_loss) == len(dev_f1) == params.train.epochs
     assert epoch_loss[-1] < 0.8 * epoch_loss[0]
     # Majority baseline: predict the most frequent train label for every dev sample.
-    train_labels = FeatureDataset(world["features"], "train", params).labels
-    dev = FeatureDataset(world["features"], "valid", params)
+    train_labels = FeatureDataset.load(world["features"], "train", params).labels
+    dev = FeatureDataset.load(world["features"], "valid", params)
     majority = np.full_like(dev.labels, np.bincount(train_labels).argmax())
     baseline = metrics.micro_prf(dev.labels, majority)[2]
     assert dev_f1.max() > baseline + 0.2
@@ -181,7 +177,7 @@ def test_training_lowers_the_loss_and_beats_the_majority_baseline(world, trained
     model = load_trained(trained["out"] / "best")
     best = int(np.argmax(dev_f1))
     assert model.info["epoch"] == best + 1
-    out = predict_dataset(model.model, dev, model.params, 64)
+    out = predict_dataset(model.model, dev, 64, "cpu")
     assert metrics.micro_prf(out["gold"], out["pred"])[2] == pytest.approx(dev_f1[best])
     summary = json.loads((trained["live"] / "metrics.json").read_text())
     assert summary["best"] == {"dev_micro_f1": pytest.approx(dev_f1[best]), "epoch": best + 1}
@@ -266,8 +262,8 @@ def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
     assert_same_weights(weights(full.model), weights(resumed.model))
     assert resumed.history == full.history
     # The logs have each step once, as in the uninterrupted run (steps 9-11 were logged twice).
-    steps_a, loss_a = metrics.read_live_metric(tmp_path / "a_live", "train/loss")
-    steps_b, loss_b = metrics.read_live_metric(tmp_path / "b_live", "train/loss")
+    steps_a, loss_a = read_live_metric(tmp_path / "a_live", "train/loss")
+    steps_b, loss_b = read_live_metric(tmp_path / "b_live", "train/loss")
     assert steps_b.tolist() == steps_a.tolist() == list(range(1, 25))
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
     best_a = load_trained(tmp_path / "a" / "best").model.state_dict()
@@ -297,7 +293,7 @@ WORKER = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     from test_train import small_params
-    from pipeline.train import train
+    from pipeline.train.loop import train
 
     params = small_params(**json.loads({overrides!r}))
     out = Path({out!r})
@@ -332,7 +328,7 @@ def test_two_cpu_processes_finish_with_identical_weights(world, tmp_path):
     digests = [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)]
     assert digests[0] == digests[1]
     # Rank 0 alone wrote the outputs; the logged step count reflects the halved per-process data.
-    steps, _ = metrics.read_live_metric(tmp_path / "live", "train/loss")
+    steps, _ = read_live_metric(tmp_path / "live", "train/loss")
     per_epoch = -(-SMALL["data.synthetic.train"] // (2 * overrides["train.batch_size"]))
     assert steps.tolist() == list(range(1, 2 * per_epoch + 1))
     assert load_trained(tmp_path / "models" / "best").info["num_processes"] == 2
@@ -354,11 +350,9 @@ def test_train_stage_relaunches_itself_for_several_processes(tmp_path, monkeypat
     monkeypatch.setattr(
         sp, "run", lambda cmd, check: launched.append(cmd) or sp.CompletedProcess(cmd, 0)
     )
-    result = CliRunner().invoke(app, ["train", "--params", str(params_file), "--out", "m"])
+    paths = ["--features", "f", "--dataset", "d", "--out", "m", "--live", "l"]
+    result = CliRunner().invoke(app, ["train", "--params", str(params_file), *paths])
     assert result.exit_code == 0, result.output
     (cmd,) = launched
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m"]
-    assert cmd[6:] == [
-        "stages", "train", "--params", str(params_file), "--features", "data/features",
-        "--out", "m", "--live", "dvclive",
-    ]  # fmt: skip
+    assert cmd[6:] == ["stages", "train", "--params", str(params_file), *paths]

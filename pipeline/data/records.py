@@ -14,17 +14,14 @@ where the data came from::
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+
+from pipeline.io import DataError, atomic_write_text, file_sha256, write_json
 
 SPLITS = ("train", "valid", "test")
 PAIR_KINDS = ("text-text", "text-object", "object-object")
@@ -60,10 +57,6 @@ UMRE_RELATIONS = (
     "/per/misc/religion",
     "/org/misc/present_in",
 )
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file, the line and the problem."""
 
 
 @dataclass(frozen=True)
@@ -138,52 +131,40 @@ class Record:
         )
 
 
+def parse_object_name(name: Any) -> int | None:
+    """The slot k of an object name ``"[OBJk]"``, or None when ``name`` is not one."""
+    if isinstance(name, str) and name.startswith("[OBJ") and name.endswith("]"):
+        digits = name[4:-1]
+        if digits.isascii() and digits.isdigit():
+            return int(digits)
+    return None
+
+
+def object_name(slot: int) -> str:
+    """3 -> ``"[OBJ3]"``."""
+    return f"[OBJ{slot}]"
+
+
 def object_slot(name: str) -> int:
     """``"[OBJ3]"`` -> 3."""
-    if not (name.startswith("[OBJ") and name.endswith("]") and name[4:-1].isdigit()):
+    slot = parse_object_name(name)
+    if slot is None:
         raise ValueError(f"object name must look like '[OBJk]', found {name!r}")
-    return int(name[4:-1])
+    return slot
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_UMASK = _current_umask()
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write a file through a temp name in the same folder, then rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the usual mode of a new file
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def read_json(path: str | Path, what: str) -> Any:
-    """Parse a JSON file; a missing file or bad JSON raises DataError naming the file (and line)."""
-    path = Path(path)
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: {what} not found") from exc
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from exc
-
-
-def write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+def label_list(relations: dict[str, int]) -> list[str]:
+    """``relations.json`` (label -> id) as a list indexed by id; checks ids are 0..n-1, none = 0."""
+    labels = [name for name, _ in sorted(relations.items(), key=lambda kv: kv[1])]
+    if sorted(relations.values()) != list(range(len(labels))):
+        raise ValueError(
+            f"relation ids must be 0..{len(labels) - 1}, found {sorted(relations.values())}"
+        )
+    if relations.get(NONE_LABEL) != 0:
+        raise ValueError(
+            f"relation {NONE_LABEL!r} must have id 0, found {relations.get(NONE_LABEL)!r}"
+        )
+    return labels
 
 
 def write_records(path: str | Path, records: list[Record]) -> None:
@@ -244,38 +225,6 @@ class Dataset:
     @property
     def captions_path(self) -> Path:
         return self.root / "captions.json"
-
-
-def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
-    """The sha256 hex digest of a file, read in chunks (archives can be many GB)."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(chunk_size), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextmanager
-def staging_dir(out_dir: str | Path) -> Iterator[Path]:
-    """Yield an empty folder next to ``out_dir``; on success it replaces ``out_dir``, on error it
-    is removed, so a reader never sees a half-written dataset. One writer per ``out_dir``."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    # Leftovers of a killed run (same naming scheme) are never trusted: remove them.
-    for stale in out_dir.parent.glob(f".{out_dir.name}.*.partial"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    tmp.chmod(0o755)
-    try:
-        yield tmp
-        old = out_dir.parent / f".{out_dir.name}.old.partial"
-        if out_dir.exists():
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def write_dataset(

@@ -37,10 +37,10 @@ from pipeline.data.records import (
     UMRE_RELATIONS,
     Entity,
     Record,
-    staging_dir,
+    object_name,
     write_dataset,
-    write_json,
 )
+from pipeline.io import staging_dir, write_json
 
 __all__ = [
     "GENERATOR_VERSION",
@@ -441,7 +441,7 @@ def _make_image(
             n = max(2, n - (rng.random() < 0.2))  # crowded scenes: drop an object now and then
             placed = _make_objects(rng, size, n)
         objects, ids = placed
-        names = [f"[OBJ{k}]" for k in rng.permutation(len(objects))]
+        names = [object_name(k) for k in rng.permutation(len(objects))]
         picked = _choose(rng, kinds, _candidates(post, objects, names), stats, attempt < 20)
         if picked is not None:
             return post, objects, names, ids, *picked

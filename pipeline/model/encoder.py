@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from pipeline.config import OTParams
 from pipeline.model.embeddings import ObjectPooling
 from pipeline.model.ot import MultilevelTransport
 
@@ -143,7 +144,7 @@ class DualStreamEncoder(nn.Module):
         *,
         pool_after_layer: int,
         fusion_start_layer: int,
-        ot: dict | None,
+        ot: OTParams | None,
     ) -> None:
         super().__init__()
         num_layers = len(bert_layers)
@@ -170,11 +171,18 @@ class DualStreamEncoder(nn.Module):
         # Index i - 1 holds layer i's transport (layer 0 has no earlier state to transport from).
         self.text_transport = self.vision_transport = None
         if ot is not None:
+            settings = {
+                "epsilon": ot.epsilon,
+                "iterations": ot.iterations,
+                "kernel_floor": ot.kernel_floor,
+                "barycentric": ot.barycentric,
+                "solver": ot.solver,
+            }
             self.text_transport = nn.ModuleList(
-                MultilevelTransport(hidden, **ot) for _ in range(num_layers - 1)
+                MultilevelTransport(hidden, **settings) for _ in range(num_layers - 1)
             )
             self.vision_transport = nn.ModuleList(
-                MultilevelTransport(hidden, **ot) for _ in range(num_layers - 1)
+                MultilevelTransport(hidden, **settings) for _ in range(num_layers - 1)
             )
 
     def forward(

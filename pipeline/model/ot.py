@@ -30,8 +30,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from pipeline.config import OT_SOLVERS
+
 __all__ = [
-    "SOLVERS",
     "FusedSinkhorn",
     "floored_cost",
     "fused_sinkhorn_plan",
@@ -58,7 +59,6 @@ def floored_cost(cost: torch.Tensor, epsilon: float, kernel_floor: float) -> tor
     return -epsilon * torch.logaddexp(-cost / epsilon, log_floor)
 
 
-SOLVERS = ("log_sinkhorn", "sinkhorn", "fused")
 # The fused solver's problems are solved in batch chunks of about this many kernel elements per
 # thread: a chunk's kernel then stays in cache across its 100 half-iterations (measured on the 11
 # text-OT problems [8, 99, 99 i] at 1 thread: 0.62 s per forward+backward with 2^17, 0.85 s unchunked).
@@ -158,7 +158,8 @@ def sinkhorn_plan(
     iterations: int,
     row_mass: torch.Tensor | None = None,
     column_mass: torch.Tensor | None = None,
-    solver: str = "log_sinkhorn",
+    *,
+    solver: str,
 ) -> torch.Tensor:
     """Entropic plans ``[b, n, m]`` after exactly ``iterations`` Sinkhorn iterations of POT's
     batched ``solver``, differentiable through every iteration; masses default to uniform."""
@@ -185,7 +186,8 @@ def transport_plan(
     iterations: int,
     row_mass: torch.Tensor | None = None,
     column_mass: torch.Tensor | None = None,
-    solver: str = "log_sinkhorn",
+    *,
+    solver: str,
 ) -> torch.Tensor:
     """:func:`sinkhorn_plan` in batch chunks, each recomputed in backward under autograd.
 
@@ -197,10 +199,10 @@ def transport_plan(
     recompute = torch.is_grad_enabled() and cost.requires_grad
 
     def solve(part_cost, part_rows, part_columns):
-        args = (part_cost, epsilon, iterations, part_rows, part_columns, solver)
+        args = (part_cost, epsilon, iterations, part_rows, part_columns)
         if recompute:
-            return checkpoint(sinkhorn_plan, *args, use_reentrant=False)
-        return sinkhorn_plan(*args)
+            return checkpoint(sinkhorn_plan, *args, solver=solver, use_reentrant=False)
+        return sinkhorn_plan(*args, solver=solver)
 
     return _solve_in_chunks(solve, CHUNK_ELEMENTS, cost, row_mass, column_mass)
 
@@ -220,11 +222,11 @@ class MultilevelTransport(nn.Module):
         iterations: int,
         kernel_floor: float,
         barycentric: bool,
-        solver: str = "log_sinkhorn",
+        solver: str,
     ) -> None:
         super().__init__()
-        if solver not in SOLVERS:
-            raise ValueError(f"model.ot.solver {solver!r}: expected one of {SOLVERS}")
+        if solver not in OT_SOLVERS:
+            raise ValueError(f"model.ot.solver {solver!r}: expected one of {OT_SOLVERS}")
         if solver in ("sinkhorn", "fused") and kernel_floor <= 0:
             # exp(-C/eps) underflows to 0 for costs above ~50 eps: plain-domain scalings divide by 0.
             raise ValueError(
@@ -287,7 +289,7 @@ class MultilevelTransport(nn.Module):
                 source_mask[:, None, :], cost, dearest + MASKED_COST_MARGIN * self.epsilon
             )
         return transport_plan(
-            cost, self.epsilon, self.iterations, row_mass, column_mass, self.solver
+            cost, self.epsilon, self.iterations, row_mass, column_mass, solver=self.solver
         )
 
     def forward(

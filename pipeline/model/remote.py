@@ -2,19 +2,19 @@
 entity head -> relation logits.
 
 ``build_model(params, num_labels, tokenizer)`` builds it from params (pretrained towers when asked);
-``RemoteModel.model_config`` is a JSON dict from which ``RemoteModel.from_config`` rebuilds the same
-architecture with random weights, ready for a saved state dict.
+``RemoteModel.config`` (a :class:`~pipeline.model.config.RemoteConfig`) rebuilds the same
+architecture with random weights through ``RemoteModel.from_config``, ready for a saved state dict.
 """
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import nn
 
-from pipeline.config import Params, params_to_dict
+from pipeline.config import Params
+from pipeline.model.config import RemoteConfig
 from pipeline.model.embeddings import ObjectPatchEmbeddings, ObjectPooling
 from pipeline.model.encoder import DualStreamEncoder, EncoderStates
 from pipeline.model.moe import LayerwiseMoE
@@ -25,9 +25,7 @@ from pipeline.model.towers import (
     vision_tower_from_spec,
 )
 
-__all__ = ["EntityHead", "RemoteModel", "build_model", "model_config", "CONFIG_FORMAT"]
-
-CONFIG_FORMAT = 1
+__all__ = ["EntityHead", "RemoteModel", "build_model"]
 
 
 class EntityHead(nn.Module):
@@ -79,16 +77,16 @@ class RemoteModel(nn.Module):
 
     def __init__(
         self,
-        config: dict[str, Any],
+        config: RemoteConfig,
         text_tower: nn.Module | None = None,
         vision_tower: nn.Module | None = None,
     ) -> None:
         super().__init__()
-        self.model_config = copy.deepcopy(config)
+        self.config = config
         if text_tower is None:
-            text_tower = text_tower_from_spec(config["text"])
+            text_tower = text_tower_from_spec(config.text)
         if vision_tower is None:
-            vision_tower = vision_tower_from_spec(config["vision"])
+            vision_tower = vision_tower_from_spec(config.vision)
         text_config = text_tower.config
         hidden = text_config.hidden_size
         if vision_tower.embed_dim != hidden:
@@ -96,33 +94,32 @@ class RemoteModel(nn.Module):
                 f"the text tower's hidden size is {hidden} but the vision tower's is "
                 f"{vision_tower.embed_dim}; REMOTE needs equal sizes (pick towers that match)"
             )
-        self.max_objects = config["max_objects"]
-        self.mask_padding = config["mask_padding"]
-        self.use_box = config["use_box"]
+        self.max_objects = config.max_objects
+        self.mask_padding = config.mask_padding
+        self.use_box = config.use_box
         self.text_embeddings = text_tower.embeddings
         self.object_embeddings = ObjectPatchEmbeddings(
-            vision_tower, config["crop_size"], config["use_depth"]
+            vision_tower, config.crop_size, config.use_depth
         )
         pooling = ObjectPooling(
-            hidden, self.object_embeddings.tokens_per_object, config["use_box"], config["dropout"]
+            hidden, self.object_embeddings.tokens_per_object, config.use_box, config.dropout
         )
-        ot = config["ot"]
         self.encoder = DualStreamEncoder(
             list(text_tower.encoder.layer),
             list(vision_tower.blocks),
             pooling,
-            pool_after_layer=config["pool_after_layer"],
-            fusion_start_layer=config["fusion_start_layer"],
-            ot={k: v for k, v in ot.items() if k != "enabled"} if ot["enabled"] else None,
+            pool_after_layer=config.pool_after_layer,
+            fusion_start_layer=config.fusion_start_layer,
+            ot=config.ot if config.ot.enabled else None,
         )
         num_states = text_config.num_hidden_layers + 1
         self.text_moe = self.object_moe = None
-        if config["moe"]["enabled"]:
+        if config.moe.enabled:
             heads = text_config.num_attention_heads
             self.text_moe = LayerwiseMoE(hidden, heads, num_states)  # vision -> text
             self.object_moe = LayerwiseMoE(hidden, heads, num_states)  # text -> vision
-        project = config["use_caption"] or config["head"]["project_without_caption"]
-        self.head = EntityHead(hidden, config["num_labels"], project, config["dropout"])
+        project = config.use_caption or config.head.project_without_caption
+        self.head = EntityHead(hidden, config.num_labels, project, config.dropout)
         self._init_added(text_config.initializer_range)
 
     def _init_added(self, std: float) -> None:
@@ -143,14 +140,9 @@ class RemoteModel(nn.Module):
                     nn.init.zeros_(sub.bias)
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], tokenizer: Any) -> RemoteModel:
+    def from_config(cls, config: RemoteConfig, tokenizer: Any) -> RemoteModel:
         """The architecture of ``config`` with random weights (to load a saved state dict into)."""
-        if config.get("format") != CONFIG_FORMAT:
-            raise ValueError(
-                f"model config format {config.get('format')!r} is not supported "
-                f"(expected {CONFIG_FORMAT})"
-            )
-        vocab_size = config["text"]["bert_config"]["vocab_size"]
+        vocab_size = config.text["bert_config"]["vocab_size"]
         if len(tokenizer) != vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(tokenizer)} tokens but the model config has {vocab_size}"
@@ -192,28 +184,6 @@ class RemoteModel(nn.Module):
         return self.head(markers.reshape(batch_size, 2, 3, -1), objects, is_object)
 
 
-def model_config(params: Params, num_labels: int, text_spec: dict, vision_spec: dict) -> dict:
-    """The JSON model config: the towers' specs (see ``towers``) and what params decide."""
-    return {
-        "format": CONFIG_FORMAT,
-        "text": text_spec,
-        "vision": vision_spec,
-        "num_labels": num_labels,
-        "crop_size": params.features.crop_size,
-        "max_objects": params.data.max_objects,
-        "use_depth": params.data.use_depth,
-        "use_box": params.data.use_box,
-        "use_caption": params.data.use_caption,
-        "mask_padding": not params.data.pad_to_max,
-        "pool_after_layer": params.model.pool_after_layer,
-        "fusion_start_layer": params.model.fusion_start_layer,
-        "dropout": params.model.dropout,
-        "ot": params_to_dict(params.model.ot),
-        "moe": params_to_dict(params.model.moe),
-        "head": params_to_dict(params.model.head),
-    }
-
-
 def build_model(params: Params, num_labels: int, tokenizer: Any) -> RemoteModel:
     """REMOTE from params: towers by name (pretrained weights when ``model.pretrained`` and the name
     has them; ``tiny`` presets otherwise), everything else from ``params.model``. Seed beforehand."""
@@ -230,5 +200,5 @@ def build_model(params: Params, num_labels: int, tokenizer: Any) -> RemoteModel:
     vision_tower, vision_spec = load_vision_tower(
         model_params.vision_model, model_params.pretrained
     )
-    config = model_config(params, num_labels, text_spec, vision_spec)
+    config = RemoteConfig.from_params(params, num_labels, text_spec, vision_spec)
     return RemoteModel(config, text_tower, vision_tower)

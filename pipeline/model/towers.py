@@ -15,13 +15,13 @@ weights, which is what a trained model's config stores.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from pipeline.hub import resolve
+from pipeline.io import staging_dir
 
 __all__ = [
     "TINY_TEXT_CONFIG",
@@ -73,7 +73,7 @@ def load_text_tower(name: str, pretrained: bool, vocab_size: int) -> tuple[nn.Mo
         else:
             model = AutoModel.from_config(config, add_pooling_layer=False)
     if model.get_input_embeddings().num_embeddings != vocab_size:
-        # The tokenizer adds the 12 entity markers (pipeline.hub.MARKERS).
+        # The tokenizer adds the 12 entity markers (pipeline.text.MARKERS).
         model.resize_token_embeddings(vocab_size)
     return model, {"bert_config": model.config.to_dict()}
 
@@ -131,8 +131,6 @@ def save_vision_tower(model: nn.Module, folder: str | Path) -> Path:
     folder = Path(folder)
     if folder.exists():
         raise FileExistsError(f"{folder}: already exists")
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_for_hf(model, str(tmp), safe_serialization=True)
-    tmp.rename(folder)
+    with staging_dir(folder) as tmp:
+        save_for_hf(model, str(tmp), safe_serialization=True)
     return folder

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from pipeline.config import Params, ParamsError, apply_overrides
+from pipeline.io import atomic_write_text
 
 PRESETS_DIR = Path(__file__).resolve().parent
 
@@ -61,8 +63,6 @@ def write_into_params(path: Path, overrides: dict[str, Any]) -> None:
     """Set dotted keys in a params.yaml in place, keeping its comments and order."""
     from ruamel.yaml import YAML  # a DVC dependency; round-trips comments
 
-    from pipeline.data.records import atomic_write_text
-
     yaml_rt = YAML()
     yaml_rt.preserve_quotes = True
     doc = yaml_rt.load(path.read_text())
@@ -74,8 +74,6 @@ def write_into_params(path: Path, overrides: dict[str, Any]) -> None:
         if leaf not in node:
             raise ParamsError(f"{path}: {dotted}: unknown key")
         node[leaf] = value
-    from io import StringIO
-
     buf = StringIO()
     yaml_rt.dump(doc, buf)
     atomic_write_text(path, buf.getvalue())

@@ -16,25 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DataParams, Params
-from pipeline.data.archive import Download, Downloader, is_archive, url_join
-from pipeline.data.readers import (
+from pipeline.data.fetch import Download, Downloader, is_archive, url_join
+from pipeline.data.formats import (
     MNRE_RELATIONS,
     ImageIndex,
     Problems,
     SourceReader,
     json_key_lines,
 )
-from pipeline.data.records import (
-    SPLITS,
-    UMRE_RELATIONS,
-    DataError,
-    Record,
-    file_sha256,
-    staging_dir,
-    write_dataset,
-    write_json,
-)
+from pipeline.data.records import SPLITS, UMRE_RELATIONS, Record, write_dataset
 from pipeline.data.synthetic import generate_synthetic
+from pipeline.io import DataError, file_sha256, staging_dir, write_json
 
 __all__ = [
     "prepare_dataset",

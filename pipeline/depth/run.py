@@ -1,6 +1,6 @@
 """Depth maps for every image, from Depth-Anything-V2 or a dataset's shipped maps, into a store.
 
-The store (format in :mod:`pipeline.depth_store`) is a few Parquet shards of ``depth.shard_size``
+The store (format and reader in :mod:`pipeline.depth.store`) is a few Parquet shards of ``depth.shard_size``
 images each, in sorted image-id order, plus ``skipped.json`` and ``manifest.json``.
 
 Resuming: a shard is written under a temp name and renamed when complete, and records the run's
@@ -25,48 +25,50 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
-from PIL import Image
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.config import DepthParams, params_to_dict
-from pipeline.data.records import DataError, Dataset, write_json
-from pipeline.depth_store import (
+from pipeline.data.images import image_problem, open_image
+from pipeline.data.records import Dataset
+from pipeline.depth.model import infer_depth, load_depth_model, preprocess
+from pipeline.depth.store import (
     FORMAT,
     MANIFEST,
+    SCHEMA,
+    SHARD_META_KEY,
     SKIPPED,
+    encode_depth,
     read_shard_info,
     shard_name,
-    write_shard,
 )
-from pipeline.hub import resolve
+from pipeline.device import select_device
+from pipeline.io import DataError, atomic_path, write_json
 
-if TYPE_CHECKING:
-    import torch
-    from transformers import DepthAnythingForDepthEstimation
-
-__all__ = [
-    "DepthRunResult",
-    "run_depth",
-    "load_depth_model",
-    "tiny_depth_model",
-    "load_image",
-    "preprocess",
-    "predict_depth",
-    "infer_depth",
-    "select_device",
-]
+__all__ = ["DepthRunResult", "run_depth", "load_shipped_depth", "write_shard"]
 
 log = logging.getLogger(__name__)
 
-# Problems PIL raises for missing, truncated, corrupt or oversized image files.
-_IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# Fixed writer settings: the same rows always give the same bytes (with the same pyarrow version),
+# which is what lets a resumed or sharded run reproduce an uninterrupted one exactly.
+_PARQUET_SETTINGS: dict[str, Any] = {
+    "row_group_size": 1,
+    "compression": "zstd",
+    "compression_level": 3,
+    "use_dictionary": False,
+    "write_statistics": False,
+    "version": "2.6",
+    "data_page_version": "1.0",
+    "write_page_index": False,
+    "write_page_checksum": False,
+}
 
 
 @dataclass
@@ -80,168 +82,20 @@ class DepthRunResult:
     complete: bool = False
 
 
-# --- model ---------------------------------------------------------------------------------------
-
-
-def depth_processor(short_side: int) -> Any:
-    """The released Depth-Anything-V2 image processor settings, at ``short_side`` pixels."""
-    from transformers import DPTImageProcessor
-
-    return DPTImageProcessor(
-        size={"height": short_side, "width": short_side},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=14,
-        do_pad=False,
-        resample=Image.Resampling.BICUBIC,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-    )
-
-
-def tiny_depth_model(seed: int = 0) -> tuple[DepthAnythingForDepthEstimation, Any]:
-    """A 121k-parameter Depth-Anything-V2 with seeded random weights and its image processor."""
-    import torch
-    from transformers import (
-        DepthAnythingConfig,
-        DepthAnythingForDepthEstimation,
-        Dinov2Config,
-    )
-
-    backbone = Dinov2Config(
-        image_size=56,
-        patch_size=14,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        mlp_ratio=2,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-        reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone,
-        fusion_hidden_size=16,
-        neck_hidden_sizes=[8, 16, 32, 32],
-        head_hidden_size=8,
-        reassemble_hidden_size=32,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = DepthAnythingForDepthEstimation(config)
-    processor = depth_processor(56)
-    return model.eval(), processor
-
-
-def load_depth_model(name: str) -> tuple[DepthAnythingForDepthEstimation, Any]:
-    """Model and image processor by name: "tiny", a local folder, or a hub id (same loader)."""
-    from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
-
-    source = resolve(name)
-    if source.kind == "tiny":
-        return tiny_depth_model()
-    location = str(source.path) if source.kind == "local" else source.name
-    try:
-        processor = AutoImageProcessor.from_pretrained(location)
-        model = DepthAnythingForDepthEstimation.from_pretrained(location)
-    except OSError as exc:
-        raise OSError(
-            f"depth.model={name!r}: cannot load it ({exc}). Without network, download the model "
-            "to a folder and set depth.model to that folder."
-        ) from exc
-    return model.eval(), processor
-
-
-def select_device() -> torch.device:
-    """GPU ``LOCAL_RANK`` (0 outside a launcher) when CUDA is available, else the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def preprocess(processor: Any, image: Image.Image) -> torch.Tensor:
-    """One image as the model's input, ``[3, h, w]``; h and w follow the image's aspect ratio."""
-    return processor(images=image, return_tensors="pt")["pixel_values"][0]
-
-
-def predict_depth(
-    model: DepthAnythingForDepthEstimation,
-    processor: Any,
-    images: Sequence[Image.Image],
-    batch_size: int,
-    dtype: str = "float32",
-) -> list[np.ndarray]:
-    """Raw depth (float32 ``[h, w]`` at the model's output size) per image, in input order."""
-    return infer_depth(model, [preprocess(processor, im) for im in images], batch_size, dtype)
-
-
-def infer_depth(
-    model: DepthAnythingForDepthEstimation,
-    pixels: Sequence[torch.Tensor],
-    batch_size: int,
-    dtype: str = "float32",
-    on_batch: Callable[[int], None] | None = None,
-) -> list[np.ndarray]:
-    """Raw depth per preprocessed image, in input order.
-
-    Inputs are batched with others of the same size (in order of first appearance), so no batch
-    carries padding; ``dtype`` float16/bfloat16 turns on autocast on a GPU.
-    """
-    import torch
-
-    device = next(model.parameters()).device
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, p in enumerate(pixels):
-        groups.setdefault(tuple(p.shape), []).append(i)
-    autocast = device.type == "cuda" and dtype != "float32"
-    out: list[np.ndarray | None] = [None] * len(pixels)
-    with (
-        torch.inference_mode(),
-        torch.autocast(device.type, dtype=getattr(torch, dtype), enabled=autocast),
-    ):
-        for members in groups.values():
-            for start in range(0, len(members), batch_size):
-                chunk = members[start : start + batch_size]
-                batch = torch.stack([pixels[i] for i in chunk]).to(device, non_blocking=True)
-                predicted = model(pixel_values=batch).predicted_depth.float().cpu().numpy()
-                for i, depth in zip(chunk, predicted, strict=True):
-                    out[i] = depth
-                if on_batch is not None:
-                    on_batch(len(chunk))
-    return out  # type: ignore[return-value]
-
-
 # --- inputs --------------------------------------------------------------------------------------
 
 
-def load_image(path: Path) -> Image.Image:
-    """Decode an image as RGB; a missing, truncated or corrupt file raises ``path: problem``."""
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except _IMAGE_ERRORS as exc:
-        raise DataError(f"{path}: {_problem(exc, path)}") from exc
-
-
-def _load_shipped_depth(path: Path) -> np.ndarray:
+def load_shipped_depth(path: Path) -> np.ndarray:
+    """A depth map shipped as ``.npy`` (float ``[H, W]``); a bad file raises ``path: problem``."""
     try:
         depth = np.load(path, allow_pickle=False)
     except (OSError, ValueError, EOFError) as exc:
-        raise DataError(f"{path}: {_problem(exc, path)}") from exc
+        raise DataError(f"{path}: {image_problem(exc, path)}") from exc
     if depth.ndim != 2 or not np.issubdtype(depth.dtype, np.floating):
         raise DataError(
             f"{path}: expected a 2-D float depth map, found {depth.dtype} {depth.shape}"
         )
     return depth.astype(np.float32)
-
-
-def _problem(exc: BaseException, path: Path) -> str:
-    """The error without the path (PIL repeats it), so reports do not depend on where data lives."""
-    if isinstance(exc, FileNotFoundError):
-        return "file not found"
-    message = str(exc).replace(repr(str(path)), "").replace(str(path), "").strip(" :")
-    return message or type(exc).__name__
 
 
 def _input_path(dataset: Dataset, source: str, image_id: str) -> Path:
@@ -286,7 +140,7 @@ def run_depth(
     dataset: Dataset,
     out_dir: str | Path,
     depth: DepthParams,
-    on_error: Literal["raise", "skip"] = "raise",
+    on_error: Literal["raise", "skip"],
     shard: int = 0,
     num_shards: int = 1,
     progress: bool = False,
@@ -404,9 +258,9 @@ def _compute_shards(
             path = _input_path(dataset, depth.source, image_id)
             try:
                 if depth.source == "dataset":
-                    item = _load_shipped_depth(path)
+                    item = load_shipped_depth(path)
                 else:
-                    item = preprocess(processor, load_image(path))
+                    item = preprocess(processor, open_image(path))
             except DataError as exc:
                 if on_error == "raise":
                     raise
@@ -483,3 +337,24 @@ def _write_manifest(
     }
     write_json(out_dir / MANIFEST, manifest)
     log.info("depth: store %s complete: %d images, %d skipped", out_dir, count, len(skipped))
+
+
+def write_shard(
+    path: Path, image_ids: list[str], maps: list[np.ndarray], info: dict[str, Any]
+) -> None:
+    """Write one shard atomically; ``info`` goes into its metadata (see :mod:`pipeline.depth.store`)."""
+    encoded = [encode_depth(m) for m in maps]
+    table = pa.table(
+        {
+            "image_id": pa.array(image_ids, pa.string()),
+            "height": pa.array([m.shape[0] for m in maps], pa.int32()),
+            "width": pa.array([m.shape[1] for m in maps], pa.int32()),
+            "scale": pa.array([s for s, _ in encoded], pa.float32()),
+            "depth": pa.array([v.ravel() for _, v in encoded], pa.list_(pa.float16())),
+        },
+        schema=SCHEMA,
+    )
+    meta = json.dumps(info, sort_keys=True).encode()
+    table = table.replace_schema_metadata({SHARD_META_KEY: meta})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, **_PARQUET_SETTINGS)

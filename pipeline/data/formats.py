@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image
-
-from pipeline.data.records import NONE_LABEL, DataError, Entity, Record, atomic_write_text
+from pipeline.data.images import BOX_RANGE, BOX_SHAPE, box_numbers, clip_box, image_size
+from pipeline.data.records import NONE_LABEL, Entity, Record, parse_object_name
+from pipeline.io import DataError, atomic_write_text
 
 __all__ = [
     "MNRE_RELATIONS",
@@ -68,8 +68,6 @@ MNRE_RELATIONS = (
 )
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
-# Detector boxes may overshoot the border by rounding; beyond this share of a side it is an error.
-BOX_TOLERANCE = 0.01
 
 
 def normalize_label(label: str) -> str:
@@ -145,8 +143,7 @@ class ImageIndex:
             path = self.find(image_id)
             if path is None:
                 raise KeyError(image_id)
-            with Image.open(path) as im:
-                self._sizes[image_id] = im.size
+            self._sizes[image_id] = image_size(path)
         return self._sizes[image_id]
 
 
@@ -165,23 +162,17 @@ def json_key_lines(text: str, keys: Iterable[str]) -> dict[str, int]:
     return lines
 
 
-def _is_number(v: Any) -> bool:
-    return isinstance(v, int | float) and not isinstance(v, bool)
-
-
 def _parse_object_name(name: Any, max_objects: int) -> tuple[int | None, str]:
     """The slot of an "[OBJk]" name, or None and the reason it is not usable."""
-    if not (isinstance(name, str) and name.startswith("[OBJ") and name.endswith("]")):
+    slot = parse_object_name(name)
+    if slot is None:
         return None, f"bad object name (found {name!r}, expected '[OBJk]')"
-    digits = name[4:-1]
-    if not digits.isdigit():
-        return None, f"bad object name (found {name!r}, expected '[OBJk]')"
-    if int(digits) >= max_objects:
+    if slot >= max_objects:
         return None, (
-            f"object {name} beyond the object slots (found slot {int(digits)}, expected at most "
+            f"object {name} beyond the object slots (found slot {slot}, expected at most "
             f"{max_objects} objects, [OBJ0]..[OBJ{max_objects - 1}])"
         )
-    return int(digits), ""
+    return slot, ""
 
 
 class SourceReader:
@@ -225,24 +216,25 @@ class SourceReader:
 
     # --- boxes ---------------------------------------------------------------------------------
     def _normalize_box(self, box: Any, image_id: str) -> tuple[list[float] | None, str]:
-        if not (isinstance(box, list | tuple) and len(box) == 4 and all(map(_is_number, box))):
-            return None, f"malformed box (found {box!r}, expected 4 numbers x1, y1, x2, y2)"
-        coords = [float(v) for v in box]
+        coords = box_numbers(box)
+        if coords is None:
+            return None, f"malformed box (found {box!r}, {BOX_SHAPE})"
         if any(v > 1 for v in coords):
             try:
                 width, height = self.images.size(image_id)
             except KeyError:
                 return None, f"image {image_id} not found (needed to normalize the pixel box {box})"
+            except DataError as exc:
+                return (
+                    None,
+                    f"image {image_id} unreadable (needed to normalize the pixel box {box}: {exc})",
+                )
             coords = [coords[0] / width, coords[1] / height, coords[2] / width, coords[3] / height]
-        lo, hi = -BOX_TOLERANCE, 1 + BOX_TOLERANCE
-        x1, y1, x2, y2 = coords
-        if not all(lo <= v <= hi for v in coords) or x2 <= x1 or y2 <= y1:
+        clipped = clip_box(coords)
+        if clipped is None:
             shown = [round(v, 4) for v in coords]
-            return None, (
-                f"bad box (found {list(box)}, normalized {shown}, expected 0 <= x1 < x2 <= 1 "
-                "and 0 <= y1 < y2 <= 1)"
-            )
-        return [round(min(max(v, 0.0), 1.0), 6) for v in coords], ""
+            return None, f"bad box (found {list(box)}, normalized {shown}, {BOX_RANGE})"
+        return [round(v, 6) for v in clipped], ""
 
     def _image_objects(self, image_id: str) -> dict[str, list[float]]:
         """The image's valid objects from the objects file (problems reported once per image)."""

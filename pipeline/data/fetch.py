@@ -22,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pipeline.data.records import DataError, file_sha256, staging_dir
+from pipeline.io import DataError, file_sha256, staging_dir
 
 __all__ = [
     "ChecksumError",

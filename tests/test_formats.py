@@ -10,14 +10,9 @@ from pathlib import Path
 import pytest
 from conftest import TOKENS, source_objects, source_records, write_images, write_lines
 
-from pipeline.data.readers import (
-    MNRE_RELATIONS,
-    ImageIndex,
-    Problems,
-    SourceReader,
-    json_key_lines,
-)
-from pipeline.data.records import UMRE_RELATIONS, DataError
+from pipeline.data.formats import MNRE_RELATIONS, ImageIndex, Problems, SourceReader, json_key_lines
+from pipeline.data.records import UMRE_RELATIONS
+from pipeline.io import DataError
 
 GOOD = source_records()["train_set.json"][0]
 

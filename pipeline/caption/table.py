@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.data.records import SPLITS, DataError, Dataset, read_json
+from pipeline.data.records import SPLITS, Dataset
+from pipeline.io import DataError, read_json
 
 __all__ = [
     "CaptionItem",

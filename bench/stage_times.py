@@ -4,7 +4,7 @@ Copies the working tree to a temporary git repo, then runs `dvc repro --single-i
 stage in order, each through a small wrapper that reports the peak RSS of its child processes.
 Prints a Markdown table (the README quotes it, with the machine it came from).
 
-    python bench/pipeline.py [-S key=value ...]
+    python -m bench.stage_times [-S key=value ...]
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The depth store: on-disk format and its reader (imports no model code).
+"""The depth store: its on-disk format and its reader (imports no model code).
 
 Layout of a store folder (the depth stage's output)::
 
@@ -21,7 +21,6 @@ inputs, and the images it skipped, so a rerun can tell a finished shard from a s
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -33,18 +32,20 @@ __all__ = [
     "FORMAT",
     "MANIFEST",
     "SKIPPED",
+    "SCHEMA",
+    "SHARD_META_KEY",
     "DepthStore",
     "shard_name",
     "encode_depth",
     "decode_depth",
-    "write_shard",
+    "store_rounding",
     "read_shard_info",
 ]
 
 FORMAT = "remote-depth-store/1"
 MANIFEST = "manifest.json"
 SKIPPED = "skipped.json"
-_SHARD_META_KEY = b"remote.depth"
+SHARD_META_KEY = b"remote.depth"
 
 SCHEMA = pa.schema(
     [
@@ -55,20 +56,6 @@ SCHEMA = pa.schema(
         ("depth", pa.list_(pa.float16())),
     ]
 )
-
-# Fixed writer settings: the same rows always give the same bytes (with the same pyarrow version),
-# which is what lets a resumed or sharded run reproduce an uninterrupted one exactly.
-_PARQUET_SETTINGS: dict[str, Any] = {
-    "row_group_size": 1,
-    "compression": "zstd",
-    "compression_level": 3,
-    "use_dictionary": False,
-    "write_statistics": False,
-    "version": "2.6",
-    "data_page_version": "1.0",
-    "write_page_index": False,
-    "write_page_checksum": False,
-}
 
 
 def shard_name(index: int) -> str:
@@ -92,36 +79,17 @@ def decode_depth(height: int, width: int, scale: float, values: np.ndarray) -> n
     return (values.astype(np.float32) * np.float32(scale)).reshape(height, width)
 
 
-def write_shard(
-    path: Path, image_ids: list[str], maps: list[np.ndarray], info: dict[str, Any]
-) -> None:
-    """Write one shard atomically (temp name, then rename); ``info`` goes into its metadata."""
-    encoded = [encode_depth(m) for m in maps]
-    table = pa.table(
-        {
-            "image_id": pa.array(image_ids, pa.string()),
-            "height": pa.array([m.shape[0] for m in maps], pa.int32()),
-            "width": pa.array([m.shape[1] for m in maps], pa.int32()),
-            "scale": pa.array([s for s, _ in encoded], pa.float32()),
-            "depth": pa.array([v.ravel() for _, v in encoded], pa.list_(pa.float16())),
-        },
-        schema=SCHEMA,
-    )
-    meta = json.dumps(info, sort_keys=True).encode()
-    table = table.replace_schema_metadata({_SHARD_META_KEY: meta})
-    # A fixed temp name per shard: each shard has one writer, and a rerun overwrites a leftover.
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp, **_PARQUET_SETTINGS)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+def store_rounding(depth: np.ndarray) -> np.ndarray:
+    """The values a store returns for this map (float16 relative to a power of two)."""
+    scale, values = encode_depth(depth)
+    return decode_depth(*values.shape, scale, values)
 
 
 def read_shard_info(path: Path) -> dict[str, Any] | None:
     """A shard's metadata from its footer; None when the file is missing or not a readable shard."""
     try:
         meta = pq.read_schema(path).metadata or {}
-        return json.loads(meta[_SHARD_META_KEY])
+        return json.loads(meta[SHARD_META_KEY])
     except (OSError, KeyError, ValueError, pa.ArrowException):
         return None
 

@@ -1,0 +1,1 @@
+"""Stage 1, ``download``: any source to the normalized dataset layout (reader: ``records``)."""

@@ -1,0 +1,1 @@
+"""Stage 6, ``evaluate``: test metrics, tables and plot data (``report``) and pictures (``plots``)."""

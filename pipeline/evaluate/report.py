@@ -1,0 +1,86 @@
+"""The ``evaluate`` stage: score the dev-selected model once on the test split and write metrics
+(``dvc metrics``), tables and plot data (``dvc plots``) and pictures."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline.data.records import PAIR_KINDS
+from pipeline.evaluate.plots import plot_confusion, plot_training
+from pipeline.features.dataset import FeatureDataset
+from pipeline.inference import load_for_inference, predict_dataset
+from pipeline.io import atomic_write_text, write_json
+from pipeline.metrics import confusion_records, per_relation, score
+
+__all__ = ["write_per_relation_csv", "write_confusion_json", "evaluate_model"]
+
+
+def write_per_relation_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
+    """``label,precision,recall,f1,support`` with 4-decimal fractions, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["label", "precision", "recall", "f1", "support"])
+    for row in rows:
+        writer.writerow(
+            [
+                row["label"],
+                f"{row['precision']:.4f}",
+                f"{row['recall']:.4f}",
+                f"{row['f1']:.4f}",
+                row["support"],
+            ]
+        )
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_confusion_json(path: str | Path, records: list[dict[str, str]]) -> None:
+    """``{"confusion": [{"actual", "predicted"}, ...]}`` for ``dvc plots`` (confusion template)."""
+    write_json(path, {"confusion": records})
+
+
+def evaluate_model(
+    model_dir: str | Path,
+    features_dir: str | Path,
+    metrics_dir: str | Path,
+    plots_dir: str | Path,
+    live_dir: str | Path | None,
+    batch_size: int,
+) -> dict[str, Any]:
+    """Score a trained model folder once on the test split and write the evaluate outputs:
+    ``<metrics>/{test.json, per_relation.csv, predictions.jsonl}`` and
+    ``<plots>/{confusion.json, confusion.png, training.png}`` (the last from ``live_dir``)."""
+    trained = load_for_inference(model_dir)
+    # The model's own params: the cache must match what the model was trained on.
+    test = FeatureDataset.load(features_dir, "test", trained.params)
+    device = next(trained.model.parameters()).device
+    out = predict_dataset(trained.model, test, batch_size, device)
+    gold, pred, kinds = out["gold"], out["pred"], out["pair_kind"]
+    labels = trained.labels  # none = 0, checked by load_trained
+    result = score(gold, pred, kinds, labels)
+
+    metrics_dir, plots_dir = Path(metrics_dir), Path(plots_dir)
+    write_json(metrics_dir / "test.json", result)
+    write_per_relation_csv(metrics_dir / "per_relation.csv", per_relation(gold, pred, labels))
+    lines = (
+        json.dumps(
+            {
+                "id": test.sample_ids[i],
+                "pair_kind": PAIR_KINDS[k],
+                "gold": labels[g],
+                "predicted": labels[p],
+                "confidence": round(float(probs[p]), 6),
+            },
+            ensure_ascii=False,
+        )
+        for i, g, p, k, probs in zip(out["index"], gold, pred, kinds, out["probs"], strict=True)
+    )
+    atomic_write_text(metrics_dir / "predictions.jsonl", "".join(line + "\n" for line in lines))
+    write_confusion_json(plots_dir / "confusion.json", confusion_records(gold, pred, labels))
+    plot_confusion(plots_dir / "confusion.png", gold, pred, labels)
+    if live_dir is not None:
+        plot_training(live_dir, plots_dir / "training.png")
+    return result

@@ -1,0 +1,312 @@
+"""The feature cache's format and its reader: what ``train``, ``evaluate`` and ``predict`` load.
+
+A split of the cache (the ``features`` stage's ``<out>/<split>/``) is two kinds of Parquet shards:
+
+- ``samples-NNNNN.parquet``, one row per sample (:data:`SAMPLES_SCHEMA`): ``sample_id``,
+  ``image_id``, ``image_index`` (row of the split's image table), ``input_ids`` and
+  ``token_type_ids`` (unpadded), ``length``, ``marker_positions`` (position of each marker of the
+  metadata's ``markers`` list, in that order, or -1), ``head_slot`` / ``tail_slot`` (object slot or
+  -1), ``pair_kind`` (index into ``PAIR_KINDS``) and ``label`` (id in ``relations.json``);
+- ``images-NNNNN.parquet``, one row per image of the split (:func:`images_schema`), sorted by image
+  id: ``image_id``, ``num_objects``, ``object_mask`` (bool ``[P]``), ``boxes`` (float32 ``[P * 5]``:
+  x1, y1, x2, y2, area), two fixed-size binary columns holding C-order arrays: ``object_crops``
+  (uint8 ``[P, 3, S, S]``) and ``depth_crops`` (little-endian float16 ``[P, S, S]``), and
+  ``problem`` (empty, or why the crops are zeros under ``data.on_error=skip``).
+
+Every file's schema metadata (key :data:`METADATA_KEY`) records the schema version, the settings
+that shaped its bytes (:func:`cache_settings`), the marker list and the pad token.
+:meth:`FeatureDataset.load` refuses a cache built with other settings and names the setting that
+differs. A dataset holds a split in memory as numpy arrays; ``dataset[i]`` is only a reference,
+and :func:`collate` gathers a whole batch with a few vectorized index operations (no file opens, no
+decoding, no per-sample tensors). ``predict`` builds the same tables in memory and reads them here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from pipeline.config import Params
+from pipeline.io import StaleCacheError
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "METADATA_KEY",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "OPENING_MARKERS",
+    "SAMPLES_SCHEMA",
+    "images_schema",
+    "cache_settings",
+    "FeatureDataset",
+    "SampleRef",
+    "collate",
+    "make_loader",
+]
+
+SCHEMA_VERSION = 1
+METADATA_KEY = b"remote.features"
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# The batch's marker_pos: [head, tail] x [<s>, <k>, <o>], the opening markers by name.
+OPENING_MARKERS = (("<s1>", "<k1>", "<o1>"), ("<s2>", "<k2>", "<o2>"))
+
+SAMPLES_SCHEMA = pa.schema(
+    [
+        ("sample_id", pa.string()),
+        ("image_id", pa.string()),
+        ("image_index", pa.int32()),
+        ("input_ids", pa.list_(pa.int32())),
+        ("token_type_ids", pa.list_(pa.int8())),
+        ("length", pa.int32()),
+        ("marker_positions", pa.list_(pa.int16(), 12)),
+        ("head_slot", pa.int8()),
+        ("tail_slot", pa.int8()),
+        ("pair_kind", pa.int8()),
+        ("label", pa.int16()),
+    ]
+)
+
+
+def images_schema(slots: int, size: int) -> pa.Schema:
+    """The image table's schema for ``slots`` object slots and ``size`` x ``size`` crops."""
+    return pa.schema(
+        [
+            ("image_id", pa.string()),
+            ("num_objects", pa.int8()),
+            ("object_mask", pa.list_(pa.bool_(), slots)),
+            ("boxes", pa.list_(pa.float32(), slots * 5)),
+            ("object_crops", pa.binary(slots * 3 * size * size)),
+            ("depth_crops", pa.binary(slots * size * size * 2)),
+            ("problem", pa.string()),
+        ]
+    )
+
+
+def cache_settings(params: Params) -> dict[str, Any]:
+    """The params that shape the cache's bytes, by dotted name (``data.pad_to_max`` does not: the
+    loader pads)."""
+    return {
+        "data.max_objects": params.data.max_objects,
+        "data.max_seq": params.data.max_seq,
+        "data.use_box": params.data.use_box,
+        "data.use_caption": params.data.use_caption,
+        "data.use_depth": params.data.use_depth,
+        "features.crop_size": params.features.crop_size,
+        "model.text_model": params.model.text_model,
+    }
+
+
+def _read_checked(path: Path, expected: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
+    """Read one shard after checking its metadata against the current settings."""
+    schema = pq.read_schema(path)
+    raw = (schema.metadata or {}).get(METADATA_KEY)
+    if raw is None:
+        raise StaleCacheError(f"{path}: not a features cache file (no remote.features metadata)")
+    meta = json.loads(raw)
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise StaleCacheError(
+            f"{path}: cache schema version {meta.get('schema_version')}, this code reads "
+            f"{SCHEMA_VERSION}: rerun the features stage (dvc repro features)"
+        )
+    built = meta["settings"]
+    for key, value in expected.items():
+        if built.get(key) != value:
+            raise StaleCacheError(
+                f"{path}: cache built with {key}={built.get(key)!r}, params say {key}={value!r}: "
+                "rerun the features stage (dvc repro features)"
+            )
+    return pq.read_table(path), meta
+
+
+def _fixed_binary(column: pa.ChunkedArray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A fixed-size binary column -> one numpy array ``[rows, *shape]`` (one copy)."""
+    width = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    parts = [
+        np.frombuffer(c.buffers()[1], dtype=np.uint8, count=len(c) * width, offset=c.offset * width)
+        for c in column.chunks
+        if len(c)
+    ]
+    flat = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
+    return flat.view(dtype).reshape(-1, *shape)
+
+
+class SampleRef(NamedTuple):
+    """What ``FeatureDataset[i]`` returns: a cheap reference; :func:`collate` gathers the data."""
+
+    dataset: FeatureDataset
+    index: int
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """One split of features (samples and image tables), held in memory as numpy arrays.
+
+    ``dataset[i]`` is a :class:`SampleRef`; :func:`collate` (or :meth:`batch`) turns a list of them
+    into the batch dict of docs/ARCHITECTURE.md with a few vectorized gathers. Build it from the
+    cache with :meth:`load`, or from tables made in memory (``predict``).
+    """
+
+    def __init__(
+        self,
+        samples: pa.Table,
+        images: pa.Table,
+        params: Params,
+        *,
+        markers: Sequence[str],
+        pad_token_id: int,
+        name: str = "features",
+    ):
+        self.split = name
+        self.max_seq = params.data.max_seq
+        self.pad_to_max = params.data.pad_to_max
+        self.pad_token_id = int(pad_token_id)
+        slots, size = params.data.max_objects, params.features.crop_size
+        self.opening_markers = [[list(markers).index(m) for m in row] for row in OPENING_MARKERS]
+
+        def column(table: pa.Table, name: str) -> np.ndarray:
+            return table.column(name).to_numpy()
+
+        self.sample_ids: list[str] = samples.column("sample_id").to_pylist()
+        self.lengths = column(samples, "length").astype(np.int64)
+        self.input_ids = self._padded(samples.column("input_ids"), np.int64, self.pad_token_id)
+        self.token_type_ids = self._padded(samples.column("token_type_ids"), np.int64, 0)
+        positions = samples.column("marker_positions").combine_chunks().flatten().to_numpy()
+        self.marker_positions = positions.astype(np.int64).reshape(-1, len(markers))
+        self.object_slots = np.stack(
+            [column(samples, "head_slot"), column(samples, "tail_slot")], axis=1
+        ).astype(np.int64)
+        self.pair_kinds = column(samples, "pair_kind").astype(np.int64)
+        self.labels = column(samples, "label").astype(np.int64)
+        self.image_index = column(samples, "image_index").astype(np.int64)
+
+        self.image_ids: list[str] = images.column("image_id").to_pylist()
+        self.num_objects = column(images, "num_objects").astype(np.int64)
+        mask = (
+            images.column("object_mask").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        )
+        self.object_mask = mask.reshape(-1, slots)
+        boxes = images.column("boxes").combine_chunks().flatten().to_numpy()
+        self.boxes = boxes.astype(np.float32).reshape(-1, slots, 5)
+        self.object_crops = _fixed_binary(
+            images.column("object_crops"), "u1", (slots, 3, size, size)
+        )
+        self.depth_crops = _fixed_binary(images.column("depth_crops"), "<f2", (slots, size, size))
+        if len(self.image_index) and self.image_index.max() >= len(self.image_ids):
+            raise StaleCacheError(f"{name}: samples point past the image table; rebuild the cache")
+        std = torch.tensor(CLIP_STD).view(3, 1, 1)
+        self._scale = 1 / (255 * std)
+        self._shift = -torch.tensor(CLIP_MEAN).view(3, 1, 1) / std
+
+    @classmethod
+    def load(cls, features_dir: str | Path, split: str, params: Params) -> FeatureDataset:
+        """One split of the cache, after checking every shard was built with these params."""
+        folder = Path(features_dir) / split
+        sample_files = sorted(folder.glob("samples-*.parquet"))
+        image_files = sorted(folder.glob("images-*.parquet"))
+        if not sample_files or not image_files:
+            raise FileNotFoundError(
+                f"{folder}: no feature shards (samples-*.parquet, images-*.parquet): "
+                "run the features stage first (dvc repro features)"
+            )
+        expected = cache_settings(params)
+        samples, meta = zip(*(_read_checked(p, expected) for p in sample_files), strict=True)
+        images, _ = zip(*(_read_checked(p, expected) for p in image_files), strict=True)
+        return cls(
+            pa.concat_tables(samples),
+            pa.concat_tables(images),
+            params,
+            markers=meta[0]["markers"],
+            pad_token_id=meta[0]["pad_token_id"],
+            name=str(folder),
+        )
+
+    def _padded(self, column: pa.ChunkedArray, dtype: type, pad: int) -> np.ndarray:
+        """Ragged list column -> ``[N, max_seq]`` padded matrix (so a batch is one slice)."""
+        values = column.combine_chunks()
+        flat = values.flatten().to_numpy().astype(dtype)
+        lengths = self.lengths
+        if len(flat) != lengths.sum():
+            raise StaleCacheError("features cache: token lists disagree with the length column")
+        out = np.full((len(lengths), self.max_seq), pad, dtype=dtype)
+        rows = np.repeat(np.arange(len(lengths)), lengths)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]) if len(lengths) else lengths
+        cols = np.arange(len(flat)) - np.repeat(starts, lengths)
+        out[rows, cols] = flat
+        return out
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> SampleRef:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} out of range for {len(self)} samples")
+        return SampleRef(self, index % len(self))
+
+    def batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+        """The batch dict of docs/ARCHITECTURE.md for these sample indices."""
+        idx = np.asarray(indices, dtype=np.int64)
+        lengths = self.lengths[idx]
+        width = self.max_seq if self.pad_to_max else int(lengths.max())
+        images = self.image_index[idx]
+        slots, size = self.object_mask.shape[1], self.object_crops.shape[-1]
+        # Only occupied slots are converted (most images fill few of the P); the rest stay zeros.
+        occupied = np.flatnonzero(self.object_mask[images].reshape(-1))  # rows of [B * P]
+        source = (images[occupied // slots], occupied % slots)
+        rows = torch.from_numpy(occupied)
+        crops = torch.from_numpy(self.object_crops[source]).float()
+        pixels = torch.zeros(len(idx) * slots, 3, size, size)
+        # CLIP normalization (x / 255 - mean) / std as one multiply-add
+        pixels.index_copy_(0, rows, crops.mul_(self._scale).add_(self._shift))
+        depth = torch.zeros(len(idx) * slots, size, size)
+        depth.index_copy_(0, rows, torch.from_numpy(self.depth_crops[source]).float())
+        return {
+            "input_ids": torch.from_numpy(self.input_ids[idx, :width]),
+            "token_type_ids": torch.from_numpy(self.token_type_ids[idx, :width]),
+            "attention_mask": torch.from_numpy(
+                (np.arange(width)[None, :] < lengths[:, None]).astype(np.int64)
+            ),
+            "marker_pos": torch.from_numpy(self.marker_positions[idx][:, self.opening_markers]),
+            "object_slot": torch.from_numpy(self.object_slots[idx]),
+            "pixel_values": pixels.view(len(idx), slots, 3, size, size),
+            "depth_values": depth.view(len(idx), slots, size, size),
+            "boxes": torch.from_numpy(self.boxes[images]),
+            "num_objects": torch.from_numpy(self.num_objects[images]),
+            "labels": torch.from_numpy(self.labels[idx]),
+            "pair_kind": torch.from_numpy(self.pair_kinds[idx]),
+        }
+
+
+def collate(items: Sequence[SampleRef]) -> dict[str, torch.Tensor]:
+    """Batch ``FeatureDataset`` items with vectorized gathers (the DataLoader's ``collate_fn``)."""
+    if not items:
+        raise ValueError("collate: empty batch")
+    dataset = items[0].dataset
+    if any(item.dataset is not dataset for item in items):
+        raise ValueError("collate: all items of a batch must come from the same FeatureDataset")
+    return dataset.batch([item.index for item in items])
+
+
+def make_loader(
+    dataset: torch.utils.data.Dataset,
+    batch_size: int,
+    *,
+    sampler: torch.utils.data.Sampler[int] | None = None,
+    num_workers: int = 0,
+) -> torch.utils.data.DataLoader:
+    """A DataLoader over (a subset of) a :class:`FeatureDataset` with the vectorized collate; the
+    order is the sampler's (in index order without one)."""
+    return torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+    )

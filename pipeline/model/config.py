@@ -1,0 +1,76 @@
+"""``RemoteConfig``: everything that fixes REMOTE's architecture, as one typed object.
+
+Its JSON form (:meth:`RemoteConfig.to_dict`) is what a trained model folder stores: the towers'
+rebuild specs (see :mod:`pipeline.model.towers`) and what params decide, so the model can be rebuilt
+with random weights and its saved state dict loaded into it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from pipeline.config import HeadParams, MoEParams, OTParams, Params
+
+__all__ = ["CONFIG_FORMAT", "RemoteConfig"]
+
+CONFIG_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RemoteConfig:
+    text: dict[str, Any]  # {"bert_config": BertConfig.to_dict()}
+    vision: dict[str, Any]  # {"architecture": timm name, "model_args": {...}}
+    num_labels: int
+    crop_size: int
+    max_objects: int
+    use_depth: bool
+    use_box: bool
+    use_caption: bool
+    mask_padding: bool  # not data.pad_to_max: padding is masked out of OT, fusion and prefixes
+    pool_after_layer: int
+    fusion_start_layer: int
+    dropout: float
+    ot: OTParams
+    moe: MoEParams
+    head: HeadParams
+
+    @classmethod
+    def from_params(
+        cls, params: Params, num_labels: int, text: dict[str, Any], vision: dict[str, Any]
+    ) -> RemoteConfig:
+        """The config of a model built from ``params`` with towers of these specs."""
+        return cls(
+            text=text,
+            vision=vision,
+            num_labels=num_labels,
+            crop_size=params.features.crop_size,
+            max_objects=params.data.max_objects,
+            use_depth=params.data.use_depth,
+            use_box=params.data.use_box,
+            use_caption=params.data.use_caption,
+            mask_padding=not params.data.pad_to_max,
+            pool_after_layer=params.model.pool_after_layer,
+            fusion_start_layer=params.model.fusion_start_layer,
+            dropout=params.model.dropout,
+            ot=params.model.ot,
+            moe=params.model.moe,
+            head=params.model.head,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form, with its format version."""
+        return {"format": CONFIG_FORMAT, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> RemoteConfig:
+        """Read the JSON form back; an unknown format version is refused."""
+        if raw.get("format") != CONFIG_FORMAT:
+            raise ValueError(
+                f"model config format {raw.get('format')!r} is not supported "
+                f"(expected {CONFIG_FORMAT})"
+            )
+        fields = {k: v for k, v in raw.items() if k != "format"}
+        sections = {"ot": OTParams, "moe": MoEParams, "head": HeadParams}
+        return cls(**{k: sections[k](**v) if k in sections else v for k, v in fields.items()})

@@ -1,0 +1,1 @@
+"""Stage 5, ``train``: the training loop and what it writes (``checkpoint``)."""

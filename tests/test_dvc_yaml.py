@@ -1,0 +1,86 @@
+"""dvc.yaml against the code: each stage depends on exactly the modules its command runs, and on
+the params it reads; no knob has a second home."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import grimp
+import pytest
+import yaml
+
+from pipeline.config import default_params, params_to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
+STAGES = list(DVC["stages"])
+# Read params (whose values DVC tracks itself) or report errors: documented in dvc.yaml's header.
+NOT_DEPS = {"pipeline.config", "stages.common"}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def code_deps(stage: str) -> set[str]:
+    """The modules a stage's deps cover (folders expanded), package ``__init__`` files left out."""
+    modules = set()
+    for dep in DVC["stages"][stage]["deps"]:
+        path = ROOT / dep
+        if path.is_dir():
+            files = path.rglob("*.py")
+        elif path.suffix == ".py":
+            files = [path]
+        else:
+            continue
+        modules |= {module_name(f) for f in files if f.name != "__init__.py"}
+    return modules
+
+
+@pytest.fixture(scope="module")
+def graph():
+    return grimp.build_graph("pipeline", "stages")
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_code_deps_are_exactly_the_modules_the_stage_runs(graph, stage):
+    command = f"stages.{stage}"
+    runs = {command} | {
+        m for m in graph.find_upstream_modules(command) if m.startswith(("pipeline.", "stages."))
+    }
+    packages = {m for m in runs if (ROOT / m.replace(".", "/") / "__init__.py").is_file()}
+    assert code_deps(stage) == runs - NOT_DEPS - packages
+
+
+def test_package_init_files_hold_only_a_docstring():
+    # So that importing one module of a package runs no other code the deps would have to list.
+    for init in (ROOT / "pipeline").rglob("__init__.py"):
+        if init.parent.name == "presets":  # a module in its own right, listed where it is used
+            continue
+        body = ast.parse(init.read_text()).body
+        assert all(isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant) for n in body), (
+            init
+        )
+
+
+def flat(tree: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for key, value in tree.items():
+        keys.add(prefix + key)
+        if isinstance(value, dict):
+            keys |= flat(value, f"{prefix}{key}.")
+    return keys
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_listed_params_exist(stage):
+    known = flat(params_to_dict(default_params()))
+    assert set(DVC["stages"][stage].get("params", [])) <= known
+
+
+def test_throughput_knobs_rerun_nothing():
+    listed = {key for stage in STAGES for key in DVC["stages"][stage].get("params", [])}
+    for knob in ("train.num_workers", "train.eval_batch_size", "evaluate.batch_size"):
+        assert knob not in listed and knob.split(".")[0] not in listed

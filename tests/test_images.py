@@ -1,0 +1,60 @@
+"""pipeline.data.images: the one box check and box -> pixels rule, and image opening."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from PIL import Image
+
+from pipeline.data.images import (
+    BOX_TOLERANCE,
+    box_numbers,
+    checked_box,
+    clip_box,
+    image_size,
+    open_image,
+)
+from pipeline.io import DataError
+
+
+def test_box_numbers_accepts_four_finite_reals_only():
+    assert box_numbers([0, 0.5, 1, 1]) == [0.0, 0.5, 1.0, 1.0]
+    assert box_numbers((0.1, 0.2, 0.3, 0.4)) == [0.1, 0.2, 0.3, 0.4]
+    for bad in ([0, 0, 1], [0, 0, 1, 1, 1], [0, 0, True, 1], [0, 0, "1", 1], [0, 0, math.nan, 1],
+                [0, 0, math.inf, 1], "0 0 1 1", None):  # fmt: skip
+        assert box_numbers(bad) is None, bad
+
+
+def test_clip_box_tolerates_one_percent_and_clips_it():
+    assert clip_box([0.1, 0.2, 0.6, 0.9]) == [0.1, 0.2, 0.6, 0.9]
+    edge = 1 + BOX_TOLERANCE
+    assert clip_box([-0.01, 0.0, edge, 1.005]) == [0.0, 0.0, 1.0, 1.0]
+    assert clip_box([0.0, 0.0, edge + 1e-6, 1.0]) is None
+    assert clip_box([0.5, 0.1, 0.2, 0.9]) is None  # x2 < x1
+    assert clip_box([0.1, 0.3, 0.2, 0.3]) is None  # empty height
+
+
+def test_checked_box_names_where_and_what(tmp_path):
+    assert checked_box([0, 0, 1.004, 0.9], "f:3: head.box") == [0.0, 0.0, 1.0, 0.9]
+    with pytest.raises(
+        DataError, match=r"^f:3: head.box: malformed box \(found \[0, 1\], expected 4"
+    ):
+        checked_box([0, 1], "f:3: head.box")
+    with pytest.raises(
+        DataError, match=r"^f:3: t: bad box \(found \[0.1, 0.1, 1.5, 0.5\], expected 0 <="
+    ):
+        checked_box([0.1, 0.1, 1.5, 0.5], "f:3: t")
+
+
+def test_open_image_decodes_rgb_and_names_the_file(tmp_path):
+    Image.new("L", (5, 3), 77).save(tmp_path / "grey.png")
+    image = open_image(tmp_path / "grey.png")
+    assert image.mode == "RGB" and image.size == (5, 3) and image.getpixel((0, 0)) == (77, 77, 77)
+    assert image_size(tmp_path / "grey.png") == (5, 3)
+    (tmp_path / "text.png").write_text("not an image")
+    data = (tmp_path / "grey.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    for name in ("text.png", "cut.png", "missing.png"):
+        with pytest.raises(DataError, match=rf"{name}: "):
+            open_image(tmp_path / name)

@@ -1,0 +1,95 @@
+"""pipeline.io: atomic writes, folder swaps that survive a kill between renames, hashing."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import pytest
+
+from pipeline.io import (
+    DataError,
+    atomic_path,
+    atomic_write_text,
+    file_sha256,
+    read_json,
+    recover_swap,
+    staging_dir,
+    swap_into_place,
+    tree_sha256,
+    write_json,
+)
+
+
+def test_atomic_write_replaces_whole_files_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "sub" / "a.txt"
+    atomic_write_text(path, "first")
+    atomic_write_text(path, "second")
+    assert path.read_text() == "second"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["a.txt"]
+
+
+def test_a_failed_write_keeps_the_old_file(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed")
+    assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+def test_a_leftover_temp_of_a_killed_write_is_overwritten(tmp_path):
+    path = tmp_path / "a.txt"
+    (tmp_path / ".a.txt.tmp").write_text("left by a kill -9")
+    atomic_write_text(path, "done")
+    assert sorted(os.listdir(tmp_path)) == ["a.txt"] and path.read_text() == "done"
+
+
+def test_json_is_sorted_and_bad_json_names_the_line(tmp_path):
+    write_json(tmp_path / "x.json", {"b": 1, "a": [1, 2]})
+    assert (tmp_path / "x.json").read_text() == '{\n  "a": [\n    1,\n    2\n  ],\n  "b": 1\n}\n'
+    (tmp_path / "bad.json").write_text('{\n  "a": 1,\n  oops\n}')
+    with pytest.raises(DataError, match=r"bad\.json:3: not valid JSON"):
+        read_json(tmp_path / "bad.json", "thing")
+    with pytest.raises(DataError, match="thing not found"):
+        read_json(tmp_path / "none.json", "thing")
+
+
+def test_staging_dir_swaps_in_on_success_only(tmp_path):
+    out = tmp_path / "out"
+    with staging_dir(out) as tmp:
+        (tmp / "f").write_text("1")
+    with pytest.raises(KeyError), staging_dir(out) as tmp:
+        (tmp / "f").write_text("2")
+        raise KeyError("failed")
+    assert (out / "f").read_text() == "1"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_swap_cut_between_its_renames_is_recovered(tmp_path):
+    final, new = tmp_path / "best", tmp_path / "new"
+    final.mkdir()
+    (final / "v").write_text("old")
+    os.replace(final, tmp_path / ".best.old")  # the kill came after the first rename
+    recover_swap(final)
+    assert (final / "v").read_text() == "old" and not (tmp_path / ".best.old").exists()
+    new.mkdir()
+    (new / "v").write_text("new")
+    swap_into_place(new, final)
+    assert (final / "v").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["best"]
+
+
+def test_hashes_match_hashlib_and_see_names_and_contents(tmp_path):
+    (tmp_path / "t" / "d").mkdir(parents=True)
+    (tmp_path / "t" / "a").write_bytes(b"x" * 3_000_000)
+    (tmp_path / "t" / "d" / "b").write_bytes(b"y")
+    assert file_sha256(tmp_path / "t" / "a") == hashlib.sha256(b"x" * 3_000_000).hexdigest()
+    expected = hashlib.sha256()
+    for rel, data in (("a", b"x" * 3_000_000), ("d/b", b"y")):
+        expected.update(rel.encode() + b"\0" + hashlib.sha256(data).digest())
+    assert tree_sha256(tmp_path / "t") == expected.hexdigest()
+    before = tree_sha256(tmp_path / "t")
+    os.rename(tmp_path / "t" / "d" / "b", tmp_path / "t" / "d" / "c")
+    assert tree_sha256(tmp_path / "t") != before
+    json.dumps(before)  # a plain string, storable in checkpoint metadata
