@@ -20,12 +20,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from pipeline.caption.captioner import Captioner
 from pipeline.caption.run import run_caption
 from pipeline.caption.table import caption_items
 from pipeline.config import default_params
+from pipeline.data.images import open_image
 from pipeline.data.records import Dataset
 from pipeline.data.synthetic import generate_synthetic
 
@@ -64,8 +64,8 @@ def main() -> None:
             dtype=args.dtype,
         )
         # Warm-up: first calls pay for lazy initialisation (kernels, caches).
-        with Image.open(dataset.image_path(dataset.image_ids()[0])) as image:
-            captioner.describe(["warm up"], [image.convert("RGB")])
+        image = open_image(dataset.image_path(dataset.image_ids()[0]))
+        captioner.describe(["warm up"], [image])
 
         rates, outputs = {}, {}
         for batch_size in (1, args.batch_size):
