@@ -15,7 +15,7 @@ from pipeline.config import HeadParams, MoEParams, OTParams, Params
 
 __all__ = ["CONFIG_FORMAT", "RemoteConfig"]
 
-CONFIG_FORMAT = 1
+CONFIG_FORMAT = 2  # 2: experts as 3-D tensors, fusion bias, model.init, ot.clamp
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class RemoteConfig:
     use_box: bool
     use_caption: bool
     mask_padding: bool  # not data.pad_to_max: padding is masked out of OT, fusion and prefixes
+    init: str  # model.init: "original" | "normal"
     pool_after_layer: int
     fusion_start_layer: int
     dropout: float
@@ -51,6 +52,7 @@ class RemoteConfig:
             use_box=params.data.use_box,
             use_caption=params.data.use_caption,
             mask_padding=not params.data.pad_to_max,
+            init=params.model.init,
             pool_after_layer=params.model.pool_after_layer,
             fusion_start_layer=params.model.fusion_start_layer,
             dropout=params.model.dropout,

@@ -68,13 +68,14 @@ class ObjectPatchEmbeddings(nn.Module):
 
 
 class ObjectPooling(nn.Module):
-    """Average each object's tokens into one token, add ``Linear(5, D)(box)``, LayerNorm, dropout."""
+    """Average each object's tokens into one token, add ``Linear(5, D)(box)``, LayerNorm (eps 1e-12,
+    as the original), dropout."""
 
     def __init__(self, hidden: int, tokens_per_object: int, use_box: bool, dropout: float) -> None:
         super().__init__()
         self.tokens_per_object = tokens_per_object
         self.box = nn.Linear(5, hidden) if use_box else None
-        self.norm = nn.LayerNorm(hidden)
+        self.norm = nn.LayerNorm(hidden, eps=1e-12)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, tokens: torch.Tensor, boxes: torch.Tensor | None) -> torch.Tensor:

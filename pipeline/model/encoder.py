@@ -6,7 +6,7 @@ Per layer ``i``, in this order:
    text layer ``i - 1``;
 2. after vision layer ``pool_after`` only: object pooling (each object's tokens -> one token + box);
 3. text layer ``i``; from ``fusion_start`` on it fuses the current object tokens into its
-   intermediate: ``act(W1 h + W_f softmax(ctx V^T) V)``;
+   intermediate: ``act(W1 h + W_f softmax(ctx V^T) V)`` (``W_f`` has a bias);
 4. for ``i >= 1``, multilevel OT in each stream over the states recorded before layer ``i``.
 
 The layers reuse the towers' own modules (``BertLayer``, timm ``Block``) and only replace their
@@ -49,9 +49,7 @@ class TextLayer(nn.Module):
         self.num_heads = bert_layer.attention.self.num_attention_heads
         intermediate = bert_layer.intermediate.dense
         self.fusion = (
-            nn.Linear(intermediate.in_features, intermediate.out_features, bias=False)
-            if fuse
-            else None
+            nn.Linear(intermediate.in_features, intermediate.out_features) if fuse else None
         )
 
     def forward(
@@ -176,6 +174,7 @@ class DualStreamEncoder(nn.Module):
                 "iterations": ot.iterations,
                 "kernel_floor": ot.kernel_floor,
                 "barycentric": ot.barycentric,
+                "clamp": ot.clamp,
                 "solver": ot.solver,
             }
             self.text_transport = nn.ModuleList(

@@ -3,7 +3,10 @@
 One direction (e.g. vision -> text): every recorded state ``V_j`` of the other stream (detached) is read
 by its own cross-attention with this stream's tokens as queries, giving ``A_j``. A per-token router
 ``softmax(Linear((J + 1) D -> J + 1)([t, A_0 .. A_{J-1}]))`` mixes expert 0 (``t`` itself) and experts
-``j + 1 = t + W2_j act(W1_j [t, A_j])``.
+``j + 1 = t + act([t, A_j] W1_j) W2_j``. As in the original, the experts' weights are two 3-D tensors
+``W1 [J, 2D, D]`` and ``W2 [J, D, D]`` without biases, ``act`` is the activation of the tower whose
+tokens are the queries' *source* side (see :class:`LayerwiseMoE`), and the cross-attention drops
+attention probabilities at that tower's attention dropout rate.
 
 Everything here acts on each query token independently, so the model runs it only on the tokens its
 head reads (entity markers, entity objects); the result equals running it on every token and
@@ -14,9 +17,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
-__all__ = ["CrossAttention", "Expert", "LayerwiseMoE"]
+__all__ = ["CrossAttention", "LayerwiseMoE"]
 
 
 class CrossAttention(nn.Module):
@@ -28,11 +30,12 @@ class CrossAttention(nn.Module):
     the same attention at a fraction of the cost when queries are fewer than keys.
     """
 
-    def __init__(self, hidden: int, num_heads: int) -> None:
+    def __init__(self, hidden: int, num_heads: int, attention_dropout: float) -> None:
         super().__init__()
         if hidden % num_heads:
             raise ValueError(f"hidden size {hidden} is not a multiple of {num_heads} heads")
         self.num_heads = num_heads
+        self.dropout = nn.Dropout(attention_dropout)
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden, bias=False)
         self.value = nn.Linear(hidden, hidden)
@@ -52,34 +55,45 @@ class CrossAttention(nn.Module):
         scores = torch.bmm(folded, state.transpose(1, 2))  # [B, H*N, M]
         if state_mask is not None:
             scores = scores.masked_fill(~state_mask[:, None, :], float("-inf"))
-        mixed = torch.bmm(scores.softmax(dim=-1), state).reshape(batch, heads, count, hidden)
+        probabilities = self.dropout(scores.softmax(dim=-1))
+        mixed = torch.bmm(probabilities, state).reshape(batch, heads, count, hidden)
         value_weight = self.value.weight.reshape(heads, head_dim, hidden)
         context = torch.einsum("bhnc,hdc->bnhd", mixed, value_weight).reshape(batch, count, hidden)
         return self.norm(self.output(context + self.value.bias))
 
 
-class Expert(nn.Module):
-    """``t + W2 act(W1 [t, a])``."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.up = nn.Linear(2 * hidden, hidden)
-        self.down = nn.Linear(hidden, hidden)
-
-    def forward(self, tokens: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
-        return tokens + self.down(F.gelu(self.up(torch.cat([tokens, attended], dim=-1))))
-
-
 class LayerwiseMoE(nn.Module):
-    """Aggregates the ``num_states`` recorded states of the other stream into this stream's tokens."""
+    """Aggregates the ``num_states`` recorded states of the other stream into this stream's tokens.
 
-    def __init__(self, hidden: int, num_heads: int, num_states: int) -> None:
+    ``activation`` and ``attention_dropout`` come from the tower that runs *this* stream's side of
+    the original's module: the text tower's for vision -> text (GELU, 0.1 for BERT), the vision
+    tower's for text -> vision (QuickGELU, 0.0 for CLIP).
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        num_heads: int,
+        num_states: int,
+        activation: nn.Module,
+        attention_dropout: float,
+    ) -> None:
         super().__init__()
         self.attentions = nn.ModuleList(
-            CrossAttention(hidden, num_heads) for _ in range(num_states)
+            CrossAttention(hidden, num_heads, attention_dropout) for _ in range(num_states)
         )
-        self.experts = nn.ModuleList(Expert(hidden) for _ in range(num_states))
+        # Expert j's weights: up[j] [2D, D] and down[j] [D, D] (inputs times weights, no bias).
+        self.up = nn.Parameter(torch.empty(num_states, 2 * hidden, hidden))
+        self.down = nn.Parameter(torch.empty(num_states, hidden, hidden))
+        self.activation = activation
         self.router = nn.Linear((num_states + 1) * hidden, num_states + 1)
+        self.reset_experts()
+
+    def reset_experts(self) -> None:
+        """The original's init: Xavier-uniform over each 3-D tensor (PyTorch's fan rule for
+        tensors of more than 2 dims: fan_in = size(1) * size(2), fan_out = size(0) * size(2))."""
+        nn.init.xavier_uniform_(self.up)
+        nn.init.xavier_uniform_(self.down)
 
     def forward(
         self,
@@ -89,14 +103,16 @@ class LayerwiseMoE(nn.Module):
     ) -> torch.Tensor:
         """``tokens`` ``[B, N, D]``; ``states``: the other stream's ``J`` states ``[B, M_j, D]``
         (detached here); ``state_mask`` ``[B, M]`` for states that carry text padding."""
-        if len(states) != len(self.attentions):
-            raise ValueError(f"expected {len(self.attentions)} states, got {len(states)}")
+        if len(states) != self.up.shape[0]:
+            raise ValueError(f"expected {self.up.shape[0]} states, got {len(states)}")
         attended = [
             attention(tokens, state.detach(), state_mask)
             for attention, state in zip(self.attentions, states, strict=True)
         ]
         weights = self.router(torch.cat([tokens, *attended], dim=-1)).softmax(dim=-1)
-        outputs = [tokens] + [
-            expert(tokens, a) for expert, a in zip(self.experts, attended, strict=True)
-        ]
-        return torch.einsum("bne,bned->bnd", weights, torch.stack(outputs, dim=2))
+        stacked = torch.stack(attended, dim=2)  # [B, N, J, D]
+        pairs = torch.cat([tokens[:, :, None].expand_as(stacked), stacked], dim=-1)
+        inner = self.activation(torch.einsum("bnjc,jcd->bnjd", pairs, self.up))
+        experts = tokens[:, :, None] + torch.einsum("bnjc,jcd->bnjd", inner, self.down)
+        outputs = torch.cat([tokens[:, :, None], experts], dim=2)  # [B, N, J + 1, D]
+        return torch.einsum("bne,bned->bnd", weights, outputs)

@@ -34,6 +34,7 @@ from pipeline.config import OT_SOLVERS
 
 __all__ = [
     "FusedSinkhorn",
+    "clamped_sinkhorn_plan",
     "floored_cost",
     "fused_sinkhorn_plan",
     "sinkhorn_plan",
@@ -69,26 +70,29 @@ class FusedSinkhorn(torch.autograd.Function):
     """Plain-domain Sinkhorn plans ``diag(f) K diag(g)`` after ``iterations`` iterations, with an
     explicit backward pass.
 
-    Forward, from ``g_0 = [b > 0]``: ``r_t = K g_{t-1}``, ``f_t = a / r_t``, ``c_t = K^T f_t``,
-    ``g_t = b / c_t``. Backward runs the same recursion in reverse on vectors and collects the
-    kernel's gradient as ``dP * f g^T + U V^T`` with ``U = [f_t, dr_t]``, ``V = [dc_t, g_{t-1}]``:
-    one matrix product instead of one ``[b, n, m]`` tensor per iteration. Zero-mass rows and
-    columns (padding) get zero plan and zero gradient; ``K`` must be positive.
+    Forward, from ``g_0 = [b > 0]``: ``r_t = K g_{t-1}``, ``f_t = a / max(r_t, clamp)``,
+    ``c_t = K^T f_t``, ``g_t = b / max(c_t, clamp)`` (``clamp`` 0: no clamp; the original clamps at
+    1e-8). Backward runs the same recursion in reverse on vectors and collects the kernel's gradient
+    as ``dP * f g^T + U V^T`` with ``U = [f_t, dr_t]``, ``V = [dc_t, g_{t-1}]``: one matrix product
+    instead of one ``[b, n, m]`` tensor per iteration; a clamped denominator passes no gradient
+    (as ``torch.clamp``). Zero-mass rows and columns (padding) get zero plan and zero gradient;
+    ``K`` must be positive.
     """
 
     @staticmethod
-    def forward(ctx, kernel, row_mass, column_mass, iterations):
+    def forward(ctx, kernel, row_mass, column_mass, iterations, clamp):
         g = (column_mass > 0).to(kernel.dtype)
         fs, gs, rs, cs = [], [g], [], []
         for _ in range(iterations):
             r = torch.bmm(kernel, g.unsqueeze(-1)).squeeze(-1)
-            f = row_mass / r
+            f = row_mass / (r.clamp(min=clamp) if clamp > 0 else r)
             c = torch.bmm(f.unsqueeze(1), kernel).squeeze(1)
-            g = column_mass / c
+            g = column_mass / (c.clamp(min=clamp) if clamp > 0 else c)
             fs.append(f)
             gs.append(g)
             rs.append(r)
             cs.append(c)
+        ctx.clamp = clamp
         ctx.save_for_backward(kernel, *(torch.stack(v) for v in (fs, gs, rs, cs)))
         return f.unsqueeze(-1) * kernel * g.unsqueeze(1)
 
@@ -101,6 +105,11 @@ class FusedSinkhorn(torch.autograd.Function):
     @staticmethod
     def _backward(ctx, grad_plan):
         kernel, fs, gs, rs, cs = ctx.saved_tensors  # [iterations (+ 1 for gs), b, n or m]
+        clamp = ctx.clamp
+        if clamp > 0:
+            # d(a / max(r, k))/dr = -f / r where r >= k, else 0 (the clamp's own gradient).
+            rs = torch.where(rs >= clamp, rs, torch.full_like(rs, math.inf))
+            cs = torch.where(cs >= clamp, cs, torch.full_like(cs, math.inf))
         f, g = fs[-1], gs[-1]
         weighted = grad_plan * kernel
         grad_f = torch.bmm(weighted, g.unsqueeze(-1)).squeeze(-1)
@@ -119,11 +128,15 @@ class FusedSinkhorn(torch.autograd.Function):
             torch.stack(left, dim=-1),
             torch.stack(right, dim=1),
         )
-        return grad_kernel, None, None, None
+        return grad_kernel, None, None, None, None
 
 
 def fused_sinkhorn_plan(
-    kernel: torch.Tensor, row_mass: torch.Tensor, column_mass: torch.Tensor, iterations: int
+    kernel: torch.Tensor,
+    row_mass: torch.Tensor,
+    column_mass: torch.Tensor,
+    iterations: int,
+    clamp: float,
 ) -> torch.Tensor:
     """:class:`FusedSinkhorn` in cache-sized batch chunks; ``kernel`` ``[b, n, m]`` positive."""
     if row_mass.requires_grad or column_mass.requires_grad:
@@ -132,7 +145,7 @@ def fused_sinkhorn_plan(
     # Mixed precision would run the products in bf16/fp16: keep the iterations in float32.
     with torch.autocast(kernel.device.type, enabled=False):
         return _solve_in_chunks(
-            lambda k, a, b: FusedSinkhorn.apply(k.float(), a.float(), b.float(), iterations),
+            lambda k, a, b: FusedSinkhorn.apply(k.float(), a.float(), b.float(), iterations, clamp),
             elements,
             kernel,
             row_mass,
@@ -152,6 +165,43 @@ def _solve_in_chunks(solve, elements: int, problems: torch.Tensor, *per_problem)
     return plans[0] if len(plans) == 1 else torch.cat(plans)
 
 
+def clamped_sinkhorn_plan(
+    cost: torch.Tensor,
+    epsilon: float,
+    iterations: int,
+    row_mass: torch.Tensor | None,
+    column_mass: torch.Tensor | None,
+    *,
+    solver: str,
+    clamp: float,
+) -> torch.Tensor:
+    """POT's batched ``sinkhorn`` / ``log_sinkhorn`` iterations (same start, same order), with every
+    denominator clamped from below at ``clamp`` as the original does (``torch.clamp(min=1e-8)``;
+    in the log domain ``max(logsumexp, log clamp)``), under plain autograd."""
+    batch, rows, columns = cost.shape
+    if row_mass is None:
+        row_mass = cost.new_full((batch, rows), 1.0 / rows)
+    if column_mass is None:
+        column_mass = cost.new_full((batch, columns), 1.0 / columns)
+    if solver == "log_sinkhorn":
+        log_kernel = cost / -epsilon
+        log_rows, log_columns = row_mass.log(), column_mass.log()
+        log_clamp = math.log(clamp)
+        v = cost.new_zeros(batch, columns)
+        for _ in range(iterations):
+            lse = torch.logsumexp(log_kernel + v[:, None, :], dim=2)
+            u = log_rows - lse.clamp(min=log_clamp)
+            lse = torch.logsumexp(log_kernel + u[:, :, None], dim=1)
+            v = log_columns - lse.clamp(min=log_clamp)
+        return torch.exp(log_kernel + u[:, :, None] + v[:, None, :])
+    kernel = torch.exp(cost / -epsilon)
+    g = cost.new_ones(batch, columns)
+    for _ in range(iterations):
+        f = row_mass / torch.bmm(kernel, g[:, :, None])[:, :, 0].clamp(min=clamp)
+        g = column_mass / torch.bmm(f[:, None, :], kernel)[:, 0].clamp(min=clamp)
+    return f[:, :, None] * kernel * g[:, None, :]
+
+
 def sinkhorn_plan(
     cost: torch.Tensor,
     epsilon: float,
@@ -160,9 +210,16 @@ def sinkhorn_plan(
     column_mass: torch.Tensor | None = None,
     *,
     solver: str,
+    clamp: float,
 ) -> torch.Tensor:
     """Entropic plans ``[b, n, m]`` after exactly ``iterations`` Sinkhorn iterations of POT's
-    batched ``solver``, differentiable through every iteration; masses default to uniform."""
+    batched ``solver``, differentiable through every iteration; masses default to uniform.
+    ``clamp > 0`` runs the same iterations with clamped denominators
+    (:func:`clamped_sinkhorn_plan`)."""
+    if clamp > 0:
+        return clamped_sinkhorn_plan(
+            cost, epsilon, iterations, row_mass, column_mass, solver=solver, clamp=clamp
+        )
     import ot
 
     # POT's plain-domain solver creates its scalings with the default device: make it the cost's.
@@ -188,6 +245,7 @@ def transport_plan(
     column_mass: torch.Tensor | None = None,
     *,
     solver: str,
+    clamp: float,
 ) -> torch.Tensor:
     """:func:`sinkhorn_plan` in batch chunks, each recomputed in backward under autograd.
 
@@ -201,8 +259,8 @@ def transport_plan(
     def solve(part_cost, part_rows, part_columns):
         args = (part_cost, epsilon, iterations, part_rows, part_columns)
         if recompute:
-            return checkpoint(sinkhorn_plan, *args, solver=solver, use_reentrant=False)
-        return sinkhorn_plan(*args, solver=solver)
+            return checkpoint(sinkhorn_plan, *args, solver=solver, clamp=clamp, use_reentrant=False)
+        return sinkhorn_plan(*args, solver=solver, clamp=clamp)
 
     return _solve_in_chunks(solve, CHUNK_ELEMENTS, cost, row_mass, column_mass)
 
@@ -222,9 +280,12 @@ class MultilevelTransport(nn.Module):
         iterations: int,
         kernel_floor: float,
         barycentric: bool,
+        clamp: float,
         solver: str,
     ) -> None:
         super().__init__()
+        if clamp < 0:
+            raise ValueError(f"model.ot.clamp must be >= 0, found {clamp}")
         if solver not in OT_SOLVERS:
             raise ValueError(f"model.ot.solver {solver!r}: expected one of {OT_SOLVERS}")
         if solver in ("sinkhorn", "fused") and kernel_floor <= 0:
@@ -242,6 +303,7 @@ class MultilevelTransport(nn.Module):
         self.iterations = iterations
         self.kernel_floor = kernel_floor
         self.barycentric = barycentric
+        self.clamp = clamp
         self.solver = solver
 
     def plan(
@@ -275,7 +337,7 @@ class MultilevelTransport(nn.Module):
         row_mass, column_mass = _uniform_mass(hidden_mask), _uniform_mass(source_mask)
         # Padding needs no masked cost here: its zero mass zeroes its scalings from g_0 on.
         kernel = torch.exp(distance / -self.epsilon) + self.kernel_floor
-        return fused_sinkhorn_plan(kernel, row_mass, column_mass, self.iterations)
+        return fused_sinkhorn_plan(kernel, row_mass, column_mass, self.iterations, self.clamp)
 
     def _pot_plan(self, distance, hidden_mask, source_mask) -> torch.Tensor:
         cost = floored_cost(distance, self.epsilon, self.kernel_floor)
@@ -289,7 +351,13 @@ class MultilevelTransport(nn.Module):
                 source_mask[:, None, :], cost, dearest + MASKED_COST_MARGIN * self.epsilon
             )
         return transport_plan(
-            cost, self.epsilon, self.iterations, row_mass, column_mass, solver=self.solver
+            cost,
+            self.epsilon,
+            self.iterations,
+            row_mass,
+            column_mass,
+            solver=self.solver,
+            clamp=self.clamp,
         )
 
     def forward(

@@ -34,13 +34,12 @@ class EntityHead(nn.Module):
     A text entity is ``M([h_<s>, h_<k>])``, an object ``M([v_obj, h_<o>])`` with ``M = Linear(2D, D)``;
     an absent marker contributes zeros. Without ``M`` (captions off and
     ``head.project_without_caption`` false, as in the original) the entity is ``h_<s>`` / ``v_obj``.
-    Logits are ``Linear(2D, num_labels)([head, tail])``.
+    Logits are ``Linear(2D, num_labels)([head, tail])``, with no dropout before it (as the original).
     """
 
-    def __init__(self, hidden: int, num_labels: int, project: bool, dropout: float) -> None:
+    def __init__(self, hidden: int, num_labels: int, project: bool) -> None:
         super().__init__()
         self.entity = nn.Linear(2 * hidden, hidden) if project else None
-        self.dropout = nn.Dropout(dropout)
         self.classifier = nn.Linear(2 * hidden, num_labels)
 
     def entity_vectors(
@@ -59,7 +58,7 @@ class EntityHead(nn.Module):
         self, markers: torch.Tensor, objects: torch.Tensor, is_object: torch.Tensor
     ) -> torch.Tensor:
         pair = self.entity_vectors(markers, objects, is_object).flatten(1)  # [head, tail]
-        return self.classifier(self.dropout(pair))
+        return self.classifier(pair)
 
 
 def _gather(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -116,20 +115,38 @@ class RemoteModel(nn.Module):
         self.text_moe = self.object_moe = None
         if config.moe.enabled:
             heads = text_config.num_attention_heads
-            self.text_moe = LayerwiseMoE(hidden, heads, num_states)  # vision -> text
-            self.object_moe = LayerwiseMoE(hidden, heads, num_states)  # text -> vision
+            # Each direction takes its activation and attention dropout from one tower, as the
+            # original: vision -> text from the text tower, text -> vision from the vision tower.
+            block = vision_tower.blocks[0]
+            self.text_moe = LayerwiseMoE(
+                hidden,
+                heads,
+                num_states,
+                text_tower.encoder.layer[0].intermediate.intermediate_act_fn,
+                text_config.attention_probs_dropout_prob,
+            )
+            self.object_moe = LayerwiseMoE(
+                hidden, heads, num_states, block.mlp.act, block.attn.attn_drop.p
+            )
         project = config.use_caption or config.head.project_without_caption
-        self.head = EntityHead(hidden, config.num_labels, project, config.dropout)
-        self._init_added(text_config.initializer_range)
+        self.head = EntityHead(hidden, config.num_labels, project)
+        if config.init == "normal":
+            self._init_normal(text_config.initializer_range)
+        elif config.init != "original":
+            raise ValueError(f"model.init {config.init!r}: expected 'original' or 'normal'")
 
-    def _init_added(self, std: float) -> None:
-        """BERT-style init for the modules REMOTE adds (the towers keep their weights)."""
+    def added_modules(self) -> list[nn.Module]:
+        """The modules REMOTE adds to the two towers (what ``model.init`` initializes)."""
         added = [self.encoder.pooling, self.head, self.text_moe, self.object_moe]
         added += [layer.fusion for layer in self.encoder.text_layers]
         added += [self.encoder.text_transport, self.encoder.vision_transport]
-        for module in added:
-            if module is None:
-                continue
+        return [module for module in added if module is not None]
+
+    def _init_normal(self, std: float) -> None:
+        """``model.init: normal``: BERT-style ``N(0, std)`` weights and zero biases for the added
+        modules, experts included. ``original`` keeps what construction gave them: PyTorch's
+        default ``nn.Linear`` / ``nn.LayerNorm`` init and Xavier-uniform experts."""
+        for module in self.added_modules():
             for sub in module.modules():
                 if isinstance(sub, nn.Linear):
                     nn.init.normal_(sub.weight, std=std)
@@ -138,6 +155,9 @@ class RemoteModel(nn.Module):
                 elif isinstance(sub, nn.LayerNorm):
                     nn.init.ones_(sub.weight)
                     nn.init.zeros_(sub.bias)
+                elif isinstance(sub, LayerwiseMoE):
+                    nn.init.normal_(sub.up, std=std)
+                    nn.init.normal_(sub.down, std=std)
 
     @classmethod
     def from_config(cls, config: RemoteConfig, tokenizer: Any) -> RemoteModel:

@@ -72,10 +72,25 @@ def load_text_tower(name: str, pretrained: bool, vocab_size: int) -> tuple[nn.Mo
             model = AutoModel.from_pretrained(location, add_pooling_layer=False)
         else:
             model = AutoModel.from_config(config, add_pooling_layer=False)
-    if model.get_input_embeddings().num_embeddings != vocab_size:
-        # The tokenizer adds the 12 entity markers (pipeline.text.MARKERS).
-        model.resize_token_embeddings(vocab_size)
+    old_size = model.get_input_embeddings().num_embeddings
+    if old_size != vocab_size:
+        _resize_embeddings(model, vocab_size)
     return model, {"bert_config": model.config.to_dict()}
+
+
+def _resize_embeddings(model: nn.Module, vocab_size: int) -> None:
+    """Resize the token embeddings to ``vocab_size`` rows (the tokenizer adds the 12 entity markers,
+    :data:`pipeline.text.MARKERS`); each new row is drawn independently from
+    ``N(0, initializer_range)`` with torch's global generator, as in the original. transformers 5's
+    default mean-resizing would start all markers as one vector."""
+    import torch
+
+    old_size = model.get_input_embeddings().num_embeddings
+    model.resize_token_embeddings(vocab_size, mean_resizing=False)
+    if vocab_size > old_size:
+        rows = model.get_input_embeddings().weight
+        with torch.no_grad():
+            rows[old_size:].normal_(0.0, model.config.initializer_range)
 
 
 def text_tower_from_spec(spec: dict) -> nn.Module:
