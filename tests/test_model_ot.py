@@ -36,9 +36,10 @@ def module(
     iterations: int = 50,
     barycentric: bool = False,
     solver: str = "log_sinkhorn",
+    clamp: float = 0.0,
 ):
     torch.manual_seed(0)
-    layer = MultilevelTransport(hidden, EPS, iterations, floor, barycentric, solver)
+    layer = MultilevelTransport(hidden, EPS, iterations, floor, barycentric, clamp, solver)
     with torch.no_grad():
         layer.weight.fill_(0.7)
     return layer
@@ -71,7 +72,7 @@ SOLVER_FLOORS = [
 @pytest.mark.parametrize(("solver", "floor"), SOLVER_FLOORS)
 def test_layer_plan_and_output_match_plain_domain_reference(solver, floor):
     # Hidden size 8: costs ~2-8, so exp(-C/eps) is well inside float64 and the floor matters at 1e-3.
-    layer = module(8, floor, solver=solver)
+    layer = module(8, floor, solver=solver, clamp=0.0)
     torch.manual_seed(1)
     hidden, source = torch.randn(3, 5, 8), torch.randn(3, 9, 8)
     with torch.no_grad():
@@ -93,7 +94,9 @@ def test_layer_plan_and_output_match_plain_domain_reference(solver, floor):
 def test_matches_pot_single_problem_sinkhorn_with_floor_zero():
     torch.manual_seed(2)
     cost = torch.rand(2, 6, 10, dtype=torch.float64)  # well conditioned: converged in 50 iterations
-    plan = sinkhorn_plan(floored_cost(cost.float(), EPS, 0.0), EPS, 50, solver="log_sinkhorn")
+    plan = sinkhorn_plan(
+        floored_cost(cost.float(), EPS, 0.0), EPS, 50, solver="log_sinkhorn", clamp=0.0
+    )
     for b in range(2):
         ref = pot.sinkhorn(
             torch.full((6,), 1 / 6).double(),
@@ -114,13 +117,13 @@ def test_floor_quirk_large_costs_give_exactly_uniform_plan(solver):
     if solver == "fused":
         kernel = torch.exp(-cost / EPS) + 1e-12
         plan = fused_sinkhorn_plan(
-            kernel, torch.full((2, 7), 1 / 7), torch.full((2, 13), 1 / 13), 50
+            kernel, torch.full((2, 7), 1 / 7), torch.full((2, 13), 1 / 13), 50, 0.0
         )
     else:
-        plan = transport_plan(floored_cost(cost, EPS, 1e-12), EPS, 50, solver=solver)
+        plan = transport_plan(floored_cost(cost, EPS, 1e-12), EPS, 50, solver=solver, clamp=0.0)
     assert rel_err(plan, torch.full_like(plan, 1 / (7 * 13))) <= 1e-6
     # Without the floor the same costs give a far-from-uniform plan.
-    pure = transport_plan(cost, EPS, 50, solver="log_sinkhorn")
+    pure = transport_plan(cost, EPS, 50, solver="log_sinkhorn", clamp=0.0)
     assert rel_err(pure, torch.full_like(pure, 1 / (7 * 13))) > 0.5
 
 
@@ -139,7 +142,7 @@ def test_paper_sized_layer_is_uniform_at_initialization():
     [("log_sinkhorn", 0.0), ("log_sinkhorn", 1e-12), ("sinkhorn", 1e-12), ("fused", 1e-12)],
 )
 def test_padding_has_zero_mass_and_does_not_change_the_real_plan(solver, floor):
-    layer = module(8, floor, solver=solver)
+    layer = module(8, floor, solver=solver, clamp=0.0)
     torch.manual_seed(5)
     hidden = torch.randn(2, 6, 8, requires_grad=True)
     source = torch.randn(2, 12, 8, requires_grad=True)
@@ -176,10 +179,10 @@ def test_recomputed_and_chunked_solve_matches_plain_autodiff(monkeypatch):
     torch.manual_seed(7)
     cost = (3 * torch.rand(5, 6, 9)).requires_grad_()
     weights = torch.randn(5, 6, 9)
-    direct = sinkhorn_plan(cost, EPS, 30, solver="log_sinkhorn")
+    direct = sinkhorn_plan(cost, EPS, 30, solver="log_sinkhorn", clamp=0.0)
     (grad_direct,) = torch.autograd.grad((direct * weights).sum(), cost)
     monkeypatch.setattr(model_ot, "CHUNK_ELEMENTS", 2 * 6 * 9)  # chunks of 2 problems
-    chunked = transport_plan(cost, EPS, 30, solver="log_sinkhorn")
+    chunked = transport_plan(cost, EPS, 30, solver="log_sinkhorn", clamp=0.0)
     (grad_chunked,) = torch.autograd.grad((chunked * weights).sum(), cost)
     assert rel_err(chunked, direct) <= 1e-6
     assert rel_err(grad_chunked, grad_direct) <= 1e-5
@@ -192,13 +195,13 @@ def test_plain_domain_solver_agrees_with_log_domain_and_refuses_floor_zero():
     weights = torch.randn(4, 9, 15)
     plans, grads = [], []
     for solver in ("log_sinkhorn", "sinkhorn"):
-        plan = transport_plan(floored_cost(cost, EPS, 1e-6), EPS, 50, solver=solver)
+        plan = transport_plan(floored_cost(cost, EPS, 1e-6), EPS, 50, solver=solver, clamp=0.0)
         plans.append(plan)
         grads.append(torch.autograd.grad((plan * weights).sum(), cost)[0])
     assert rel_err(plans[1], plans[0]) <= 1e-4
     assert rel_err(grads[1], grads[0]) <= 1e-3
     with pytest.raises(ValueError, match="kernel_floor > 0"):
-        MultilevelTransport(8, EPS, 50, 0.0, False, "sinkhorn")
+        MultilevelTransport(8, EPS, 50, 0.0, False, 0.0, "sinkhorn")
 
 
 def _masses(batch, rows, columns, dtype=torch.float32):
@@ -216,7 +219,9 @@ def test_fused_backward_passes_gradcheck_with_padding():
     torch.manual_seed(9)
     kernel = (torch.rand(3, 5, 7, dtype=torch.float64) + 0.05).requires_grad_()
     rows, columns = _masses(3, 5, 7, torch.float64)
-    assert torch.autograd.gradcheck(lambda k: FusedSinkhorn.apply(k, rows, columns, 12), (kernel,))
+    assert torch.autograd.gradcheck(
+        lambda k: FusedSinkhorn.apply(k, rows, columns, 12, 0.0), (kernel,)
+    )
 
 
 @pytest.mark.parametrize("floor", [1e-12, 1e-3])
@@ -226,10 +231,10 @@ def test_fused_solver_equals_pot_plain_domain_solver_in_plan_and_gradient(floor)
     distance = (4 * torch.rand(4, 9, 15)).requires_grad_()
     weights = torch.randn(4, 9, 15)
     rows, columns = _masses(4, 9, 15)
-    fused = fused_sinkhorn_plan(torch.exp(-distance / EPS) + floor, rows, columns, 50)
+    fused = fused_sinkhorn_plan(torch.exp(-distance / EPS) + floor, rows, columns, 50, 0.0)
     (grad_fused,) = torch.autograd.grad((fused * weights).sum(), distance)
     reference = sinkhorn_plan(
-        floored_cost(distance, EPS, floor), EPS, 50, rows, columns, solver="sinkhorn"
+        floored_cost(distance, EPS, floor), EPS, 50, rows, columns, solver="sinkhorn", clamp=0.0
     )
     (grad_reference,) = torch.autograd.grad((reference * weights).sum(), distance)
     assert rel_err(fused, reference) <= 1e-5
@@ -245,22 +250,22 @@ def test_fused_chunks_match_one_problem_at_once(monkeypatch):
     kernel = (torch.rand(5, 6, 9) + 0.1).requires_grad_()
     weights = torch.randn(5, 6, 9)
     rows, columns = _masses(5, 6, 9)
-    whole = fused_sinkhorn_plan(kernel, rows, columns, 30)
+    whole = fused_sinkhorn_plan(kernel, rows, columns, 30, 0.0)
     (grad_whole,) = torch.autograd.grad((whole * weights).sum(), kernel)
     # 6 * 9 elements per thread x 2 threads: chunks of 2 problems.
     monkeypatch.setattr(model_ot, "FUSED_CHUNK_ELEMENTS", 6 * 9)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    chunked = fused_sinkhorn_plan(kernel, rows, columns, 30)
+    chunked = fused_sinkhorn_plan(kernel, rows, columns, 30, 0.0)
     (grad_chunked,) = torch.autograd.grad((chunked * weights).sum(), kernel)
     assert rel_err(chunked, whole) <= 1e-6 and rel_err(grad_chunked, grad_whole) <= 1e-6
 
 
 def test_fused_solver_refuses_floor_zero_and_learned_marginals():
     with pytest.raises(ValueError, match="kernel_floor > 0"):
-        MultilevelTransport(8, EPS, 50, 0.0, False, "fused")
+        MultilevelTransport(8, EPS, 50, 0.0, False, 0.0, "fused")
     rows = torch.full((1, 3), 1 / 3, requires_grad=True)
     with pytest.raises(ValueError, match="constants"):
-        fused_sinkhorn_plan(torch.rand(1, 3, 4), rows, torch.full((1, 4), 0.25), 5)
+        fused_sinkhorn_plan(torch.rand(1, 3, 4), rows, torch.full((1, 4), 0.25), 5, 0.0)
 
 
 def test_fused_solver_stays_float32_under_mixed_precision():
@@ -271,8 +276,76 @@ def test_fused_solver_stays_float32_under_mixed_precision():
     plans, grads = [], []
     for enabled in (False, True):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
-            plan = fused_sinkhorn_plan(torch.exp(-distance / EPS) + 1e-3, rows, columns, 50)
+            plan = fused_sinkhorn_plan(torch.exp(-distance / EPS) + 1e-3, rows, columns, 50, 0.0)
         plans.append(plan)
         grads.append(torch.autograd.grad((plan * weights).sum(), distance)[0])
     assert plans[1].dtype == torch.float32
     assert rel_err(plans[1], plans[0]) <= 1e-6 and rel_err(grads[1], grads[0]) <= 1e-6
+
+
+def clamped_reference(cost, epsilon, iterations, floor, clamp, row_mass, column_mass):
+    """The original's iterations (float64): u = a / clamp(K v, min), v = b / clamp(K^T u, min)."""
+    kernel = torch.exp(-cost / epsilon) + floor
+    v = torch.ones_like(column_mass)
+    for _ in range(iterations):
+        u = row_mass / torch.clamp(kernel @ v, min=clamp)
+        v = column_mass / torch.clamp(kernel.T @ u, min=clamp)
+    return u[:, None] * kernel * v[None, :]
+
+
+def small_costs(seed):
+    """Costs 8-15: exp(-C/eps) between 1e-7 and 1e-13, so the first K v sums fall near 1e-8."""
+    torch.manual_seed(seed)
+    return (8 + 7 * torch.rand(2, 5, 7, dtype=torch.float64)).requires_grad_(True)
+
+
+@pytest.mark.parametrize("solver", ["fused", "sinkhorn", "log_sinkhorn"])
+def test_clamped_denominators_match_the_original_loop_in_plan_and_gradient(solver):
+    floor, clamp = 1e-12, 1e-8
+    cost = small_costs(5)
+    weights = torch.randn(2, 5, 7, dtype=torch.float64)
+    rows, columns = torch.full((2, 5), 1 / 5), torch.full((2, 7), 1 / 7)
+    cost32 = cost.float()
+    if solver == "fused":
+        kernel = torch.exp(-cost32 / EPS) + floor
+        plan = fused_sinkhorn_plan(kernel, rows, columns, 50, clamp)
+    else:
+        plan = sinkhorn_plan(
+            floored_cost(cost32, EPS, floor), EPS, 50, rows, columns, solver=solver, clamp=clamp
+        )
+    (grad,) = torch.autograd.grad((plan.double() * weights).sum(), cost)
+    refs = [
+        clamped_reference(cost[b], EPS, 50, floor, clamp, rows[b].double(), columns[b].double())
+        for b in range(2)
+    ]
+    ref = torch.stack(refs)
+    (ref_grad,) = torch.autograd.grad((ref * weights).sum(), cost)
+    assert rel_err(plan, ref) <= 1e-4
+    assert rel_err(grad, ref_grad) <= 1e-3
+    # The clamp is not a no-op here: without it the plan differs.
+    unclamped = torch.stack(
+        [
+            clamped_reference(cost[b], EPS, 50, floor, 0.0, rows[b].double(), columns[b].double())
+            for b in range(2)
+        ]
+    )
+    assert rel_err(ref, unclamped) > 1e-3
+
+
+SOLVERS = ["fused", "sinkhorn", "log_sinkhorn"]
+
+
+def test_clamp_changes_nothing_on_the_kernel_floor_and_the_layer_takes_it():
+    # Costs 37-41: the plan stays exactly uniform with the clamp, as without it.
+    torch.manual_seed(6)
+    cost = 37 + 4 * torch.rand(2, 7, 13)
+    rows, columns = torch.full((2, 7), 1 / 7), torch.full((2, 13), 1 / 13)
+    plan = fused_sinkhorn_plan(torch.exp(-cost / EPS) + 1e-12, rows, columns, 50, 1e-8)
+    assert rel_err(plan, torch.full_like(plan, 1 / (7 * 13))) <= 1e-6
+    # A layer with model.ot.clamp hands it to its solver: fused and POT-path solvers agree.
+    hidden, source = torch.randn(2, 4, 8), torch.randn(2, 6, 8)
+    plans = [module(8, 1e-12, solver=s, clamp=1e-8).plan(hidden, source) for s in SOLVERS]
+    for other in plans[1:]:
+        assert rel_err(other, plans[0]) <= 1e-4
+    with pytest.raises(ValueError, match="clamp"):
+        module(8, 1e-12, clamp=-1.0)
