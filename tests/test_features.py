@@ -178,11 +178,46 @@ def test_markers_wrap_the_word_pieces_of_multi_word_and_edge_entities(world):
     ]  # fmt: skip
     expected = {"<s1>": 1, "</s1>": 3, "<s2>": 7, "</s2>": 11}
     assert got.marker_positions == [expected.get(m, -1) for m in MARKERS]
-    # the same span for head and tail nests: <s1> <s2> ... </s2> </s1>
-    same = Record("x", SENT_A, "a.png", text("Paris", 3, 4), text("Paris", 3, 4), "none")
-    assert tokens(world, encoder.encode(same, None).input_ids)[5:10] == [
-        "<s1>", "<s2>", "paris", "</s2>", "</s1>",
-    ]  # fmt: skip
+
+
+def original_marked_words(words, head, tail):
+    """The original's marker placement, written as its loop: at word i, <s1> if the head starts at
+    i, </s1> if it ends at i, <s2> / </s2> likewise, then the word (closers at len(words) last)."""
+    out = []
+    for i in range(len(words) + 1):
+        for n, (start, end) in ((1, head), (2, tail)):
+            if start == i:
+                out.append(f"<s{n}>")
+            if end == i:
+                out.append(f"</s{n}>")
+        if i < len(words):
+            out.append(words[i])
+    return out
+
+
+@pytest.mark.parametrize(
+    "head, tail, expected",
+    [
+        # tail just before the head: "... </s2> <s1> ..." in ours before, the original's order now
+        ((1, 2), (0, 1), ["<s2>", "w0", "<s1>", "</s2>", "w1", "</s1>", "w2"]),
+        ((0, 1), (1, 2), ["<s1>", "w0", "</s1>", "<s2>", "w1", "</s2>", "w2"]),
+        # the same span for head and tail: not nested, head first on both sides
+        ((1, 2), (1, 2), ["w0", "<s1>", "<s2>", "w1", "</s1>", "</s2>", "w2"]),
+        # a span ending at the sentence end, touching the other at its start
+        ((2, 3), (0, 2), ["<s2>", "w0", "w1", "<s1>", "</s2>", "w2", "</s1>"]),
+        # nested spans sharing an end
+        ((0, 3), (1, 3), ["<s1>", "w0", "<s2>", "w1", "w2", "</s1>", "</s2>"]),
+    ],
+)
+def test_touching_spans_follow_the_original_marker_order(world, head, tail, expected):
+    vocab = world["tokenizer"].get_vocab()
+    words = tuple(w for w in ("bill", "visited", "paris") if w in vocab)
+    assert len(words) == 3
+    encoder = TextEncoder(world["tokenizer"], max_seq=40)
+    record = Record("x", words, "a.png", text("A", *head), text("B", *tail), "none")
+    names = [w if w.startswith("<") else words[int(w[1])] for w in expected]
+    assert original_marked_words(words, head, tail) == names
+    assert tokens(world, encoder.encode(record, None).input_ids)[1:-1] == names
 
 
 def test_object_entities_get_no_sentence_markers(world):
@@ -297,9 +332,35 @@ def test_box_to_pixels_rounds_clamps_and_keeps_one_pixel():
     assert box_to_pixels([0.0, 0.0, 1.0, 1.0], 33, 21) == (0, 0, 33, 21)
     assert box_to_pixels([0.5, 0.5, 0.5, 0.5], 10, 10) == (5, 5, 6, 6)
     assert box_to_pixels([0.99, 0.0, 1.0, 0.01], 10, 10) == (9, 0, 10, 1)
+    assert box_to_pixels([0.25, 0.25, 0.75, 0.75], 10, 10) == (2, 2, 8, 8)  # 2.5 -> 2, 7.5 -> 8
 
 
-def test_crops_equal_a_direct_pil_crop_and_resize(world, cache):
+def test_box_to_pixels_is_the_pil_crop_of_the_float_box():
+    # The original cropped with the float box (x W, y H); PIL rounds it half to even.
+    rng = np.random.default_rng(7)
+    image = Image.fromarray(rng.integers(0, 256, (37, 52, 3), dtype=np.uint8))
+    boxes = np.sort(rng.random((200, 2, 2)), axis=1).reshape(200, 4)[:, [0, 2, 1, 3]]
+    halves = np.array([[0.25, 0.125, 0.75, 0.875]])  # lands on .5 pixels: 13, 4.625, 39, 32.375
+    for x1, y1, x2, y2 in np.concatenate([boxes, halves]):
+        float_box = (x1 * 52, y1 * 37, x2 * 52, y2 * 37)
+        if round(float_box[2]) <= round(float_box[0]) or round(float_box[3]) <= round(float_box[1]):
+            continue  # under a pixel: we keep one pixel, the original had an empty crop
+        ours = image.crop(box_to_pixels([x1, y1, x2, y2], 52, 37))
+        assert np.array_equal(np.asarray(ours), np.asarray(image.crop(float_box)))
+
+
+def clip_reference(crop: Image.Image, size: int) -> np.ndarray:
+    """CLIP's feature extractor at size = crop size = ``size``, before scaling: resize the short
+    side to ``size`` (long side int(size * long / short), bicubic), then the centre square with
+    offsets (h - size) // 2, (w - size) // 2. uint8 [3, size, size]."""
+    w, h = crop.size
+    new = (size, int(size * h / w)) if w <= h else (int(size * w / h), size)
+    resized = np.asarray(crop.resize(new, Image.Resampling.BICUBIC) if new != (w, h) else crop)
+    top, left = (resized.shape[0] - size) // 2, (resized.shape[1] - size) // 2
+    return resized[top : top + size, left : left + size].transpose(2, 0, 1)
+
+
+def test_crops_equal_the_clip_extractor_on_the_pil_crop(world, cache):
     ds = FeatureDataset.load(cache[0], "train", world["params"])
     assert ds.image_ids == ["a.png", "b.jpg", "c.png"]
     for i, image_id in enumerate(ds.image_ids):
@@ -309,42 +370,124 @@ def test_crops_equal_a_direct_pil_crop_and_resize(world, cache):
             if box is None:
                 assert not ds.object_crops[i, slot].any()
                 continue
-            px = box_to_pixels(box, image.width, image.height)
-            direct = np.asarray(image.crop(px).resize((16, 16), Image.Resampling.BICUBIC))
-            np.testing.assert_array_equal(ds.object_crops[i, slot], direct.transpose(2, 0, 1))
+            w, h = image.size
+            crop = image.crop((box[0] * w, box[1] * h, box[2] * w, box[3] * h))
+            np.testing.assert_array_equal(ds.object_crops[i, slot], clip_reference(crop, 16))
+
+
+def test_clip_crop_keeps_the_aspect_and_stretch_does_not():
+    rng = np.random.default_rng(3)
+    pixels = rng.integers(0, 256, (40, 120, 3), dtype=np.uint8)  # a 3:1 landscape crop
+    pixels[:, :40] = (250, 0, 0)  # left third red: cut off by the centre crop, kept by stretch
+    image = Image.fromarray(pixels)
+    boxes, mask = object_layout({"[OBJ0]": [0.0, 0.0, 1.0, 1.0]}, 1, "x")
+    clip = crop_objects(image, boxes, mask, 16, "clip")[0]
+    stretch = crop_objects(image, boxes, mask, 16, "stretch")[0]
+    np.testing.assert_array_equal(clip, clip_reference(image, 16))
+    resized = image.resize(
+        (48, 16), Image.Resampling.BICUBIC
+    )  # short side 40 -> 16, long 120 -> 48
+    np.testing.assert_array_equal(clip, np.asarray(resized)[:, 16:32].transpose(2, 0, 1))
+    direct = np.asarray(image.resize((16, 16), Image.Resampling.BICUBIC)).transpose(2, 0, 1)
+    np.testing.assert_array_equal(stretch, direct)
+    assert (stretch[:, :, :4] == np.array([250, 0, 0])[:, None, None]).all()
+    # In CLIP-normalized units (pixel std ~1) the two differ by far more than rounding.
+    normalized = [(c / 255 - np.array(CLIP_MEAN)[:, None, None]) / np.array(CLIP_STD)[:, None, None]
+                  for c in (clip, stretch)]  # fmt: skip
+    assert np.abs(normalized[0] - normalized[1]).mean() > 0.5
+    with pytest.raises(ValueError, match="crop_resize"):
+        crop_objects(image, boxes, mask, 16, "squash")
 
 
 def test_a_solid_box_crops_to_its_colour(tmp_path):
     image = Image.new("RGB", (50, 40), (0, 0, 255))
     image.paste((200, 10, 30), (10, 8, 30, 28))  # exactly the box [0.2, 0.2, 0.6, 0.7]
     boxes, mask = object_layout({"[OBJ1]": [0.2, 0.2, 0.6, 0.7]}, 3, "x")
-    crops = crop_objects(image, boxes, mask, 8)
-    assert crops.shape == (3, 3, 8, 8)
-    assert (crops[1].reshape(3, -1).T == [200, 10, 30]).all()
-    assert not crops[0].any() and not crops[2].any()
+    for mode in ("clip", "stretch"):
+        crops = crop_objects(image, boxes, mask, 8, mode)
+        assert crops.shape == (3, 3, 8, 8)
+        assert (crops[1].reshape(3, -1).T == [200, 10, 30]).all()
+        assert not crops[0].any() and not crops[2].any()
 
 
-def test_depth_crops_equal_a_slice_and_nearest_resize_of_the_map(world, cache):
+def upsample_align_corners(depth_map, height, width):
+    """The whole map bilinearly upsampled to height x width with align_corners=True, as a plain
+    numpy computation: output pixel (r, c) reads source position (r (h-1)/(H-1), c (w-1)/(W-1))."""
+    h, w = depth_map.shape
+    ys = np.arange(height) * ((h - 1) / (height - 1)) if height > 1 else np.zeros(height)
+    xs = np.arange(width) * ((w - 1) / (width - 1)) if width > 1 else np.zeros(width)
+    out = np.zeros((height, width))
+    for r, y in enumerate(ys):
+        for c, x in enumerate(xs):
+            y0, x0 = min(int(np.floor(y)), h - 1), min(int(np.floor(x)), w - 1)
+            y1, x1 = min(y0 + 1, h - 1), min(x0 + 1, w - 1)
+            dy, dx = y - y0, x - x0
+            top = depth_map[y0, x0] * (1 - dx) + depth_map[y0, x1] * dx
+            bottom = depth_map[y1, x0] * (1 - dx) + depth_map[y1, x1] * dx
+            out[r, c] = top * (1 - dy) + bottom * dy
+    return out
+
+
+def original_depth_crop(depth_map, box, width, height, size):
+    """The original: upsample to the image size, rows int(H y1):int(H y2), columns likewise, then
+    nearest resize to size x size with source index floor(i * extent / size)."""
+    full = upsample_align_corners(np.asarray(depth_map, np.float64), height, width)
+    cut = full[
+        int(height * box[1]) : int(height * box[3]), int(width * box[0]) : int(width * box[2])
+    ]
+    rows = [int(np.floor(i * cut.shape[0] / size)) for i in range(size)]
+    cols = [int(np.floor(i * cut.shape[1] / size)) for i in range(size)]
+    return cut[np.ix_(rows, cols)]
+
+
+def test_upsample_reference_is_torch_bilinear_align_corners():
+    depth_map = np.random.default_rng(4).random((5, 7)).astype(np.float32)
+    expected = torch.nn.functional.interpolate(
+        torch.from_numpy(depth_map)[None, None], size=(11, 16), mode="bilinear", align_corners=True
+    )[0, 0].numpy()
+    np.testing.assert_allclose(upsample_align_corners(depth_map, 11, 16), expected, atol=1e-6)
+
+
+def test_depth_crops_are_the_raw_map_upsampled_cut_and_nearest_resized(world, cache):
     ds = FeatureDataset.load(cache[0], "train", world["params"])
+    assert world["params"].features.depth_scale == "raw"
     for i, image_id in enumerate(ds.image_ids):
         depth_map = world["depth"].get(image_id)
-        low, high = depth_map.min(), depth_map.max()
-        norm = (depth_map - low) / (high - low) if high > low else np.zeros_like(depth_map)
-        height, width = depth_map.shape
+        image = Image.open(world["dataset"].image_path(image_id))
         for slot in range(4):
             box = OBJECTS[image_id].get(f"[OBJ{slot}]")
             if box is None:
                 assert not ds.depth_crops[i, slot].any()
                 continue
-            left, top, right, bottom = box_to_pixels(box, width, height)
-            cut = Image.fromarray(norm[top:bottom, left:right].astype(np.float32))
-            direct = np.asarray(cut.resize((16, 16), Image.Resampling.NEAREST))
-            np.testing.assert_allclose(ds.depth_crops[i, slot], direct, rtol=1e-3, atol=1e-3)
+            expected = original_depth_crop(depth_map, box, image.width, image.height, 16)
             assert ds.depth_crops[i, slot].dtype == np.float16
-    # a.png's map is half the image's size: its boxes map with the map's own H, W
-    assert box_to_pixels(OBJECTS["a.png"]["[OBJ0]"], 20, 15) == (2, 3, 12, 14)
-    norm = normalize_depth(np.array([[2.0, 4.0], [3.0, 6.0]]))
-    np.testing.assert_array_equal(norm, [[0, 0.5], [0.25, 1]])
+            np.testing.assert_allclose(ds.depth_crops[i, slot], expected, rtol=1e-3, atol=1e-3)
+    # a.png's map is half its image's size, so the crops come from interpolated values
+    a = world["depth"].get("a.png")
+    assert a.shape == (15, 20) and not np.isin(ds.depth_crops[0, 0], a.astype(np.float16)).all()
+
+
+def test_minmax_depth_scales_each_map_first_and_cuts_keep_a_pixel():
+    depth_map = np.random.default_rng(5).random((6, 9)).astype(np.float32) * 4 + 3
+    boxes, mask = object_layout(
+        {"[OBJ0]": [0.1, 0.2, 0.7, 0.9], "[OBJ1]": [0.5, 0.5, 0.52, 0.53]}, 2, "x"
+    )
+    raw = crop_depth(depth_map, boxes, mask, 8, (30, 20))
+    np.testing.assert_allclose(
+        raw[0], original_depth_crop(depth_map, boxes[0], 30, 20, 8), rtol=1e-6
+    )
+    # A box under a pixel (rows 10:10, columns 15:15) still reads one pixel, (10, 15).
+    pixel = upsample_align_corners(depth_map.astype(np.float64), 20, 30)[10, 15]
+    np.testing.assert_allclose(raw[1], np.full((8, 8), pixel), rtol=1e-6)
+    norm = normalize_depth(depth_map)
+    low, high = depth_map.min(), depth_map.max()
+    np.testing.assert_allclose(norm, (depth_map - low) / (high - low), rtol=1e-6)
+    np.testing.assert_allclose(
+        crop_depth(norm, boxes, mask, 8, (30, 20))[0], (raw[0] - low) / (high - low), atol=1e-6
+    )
+    np.testing.assert_array_equal(
+        normalize_depth(np.array([[2.0, 4.0], [3.0, 6.0]])), [[0, 0.5], [0.25, 1]]
+    )
     assert not normalize_depth(np.full((3, 2), 7.0)).any()  # flat map: zeros
 
 
@@ -607,9 +750,10 @@ def test_stage_runs_on_the_synthetic_dataset_with_the_real_readers(tmp_path):
     image_id = records[0].image_id
     i = ds.image_ids.index(image_id)
     boxes, mask = object_layout(dataset.objects[image_id], params.data.max_objects, image_id)
-    direct = crop_depth(normalize_depth(store.get(image_id)), boxes, mask, 64)
+    size = Image.open(dataset.image_path(image_id)).size
+    direct = crop_depth(store.get(image_id), boxes, mask, 64, size)  # raw values (the default)
     np.testing.assert_allclose(ds.depth_crops[i], direct, atol=1e-3)
-    assert ds.depth_crops[i][mask].std() > 0
+    assert ds.depth_crops[i][mask].astype(np.float32).std() > 0
 
 
 def test_empty_splits_are_written_and_read_back(world, tmp_path):

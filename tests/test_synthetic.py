@@ -166,7 +166,8 @@ def test_images_depth_maps_and_boxes(medium):
         assert sorted(objects[image_id]) == sorted(f"[OBJ{k}]" for k in range(len(scene)))
         depths = [d for _, _, d in scene.values()]
         assert len(set(depths)) == len(depths)  # distinct, and each visible at its centre
-        assert all(0.15 <= d <= 1.0 for d in depths)
+        # A Depth-Anything-like scale (raw relative inverse depth), not [0, 1]: 1.5 .. 10.
+        assert all(1.5 <= d <= 10.0 for d in depths)
         assert set(np.unique(depth).tolist()) <= {0.0, *depths}
         assert (depth == 0).any()  # background is 0
         for _, (x1, y1, x2, y2), d in scene.values():

@@ -99,12 +99,13 @@ def checked_box(values: Any, where: str) -> list[float]:
 
 
 def box_to_pixels(box: Sequence[float], width: int, height: int) -> tuple[int, int, int, int]:
-    """A [0, 1] box -> integer pixel box (left, top, right, bottom), rounded, clamped to the
-    image, at least one pixel wide and high."""
+    """A [0, 1] box -> integer pixel box (left, top, right, bottom): ``x * W``, ``y * H`` rounded as
+    PIL's ``crop`` rounds a float box (Python's ``round``, half to even; the original cropped with
+    the float box), clamped to the image, at least one pixel wide and high."""
 
     def span(lo: float, hi: float, size: int) -> tuple[int, int]:
-        a = min(max(math.floor(lo * size + 0.5), 0), size - 1)
-        b = min(max(math.floor(hi * size + 0.5), a + 1), size)
+        a = min(max(round(lo * size), 0), size - 1)
+        b = min(max(round(hi * size), a + 1), size)
         return a, b
 
     left, right = span(box[0], box[2], width)

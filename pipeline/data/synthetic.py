@@ -15,6 +15,12 @@ scratch can learn it:
 Boxes are whole pixels. Objects are drawn far to near; the pixel
 ``((x1 + x2) // 2, (y1 + y2) // 2)`` of each box shows its own object (a generator guarantee), so
 each object's depth can be read back from the depth map. Same seed -> byte-identical files.
+
+The shipped depth maps (``depth/<image>.npy``, float32 at image resolution) are on the scale of a
+raw Depth-Anything-V2 output, which the features stage uses unnormalized by default
+(``features.depth_scale: raw``, as the original): relative inverse depth, larger = nearer, not
+scaled to [0, 1]. The background is 0 (farthest) and the objects sit on levels
+``DEPTH_SCALE * (0.15, 0.20, ..., 1.0)``, i.e. 1.5 to 10.0.
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from pipeline.io import staging_dir, write_json
 
 __all__ = [
     "GENERATOR_VERSION",
+    "DEPTH_SCALE",
     "VOCABULARY",
     "RELATIONS",
     "SHAPES",
@@ -53,7 +60,8 @@ __all__ = [
     "box_contains",
 ]
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"  # 2: depth maps on a Depth-Anything-like scale (DEPTH_SCALE)
+DEPTH_SCALE = 10.0  # shipped map value of an object at depth level 1.0 (the nearest)
 
 SHAPES = ("circle", "square", "triangle")
 SHAPE_NOUN = {"circle": "person", "square": "building", "triangle": "flag"}
@@ -310,7 +318,7 @@ def _render(
     for i, obj in enumerate(objects):
         visible = ids == i
         rgb[visible] = COLOURS[obj.colour]
-        depth[visible] = obj.depth
+        depth[visible] = obj.depth * DEPTH_SCALE
     return Image.fromarray(rgb.clip(0, 255).astype(np.uint8), "RGB"), depth
 
 

@@ -100,6 +100,8 @@ def cache_settings(params: Params) -> dict[str, Any]:
         "data.use_caption": params.data.use_caption,
         "data.use_depth": params.data.use_depth,
         "features.crop_size": params.features.crop_size,
+        "features.crop_resize": params.features.crop_resize,
+        "features.depth_scale": params.features.depth_scale,
         "model.text_model": params.model.text_model,
     }
 

@@ -15,7 +15,13 @@ from pipeline.config import Params
 from pipeline.data.images import open_image
 from pipeline.data.records import PAIR_KINDS, Entity, Record
 from pipeline.features.dataset import SAMPLES_SCHEMA, images_schema
-from pipeline.features.images import crop_depth, crop_objects, normalize_depth, object_layout
+from pipeline.features.images import (
+    check_depth_map,
+    crop_depth,
+    crop_objects,
+    normalize_depth,
+    object_layout,
+)
 from pipeline.features.text import EncodedText, TextEncoder
 from pipeline.io import DataError
 
@@ -107,16 +113,23 @@ def featurize_image(
     depth_crops = np.zeros((slots, size, size), dtype=np.float32)
     problem = []
     if mask.any():
+        image = None
         try:
             if image_path is None:
                 raise DataError(f"image {image_id!r} has objects but no image file")
-            crops = crop_objects(open_image(image_path), layout, mask, size)
+            image = open_image(image_path)
+            crops = crop_objects(image, layout, mask, size, params.features.crop_resize)
         except DataError as exc:
             problem.append(f"image {exc}")
         if depth is not None:
             try:
-                depth_map = normalize_depth(depth.get(image_id), image_id)
-                depth_crops = crop_depth(depth_map, layout, mask, size)
+                depth_map = depth.get(image_id)
+                if params.features.depth_scale == "minmax":
+                    depth_map = normalize_depth(depth_map, image_id)
+                else:
+                    depth_map = check_depth_map(depth_map, image_id)
+                if image is not None:  # the map is read at the image's size
+                    depth_crops = crop_depth(depth_map, layout, mask, size, image.size)
             except KeyError as exc:
                 problem.append(f"no depth map ({exc.args[0]})")
     if problem and params.data.on_error == "raise":

@@ -1,7 +1,9 @@
 """Text features: word pieces of a record with entity markers and its caption segment.
 
 Input text: ``[CLS] sentence [SEP] captions [SEP]``. The sentence has ``<s1>..</s1>`` /
-``<s2>..</s2>`` around a text head / tail; the caption segment (token type 1) is
+``<s2>..</s2>`` around a text head / tail (where spans touch or overlap, markers follow the
+original's order at each word position: ``<s1>``, ``</s1>``, ``<s2>``, ``</s2>``, then the word);
+the caption segment (token type 1) is
 ``<k1>|<o1> head caption </k1>|</o1> <k2>|<o2> tail caption </k2>|</o2>``. A missing caption keeps
 its markers with empty content; there is no caption segment at all when captions are off.
 
@@ -98,12 +100,13 @@ class TextEncoder:
             spans.append((start, end, n))
         ids: list[int] = []
         for pos in range(len(words) + 1):
-            # Keep the pairs nested: at a shared end the later-opened span closes first; at a
-            # shared start the longer span opens first.
-            for _, _, n in sorted((s for s in spans if s[1] == pos), key=lambda s: (-s[0], -s[2])):
-                ids.append(self.marker_ids[f"</s{n}>"])
-            for _, _, n in sorted((s for s in spans if s[0] == pos), key=lambda s: (-s[1], s[2])):
-                ids.append(self.marker_ids[f"<s{n}>"])
+            # The original's order at each position: <s1> if the head starts here, </s1> if it
+            # ends here, then <s2>, </s2> likewise, then the word (touching spans: "<s1> </s2>").
+            for start, end, n in spans:
+                if start == pos:
+                    ids.append(self.marker_ids[f"<s{n}>"])
+                if end == pos:
+                    ids.append(self.marker_ids[f"</s{n}>"])
             if pos < len(words):
                 ids.extend(words[pos])
         return ids
