@@ -4,9 +4,11 @@
     .venv/bin/python -m bench.depth --no-small --images 96
     .venv/bin/python -m bench.depth --model /models/Depth-Anything-V2-Large-hf --dtype float16
 
-Inference: the same preprocessed images (three sizes, so batches are grouped by size) through the
-same model with ``depth.batch_size`` vs 1; model time only, best of ``--repeats``; on the GPU
-when there is one. Storage: a depth
+Inference: the same images (three sizes, so batches are grouped by input size) through the
+same model with ``depth.batch_size`` vs 1, resizing on the device included, best of
+``--repeats``; on the GPU when there is one. Preprocessing: the original's resize (both sides at
+least 518) in torch (:func:`pipeline.depth.model.prepare_batch`) against transformers'
+``DPTImageProcessor`` (PIL) on the same 640x480 photos-sized images, CPU. Storage: a depth
 store of the synthetic dataset (the tiny model's maps and the shipped maps) against the original
 script's format, one uncompressed float32 ``.npz`` per image.
 """
@@ -27,7 +29,15 @@ from PIL import Image
 from pipeline.config import default_params
 from pipeline.data.records import Dataset
 from pipeline.data.synthetic import generate_synthetic
-from pipeline.depth.model import depth_processor, infer_depth, load_depth_model, preprocess
+from pipeline.depth.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    image_tensor,
+    infer_depth,
+    input_size,
+    load_depth_model,
+    prepare_batch,
+)
 from pipeline.depth.run import run_depth
 from pipeline.depth.store import DepthStore
 from pipeline.device import select_device
@@ -38,8 +48,8 @@ SIZES = [(96, 128), (128, 96), (112, 112)]  # (height, width) of the benchmark i
 
 
 def small_depth_model():
-    """A random model with Depth-Anything-V2-Small's sizes (ViT-S/14, 24.8M parameters), run at a
-    112-pixel short side so it finishes on a CPU."""
+    """A random model with Depth-Anything-V2-Small's sizes (ViT-S/14, 24.8M parameters), its input
+    lower bound at 112 pixels (not 518) so it finishes on a CPU."""
     from transformers import (
         DepthAnythingConfig,
         DepthAnythingForDepthEstimation,
@@ -47,7 +57,7 @@ def small_depth_model():
     )
 
     backbone = Dinov2Config(
-        image_size=518,
+        image_size=112,
         patch_size=14,
         hidden_size=384,
         num_hidden_layers=12,
@@ -64,8 +74,7 @@ def small_depth_model():
         reassemble_hidden_size=384,
     )
     torch.manual_seed(0)
-    processor = depth_processor(112)
-    return DepthAnythingForDepthEstimation(config).eval(), processor
+    return DepthAnythingForDepthEstimation(config).eval()
 
 
 def bench_images(n: int) -> list[Image.Image]:
@@ -89,18 +98,73 @@ def images_per_second(model, pixels, batch_size: int, dtype: str, repeats: int) 
     return len(pixels) / best
 
 
-def bench_inference(name: str, model, processor, n: int, args: argparse.Namespace) -> None:
+def bench_inference(name: str, model, n: int, args: argparse.Namespace) -> None:
     batch_size = args.batch_size
     model = model.to(select_device())
-    pixels = [preprocess(processor, im) for im in bench_images(n)]
+    pixels = [image_tensor(im) for im in bench_images(n)]
     params = sum(p.numel() for p in model.parameters())
-    shapes = sorted({tuple(p.shape[1:]) for p in pixels})
+    backbone = model.config.backbone_config
+    shapes = sorted(
+        {
+            input_size(p.shape[2], p.shape[1], backbone.image_size, backbone.patch_size)
+            for p in pixels
+        }
+    )
     print(f"\n{name}: {params / 1e6:.2f}M parameters, {n} images at input sizes {shapes}")
     single = images_per_second(model, pixels, 1, args.dtype, args.repeats)
     batched = images_per_second(model, pixels, batch_size, args.dtype, args.repeats)
     print(f"  one at a time     {single:8.1f} images/s")
     print(f"  batch_size={batch_size:<6d} {batched:8.1f} images/s")
     print(f"  ratio             {batched / single:8.2f}x")
+
+
+def bench_preprocessing(n: int, repeats: int) -> None:
+    """Seconds per image: the original's resize in torch on the CPU vs DPTImageProcessor."""
+    from transformers import DPTImageProcessor
+
+    rng = np.random.default_rng(0)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(n)
+    ]
+    processor = DPTImageProcessor(
+        size={"height": 518, "width": 518},
+        keep_aspect_ratio=True,
+        ensure_multiple_of=14,
+        resample=Image.Resampling.BICUBIC,
+        image_mean=list(IMAGENET_MEAN),
+        image_std=list(IMAGENET_STD),
+    )
+    cpu = torch.device("cpu")
+
+    def ours():
+        for im in images:
+            prepare_batch([image_tensor(im)], 518, 14, cpu)
+
+    def transformers_processor():
+        for im in images:
+            processor(images=im, return_tensors="pt")
+
+    times = {}
+    for name, run in (("torch (ours)", ours), ("DPTImageProcessor", transformers_processor)):
+        run()  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - start)
+        times[name] = best / n
+    ours_size = tuple(prepare_batch([image_tensor(images[0])], 518, 14, cpu).shape[2:])
+    theirs_size = tuple(processor(images=images[0], return_tensors="pt")["pixel_values"].shape[2:])
+    print(f"\npreprocessing, {n} images of 640x480, CPU threads {torch.get_num_threads()}:")
+    print(
+        f"  torch (original resize, -> {ours_size})   {times['torch (ours)'] * 1e3:7.2f} ms/image"
+    )
+    print(
+        f"  DPTImageProcessor (-> {theirs_size})       {times['DPTImageProcessor'] * 1e3:7.2f} ms/image"
+    )
+    print(
+        f"  ratio                                       {times['DPTImageProcessor'] / times['torch (ours)']:7.2f}x"
+    )
 
 
 def npz_bytes(depth: np.ndarray) -> int:
@@ -151,16 +215,17 @@ def main() -> None:
     parser.add_argument("--small-images", type=int, default=12, help="images for the small model")
     parser.add_argument("--no-small", action="store_true", help="skip the ViT-S-sized model")
     parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--preprocess-images", type=int, default=16, help="640x480 images")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, device {select_device()}, CPU threads {args.threads}")
-    model, processor = load_depth_model(args.model)
-    bench_inference(args.model, model, processor, args.images, args)
+    model = load_depth_model(args.model)
+    bench_inference(args.model, model, args.images, args)
     if not args.no_small:
-        model, processor = small_depth_model()
-        bench_inference("ViT-S-sized random", model, processor, args.small_images, args)
+        bench_inference("ViT-S-sized random", small_depth_model(), args.small_images, args)
+    bench_preprocessing(args.preprocess_images, args.repeats)
     bench_storage(args.images, args.batch_size)
 
 

@@ -265,12 +265,9 @@ def _depth_maps(inputs: Sequence[PredictInput], image_ids: list[str], params: An
             params.depth.source,
         )
     if by_model:
-        model, processor = load_depth_model(params.depth.model)
-        model = model.to(select_device())
+        model = load_depth_model(params.depth.model).to(select_device())
         images = [open_image(item.image) for item, _ in by_model]
-        predicted = predict_depth(
-            model, processor, images, params.depth.batch_size, params.depth.dtype
-        )
+        predicted = predict_depth(model, images, params.depth.batch_size, params.depth.dtype)
         for (_, image_id), depth_map in zip(by_model, predicted, strict=True):
             maps[image_id] = store_rounding(depth_map)
     return maps

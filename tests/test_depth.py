@@ -22,10 +22,15 @@ from pipeline.config import DepthParams, default_params
 from pipeline.data.records import Dataset, Entity, Record, write_dataset
 from pipeline.data.synthetic import generate_synthetic
 from pipeline.depth.model import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    image_tensor,
     infer_depth,
+    input_settings,
+    input_size,
     load_depth_model,
     predict_depth,
-    preprocess,
+    prepare_batch,
     tiny_depth_model,
 )
 from pipeline.depth.run import run_depth
@@ -97,19 +102,20 @@ def reference(dataset, tmp_path_factory) -> Path:
 def test_every_image_has_raw_model_depth_with_its_aspect(dataset, reference):
     store = DepthStore(reference)
     assert store.ids() == dataset.image_ids() and len(store) == len(IMAGES)
-    model, processor = tiny_depth_model()
+    model = tiny_depth_model()
+    assert input_settings(model) == (56, 14)  # the tiny backbone's image and patch sizes
     for image_id in dataset.image_ids():
         image = Image.open(dataset.image_path(image_id)).convert("RGB")
         depth = store.get(image_id)
         h, w = depth.shape
         height, width = image.height, image.width
-        # The processor keeps the aspect ratio: short side 56, long side rounded to 14 pixels.
+        # Aspect kept, both sides at least 56 (short side exactly 56 here), multiples of 14.
         short, long_ = sorted((height, width))
         assert min(h, w) == 56 and max(h, w) == round(56 * long_ / short / 14) * 14
         assert (h >= w) == (height >= width)
         assert abs(h * width - w * height) <= 7 * (height + width)
         # Stored values are the model's raw output, within float16 rounding.
-        (direct,) = predict_depth(model, processor, [image], batch_size=1, dtype="float32")
+        (direct,) = predict_depth(model, [image], batch_size=1, dtype="float32")
         assert depth.dtype == np.float32 and np.abs(direct).max() > 0
         np.testing.assert_allclose(depth, direct, rtol=0, atol=np.abs(direct).max() * F16_EPS)
     assert store.manifest["model"] == "tiny" and store.manifest["count"] == len(IMAGES)
@@ -117,17 +123,72 @@ def test_every_image_has_raw_model_depth_with_its_aspect(dataset, reference):
 
 
 def test_batched_equals_one_at_a_time_and_batches_never_mix_sizes(dataset):
-    model, processor = tiny_depth_model()
+    model = tiny_depth_model()
     images = [Image.open(dataset.image_path(i)).convert("RGB") for i in dataset.image_ids()]
     batches: list[int] = []
-    pixels = [preprocess(processor, image) for image in images]
+    pixels = [image_tensor(image) for image in images]
     batched = infer_depth(model, pixels, batch_size=3, dtype="float32", on_batch=batches.append)
     single = infer_depth(model, pixels, batch_size=1, dtype="float32")
     for a, b in zip(batched, single, strict=True):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
-    # Processed sizes: 56x70 (four 96x128 images and the 80x100), 112x56, 56x56, 56x112.
+    # Input sizes: 56x70 (four 96x128 images and the 80x100), 112x56, 56x56, 56x112.
     assert sorted(batches) == [1, 1, 1, 2, 3]
+
+
+def original_input_size(width, height, lower_bound=518, multiple=14):
+    """Depth-Anything-V2's Resize(keep_aspect_ratio, ensure_multiple_of, "lower_bound"), as its
+    infer_image runs it, written out with numpy."""
+    scale = max(lower_bound / height, lower_bound / width)
+
+    def constrain(x):
+        y = int(np.round(x / multiple) * multiple)
+        return int(np.ceil(x / multiple) * multiple) if y < lower_bound else y
+
+    return constrain(scale * width), constrain(scale * height)
+
+
+@pytest.mark.parametrize(
+    "width, height, before_rounding, expected",
+    [
+        (600, 400, (777.0, 518.0), (784, 518)),  # 777 / 14 = 55.5 rounds to even: 56
+        (400, 600, (518.0, 777.0), (518, 784)),
+        (640, 480, (690.67, 518.0), (686, 518)),
+        (518, 518, (518.0, 518.0), (518, 518)),
+        (100, 1000, (518.0, 5180.0), (518, 5180)),
+        (1920, 1080, (920.89, 518.0), (924, 518)),
+        (300, 301, (518.0, 519.73), (518, 518)),  # 519.7 / 14 rounds down to 518: kept (>= 518)
+        (1000, 530, (977.36, 518.0), (980, 518)),
+    ],
+)
+def test_depth_input_keeps_aspect_with_both_sides_at_least_518(
+    width, height, before_rounding, expected
+):
+    scale = max(518 / height, 518 / width)
+    np.testing.assert_allclose((scale * width, scale * height), before_rounding, atol=0.01)
+    assert input_size(width, height, 518, 14) == original_input_size(width, height) == expected
+    # Not transformers' DPTImageProcessor rule (the scale closest to 1: 600x400 -> 518x345).
+    assert min(expected) >= 518
+
+
+def test_depth_input_resize_and_normalize_on_the_device():
+    # A flat colour survives bicubic resizing exactly: the output is ((c / 255) - mean) / std.
+    colour = np.array([200, 30, 90], dtype=np.uint8)
+    image = torch.from_numpy(np.broadcast_to(colour, (40, 60, 3)).copy()).permute(2, 0, 1)
+    batch = prepare_batch([image, image], 518, 14, torch.device("cpu"))
+    assert batch.shape == (2, 3, 518, 784)  # 60x40 -> 777x518 -> 784x518
+    expected = (colour / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    np.testing.assert_allclose(batch.mean(dim=(0, 2, 3)).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(batch.std(dim=(0, 2, 3)).numpy(), 0, atol=1e-5)
+    # A gradient: bicubic (Keys a = -0.75, no antialiasing) as torch computes it on [0, 1] values.
+    ramp = torch.arange(60, dtype=torch.uint8).repeat(3, 40, 1)
+    got = prepare_batch([ramp], 518, 14, torch.device("cpu"))[0]
+    reference = torch.nn.functional.interpolate(
+        ramp[None].float() / 255, size=(518, 784), mode="bicubic", align_corners=False
+    )[0]
+    mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
+    std = torch.tensor(IMAGENET_STD)[:, None, None]
+    torch.testing.assert_close(got, (reference - mean) / std)
 
 
 def test_store_reader_contract(reference, tmp_path):
@@ -321,31 +382,29 @@ def test_bad_images_raise_or_are_skipped_and_reported(dataset, reference, tmp_pa
 
 
 def test_local_folder_and_hub_id_share_the_loader(tmp_path, monkeypatch):
-    from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
+    from transformers import DepthAnythingForDepthEstimation
 
-    model, processor = tiny_depth_model()
+    model = tiny_depth_model()
     model.save_pretrained(tmp_path / "tiny-depth")
-    processor.save_pretrained(tmp_path / "tiny-depth")
     image = Image.fromarray(np.random.default_rng(2).integers(0, 255, (90, 60, 3), np.uint8))
-    (expected,) = predict_depth(model, processor, [image], batch_size=1, dtype="float32")
+    (expected,) = predict_depth(model, [image], batch_size=1, dtype="float32")
 
-    loaded, loaded_processor = load_depth_model(str(tmp_path / "tiny-depth"))
-    (got,) = predict_depth(loaded, loaded_processor, [image], batch_size=1, dtype="float32")
+    loaded = load_depth_model(str(tmp_path / "tiny-depth"))
+    (got,) = predict_depth(loaded, [image], batch_size=1, dtype="float32")
     np.testing.assert_array_equal(got, expected)
 
-    # A hub id reaches the same two from_pretrained calls, with the id as given.
+    # A hub id reaches the same from_pretrained call, with the id as given.
     seen = []
-    for cls in (AutoImageProcessor, DepthAnythingForDepthEstimation):
-        original = cls.from_pretrained.__func__
+    original = DepthAnythingForDepthEstimation.from_pretrained.__func__
 
-        def redirect(klass, name, *args, _original=original, **kwargs):
-            seen.append(name)
-            return _original(klass, str(tmp_path / "tiny-depth"), *args, **kwargs)
+    def redirect(klass, name, *args, **kwargs):
+        seen.append(name)
+        return original(klass, str(tmp_path / "tiny-depth"), *args, **kwargs)
 
-        monkeypatch.setattr(cls, "from_pretrained", classmethod(redirect))
-    hub_model, hub_processor = load_depth_model("depth-anything/Depth-Anything-V2-Small-hf")
-    assert seen == ["depth-anything/Depth-Anything-V2-Small-hf"] * 2
-    (got,) = predict_depth(hub_model, hub_processor, [image], batch_size=1, dtype="float32")
+    monkeypatch.setattr(DepthAnythingForDepthEstimation, "from_pretrained", classmethod(redirect))
+    hub_model = load_depth_model("depth-anything/Depth-Anything-V2-Small-hf")
+    assert seen == ["depth-anything/Depth-Anything-V2-Small-hf"]
+    (got,) = predict_depth(hub_model, [image], batch_size=1, dtype="float32")
     np.testing.assert_array_equal(got, expected)
 
 
@@ -353,9 +412,9 @@ def test_tiny_model_is_seeded_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    a, _ = tiny_depth_model()
+    a = tiny_depth_model()
     after = torch.rand(1)
-    b, _ = tiny_depth_model()
+    b = tiny_depth_model()
     assert torch.equal(before, after)
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)

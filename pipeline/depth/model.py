@@ -1,13 +1,16 @@
 """Depth-Anything-V2 by name (``tiny``, a local folder, or a hub id) and batched inference.
 
+Inputs are prepared as the original's ``infer_image`` did (:func:`input_size`, :func:`prepare_batch`).
 ``infer_depth`` returns the model's raw output (relative inverse depth, larger = nearer, not
-normalized) at the model's output size; the depth stage stores it as it is.
+normalized) at the model's output size; the depth stage stores it as it is, and the features stage
+upsamples it to the image's size on read, as the original did after inference.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
@@ -20,32 +23,83 @@ if TYPE_CHECKING:
     from transformers import DepthAnythingForDepthEstimation
 
 __all__ = [
-    "depth_processor",
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "input_size",
+    "input_settings",
+    "image_tensor",
+    "prepare_batch",
     "tiny_depth_model",
     "load_depth_model",
-    "preprocess",
     "predict_depth",
     "infer_depth",
 ]
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
-def depth_processor(short_side: int) -> Any:
-    """The released Depth-Anything-V2 image processor settings, at ``short_side`` pixels."""
-    from transformers import DPTImageProcessor
 
-    return DPTImageProcessor(
-        size={"height": short_side, "width": short_side},
-        keep_aspect_ratio=True,
-        ensure_multiple_of=14,
-        do_pad=False,
-        resample=Image.Resampling.BICUBIC,
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
+def _to_multiple(x: float, multiple: int, minimum: int) -> int:
+    """``x`` rounded (half to even, as numpy) to a multiple of ``multiple``; rounded up instead
+    when that falls below ``minimum``."""
+    y = round(x / multiple) * multiple
+    if y < minimum:
+        y = math.ceil(x / multiple) * multiple
+    return int(y)
+
+
+def input_size(width: int, height: int, lower_bound: int, multiple: int) -> tuple[int, int]:
+    """The original's model input ``(width, height)`` for an image (Depth-Anything-V2
+    ``infer_image``, ``Resize(keep_aspect_ratio=True, resize_method="lower_bound")``): scaled by the
+    larger of ``lower_bound / height`` and ``lower_bound / width``, so both sides are at least
+    ``lower_bound``, each side then a multiple of ``multiple``. 600 x 400 -> 777 x 518 -> 784 x 518."""
+    scale = max(lower_bound / height, lower_bound / width)
+    return (
+        _to_multiple(scale * width, multiple, lower_bound),
+        _to_multiple(scale * height, multiple, lower_bound),
     )
 
 
-def tiny_depth_model(seed: int = 0) -> tuple[DepthAnythingForDepthEstimation, Any]:
-    """A 121k-parameter Depth-Anything-V2 with seeded random weights and its image processor."""
+def input_settings(model: DepthAnythingForDepthEstimation) -> tuple[int, int]:
+    """``(lower_bound, multiple)`` of a model's input: its backbone's image and patch sizes
+    (518 and 14 for the released Depth-Anything-V2 checkpoints, as the original's input size)."""
+    backbone = model.config.backbone_config
+    return int(backbone.image_size), int(backbone.patch_size)
+
+
+def image_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB image as a uint8 ``[3, H, W]`` tensor (what the depth stage hands the device)."""
+    import torch
+
+    return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
+
+
+def prepare_batch(
+    images: Sequence[torch.Tensor], lower_bound: int, multiple: int, device: torch.device
+) -> torch.Tensor:
+    """uint8 ``[3, H, W]`` images that share one :func:`input_size` -> the model's input
+    ``[N, 3, h, w]`` on ``device``: scaled to [0, 1], resized bicubic (no antialiasing, as OpenCV's
+    ``INTER_CUBIC``), normalized with ImageNet mean and std, all in torch on ``device``."""
+    import torch
+    from torch.nn import functional as F
+
+    resized = []
+    for image in images:
+        width, height = input_size(image.shape[2], image.shape[1], lower_bound, multiple)
+        pixels = image.to(device, non_blocking=True)[None].float() / 255.0
+        if (height, width) != tuple(pixels.shape[2:]):
+            pixels = F.interpolate(
+                pixels, size=(height, width), mode="bicubic", align_corners=False
+            )
+        resized.append(pixels)
+    batch = torch.cat(resized)
+    mean = torch.tensor(IMAGENET_MEAN, device=device)[None, :, None, None]
+    std = torch.tensor(IMAGENET_STD, device=device)[None, :, None, None]
+    return (batch - mean) / std
+
+
+def tiny_depth_model(seed: int = 0) -> DepthAnythingForDepthEstimation:
+    """A 121k-parameter Depth-Anything-V2 with seeded random weights (input lower bound 56)."""
     import torch
     from transformers import (
         DepthAnythingConfig,
@@ -73,71 +127,68 @@ def tiny_depth_model(seed: int = 0) -> tuple[DepthAnythingForDepthEstimation, An
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DepthAnythingForDepthEstimation(config)
-    processor = depth_processor(56)
-    return model.eval(), processor
+    return model.eval()
 
 
-def load_depth_model(name: str) -> tuple[DepthAnythingForDepthEstimation, Any]:
-    """Model and image processor by name: "tiny", a local folder, or a hub id (same loader)."""
-    from transformers import AutoImageProcessor, DepthAnythingForDepthEstimation
+def load_depth_model(name: str) -> DepthAnythingForDepthEstimation:
+    """The model by name: "tiny", a local folder, or a hub id (same loader). Its input is prepared
+    by :func:`prepare_batch` (the original's resize), not by the checkpoint's image processor."""
+    from transformers import DepthAnythingForDepthEstimation
 
     source = resolve(name)
     if source.kind == "tiny":
         return tiny_depth_model()
     location = str(source.path) if source.kind == "local" else source.name
     try:
-        processor = AutoImageProcessor.from_pretrained(location)
         model = DepthAnythingForDepthEstimation.from_pretrained(location)
     except OSError as exc:
         raise OSError(
             f"depth.model={name!r}: cannot load it ({exc}). Without network, download the model "
             "to a folder and set depth.model to that folder."
         ) from exc
-    return model.eval(), processor
-
-
-def preprocess(processor: Any, image: Image.Image) -> torch.Tensor:
-    """One image as the model's input, ``[3, h, w]``; h and w follow the image's aspect ratio."""
-    return processor(images=image, return_tensors="pt")["pixel_values"][0]
+    return model.eval()
 
 
 def predict_depth(
     model: DepthAnythingForDepthEstimation,
-    processor: Any,
     images: Sequence[Image.Image],
     batch_size: int,
     dtype: str,
 ) -> list[np.ndarray]:
-    """Raw depth (float32 ``[h, w]`` at the model's output size) per image, in input order."""
-    return infer_depth(model, [preprocess(processor, im) for im in images], batch_size, dtype)
+    """Raw depth (float32 ``[h, w]`` at the model's input size) per image, in input order."""
+    return infer_depth(model, [image_tensor(im) for im in images], batch_size, dtype)
 
 
 def infer_depth(
     model: DepthAnythingForDepthEstimation,
-    pixels: Sequence[torch.Tensor],
+    images: Sequence[torch.Tensor],
     batch_size: int,
     dtype: str,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[np.ndarray]:
-    """Raw depth per preprocessed image, in input order.
+    """Raw depth per uint8 ``[3, H, W]`` image (:func:`image_tensor`), in input order.
 
-    Inputs are batched with others of the same size (in order of first appearance), so no batch
-    carries padding; ``dtype`` float16/bfloat16 turns on autocast on a GPU.
+    Images are batched with others of the same model input size (:func:`input_size`, in order of
+    first appearance), so no batch carries padding; resizing and normalizing run on the model's
+    device (:func:`prepare_batch`); ``dtype`` float16/bfloat16 turns on autocast on a GPU.
     """
     import torch
 
     device = next(model.parameters()).device
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for i, p in enumerate(pixels):
-        groups.setdefault(tuple(p.shape), []).append(i)
-    out: list[np.ndarray | None] = [None] * len(pixels)
-    with torch.inference_mode(), autocast(device, dtype):
+    lower_bound, multiple = input_settings(model)
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, image in enumerate(images):
+        size = input_size(image.shape[2], image.shape[1], lower_bound, multiple)
+        groups.setdefault(size, []).append(i)
+    out: list[np.ndarray | None] = [None] * len(images)
+    with torch.inference_mode():
         for members in groups.values():
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]
-                batch = torch.stack([pixels[i] for i in chunk]).to(device, non_blocking=True)
-                predicted = model(pixel_values=batch).predicted_depth.float().cpu().numpy()
-                for i, depth in zip(chunk, predicted, strict=True):
+                batch = prepare_batch([images[i] for i in chunk], lower_bound, multiple, device)
+                with autocast(device, dtype):
+                    predicted = model(pixel_values=batch).predicted_depth
+                for i, depth in zip(chunk, predicted.float().cpu().numpy(), strict=True):
                     out[i] = depth
                 if on_batch is not None:
                     on_batch(len(chunk))

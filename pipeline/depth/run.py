@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from pipeline.config import DepthParams, params_to_dict
 from pipeline.data.images import image_problem, open_image
 from pipeline.data.records import Dataset
-from pipeline.depth.model import infer_depth, load_depth_model, preprocess
+from pipeline.depth.model import image_tensor, infer_depth, load_depth_model
 from pipeline.depth.store import (
     FORMAT,
     MANIFEST,
@@ -243,9 +243,9 @@ def _compute_shards(
 ) -> None:
     from tqdm.auto import tqdm
 
-    model = processor = None
+    model = None
     if depth.source == "model":
-        model, processor = load_depth_model(depth.model)
+        model = load_depth_model(depth.model)
         device = select_device()
         model = model.to(device)
         log.info("depth: %s on %s (dtype %s)", depth.model, device, depth.dtype)
@@ -260,7 +260,7 @@ def _compute_shards(
                 if depth.source == "dataset":
                     item = load_shipped_depth(path)
                 else:
-                    item = preprocess(processor, open_image(path))
+                    item = image_tensor(open_image(path))
             except DataError as exc:
                 if on_error == "raise":
                     raise
@@ -276,8 +276,8 @@ def _compute_shards(
     bar = tqdm(
         total=sum(len(plan[k]) for k in todo), unit="img", desc="depth", disable=not progress
     )
-    # Decoding and preprocessing the next shard's images overlaps with the model running on this
-    # one. Memory: two shards of model inputs (3 x h x w float32 each).
+    # Decoding the next shard's images overlaps with the model running on this one (resizing and
+    # normalizing run on the model's device). Memory: two shards of decoded images (uint8).
     with bar, ThreadPoolExecutor(max_workers=1) as pool:
         pending = pool.submit(load, todo[0])
         for position, index in enumerate(todo):
