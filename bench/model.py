@@ -145,7 +145,7 @@ def run_child(name: str, solver: str, steps: int, warmup: int, threads: int, pro
     torch.set_num_threads(threads)
     model, batch = build(SETTINGS[name], solver)
     model.train()
-    optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.01)
+    optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.01, decay_norms_and_biases=True)
     timers = Timers(model) if profile else None
     times, phases = [], defaultdict(float)
     flops = count_flops(model, batch)

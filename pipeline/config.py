@@ -119,6 +119,8 @@ class CaptionParams:
 @dataclass(frozen=True)
 class FeaturesParams:
     crop_size: int
+    crop_resize: Literal["clip", "stretch"]
+    depth_scale: Literal["raw", "minmax"]
     shard_size: int
     image_shard_size: int
 
@@ -130,6 +132,7 @@ class OTParams:
     iterations: int
     kernel_floor: float
     barycentric: bool
+    clamp: float
     solver: OTSolver
 
 
@@ -148,6 +151,7 @@ class ModelParams:
     text_model: str
     vision_model: str
     pretrained: bool
+    init: Literal["original", "normal"]
     pool_after_layer: int
     fusion_start_layer: int
     dropout: float
@@ -164,6 +168,9 @@ class TrainParams:
     eval_batch_size: int
     lr: float
     weight_decay: float
+    decay_norms_and_biases: bool
+    optimize: Literal["all", "original"]
+    report_test_each_epoch: bool
     warmup_ratio: float
     grad_accum: int
     max_grad_norm: float

@@ -38,7 +38,11 @@ def test_paper_preset_is_the_paper_setup(params, name):
     assert (p.data.max_seq, p.data.pad_to_max) == (256, True)
     assert (p.train.batch_size, p.train.lr, p.train.warmup_ratio) == (32, 1e-5, 0.06)
     assert (p.train.epochs, p.train.seed, p.train.weight_decay) == (30, 1234, 0.01)
-    assert p.train.mixed_precision == "bf16"
+    # The original's training: fp32, no clipping, decay on every parameter.
+    assert (p.train.mixed_precision, p.train.max_grad_norm) == ("no", 0)
+    assert p.train.decay_norms_and_biases is True
+    # The original's protocol stays opt-in (train every parameter, select on dev).
+    assert (p.train.optimize, p.train.report_test_each_epoch) == ("all", False)
     assert (p.model.pool_after_layer, p.model.fusion_start_layer) == (7, 8)
     assert (p.model.ot.kernel_floor, p.model.ot.barycentric, p.model.ot.epsilon) == (
         1e-12,
@@ -47,6 +51,22 @@ def test_paper_preset_is_the_paper_setup(params, name):
     )
     assert p.model.ot.iterations == 50
     assert p.depth.source == "model"
+
+
+@pytest.mark.parametrize("name", ["paper", "paper-mllm"])
+def test_paper_preset_has_the_originals_preprocessing_and_init(params, name):
+    p = apply_preset(params, name)
+    # Item by item (issue: paper fidelity): crops, depth values, init, Sinkhorn clamp.
+    assert p.features.crop_resize == "clip"
+    assert p.features.depth_scale == "raw"
+    assert p.model.init == "original"
+    assert p.model.ot.clamp == 1e-8
+    assert p.model.dropout == 0.1  # after object pooling (BERT's hidden dropout)
+    # The embedded default has the same fidelity settings.
+    assert (params.features.crop_resize, params.features.depth_scale) == ("clip", "raw")
+    assert (params.model.init, params.model.ot.clamp) == ("original", 1e-8)
+    assert params.train.decay_norms_and_biases is True
+    assert (params.train.optimize, params.train.report_test_each_epoch) == ("all", False)
 
 
 @pytest.mark.parametrize("name", ["paper", "paper-mllm"])

@@ -121,17 +121,30 @@ def test_sharded_sampler_splits_one_permutation_and_resumes():
     assert list(ShardedSampler(5, shuffle=False, seed=0)) == [0, 1, 2, 3, 4]
 
 
-def test_optimizer_covers_every_trainable_parameter_once():
+@pytest.mark.parametrize("decay_all", [True, False])
+def test_optimizer_covers_every_trainable_parameter_once(decay_all):
     model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.LayerNorm(3), torch.nn.Linear(3, 2))
     model[2].weight.requires_grad_(False)
-    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01)
+    optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01, decay_norms_and_biases=decay_all)
     grouped = [p for g in optimizer.param_groups for p in g["params"]]
     trainable = [p for p in model.parameters() if p.requires_grad]
     assert len(grouped) == len(trainable) == 5
     assert {id(p) for p in grouped} == {id(p) for p in trainable}
     decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
-    assert decay[0.01] == {id(model[0].weight)}  # matrices decay; biases and norm gains do not
-    assert id(model[1].weight) in decay[0.0]
+    if decay_all:  # the original: AdamW's decay on every optimized parameter
+        assert decay == {0.01: {id(p) for p in trainable}}
+    else:  # matrices decay; biases and norm gains do not
+        assert decay[0.01] == {id(model[0].weight)}
+        assert id(model[1].weight) in decay[0.0]
+    # One step with zero gradients: exactly the decay acts, lr * wd * p, where it applies.
+    before = {id(p): p.detach().clone() for p in trainable}
+    for p in trainable:
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p in trainable:
+        decayed = decay_all or p.ndim > 1
+        expected = before[id(p)] * (1 - 1e-3 * 0.01) if decayed else before[id(p)]
+        torch.testing.assert_close(p.detach(), expected)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,3 +369,52 @@ def test_train_stage_relaunches_itself_for_several_processes(tmp_path, monkeypat
     (cmd,) = launched
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m"]
     assert cmd[6:] == ["stages", "train", "--params", str(params_file), *paths]
+
+
+def test_originals_protocol_freezes_the_head_and_reports_test_each_epoch(
+    world, tmp_path, monkeypatch
+):
+    """train.optimize=original: M and the classifier keep their init while the rest trains;
+    train.report_test_each_epoch: test micro-F1 per epoch in dvclive, and evaluate reports the
+    best-test-epoch figure beside the dev-selected one."""
+    from pipeline.evaluate.report import evaluate_model
+    from pipeline.train import loop
+
+    params = small_params(
+        **{"train.epochs": 2, "train.optimize": "original", "train.report_test_each_epoch": True}
+    )
+    initial = {}
+    build = loop.build_model
+
+    def recording_build(*args, **kwargs):
+        model = build(*args, **kwargs)
+        initial.update(weights(model))
+        return model
+
+    monkeypatch.setattr(loop, "build_model", recording_build)
+    out, live = tmp_path / "models", tmp_path / "dvclive"
+    result = train(params, world["features"], world["raw"], out, live)
+    final = weights(result.model)
+    head = [k for k in final if k.startswith("head.")]
+    assert head and all(torch.equal(final[k], initial[k]) for k in head)
+    changed = [
+        k for k in final if k.startswith("encoder.") and not torch.equal(final[k], initial[k])
+    ]
+    assert changed  # everything else trains
+
+    _, test_f1 = read_live_metric(live, "test/micro_f1")
+    assert len(test_f1) == 2 and [e["test_micro_f1"] for e in result.history] == list(test_f1)
+    scores = evaluate_model(
+        out / "best", world["features"], tmp_path / "metrics", tmp_path / "plots", live, 64
+    )
+    best = int(np.argmax(test_f1))
+    assert scores["selected_on_test"] == {
+        "micro_f1": pytest.approx(test_f1[best]),
+        "epoch": best + 1,
+    }
+    assert (
+        scores["selected_on_test"]["micro_f1"]
+        >= max(scores["micro_f1"], test_f1[result.best_epoch - 1]) - 1e-9
+    )
+    written = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    assert written["selected_on_test"]["epoch"] == best + 1

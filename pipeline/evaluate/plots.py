@@ -94,7 +94,14 @@ def plot_training(live_dir: str | Path, path: str | Path) -> None:
     left.set_xlabel("epoch")
     left.set_ylabel("training loss")
     left.legend()
-    right.plot(epochs, dev_f1, color="tab:green", marker="o", lw=2)
+    right.plot(epochs, dev_f1, color="tab:green", marker="o", lw=2, label="dev")
+    test_file = Path(live_dir) / "plots" / "metrics" / "test" / "micro_f1.tsv"
+    if test_file.is_file():  # train.report_test_each_epoch
+        _, test_f1 = read_live_metric(live_dir, "test/micro_f1")
+        right.plot(
+            epochs, test_f1, color="tab:purple", marker=".", lw=1, label="test (report only)"
+        )
+        right.legend()
     if dev_f1.size:
         best = int(np.argmax(dev_f1))
         right.scatter([epochs[best]], [dev_f1[best]], s=120, facecolors="none", edgecolors="red")

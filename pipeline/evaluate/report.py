@@ -9,14 +9,21 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.data.records import PAIR_KINDS
-from pipeline.evaluate.plots import plot_confusion, plot_training
+from pipeline.evaluate.plots import plot_confusion, plot_training, read_live_metric
 from pipeline.features.dataset import FeatureDataset
 from pipeline.inference import load_for_inference, predict_dataset
 from pipeline.io import atomic_write_text, write_json
 from pipeline.metrics import confusion_records, per_relation, score
 
-__all__ = ["write_per_relation_csv", "write_confusion_json", "evaluate_model"]
+__all__ = [
+    "write_per_relation_csv",
+    "write_confusion_json",
+    "selected_on_test",
+    "evaluate_model",
+]
 
 
 def write_per_relation_csv(path: str | Path, rows: list[dict[str, Any]]) -> None:
@@ -42,6 +49,19 @@ def write_confusion_json(path: str | Path, records: list[dict[str, str]]) -> Non
     write_json(path, {"confusion": records})
 
 
+def selected_on_test(live_dir: str | Path) -> dict[str, float]:
+    """The optimistic figure of ``train.report_test_each_epoch``: the best per-epoch test micro-F1
+    and its epoch, i.e. the number a run reports when it picks its checkpoint on test (as the
+    original did). Reported beside the dev-selected figure, never instead of it."""
+    steps, test_f1 = read_live_metric(live_dir, "test/micro_f1")
+    epoch_steps, epochs = read_live_metric(live_dir, "epoch")
+    if not test_f1.size:
+        raise ValueError(f"{live_dir}: no test/micro_f1 logged")
+    best = int(np.argmax(test_f1))
+    epoch_of_step = dict(zip(epoch_steps.tolist(), epochs.tolist(), strict=True))
+    return {"micro_f1": float(test_f1[best]), "epoch": int(epoch_of_step[int(steps[best])])}
+
+
 def evaluate_model(
     model_dir: str | Path,
     features_dir: str | Path,
@@ -62,6 +82,8 @@ def evaluate_model(
     labels = trained.labels  # none = 0, checked by load_trained
     result = score(gold, pred, kinds, labels)
 
+    if trained.params.train.report_test_each_epoch and live_dir is not None:
+        result["selected_on_test"] = selected_on_test(live_dir)
     metrics_dir, plots_dir = Path(metrics_dir), Path(plots_dir)
     write_json(metrics_dir / "test.json", result)
     write_per_relation_csv(metrics_dir / "per_relation.csv", per_relation(gold, pred, labels))
