@@ -418,3 +418,18 @@ def test_originals_protocol_freezes_the_head_and_reports_test_each_epoch(
     )
     written = json.loads((tmp_path / "metrics" / "test.json").read_text())
     assert written["selected_on_test"]["epoch"] == best + 1
+
+
+def test_reporting_test_each_epoch_leaves_the_dev_selected_run_unchanged(world, tmp_path):
+    """Scoring test every epoch must not move the training RNG streams (a DataLoader iterator
+    draws a seed from the global generator): same weights, same dev history."""
+    args = (world["features"], world["raw"])
+    plain = train(small_params(**{"train.epochs": 2}), *args, tmp_path / "a", tmp_path / "a_live")
+    reported = train(
+        small_params(**{"train.epochs": 2, "train.report_test_each_epoch": True}),
+        *args, tmp_path / "b", tmp_path / "b_live",
+    )  # fmt: skip
+    assert_same_weights(weights(plain.model), weights(reported.model))
+    without_test = [{k: v for k, v in e.items() if k != "test_micro_f1"} for e in reported.history]
+    assert without_test == plain.history
+    assert all("test_micro_f1" in e for e in reported.history)

@@ -297,9 +297,13 @@ def train(
         epoch_loss = float(np.mean(step_losses))
         entry = {"epoch": epoch, "loss": epoch_loss, "dev_micro_f1": score}
         if test_set is not None:
-            test_scores = _split_scores(
-                accelerator, unwrapped, test_set, test_shard, params, labels
-            )
+            # Scoring draws from the RNG (each DataLoader iterator takes a seed): keep it out of
+            # the training streams, so the dev-selected run is the one without the switch.
+            cuda = [accelerator.device] if accelerator.device.type == "cuda" else []
+            with torch.random.fork_rng(devices=cuda):
+                test_scores = _split_scores(
+                    accelerator, unwrapped, test_set, test_shard, params, labels
+                )
             entry["test_micro_f1"] = test_scores["micro_f1"]
         progress.history.append(entry)
         progress.stopped_early = 0 < tp.patience <= progress.epochs_since_best
