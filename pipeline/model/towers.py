@@ -72,8 +72,7 @@ def load_text_tower(name: str, pretrained: bool, vocab_size: int) -> tuple[nn.Mo
             model = AutoModel.from_pretrained(location, add_pooling_layer=False)
         else:
             model = AutoModel.from_config(config, add_pooling_layer=False)
-    old_size = model.get_input_embeddings().num_embeddings
-    if old_size != vocab_size:
+    if model.get_input_embeddings().num_embeddings != vocab_size:
         _resize_embeddings(model, vocab_size)
     return model, {"bert_config": model.config.to_dict()}
 

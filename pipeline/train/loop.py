@@ -403,7 +403,7 @@ def _optimizer_steps(
 def _split_scores(
     accelerator: Any,
     model: nn.Module,
-    dev_set: FeatureDataset,
+    split: FeatureDataset,
     shard: list[int],
     params: Params,
     labels: list[str],
@@ -411,7 +411,7 @@ def _split_scores(
     """Metrics of a split (dev; test under ``train.report_test_each_epoch``): each process predicts
     its shard, every process gets them all."""
     out = predict_dataset(
-        model, dev_set, params.train.eval_batch_size, accelerator.device, shard,
+        model, split, params.train.eval_batch_size, accelerator.device, shard,
         accelerator.autocast,
     )  # fmt: skip
     columns = ("index", "gold", "pred", "pair_kind")
