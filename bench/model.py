@@ -11,6 +11,11 @@ configuration is not recorded.
     .venv/bin/python bench/model.py            # all settings (slow: minutes per setting)
     .venv/bin/python bench/model.py --quick    # 1 warm-up + 2 steps per setting
     .venv/bin/python bench/model.py --settings realistic,seq128 --steps 5
+    .venv/bin/python bench/model.py --settings realistic --ot-modes transport,uniform
+
+With several ``--ot-modes`` each setting runs once per mode (``model.ot.mode``), one after the
+other in this run, and the uniform mode's step time is printed as a ratio of transport's (target
+<= 0.6 at base size with per-batch padding).
 """
 
 from __future__ import annotations
@@ -50,7 +55,10 @@ SENTENCE = 60  # word pieces per sentence (about), so texts are ~90 tokens with 
 CAPTION = 10  # word pieces per caption
 
 
-def build(setting: dict, solver: str):
+UNIFORM_TARGET = 0.6  # uniform's step time over transport's (issue: base size, per-batch padding)
+
+
+def build(setting: dict, solver: str, ot_mode: str = "transport"):
     """The model (random weights) and one batch for a setting."""
     import torch
     from transformers import BertConfig
@@ -77,6 +85,7 @@ def build(setting: dict, solver: str):
             "model.pool_after_layer": 7,
             "model.fusion_start_layer": 8,
             "model.ot.solver": solver,
+            "model.ot.mode": ot_mode,
         },
     )
     config = RemoteConfig.from_params(
@@ -136,14 +145,16 @@ class Timers:
         return hook
 
 
-def run_child(name: str, solver: str, steps: int, warmup: int, threads: int, profile: bool) -> dict:
+def run_child(
+    name: str, solver: str, ot_mode: str, steps: int, warmup: int, threads: int, profile: bool
+) -> dict:
     import torch
     from torch.nn import functional as F
 
     from pipeline.train.loop import build_optimizer
 
     torch.set_num_threads(threads)
-    model, batch = build(SETTINGS[name], solver)
+    model, batch = build(SETTINGS[name], solver, ot_mode)
     model.train()
     optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.01, decay_norms_and_biases=True)
     timers = Timers(model) if profile else None
@@ -227,6 +238,12 @@ def main() -> None:
         choices=OT_SOLVERS,
         help="model.ot.solver for every setting (default: fused)",
     )
+    parser.add_argument(
+        "--ot-modes",
+        default="transport",
+        help="comma-separated model.ot.mode values, each run per setting (default: transport)",
+    )
+    parser.add_argument("--ot-mode", default="transport", help=argparse.SUPPRESS)  # a child's
     parser.add_argument("--quick", action="store_true", help="1 warm-up step + 2 timed steps")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-component timers")
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -235,8 +252,9 @@ def main() -> None:
         args.steps, args.warmup = 2, 1
     if args.child:
         result = run_child(
-            args.child, args.ot_solver, args.steps, args.warmup, args.threads, not args.no_profile
-        )
+            args.child, args.ot_solver, args.ot_mode, args.steps, args.warmup, args.threads,
+            not args.no_profile,
+        )  # fmt: skip
         print(json.dumps(result))
         return
 
@@ -244,56 +262,81 @@ def main() -> None:
     unknown = [n for n in names if n not in SETTINGS]
     if unknown:
         parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
+    modes = [m for m in args.ot_modes.split(",") if m]
+    if not modes or set(modes) - {"transport", "uniform"}:
+        parser.error(f"--ot-modes {args.ot_modes!r}: expected transport and/or uniform")
     print(
         f"threads={args.threads} steps={args.steps} warmup={args.warmup} "
-        f"model.ot.solver={args.ot_solver}"
+        f"model.ot.solver={args.ot_solver} model.ot.mode={','.join(modes)}"
     )
     for name in names:
-        command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
-        command += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
-        command += ["--ot-solver", args.ot_solver]
-        if args.no_profile:
-            command.append("--no-profile")
-        out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
-        if out.returncode:
-            print(f"{name}: failed\n{out.stderr[-3000:]}")
-            continue
-        result = json.loads(out.stdout.strip().splitlines()[-1])
-        setting = SETTINGS[name]
-        width = f"padded to {setting['pad_to']}" if setting["pad_to"] else "padded per batch"
-        print(
-            f"\n{name}: hidden {setting['hidden']}, batch x tokens {result['tokens']} ({width}, "
-            f"{result['real_tokens']} real tokens), {result['parameters'] / 1e6:.0f}M parameters"
-        )
-        steps = ", ".join(f"{t:.2f}" for t in result["step_s"])
-        ratio = result["median_s"] / setting["reference_s"]
-        print(
-            f"  median {result['median_s']:.2f} s/step ({steps}); original {setting['reference_s']} s"
-            f" -> ratio {ratio:.2f} (target <= {setting['target']})"
-        )
-        floor = result["gflop"] / result["gemm_gflops"]
-        print(
-            f"  compute: {result['gflop']:.0f} GFLOP per step (forward + backward); at this "
-            f"machine's best matrix-product rate ({result['gemm_gflops']:.0f} GFLOP/s) that is at "
-            f"least {floor:.1f} s, against a target of "
-            f"{setting['target'] * setting['reference_s']:.1f} s"
-        )
-        memory = f"  peak RSS {result['peak_rss_gb']:.2f} GB"
-        if setting["reference_gb"]:
-            memory += f" (original at seq 256: {setting['reference_gb']} GB)"
-        print(memory)
-        parts = result["breakdown_s"]
-        for phase in ("forward", "backward", "optimizer"):
-            share = 100 * parts[phase] / result["median_s"]
-            inside = sorted(
-                ((k.split(" (")[0], v) for k, v in parts.items() if k.endswith(f"({phase})")),
-                key=lambda kv: -kv[1],
-            )
-            detail = ", ".join(f"{k} {v:.2f}" for k, v in inside if v >= 0.005)
+        medians = {}
+        for mode in modes:
+            result = run_setting(name, mode, args)
+            if result is not None:
+                medians[mode] = result["median_s"]
+        if len(medians) == 2:
+            ratio = medians["uniform"] / medians["transport"]
             print(
-                f"  {phase:<9} {parts[phase]:6.2f} s {share:5.1f}%"
-                + (f"  [{detail}]" if detail else "")
+                f"\n{name}: model.ot.mode uniform / transport step time = "
+                f"{medians['uniform']:.2f} / {medians['transport']:.2f} s = {ratio:.2f} "
+                f"(target <= {UNIFORM_TARGET})"
             )
+
+
+def run_setting(name: str, mode: str, args: argparse.Namespace) -> dict | None:
+    """One setting in a fresh subprocess; prints its report and returns its result."""
+    command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
+    command += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
+    command += ["--ot-solver", args.ot_solver, "--ot-mode", mode]
+    if args.no_profile:
+        command.append("--no-profile")
+    out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    if out.returncode:
+        print(f"{name} ({mode}): failed\n{out.stderr[-3000:]}")
+        return None
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    report(name, mode, result)
+    return result
+
+
+def report(name: str, mode: str, result: dict) -> None:
+    setting = SETTINGS[name]
+    width = f"padded to {setting['pad_to']}" if setting["pad_to"] else "padded per batch"
+    print(
+        f"\n{name} (model.ot.mode {mode}): hidden {setting['hidden']}, batch x tokens "
+        f"{result['tokens']} ({width}, {result['real_tokens']} real tokens), "
+        f"{result['parameters'] / 1e6:.0f}M parameters"
+    )
+    steps = ", ".join(f"{t:.2f}" for t in result["step_s"])
+    ratio = result["median_s"] / setting["reference_s"]
+    print(
+        f"  median {result['median_s']:.2f} s/step ({steps}); original {setting['reference_s']} s"
+        f" -> ratio {ratio:.2f} (target <= {setting['target']})"
+    )
+    floor = result["gflop"] / result["gemm_gflops"]
+    print(
+        f"  compute: {result['gflop']:.0f} GFLOP per step (forward + backward); at this "
+        f"machine's best matrix-product rate ({result['gemm_gflops']:.0f} GFLOP/s) that is at "
+        f"least {floor:.1f} s, against a target of "
+        f"{setting['target'] * setting['reference_s']:.1f} s"
+    )
+    memory = f"  peak RSS {result['peak_rss_gb']:.2f} GB"
+    if setting["reference_gb"]:
+        memory += f" (original at seq 256: {setting['reference_gb']} GB)"
+    print(memory)
+    parts = result["breakdown_s"]
+    for phase in ("forward", "backward", "optimizer"):
+        share = 100 * parts[phase] / result["median_s"]
+        inside = sorted(
+            ((k.split(" (")[0], v) for k, v in parts.items() if k.endswith(f"({phase})")),
+            key=lambda kv: -kv[1],
+        )
+        detail = ", ".join(f"{k} {v:.2f}" for k, v in inside if v >= 0.005)
+        print(
+            f"  {phase:<9} {parts[phase]:6.2f} s {share:5.1f}%"
+            + (f"  [{detail}]" if detail else "")
+        )
 
 
 if __name__ == "__main__":

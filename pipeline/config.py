@@ -128,6 +128,7 @@ class FeaturesParams:
 @dataclass(frozen=True)
 class OTParams:
     enabled: bool
+    mode: Literal["transport", "uniform"]
     epsilon: float
     iterations: int
     kernel_floor: float
@@ -171,6 +172,7 @@ class TrainParams:
     decay_norms_and_biases: bool
     optimize: Literal["all", "original"]
     report_test_each_epoch: bool
+    log_every: int
     warmup_ratio: float
     grad_accum: int
     max_grad_norm: float

@@ -20,8 +20,9 @@ def main(
         Path, typer.Option(help="dvclive folder of the training run (for training.png).")
     ],
 ) -> None:
-    """Write <metrics>/test.json, <metrics>/per_relation.csv, <metrics>/predictions.jsonl,
-    <plots>/confusion.json, <plots>/confusion.png and <plots>/training.png."""
+    """Write <metrics>/test.json, <metrics>/ot_regime.json, <metrics>/per_relation.csv,
+    <metrics>/predictions.jsonl, <plots>/confusion.json, <plots>/confusion.png,
+    <plots>/ot_regime.png and <plots>/training.png."""
     setup_logging()
     p = read_params(params)
     from pipeline.evaluate.report import evaluate_model

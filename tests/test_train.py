@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
@@ -433,3 +434,58 @@ def test_reporting_test_each_epoch_leaves_the_dev_selected_run_unchanged(world, 
     without_test = [{k: v for k, v in e.items() if k != "test_micro_f1"} for e in reported.history]
     assert without_test == plain.history
     assert all("test_micro_f1" in e for e in reported.history)
+
+
+def test_ot_regime_is_logged_in_training_and_written_by_evaluate(world, tmp_path):
+    """train.log_every: the regime's keys reach dvclive (every such step, and the last values in
+    metrics.json) without changing the run; evaluate writes metrics/ot_regime.json and its PNG."""
+    from pipeline.evaluate.report import evaluate_model
+
+    args = (world["features"], world["raw"])
+    quiet = train(small_params(**{"train.epochs": 2, "train.log_every": 0}), *args,
+                  tmp_path / "q", tmp_path / "q_live")  # fmt: skip
+    params = small_params(**{"train.epochs": 2, "train.log_every": 3})
+    out, live = tmp_path / "models", tmp_path / "dvclive"
+    logged = train(params, *args, out, live)
+    assert_same_weights(weights(quiet.model), weights(logged.model))
+    assert not (tmp_path / "q_live" / "plots" / "metrics" / "ot").exists()
+
+    layers = len(logged.model.encoder.text_transport)
+    summary = json.loads((live / "metrics.json").read_text())["ot"]
+    for stream in ("text", "vision"):
+        assert sorted(summary[stream]) == [f"layer_{k:02d}" for k in range(1, layers + 1)]
+        for values in summary[stream].values():
+            assert set(values) == {
+                "share_above_floor", "min_cost", "median_cost", "relative_update"
+            }  # fmt: skip
+            assert 0.0 <= values["share_above_floor"] <= 1.0
+            assert 0.0 < values["min_cost"] <= values["median_cost"]
+    steps, shares = read_live_metric(live, "ot/text/layer_01/share_above_floor")
+    total_steps = logged.history[-1]["epoch"] * math.ceil(240 / 16)
+    assert steps.tolist() == list(range(3, total_steps + 1, 3))
+
+    evaluate_model(out / "best", world["features"], tmp_path / "m", tmp_path / "p", live, 64)
+    regime = json.loads((tmp_path / "m" / "ot_regime.json").read_text())
+    assert regime["mode"] == "transport" and regime["threshold_cost"] == pytest.approx(
+        22.13, abs=0.01
+    )
+    assert sorted(regime["text"]) == sorted(summary["text"])
+    assert 0.0 <= regime["all"]["share_above_floor"] <= 1.0
+    assert (tmp_path / "p" / "ot_regime.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_uniform_mode_trains_without_projections(world, tmp_path):
+    """model.ot.mode=uniform: the transport layers hold only their scalar w; the run trains and
+    evaluates, and the regime report has the update size only."""
+    from pipeline.evaluate.report import evaluate_model
+
+    params = small_params(**{"train.epochs": 1, "model.ot.mode": "uniform", "train.log_every": 5})
+    out, live = tmp_path / "models", tmp_path / "dvclive"
+    result = train(params, world["features"], world["raw"], out, live)
+    ot_keys = [k for k in weights(result.model) if "_transport." in k]
+    assert ot_keys and all(k.endswith(".weight") and k.count(".") == 3 for k in ot_keys)
+    evaluate_model(out / "best", world["features"], tmp_path / "m", tmp_path / "p", live, 64)
+    regime = json.loads((tmp_path / "m" / "ot_regime.json").read_text())
+    assert regime["mode"] == "uniform" and "all" not in regime
+    assert set(regime["vision"]["layer_01"]) == {"relative_update"}
+    assert load_trained(out / "best").model.encoder.text_transport[0].weight.shape == ()

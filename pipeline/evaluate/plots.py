@@ -1,5 +1,5 @@
 """The evaluate stage's pictures (PNG, for people who would rather look than read): the confusion
-matrix and the training curves read back from dvclive's logs."""
+matrix, the training curves read back from dvclive's logs, and the OT regime."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 from pipeline.io import atomic_write_bytes
 from pipeline.metrics import confusion_matrix
 
-__all__ = ["plot_confusion", "plot_training", "read_live_metric"]
+__all__ = ["plot_confusion", "plot_training", "plot_ot_regime", "read_live_metric"]
 
 
 def _save_figure(fig: Any, path: str | Path) -> None:
@@ -111,4 +111,54 @@ def plot_training(live_dir: str | Path, path: str | Path) -> None:
     right.set_ylim(0, max(1.0, float(np.nanmax(dev_f1)) if dev_f1.size else 1.0))
     for ax in (left, right):
         ax.grid(alpha=0.3)
+    _save_figure(fig, path)
+
+
+# The OT regime heat map's panels: statistic, title, colour map, value range (None: the data's).
+REGIME_PANELS = (
+    ("share_above_floor", "share of kernel entries above the floor", "viridis", (0.0, 1.0)),
+    ("median_cost", "median cost", "magma", None),
+    ("relative_update", "relative OT update ||w Pi S|| / ||h||", "cividis", None),
+)
+
+
+def plot_ot_regime(path: str | Path, regime: dict[str, Any]) -> None:
+    """A PNG of the OT regime (``metrics/ot_regime.json``'s content): one heat map per statistic,
+    layers down, streams across, each cell annotated. A model without OT gets a figure saying so."""
+    plt = _pyplot()
+    streams = [s for s in ("text", "vision") if s in regime]
+    if not streams:
+        fig, ax = plt.subplots(figsize=(4, 1.5))
+        ax.axis("off")
+        ax.text(0.5, 0.5, "no OT in this model (model.ot.enabled: false)", ha="center")
+        _save_figure(fig, path)
+        return
+    layers = sorted({layer for s in streams for layer in regime[s]})
+    panels = [
+        p for p in REGIME_PANELS if any(p[0] in regime[s][lay] for s in streams for lay in layers)
+    ]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(3.4 * len(panels), 0.45 * len(layers) + 1.8), squeeze=False
+    )
+    for ax, (stat, title, cmap, limits) in zip(axes[0], panels, strict=True):
+        values = np.array(
+            [[regime[s][lay].get(stat, np.nan) for s in streams] for lay in layers], dtype=float
+        )
+        low, high = limits or (np.nanmin(values), np.nanmax(values))
+        ax.imshow(values, cmap=cmap, vmin=low, vmax=high if high > low else low + 1, aspect="auto")
+        ax.set_xticks(range(len(streams)), streams)
+        ax.set_yticks(
+            range(len(layers)), [lay.removeprefix("layer_").lstrip("0") for lay in layers]
+        )
+        ax.set_ylabel("layer")
+        ax.set_title(title, fontsize=9)
+        for (row, col), value in np.ndenumerate(values):
+            ax.text(col, row, f"{value:.3g}", ha="center", va="center", fontsize=7, color="grey")
+    threshold = regime.get("threshold_cost")
+    if threshold is not None:
+        fig.suptitle(
+            f"OT regime on test (mode {regime['mode']}): entries with cost above "
+            f"{threshold:.2f} are lost in the floor",
+            fontsize=9,
+        )
     _save_figure(fig, path)

@@ -6,22 +6,31 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from pipeline.config import OTParams
 from pipeline.data.records import PAIR_KINDS
-from pipeline.evaluate.plots import plot_confusion, plot_training, read_live_metric
+from pipeline.evaluate.plots import (
+    plot_confusion,
+    plot_ot_regime,
+    plot_training,
+    read_live_metric,
+)
 from pipeline.features.dataset import FeatureDataset
 from pipeline.inference import load_for_inference, predict_dataset
 from pipeline.io import atomic_write_text, write_json
 from pipeline.metrics import confusion_records, per_relation, score
+from pipeline.model.regime import RegimeStats, floor_threshold, record_regime, regime_summary
 
 __all__ = [
     "write_per_relation_csv",
     "write_confusion_json",
     "selected_on_test",
+    "ot_regime_report",
     "evaluate_model",
 ]
 
@@ -62,6 +71,22 @@ def selected_on_test(live_dir: str | Path) -> dict[str, float]:
     return {"micro_f1": float(test_f1[best]), "epoch": int(epoch_of_step[int(steps[best])])}
 
 
+def ot_regime_report(ot: OTParams, stats: dict[str, list[RegimeStats]]) -> dict[str, Any]:
+    """``metrics/ot_regime.json``: the settings that fix the floor, the cost above which an entry
+    is lost in it, and :func:`~pipeline.model.regime.regime_summary` over the test set."""
+    if not ot.enabled:
+        return {"enabled": False}
+    threshold = floor_threshold(ot.epsilon, ot.kernel_floor)
+    return {
+        "enabled": True,
+        "mode": ot.mode,
+        "epsilon": ot.epsilon,
+        "kernel_floor": ot.kernel_floor,
+        "threshold_cost": threshold if math.isfinite(threshold) else None,
+        **regime_summary(stats),
+    }
+
+
 def evaluate_model(
     model_dir: str | Path,
     features_dir: str | Path,
@@ -71,13 +96,15 @@ def evaluate_model(
     batch_size: int,
 ) -> dict[str, Any]:
     """Score a trained model folder once on the test split and write the evaluate outputs:
-    ``<metrics>/{test.json, per_relation.csv, predictions.jsonl}`` and
-    ``<plots>/{confusion.json, confusion.png, training.png}`` (the last from ``live_dir``)."""
+    ``<metrics>/{test.json, ot_regime.json, per_relation.csv, predictions.jsonl}`` and
+    ``<plots>/{confusion.json, confusion.png, ot_regime.png, training.png}`` (the last from
+    ``live_dir``)."""
     trained = load_for_inference(model_dir)
     # The model's own params: the cache must match what the model was trained on.
     test = FeatureDataset.load(features_dir, "test", trained.params)
     device = next(trained.model.parameters()).device
-    out = predict_dataset(trained.model, test, batch_size, device)
+    with record_regime(trained.model) as regime_stats:
+        out = predict_dataset(trained.model, test, batch_size, device)
     gold, pred, kinds = out["gold"], out["pred"], out["pair_kind"]
     labels = trained.labels  # none = 0, checked by load_trained
     result = score(gold, pred, kinds, labels)
@@ -86,6 +113,9 @@ def evaluate_model(
         result["selected_on_test"] = selected_on_test(live_dir)
     metrics_dir, plots_dir = Path(metrics_dir), Path(plots_dir)
     write_json(metrics_dir / "test.json", result)
+    regime = ot_regime_report(trained.params.model.ot, regime_stats)
+    write_json(metrics_dir / "ot_regime.json", regime)
+    plot_ot_regime(plots_dir / "ot_regime.png", regime)
     write_per_relation_csv(metrics_dir / "per_relation.csv", per_relation(gold, pred, labels))
     lines = (
         json.dumps(

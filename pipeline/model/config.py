@@ -15,7 +15,7 @@ from pipeline.config import HeadParams, MoEParams, OTParams, Params
 
 __all__ = ["CONFIG_FORMAT", "RemoteConfig"]
 
-CONFIG_FORMAT = 2  # 2: experts as 3-D tensors, fusion bias, model.init, ot.clamp
+CONFIG_FORMAT = 3  # 2: experts as 3-D tensors, fusion bias, model.init, ot.clamp; 3: ot.mode
 
 
 @dataclass(frozen=True)
@@ -68,11 +68,13 @@ class RemoteConfig:
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> RemoteConfig:
         """Read the JSON form back; an unknown format version is refused."""
-        if raw.get("format") != CONFIG_FORMAT:
+        if raw.get("format") not in (2, CONFIG_FORMAT):
             raise ValueError(
                 f"model config format {raw.get('format')!r} is not supported "
                 f"(expected {CONFIG_FORMAT})"
             )
         fields = {k: v for k, v in raw.items() if k != "format"}
+        if raw["format"] == 2:  # before ot.mode: every model transported
+            fields["ot"] = {**fields["ot"], "mode": "transport"}
         sections = {"ot": OTParams, "moe": MoEParams, "head": HeadParams}
         return cls(**{k: sections[k](**v) if k in sections else v for k, v in fields.items()})

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from pipeline.config import OTParams
 from pipeline.model.embeddings import ObjectPooling
-from pipeline.model.ot import MultilevelTransport
+from pipeline.model.ot import MultilevelTransport, UniformTransport
 
 __all__ = ["TextLayer", "VisionLayer", "DualStreamEncoder", "EncoderStates"]
 
@@ -168,7 +168,14 @@ class DualStreamEncoder(nn.Module):
         hidden = pooling.norm.normalized_shape[0]
         # Index i - 1 holds layer i's transport (layer 0 has no earlier state to transport from).
         self.text_transport = self.vision_transport = None
-        if ot is not None:
+        if ot is not None and ot.mode == "uniform":
+            self.text_transport = nn.ModuleList(
+                UniformTransport(ot.barycentric) for _ in range(num_layers - 1)
+            )
+            self.vision_transport = nn.ModuleList(
+                UniformTransport(ot.barycentric) for _ in range(num_layers - 1)
+            )
+        elif ot is not None:
             settings = {
                 "epsilon": ot.epsilon,
                 "iterations": ot.iterations,

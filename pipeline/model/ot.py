@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import OT_SOLVERS
+from pipeline.model.regime import RegimeStats, floor_threshold
 
 __all__ = [
     "FusedSinkhorn",
@@ -40,6 +41,7 @@ __all__ = [
     "sinkhorn_plan",
     "transport_plan",
     "MultilevelTransport",
+    "UniformTransport",
 ]
 
 # A padded column costs this many epsilons more than the dearest real one: its share of the first
@@ -305,6 +307,11 @@ class MultilevelTransport(nn.Module):
         self.barycentric = barycentric
         self.clamp = clamp
         self.solver = solver
+        self.regime: RegimeStats | None = None  # set by regime.record_regime
+
+    def regime_threshold(self) -> float:
+        """The cost above which a kernel entry is lost in the floor (:mod:`.regime`)."""
+        return floor_threshold(self.epsilon, self.kernel_floor)
 
     def plan(
         self,
@@ -315,6 +322,9 @@ class MultilevelTransport(nn.Module):
     ) -> torch.Tensor:
         """The transport plan ``[B, n, m]`` (float32) from ``hidden`` ``[B, n, D]`` to ``source``
         ``[B, m, D]``; masks are ``True`` on real tokens."""
+        return self._plan_and_cost(hidden, source, hidden_mask, source_mask)[0]
+
+    def _plan_and_cost(self, hidden, source, hidden_mask, source_mask):
         queries = self.query_norm(self.query(hidden)).float()
         keys = self.key_norm(self.key(source)).float()
         distance = torch.cdist(queries, keys)
@@ -326,7 +336,7 @@ class MultilevelTransport(nn.Module):
             # Rows sum to their mass (1/n); rescale them to 1. Padded rows have no mass: keep 0.
             total = plan.sum(dim=-1, keepdim=True)
             plan = plan / torch.where(total > 0, total, torch.ones_like(total))
-        return plan
+        return plan, distance
 
     def _fused_plan(self, distance, hidden_mask, source_mask) -> torch.Tensor:
         batch, rows, columns = distance.shape
@@ -367,6 +377,63 @@ class MultilevelTransport(nn.Module):
         hidden_mask: torch.Tensor | None = None,
         source_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        plan = self.plan(hidden, source, hidden_mask, source_mask)
-        transported = torch.bmm(plan, source.float()).to(hidden.dtype)
-        return hidden + self.weight * transported
+        plan, distance = self._plan_and_cost(hidden, source, hidden_mask, source_mask)
+        update = self.weight * torch.bmm(plan, source.float()).to(hidden.dtype)
+        if self.regime is not None:
+            valid = None
+            if hidden_mask is not None or source_mask is not None:
+                batch, rows, columns = distance.shape
+                real_rows = _or_all(hidden_mask, batch, rows, distance.device)
+                real_columns = _or_all(source_mask, batch, columns, distance.device)
+                valid = real_rows[:, :, None] & real_columns[:, None, :]
+            self.regime.add_cost(distance, valid)
+            self.regime.add_update(hidden, update, hidden_mask)
+        return hidden + update
+
+
+def _or_all(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor:
+    if mask is not None:
+        return mask
+    return torch.ones(batch, length, dtype=torch.bool, device=device)
+
+
+class UniformTransport(nn.Module):
+    """``model.ot.mode: uniform``: what :class:`MultilevelTransport` computes when its whole kernel
+    is on the floor (every cost above :func:`~pipeline.model.regime.floor_threshold`).
+
+    A constant kernel makes the plan the product of the marginals, ``a b^T``, so ``Pi S`` is
+    ``mean(S) / n`` on every real row (``barycentric``: ``mean(S)``) and 0 on padded rows, with the
+    mean over the real source tokens and ``n`` the number of real query tokens. Then
+    ``h <- h + w * Pi S``: no projections, LayerNorms or Sinkhorn, only the scalar ``w`` (init 1).
+    """
+
+    def __init__(self, barycentric: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(()))
+        self.barycentric = barycentric
+        self.regime: RegimeStats | None = None  # set by regime.record_regime
+
+    def regime_threshold(self) -> None:
+        return None  # no cost and no kernel: the monitor reports the update's size only
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        source: torch.Tensor,
+        hidden_mask: torch.Tensor | None = None,
+        source_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        batch, rows, _ = hidden.shape
+        source = source.float()
+        if source_mask is None:
+            mean = source.mean(dim=1, keepdim=True)  # [B, 1, D]
+        else:
+            mean = torch.bmm(_uniform_mass(source_mask).unsqueeze(1), source)
+        # Each row's mass: 1/n on real rows (1 when barycentric), 0 on padding.
+        row_mass = _uniform_mass(_or_all(hidden_mask, batch, rows, hidden.device))
+        if self.barycentric:
+            row_mass = (row_mass > 0).float()
+        update = self.weight * (row_mass.unsqueeze(-1) * mean).to(hidden.dtype)
+        if self.regime is not None:
+            self.regime.add_update(hidden, update, hidden_mask)
+        return hidden + update

@@ -32,6 +32,7 @@ __all__ = [
     "load_vision_tower",
     "vision_tower_from_spec",
     "save_vision_tower",
+    "vision_spec",
 ]
 
 # Tiny presets: the paper's structure (BERT / CLIP ViT with QuickGELU, patch 32) at hidden size 64.
@@ -101,7 +102,8 @@ def text_tower_from_spec(spec: dict) -> nn.Module:
     return BertModel(config, add_pooling_layer=False)
 
 
-def _vision_spec(model: nn.Module) -> dict:
+def vision_spec(model: nn.Module) -> dict:
+    """The rebuild spec of a timm ViT: its architecture name and constructor arguments."""
     from timm.models import get_model_args
 
     args = {k: list(v) if isinstance(v, tuple) else v for k, v in get_model_args(model).items()}
@@ -125,7 +127,7 @@ def load_vision_tower(name: str, pretrained: bool) -> tuple[nn.Module, dict]:
                 "architecture and model.safetensors, as written by save_vision_tower)"
             )
         model = timm.create_model(timm_name, pretrained=pretrained, num_classes=0)
-    return model, _vision_spec(model)
+    return model, vision_spec(model)
 
 
 def vision_tower_from_spec(spec: dict) -> nn.Module:

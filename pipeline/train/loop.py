@@ -43,6 +43,7 @@ from pipeline.data.records import Dataset, label_list
 from pipeline.features.dataset import FeatureDataset, make_loader
 from pipeline.inference import predict_dataset, to_device
 from pipeline.metrics import score
+from pipeline.model.regime import flat_regime, record_regime
 from pipeline.model.remote import build_model
 from pipeline.text import load_tokenizer
 from pipeline.train.checkpoint import (
@@ -272,7 +273,13 @@ def train(
             mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file gets few lines
         )
         step_losses = []
-        for loss in _optimizer_steps(accelerator, model, optimizer, train_loader, tp, bar):
+        # The OT regime is read on the main process, from the first micro-batch of every
+        # log_every-th step (record_regime: statistics of what the forward computes anyway).
+        monitor = unwrapped if main and tp.log_every > 0 else None
+        steps = _optimizer_steps(
+            accelerator, model, optimizer, train_loader, tp, bar, progress.global_step, monitor
+        )
+        for loss, regime in steps:
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule
                 scheduler.step()
             progress.global_step += 1
@@ -281,6 +288,8 @@ def train(
                 live.step = progress.global_step
                 live.log_metric("train/loss", loss)
                 live.log_metric("train/lr", scheduler.get_last_lr()[0])
+                for key, value in (regime or {}).items():
+                    live.log_metric(key, value)
             if stop_after_step is not None and progress.global_step >= stop_after_step:
                 bar.close()
                 raise TrainingInterrupted(f"stopped after step {progress.global_step}")
@@ -370,20 +379,32 @@ def _optimizer_steps(
     loader: DataLoader,
     tp: Any,
     bar: Any,
-) -> Iterator[float]:
+    steps_before: int,
+    monitor: nn.Module | None,
+) -> Iterator[tuple[float, dict[str, float] | None]]:
     """One epoch: forward/backward every micro-batch, an optimizer step every ``grad_accum``
-    of them; yields each step's loss, averaged over its micro-batches and the processes."""
+    of them; yields each step's loss, averaged over its micro-batches and the processes, and, for
+    every ``log_every``-th step of the run (``steps_before`` done before this epoch), the OT
+    regime of ``monitor`` on the step's first micro-batch (else None)."""
     micro_steps = len(loader)
     step_loss = torch.zeros((), device=accelerator.device)
+    step = steps_before + 1
+    regime = None
     for index, batch in enumerate(loader):
         # The last group of an epoch may be shorter; its loss is averaged over its own size.
         group_start = index - index % tp.grad_accum
         group_len = min(tp.grad_accum, micro_steps - group_start)
         last_in_group = index == group_start + group_len - 1
         batch = to_device(batch, accelerator.device)
+        record = monitor is not None and index == group_start and step % tp.log_every == 0
         # Gradients are all-reduced only on the group's last backward.
         with contextlib.nullcontext() if last_in_group else accelerator.no_sync(model):
-            logits = model(batch)
+            if record:
+                with record_regime(monitor) as stats:
+                    logits = model(batch)
+                regime = flat_regime(stats)
+            else:
+                logits = model(batch)
             loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
             accelerator.backward(loss / group_len)
         step_loss += loss.detach() / group_len
@@ -396,7 +417,8 @@ def _optimizer_steps(
         optimizer.zero_grad(set_to_none=True)
         loss_value = accelerator.reduce(step_loss, "mean").item()
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-        yield loss_value
+        yield loss_value, regime
+        step, regime = step + 1, None
         step_loss = torch.zeros((), device=accelerator.device)
 
 
