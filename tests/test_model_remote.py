@@ -151,6 +151,8 @@ ABLATIONS = {
     "default": {},
     "masked": {"data.pad_to_max": False},
     "no-ot": {"model.ot.enabled": False},
+    "uniform-ot": {"model.ot.mode": "uniform"},
+    "uniform-ot-masked": {"model.ot.mode": "uniform", "data.pad_to_max": False},
     "no-moe": {"model.moe.enabled": False},
     "no-depth": {"data.use_depth": False},
     "no-box": {"data.use_box": False},

@@ -213,3 +213,53 @@ def test_summary_names_layers_and_streams():
     assert summary["all"] == {"share_above_floor": 0.25, "min_cost": 10.0}
     flat = flat_regime(stats)
     assert flat["ot/text/layer_01/min_cost"] == 10.0 and flat["ot/all/share_above_floor"] == 0.25
+
+
+@pytest.mark.parametrize("pad_to_max", [False, True])
+def test_uniform_model_equals_a_floored_transport_model(pad_to_max):
+    """End to end: a tiny REMOTE whose OT LayerNorm gains are scaled up (every cost above the
+    threshold, checked by the monitor) gives the logits and gradients of the same weights in
+    model.ot.mode=uniform, which keeps running sums of the states instead of concatenating them."""
+    from torch.nn import functional as F
+
+    from pipeline.config import default_params
+    from pipeline.model.example import random_batch
+    from pipeline.model.remote import build_model
+    from pipeline.text import load_tokenizer
+
+    tokenizer = load_tokenizer("tiny")
+    overrides = {"data.max_objects": 4, "data.pad_to_max": pad_to_max}
+    torch.manual_seed(0)
+    transport = build_model(default_params(overrides), 28, tokenizer).eval()
+    with torch.no_grad():
+        for stream in (transport.encoder.text_transport, transport.encoder.vision_transport):
+            for layer in stream:
+                layer.query_norm.weight.mul_(4.0)
+                layer.key_norm.weight.mul_(4.0)
+                layer.weight.uniform_(0.5, 1.5)
+    uniform = build_model(default_params({**overrides, "model.ot.mode": "uniform"}), 28, tokenizer)
+    result = uniform.eval().load_state_dict(transport.state_dict(), strict=False)
+    assert not result.missing_keys
+    assert result.unexpected_keys and all(
+        k.split(".")[-2] in ("query", "key", "query_norm", "key_norm")
+        for k in result.unexpected_keys
+    )
+    batch = random_batch(
+        tokenizer, [9, 14, 6, 11], max_objects=4, pad_to=48 if pad_to_max else None
+    )
+    outputs = {}
+    for name, model in (("transport", transport), ("uniform", uniform)):
+        model.zero_grad()
+        with record_regime(model) as stats:
+            logits = model(batch)
+        F.cross_entropy(logits, batch["labels"]).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        outputs[name] = (logits.detach(), grads, regime_summary(stats))
+    assert outputs["transport"][2]["all"]["share_above_floor"] == 0.0  # the precondition
+    logits, grads = outputs["uniform"][:2]
+    expected_logits, expected_grads = outputs["transport"][:2]
+    assert float((logits - expected_logits).abs().max() / expected_logits.abs().max()) < 1e-5
+    assert grads.keys() <= expected_grads.keys()
+    scale = max(float(g.abs().max()) for g in expected_grads.values())
+    worst = max(float((grads[n] - expected_grads[n]).abs().max()) for n in grads)
+    assert worst <= 1e-5 * scale

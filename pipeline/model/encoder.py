@@ -123,6 +123,44 @@ class VisionLayer(nn.Module):
         return hidden + block.drop_path2(block.ls2(block.mlp(block.norm2(hidden))))
 
 
+def _token_sum(state: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum over real tokens [B, 1, D], their number [B, 1, 1])`` of ``state`` ``[B, n, D]``."""
+    state = state.float()
+    if mask is None:
+        count = state.new_full((state.shape[0], 1, 1), float(state.shape[1]))
+        return state.sum(dim=1, keepdim=True), count
+    weights = mask.to(state.dtype).unsqueeze(1)  # [B, 1, n]
+    return torch.bmm(weights, state), weights.sum(dim=-1, keepdim=True)
+
+
+class _UniformSources:
+    """``model.ot.mode: uniform`` in the encoder: the mean of the recorded states ``0 .. i-1`` (over
+    their real tokens) kept as running sums, so no layer concatenates its earlier states."""
+
+    def __init__(self, encoder: DualStreamEncoder, states: EncoderStates, pad_mask) -> None:
+        self.encoder, self.states, self.pad_mask = encoder, states, pad_mask
+        self.sums: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def step(self, i: int, text: torch.Tensor, vision: torch.Tensor):
+        """Layer ``i``'s transport of both streams (from the sums over states ``0 .. i-1``), then
+        the layer's input, state ``i``, joins the sums for the next layer."""
+        if i >= 1:
+            text = self.encoder.text_transport[i - 1].add_mean(
+                text, self._mean("text"), self.pad_mask
+            )
+            vision = self.encoder.vision_transport[i - 1].add_mean(vision, self._mean("vision"))
+        for stream, mask in (("text", self.pad_mask), ("vision", None)):
+            total, count = _token_sum(getattr(self.states, stream)[i], mask)
+            if stream in self.sums:
+                total, count = total + self.sums[stream][0], count + self.sums[stream][1]
+            self.sums[stream] = (total, count)
+        return text, vision
+
+    def _mean(self, stream: str) -> torch.Tensor:
+        total, count = self.sums[stream]
+        return total / count
+
+
 @dataclass
 class EncoderStates:
     """Per stream: the state at the start of every layer and the final output (``L + 1`` each)."""
@@ -168,7 +206,8 @@ class DualStreamEncoder(nn.Module):
         hidden = pooling.norm.normalized_shape[0]
         # Index i - 1 holds layer i's transport (layer 0 has no earlier state to transport from).
         self.text_transport = self.vision_transport = None
-        if ot is not None and ot.mode == "uniform":
+        self.uniform = ot is not None and ot.mode == "uniform"
+        if self.uniform:
             self.text_transport = nn.ModuleList(
                 UniformTransport(ot.barycentric) for _ in range(num_layers - 1)
             )
@@ -206,6 +245,7 @@ class DualStreamEncoder(nn.Module):
         self_mask = text_mask[:, None, None, :] if has_padding else None
         pad_mask = text_mask if mask_padding and has_padding else None
         states = EncoderStates(text=[text], vision=[vision])
+        uniform = _UniformSources(self, states, pad_mask) if self.uniform else None
         prefix = None
         for i, (text_layer, vision_layer) in enumerate(
             zip(self.text_layers, self.vision_layers, strict=True)
@@ -220,7 +260,9 @@ class DualStreamEncoder(nn.Module):
             fuse = i >= self.fusion_start_layer
             text, keys_values = text_layer(text, self_mask, vision if fuse else None)
             prefix = keys_values if i + 1 >= self.fusion_start_layer else None
-            if self.text_transport is not None and i >= 1:
+            if uniform is not None:
+                text, vision = uniform.step(i, text, vision)
+            elif self.text_transport is not None and i >= 1:
                 source_mask = None if pad_mask is None else pad_mask.repeat(1, i)
                 # The source is states 0 .. i-1: the current layer's input (state i) is left out.
                 text = self.text_transport[i - 1](

@@ -423,12 +423,19 @@ class UniformTransport(nn.Module):
         hidden_mask: torch.Tensor | None = None,
         source_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        batch, rows, _ = hidden.shape
         source = source.float()
         if source_mask is None:
             mean = source.mean(dim=1, keepdim=True)  # [B, 1, D]
         else:
             mean = torch.bmm(_uniform_mass(source_mask).unsqueeze(1), source)
+        return self.add_mean(hidden, mean, hidden_mask)
+
+    def add_mean(
+        self, hidden: torch.Tensor, mean: torch.Tensor, hidden_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """:meth:`forward` given ``mean(S)`` ``[B, 1, D]`` (the encoder keeps running sums of its
+        states instead of concatenating them)."""
+        batch, rows, _ = hidden.shape
         # Each row's mass: 1/n on real rows (1 when barycentric), 0 on padding.
         row_mass = _uniform_mass(_or_all(hidden_mask, batch, rows, hidden.device))
         if self.barycentric:
