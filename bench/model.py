@@ -55,6 +55,14 @@ SENTENCE = 60  # word pieces per sentence (about), so texts are ~90 tokens with 
 CAPTION = 10  # word pieces per caption
 
 
+def sentence_lengths(count: int, seed: int) -> list[int]:
+    """``count`` sentence lengths in word pieces, uniform in ``SENTENCE -15 .. +15``."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return (SENTENCE - 15 + torch.randint(0, 31, (count,), generator=generator)).tolist()
+
+
 UNIFORM_TARGET = 0.6  # uniform's step time over transport's (issue: base size, per-batch padding)
 
 
@@ -98,10 +106,7 @@ def build(setting: dict, solver: str, ot_mode: str = "transport"):
     model = RemoteModel(config)
     # Word-piece ids only need to be valid: the tiny tokenizer's ids are a subset of BERT-base's.
     tokenizer = load_tokenizer("tiny")
-    generator = torch.Generator().manual_seed(1)
-    lengths = (
-        SENTENCE - 15 + torch.randint(0, 31, (setting["batch"],), generator=generator)
-    ).tolist()
+    lengths = sentence_lengths(setting["batch"], seed=1)
     batch = random_batch(
         tokenizer, lengths, caption_length=CAPTION, pad_to=setting["pad_to"], seed=2
     )

@@ -23,7 +23,7 @@ import math
 import time
 from pathlib import Path
 
-SENTENCE, CAPTION = 60, 10  # as bench/model.py: texts of ~90 word pieces with captions
+from bench.model import CAPTION, sentence_lengths
 
 
 def build(text_model: str, threads: int):
@@ -76,15 +76,11 @@ def build(text_model: str, threads: int):
 
 
 def batches(tokenizer, samples: int, batch: int) -> list[dict]:
-    import torch
-
     from pipeline.model.example import random_batch
 
     out = []
     for k in range(math.ceil(samples / batch)):
-        generator = torch.Generator().manual_seed(1000 + k)
-        size = min(batch, samples - k * batch)
-        lengths = (SENTENCE - 15 + torch.randint(0, 31, (size,), generator=generator)).tolist()
+        lengths = sentence_lengths(min(batch, samples - k * batch), seed=1000 + k)
         out.append(random_batch(tokenizer, lengths, caption_length=CAPTION, seed=k))
     return out
 
@@ -121,11 +117,10 @@ def train_steps(model, data, steps: int, lr: float) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             for stream in (model.encoder.text_transport, model.encoder.vision_transport):
-                for name, param in stream.named_parameters():
+                for param in stream.parameters():
                     if param.grad is None:
                         continue
-                    key = "w" if name.endswith(".weight") and param.ndim == 0 else None
-                    key = key or "projections and norms"
+                    key = "w" if param.ndim == 0 else "projections and norms"  # w: the scalar
                     largest[key] = max(largest[key], float(param.grad.abs().max()))
             optimizer.step()
             seconds.append(time.perf_counter() - start)

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 
 from pipeline.config import OTParams
 from pipeline.model.embeddings import ObjectPooling
-from pipeline.model.ot import MultilevelTransport, UniformTransport
+from pipeline.model.ot import MultilevelTransport, UniformTransport, token_sum
 
 __all__ = ["TextLayer", "VisionLayer", "DualStreamEncoder", "EncoderStates"]
 
@@ -123,16 +123,6 @@ class VisionLayer(nn.Module):
         return hidden + block.drop_path2(block.ls2(block.mlp(block.norm2(hidden))))
 
 
-def _token_sum(state: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(sum over real tokens [B, 1, D], their number [B, 1, 1])`` of ``state`` ``[B, n, D]``."""
-    state = state.float()
-    if mask is None:
-        count = state.new_full((state.shape[0], 1, 1), float(state.shape[1]))
-        return state.sum(dim=1, keepdim=True), count
-    weights = mask.to(state.dtype).unsqueeze(1)  # [B, 1, n]
-    return torch.bmm(weights, state), weights.sum(dim=-1, keepdim=True)
-
-
 class _UniformSources:
     """``model.ot.mode: uniform`` in the encoder: the mean of the recorded states ``0 .. i-1`` (over
     their real tokens) kept as running sums, so no layer concatenates its earlier states."""
@@ -150,7 +140,7 @@ class _UniformSources:
             )
             vision = self.encoder.vision_transport[i - 1].add_mean(vision, self._mean("vision"))
         for stream, mask in (("text", self.pad_mask), ("vision", None)):
-            total, count = _token_sum(getattr(self.states, stream)[i], mask)
+            total, count = token_sum(getattr(self.states, stream)[i], mask)
             if stream in self.sums:
                 total, count = total + self.sums[stream][0], count + self.sums[stream][1]
             self.sums[stream] = (total, count)

@@ -42,6 +42,7 @@ __all__ = [
     "transport_plan",
     "MultilevelTransport",
     "UniformTransport",
+    "token_sum",
 ]
 
 # A padded column costs this many epsilons more than the dearest real one: its share of the first
@@ -397,6 +398,17 @@ def _or_all(mask: torch.Tensor | None, batch: int, length: int, device) -> torch
     return torch.ones(batch, length, dtype=torch.bool, device=device)
 
 
+def token_sum(state: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sum over real tokens [B, 1, D], their number [B, 1, 1])`` of ``state`` ``[B, n, D]``
+    (float32); ``mask`` ``[B, n]`` True on real tokens, None: all."""
+    state = state.float()
+    if mask is None:
+        count = state.new_full((state.shape[0], 1, 1), float(state.shape[1]))
+        return state.sum(dim=1, keepdim=True), count
+    weights = mask.to(state.dtype).unsqueeze(1)  # [B, 1, n]
+    return torch.bmm(weights, state), weights.sum(dim=-1, keepdim=True)
+
+
 class UniformTransport(nn.Module):
     """``model.ot.mode: uniform``: what :class:`MultilevelTransport` computes when its whole kernel
     is on the floor (every cost above :func:`~pipeline.model.regime.floor_threshold`).
@@ -423,12 +435,8 @@ class UniformTransport(nn.Module):
         hidden_mask: torch.Tensor | None = None,
         source_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        source = source.float()
-        if source_mask is None:
-            mean = source.mean(dim=1, keepdim=True)  # [B, 1, D]
-        else:
-            mean = torch.bmm(_uniform_mass(source_mask).unsqueeze(1), source)
-        return self.add_mean(hidden, mean, hidden_mask)
+        total, count = token_sum(source, source_mask)
+        return self.add_mean(hidden, total / count, hidden_mask)
 
     def add_mean(
         self, hidden: torch.Tensor, mean: torch.Tensor, hidden_mask: torch.Tensor | None = None
