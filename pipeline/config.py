@@ -180,6 +180,8 @@ class TrainParams:
     mixed_precision: Literal["no", "bf16", "fp16"]
     num_processes: int
     num_workers: int
+    threads: int
+    deterministic: bool
 
 
 @dataclass(frozen=True)

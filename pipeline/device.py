@@ -8,7 +8,14 @@ import os
 
 import torch
 
-__all__ = ["DTYPES", "select_device", "torch_dtype", "effective_dtype", "autocast"]
+__all__ = [
+    "DTYPES",
+    "select_device",
+    "set_determinism",
+    "torch_dtype",
+    "effective_dtype",
+    "autocast",
+]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -18,6 +25,23 @@ def select_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cpu")
+
+
+def set_determinism(threads: int, deterministic: bool) -> None:
+    """Fix what the numbers of a run depend on besides the seed (process-wide).
+
+    ``threads > 0`` sets torch's intra-op thread count (it overrides ``OMP_NUM_THREADS``): a CPU
+    reduction splits its work by thread, so its rounding, and after a few hundred steps the trained
+    weights, depend on it. ``deterministic`` turns on ``torch.use_deterministic_algorithms`` (warning
+    instead of failing where an op has no deterministic kernel) and the cuBLAS workspace setting it
+    needs on GPUs. What stays outside: the CPU kind (AVX2 and AVX-512 kernels round differently) and
+    the library versions.
+    """
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic, warn_only=True)
 
 
 def torch_dtype(name: str) -> torch.dtype:

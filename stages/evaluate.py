@@ -25,7 +25,11 @@ def main(
     <plots>/ot_regime.png and <plots>/training.png."""
     setup_logging()
     p = read_params(params)
+    from pipeline.device import set_determinism
     from pipeline.evaluate.report import evaluate_model
+
+    # Scored with the thread count the model was trained with (the same rounding).
+    set_determinism(p.train.threads, p.train.deterministic)
 
     with reported_errors():
         scores = evaluate_model(

@@ -48,6 +48,7 @@ SMALL = {
     "train.eval_batch_size": 64,
     "train.lr": 2e-3,
     "train.num_workers": 0,
+    "train.threads": 1,  # as the session fixture: train() sets the process-wide thread count
 }
 
 
@@ -290,6 +291,31 @@ def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
     changed = small_params(**{"train.epochs": 1, "train.lr": 1e-3})
     fresh = train(changed, world["features"], world["raw"], tmp_path / "b", tmp_path / "b_live")
     assert (fresh.resumed_from_epoch, fresh.epochs_run) == (0, 1)
+
+
+def test_same_machine_and_threads_give_byte_identical_models(world, tmp_path):
+    params = small_params(**{"train.epochs": 2, "train.deterministic": True})
+    for name in ("a", "b"):
+        train(params, world["features"], world["raw"], tmp_path / name, tmp_path / f"{name}_live")
+    a, b = ((tmp_path / n / "best" / "model.safetensors").read_bytes() for n in ("a", "b"))
+    assert a == b
+    assert torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == params.train.threads
+
+
+def test_set_determinism_sets_threads_and_leaves_zero_to_torch():
+    from pipeline.device import set_determinism
+
+    before = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    try:
+        set_determinism(3, False)
+        assert torch.get_num_threads() == 3 and not torch.are_deterministic_algorithms_enabled()
+        set_determinism(0, True)
+        assert torch.get_num_threads() == 3 and torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
 
 
 def test_early_stopping_after_patience_epochs_without_gain(world, tmp_path):

@@ -12,7 +12,9 @@ Layout written under ``out_dir`` (``models/``)::
 Results depend on the number of processes: each process draws ``batch_size`` samples per micro-step,
 so the effective batch is ``batch_size * processes * grad_accum`` and the number of optimizer steps
 (hence the schedule) shrinks accordingly. The same seed and the same number of processes give the
-same weights; a run killed and re-run continues from its last epoch to the same final weights.
+same weights on the same CPU kind with the same ``train.threads`` and library versions (see
+:func:`pipeline.device.set_determinism`); a run killed and re-run continues from its last epoch to
+the same final weights.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from transformers import get_linear_schedule_with_warmup
 from dvclive import Live
 from pipeline.config import Params, params_to_dict
 from pipeline.data.records import Dataset, label_list
+from pipeline.device import set_determinism
 from pipeline.features.dataset import FeatureDataset, make_loader
 from pipeline.inference import predict_dataset, to_device
 from pipeline.metrics import score
@@ -182,6 +185,7 @@ def train(
     features_dir, out_dir, live_dir = Path(features_dir), Path(out_dir), Path(live_dir)
     best_dir, ckpt_dir = out_dir / "best", out_dir / "checkpoint"
 
+    set_determinism(tp.threads, tp.deterministic)
     # Without CUDA, a multi-process launch must say "cpu" for accelerate to pick gloo.
     accelerator = Accelerator(
         mixed_precision=tp.mixed_precision,
