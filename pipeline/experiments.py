@@ -4,6 +4,10 @@ A single-seed ablation on a small test set is mostly noise. Run each configurati
 ``train.seed`` values (``dvc exp run --queue -S train.seed=N ...``), then :func:`seed_summary` groups
 the experiments of ``dvc exp show --json`` by every param except the seed, names each group by how
 its params differ from the baseline commit, and gives mean, standard deviation and count per metric.
+
+Seeds are the unit of comparison: a configuration run with the baseline's seeds is also compared
+pair by pair (same seed, so the same data order and initial draw where the change allows it), and
+the mean ± std of those paired differences is the error bar of "this change costs X".
 """
 
 from __future__ import annotations
@@ -93,51 +97,77 @@ def _seed_order(seed: Any) -> tuple[int, Any]:
     return (0, seed) if isinstance(seed, int | float) else (1, str(seed))
 
 
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    mean = statistics.fmean(values) if values else math.nan
+    std = statistics.stdev(values) if len(values) > 1 else math.nan
+    return mean, std, len(values)
+
+
 def seed_summary(
     runs: list[Run], metrics: list[str], seed_key: str = "train.seed"
 ) -> list[dict[str, Any]]:
     """One row per configuration (params other than ``seed_key``): its label, seeds, experiment
     names and, per metric, ``(mean, std, n)`` over the runs that report it (std is NaN for one).
-    Rows keep the order in which configurations first appear, baseline first."""
+    ``row["paired"][metric]`` is ``(mean, std, n)`` of the differences to the baseline row over the
+    seeds both have (n = 0 for the baseline itself or without common seeds). Rows keep the order
+    in which configurations first appear, baseline first."""
     if not runs:
         return []
     baseline = next((r for r in runs if r.baseline), runs[0]).params
     groups: dict[str, list[Run]] = {}
     for run in sorted(runs, key=lambda r: not r.baseline):
         groups.setdefault(_label(run.params, baseline, seed_key), []).append(run)
-    rows = []
+    by_seed: dict[str, dict[Any, Run]] = {}
     for label, members in groups.items():
         # A commit and an experiment with the same params and seed are the same run: count it once.
-        unique = {}
+        unique = by_seed[label] = {}
         for run in members:
             unique.setdefault(run.params.get(seed_key), run)
+    base_runs = next(iter(by_seed.values()))
+    rows = []
+    for index, (label, unique) in enumerate(by_seed.items()):
         row: dict[str, Any] = {
             "configuration": label,
             "seeds": sorted(unique, key=_seed_order),
             "runs": [r.name for r in unique.values()],
+            "paired": {},
         }
         for metric in metrics:
-            values = [r.metrics[metric] for r in unique.values() if metric in r.metrics]
-            std = statistics.stdev(values) if len(values) > 1 else math.nan
-            mean = statistics.fmean(values) if values else math.nan
-            row[metric] = (mean, std, len(values))
+            row[metric] = _mean_std(
+                [r.metrics[metric] for r in unique.values() if metric in r.metrics]
+            )
+            differences = [
+                run.metrics[metric] - base_runs[seed].metrics[metric]
+                for seed, run in unique.items()
+                if index > 0
+                and seed in base_runs
+                and metric in run.metrics
+                and metric in base_runs[seed].metrics
+            ]
+            row["paired"][metric] = _mean_std(differences)
         rows.append(row)
     return rows
 
 
+def _cell(mean: float, std: float, n: int, signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    if n == 0:
+        return "–"
+    if n == 1:
+        return f"{mean:{sign}.3f}"
+    return f"{mean:{sign}.3f} ± {std:.3f}"
+
+
 def summary_markdown(rows: list[dict[str, Any]], metrics: list[str]) -> str:
-    """A Markdown table: configuration, seeds, then ``mean ± std`` per metric."""
-    header = ["configuration", "seeds", *metrics]
+    """A Markdown table: configuration, seeds, ``mean ± std`` per metric, then the paired
+    difference to the baseline in the first metric (``mean ± std (n seeds)``)."""
+    paired = f"Δ {metrics[0]} vs baseline, paired by seed"
+    header = ["configuration", "seeds", *metrics, paired]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [f"`{row['configuration']}`", ", ".join(map(str, row["seeds"]))]
-        for metric in metrics:
-            mean, std, n = row[metric]
-            if n == 0:
-                cells.append("–")
-            elif n == 1:
-                cells.append(f"{mean:.3f}")
-            else:
-                cells.append(f"{mean:.3f} ± {std:.3f}")
+        cells += [_cell(*row[metric]) for metric in metrics]
+        mean, std, n = row["paired"][metrics[0]]
+        cells.append(_cell(mean, std, n, signed=True) + (f" (n={n})" if n else ""))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

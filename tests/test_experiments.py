@@ -86,9 +86,42 @@ def test_a_commit_repeated_by_an_experiment_counts_once():
 def test_markdown_shows_mean_and_spread():
     rows = seed_summary(runs_from_exp_show(ROWS), ["micro_f1", "missing"])
     table = summary_markdown(rows, ["micro_f1", "missing"]).splitlines()
-    assert table[0] == "| configuration | seeds | micro_f1 | missing |"
-    assert table[2] == "| `baseline` | 1, 1234 | 0.850 ± 0.071 | – |"
-    assert table[3].startswith("| `data.use_depth=False` | 1, 2, 1234 | 0.650 ± 0.050 |")
+    assert table[0] == (
+        "| configuration | seeds | micro_f1 | missing | Δ micro_f1 vs baseline, paired by seed |"
+    )
+    assert table[2] == "| `baseline` | 1, 1234 | 0.850 ± 0.071 | – | – |"
+    assert table[3] == (
+        "| `data.use_depth=False` | 1, 2, 1234 | 0.650 ± 0.050 | – | -0.200 ± 0.141 (n=2) |"
+    )
+
+
+def test_paired_difference_uses_only_seeds_both_configurations_ran():
+    base, no_depth = seed_summary(runs_from_exp_show(ROWS), ["micro_f1"])
+    assert base["paired"]["micro_f1"][2] == 0
+    mean, std, n = no_depth["paired"]["micro_f1"]
+    # Seed 2 has no baseline partner; seeds 1 and 1234 give 0.60 - 0.90 and 0.70 - 0.80.
+    assert n == 2
+    assert mean == pytest.approx(-0.20)
+    assert std == pytest.approx(statistics.stdev([-0.30, -0.10]))
+    # The paired spread removes what the seeds share: here a per-seed offset.
+    shifted = [
+        {
+            "rev": "f" * 40,
+            "data": _data(1, True, 0.90),
+            "experiments": [
+                _experiment(f"s{seed}", _data(seed, True, f1))
+                for seed, f1 in [(2, 0.70), (3, 0.80)]
+            ]
+            + [
+                _experiment(f"d{seed}", _data(seed, False, f1 - 0.05))
+                for seed, f1 in [(1, 0.90), (2, 0.70), (3, 0.80)]
+            ],
+        }
+    ]
+    base, no_depth = seed_summary(runs_from_exp_show(shifted), ["micro_f1"])
+    assert base["micro_f1"][1] == pytest.approx(0.1)
+    mean, std, n = no_depth["paired"]["micro_f1"]
+    assert (n, mean) == (3, pytest.approx(-0.05)) and std == pytest.approx(0.0, abs=1e-12)
 
 
 def test_nothing_to_summarize():
