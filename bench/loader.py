@@ -25,7 +25,7 @@ from pipeline.caption.run import run_caption
 from pipeline.caption.table import CaptionTable
 from pipeline.config import Params, default_params
 from pipeline.data.images import box_to_pixels
-from pipeline.data.records import Dataset, Record, object_slot
+from pipeline.data.records import Dataset, Record, label_list, object_slot
 from pipeline.data.synthetic import generate_synthetic
 from pipeline.depth.run import run_depth
 from pipeline.depth.store import DepthStore
@@ -144,7 +144,7 @@ def main() -> None:
     n_train = len(dataset.records("train"))
     bytes_per_sample = sum(f.stat().st_size for f in files) / n_train
 
-    train = FeatureDataset.load(work / "features", "train", params)
+    train = FeatureDataset.load(work / "features", "train", params, label_list(dataset.relations))
     order = torch.utils.data.RandomSampler(train, generator=torch.Generator().manual_seed(0))
     cached = make_loader(train, args.batch_size, sampler=order)
     throughput(cached, args.batch_size)  # warm-up

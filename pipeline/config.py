@@ -1,7 +1,8 @@
 """Typed parameters, loaded once from ``params.yaml`` and passed down.
 
-Every section is a frozen dataclass. Loading is strict: an unknown key, a missing key or a value of
-the wrong type fails with a :class:`ParamsError` naming the key path and the expected type. The
+Every section is a frozen dataclass. Loading is strict: an unknown key, a missing key, a key given
+twice, a value of the wrong type or outside its range (:data:`RANGES`) fails with a
+:class:`ParamsError` naming the key path and what was expected. The
 dataclasses have no defaults: ``params.yaml`` is the one home of every default, and code that needs
 the shipped configuration (tests, benchmarks) loads it with :func:`default_params`.
 """
@@ -30,6 +31,7 @@ __all__ = [
     "TrainParams",
     "EvaluateParams",
     "OT_SOLVERS",
+    "RANGES",
     "load_params",
     "default_params",
     "params_from_dict",
@@ -200,6 +202,66 @@ class Params:
     evaluate: EvaluateParams
 
 
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a number: ``low <= x`` (``low < x`` when ``open_low``), ``x <= high``."""
+
+    low: float
+    high: float | None = None
+    open_low: bool = False
+
+    def admits(self, value: float) -> bool:
+        above = value > self.low if self.open_low else value >= self.low
+        return above and (self.high is None or value <= self.high)
+
+    def __str__(self) -> str:
+        low = f"above {self.low:g}" if self.open_low else f"at least {self.low:g}"
+        return low if self.high is None else f"{low} and at most {self.high:g}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, open_low=True)
+
+# Numbers whose type alone lets through values that fail later (a NaN model, a traceback deep in a
+# stage, a silent no-op): checked when params load, so the message names the key.
+RANGES: dict[str, Range] = {
+    "data.max_objects": AT_LEAST_1,
+    "data.max_seq": Range(8),  # [CLS], four markers, [SEP] and a word
+    "data.synthetic.train": Range(3),
+    "data.synthetic.valid": Range(3),
+    "data.synthetic.test": Range(3),
+    "data.synthetic.image_size": Range(32),
+    "data.synthetic.images_per_split": AT_LEAST_0,
+    "depth.batch_size": AT_LEAST_1,
+    "depth.shard_size": AT_LEAST_1,
+    "caption.max_new_tokens": AT_LEAST_1,
+    "caption.batch_size": AT_LEAST_1,
+    "features.crop_size": AT_LEAST_1,
+    "features.shard_size": AT_LEAST_1,
+    "features.image_shard_size": AT_LEAST_1,
+    "model.pool_after_layer": AT_LEAST_0,
+    "model.fusion_start_layer": AT_LEAST_0,
+    "model.dropout": Range(0, 1),
+    "model.ot.epsilon": POSITIVE,
+    "model.ot.iterations": AT_LEAST_1,
+    "model.ot.kernel_floor": AT_LEAST_0,
+    "model.ot.clamp": AT_LEAST_0,
+    "train.epochs": AT_LEAST_1,
+    "train.batch_size": AT_LEAST_1,
+    "train.eval_batch_size": AT_LEAST_1,
+    "train.lr": AT_LEAST_0,
+    "train.weight_decay": AT_LEAST_0,
+    "train.log_every": AT_LEAST_0,
+    "train.warmup_ratio": Range(0, 1),
+    "train.grad_accum": AT_LEAST_1,
+    "train.max_grad_norm": AT_LEAST_0,
+    "train.patience": AT_LEAST_0,
+    "train.num_processes": AT_LEAST_1,
+    "train.num_workers": AT_LEAST_0,
+    "train.threads": AT_LEAST_0,
+    "evaluate.batch_size": AT_LEAST_1,
+}
+
+
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
@@ -276,7 +338,12 @@ def _build(cls: type, raw: dict[str, Any], path: str) -> Any:
     if missing:
         key = missing[0]
         raise ParamsError(f"{prefix}{key}: missing key (expected {_type_name(hints[key])})")
-    return cls(**{k: _convert(hints[k], raw[k], prefix + k) for k in sorted(fields)})
+    values = {k: _convert(hints[k], raw[k], prefix + k) for k in sorted(fields)}
+    for key, value in values.items():
+        allowed = RANGES.get(prefix + key)
+        if allowed is not None and not (value == value and allowed.admits(value)):
+            raise ParamsError(f"{prefix}{key}: expected a number {allowed}, found {value!r}")
+    return cls(**values)
 
 
 def params_from_dict(raw: dict[str, Any]) -> Params:
@@ -293,13 +360,36 @@ def params_to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                first = seen[key].start_mark.line + 1
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first given on line {first})",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Load and validate ``params.yaml``; errors name the file and the key path."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)
     except FileNotFoundError as exc:
         raise ParamsError(f"{path}: params file not found") from exc
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        raise ParamsError(f"{where}: not valid YAML: {exc.problem}") from exc
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
     try:

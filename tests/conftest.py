@@ -15,7 +15,7 @@ TOKENS = ["RT", "Bill", "Cosby", "at", "the", "Walk", "of", "Fame", "today"]
 
 
 def source_records() -> dict[str, list[dict]]:
-    """Good records per split (UMRE split file names); boxes in pixels and in [0, 1]."""
+    """Good records per split (UMRE split file names); boxes in pixels, as the objects file's."""
     bill = {"name": "Bill Cosby", "pos": [1, 3]}
     walk = {"name": "Walk of Fame", "pos": [5, 8]}
     return {
@@ -36,8 +36,8 @@ def source_records() -> dict[str, list[dict]]:
             },
             {
                 "token": TOKENS,
-                "h": {"name": "[OBJ0]", "pos": [0.0, 0.0, 0.5, 0.5]},
-                "t": {"name": "[OBJ1]", "pos": [0.1, 0.1, 0.6, 0.9]},
+                "h": {"name": "[OBJ0]", "pos": [0, 0, 100, 50]},
+                "t": {"name": "[OBJ1]", "pos": [20, 10, 120, 90]},
                 "img_id": "img_a.jpg",
                 "relation": "/loc/loc/contain",
             },
@@ -61,7 +61,7 @@ def source_objects() -> dict[str, dict[str, list[float]]]:
     return {
         "img_a.jpg": {"[OBJ0]": [0, 0, 100, 50], "[OBJ1]": [20, 10, 120, 90]},
         "img_b.jpg": {},
-        "img_c.png": {"[OBJ0]": [0.1, 0.1, 0.9, 0.9]},
+        "img_c.png": {"[OBJ0]": [10, 20, 90, 180]},
     }
 
 

@@ -359,6 +359,104 @@ def test_local_folder_in_skip_mode_reports_bad_records(tmp_path, umre_tree):
     assert not (tmp_path / "out2").exists()
 
 
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_an_empty_split_is_refused_by_name(tmp_path, umre_tree, on_error):
+    tree = umre_tree(tmp_path / "tree", records={"test_set.json": []})
+    test_file = tree / "umke_partner" / "test_set.json"
+    params = _params(
+        **{"data.source": "local", "data.local.path": str(tree), "data.on_error": on_error}
+    )
+    with pytest.raises(DataError, match=rf"{test_file}: the test split has no usable records"):
+        prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
+    # Skipping every record empties a split too: the message gives the first reason.
+    tree = umre_tree(tmp_path / "tree2", records={"val_set.json": ["{'token': ['x'"]})
+    params = _params(
+        **{"data.source": "local", "data.local.path": str(tree), "data.on_error": "skip"}
+    )
+    with pytest.raises(
+        DataError,
+        match=r"valid split has no usable records \(1 problems, the "
+        r"first: .*val_set.json:1: malformed line",
+    ):
+        prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+
+
+def bomb_png(width: int = 20000, height: int = 20000) -> bytes:
+    """A tiny PNG whose header declares ``width x height`` pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (1, 1)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    data[16:24] = struct.pack(">II", width, height)  # IHDR: width, height, then its CRC
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    return bytes(data)
+
+
+def _hostile_tree(tmp_path, umre_tree) -> Path:
+    """Good records plus one line for each kind of damage a received dataset may carry."""
+    tree = umre_tree(tmp_path / "tree")
+    folder = tree / "UMKE_IMG"
+    (folder / "zero.jpg").write_bytes(b"")
+    (folder / "text.png").write_text("not an image")
+    full = (folder / "img_a.jpg").read_bytes()
+    (folder / "trunc.jpg").write_bytes(full[: len(full) // 2])
+    (folder / "bomb.png").write_bytes(bomb_png())
+    good = source_records()["train_set.json"]
+    pixel_box = {"name": "[OBJ0]", "pos": [0, 0, 10, 10]}
+    lines = [repr(r) for r in good] + [
+        "{['token']: 1}",
+        repr({**good[0], "relation": ["none"]}),
+        repr({**good[0], "t": None}).replace("None", "null"),
+        *(repr({**good[1], "img_id": name, "t": pixel_box}) for name in ("zero.jpg", "text.png")),
+        *(repr({**good[0], "img_id": name}) for name in ("trunc.jpg", "bomb.png")),
+    ]
+    path = tree / "umke_partner" / "train_set.json"
+    path.write_bytes("\n".join(lines).encode() + b"\n" + repr(good[0]).encode()[:-2] + b"\xff'}\n")
+    return tree
+
+
+def test_hostile_records_and_images_are_reported_never_a_traceback(tmp_path, umre_tree):
+    tree = _hostile_tree(tmp_path, umre_tree)
+    train_file = tree / "umke_partner" / "train_set.json"
+    skip = _params(
+        **{"data.source": "local", "data.local.path": str(tree), "data.on_error": "skip"}
+    )
+    manifest = prepare_dataset(skip, tmp_path / "out", tmp_path / "cache")
+    assert manifest["splits"]["train"]["samples"] == 3
+    rows = (tmp_path / "out" / "skipped.tsv").read_text().splitlines()[1:]
+    reasons = {int(r.split("\t")[1]): r.split("\t")[2] for r in rows}
+    assert all(r.split("\t")[0] == str(train_file) for r in rows)
+    assert manifest["skipped"]["records"] == len(rows) == 8
+    assert reasons[4].startswith("malformed line (found TypeError: unhashable type: 'list'")
+    assert reasons[5].startswith("malformed line (found relation ['none'], expected a string)")
+    assert reasons[6].startswith("malformed line (found 'null' at column")
+    assert "0x" not in reasons[6]
+    for line, name in [(7, "zero.jpg"), (8, "text.png")]:
+        assert reasons[line].startswith(f"t [OBJ0]: image {name} unreadable"), reasons[line]
+    assert reasons[9].startswith("image trunc.jpg does not decode (")
+    assert (
+        reasons[10].startswith("image bomb.png does not decode (")
+        and "exceeds limit" in reasons[10]
+    )
+    column = len(repr(source_records()["train_set.json"][0])) - 1
+    assert reasons[11] == f"not UTF-8 (found byte 0xff at column {column}, expected UTF-8 text)"
+    # The report is a function of the input (no addresses, no ordering by chance).
+    again = prepare_dataset(skip, tmp_path / "out2", tmp_path / "cache")
+    assert (tmp_path / "out2" / "skipped.tsv").read_bytes() == (
+        tmp_path / "out" / "skipped.tsv"
+    ).read_bytes()
+    assert again["sha256"] == manifest["sha256"]
+    # raise: the first problem, at its line, as a DataError (a clean CLI error, never a traceback).
+    raising = _params(**{"data.source": "local", "data.local.path": str(tree)})
+    with pytest.raises(DataError, match=rf"{train_file}:4: malformed line"):
+        prepare_dataset(raising, tmp_path / "out3", tmp_path / "cache")
+
+
 def test_local_archive_and_missing_files(tmp_path, umre_tree):
     tree = umre_tree(tmp_path / "tree")
     archive = _pack(tree, tmp_path / "mine.tar.gz", "release-v1")

@@ -15,7 +15,7 @@ from transformers import BertTokenizerFast
 
 from pipeline.config import apply_overrides, default_params
 from pipeline.data.images import box_to_pixels
-from pipeline.data.records import PAIR_KINDS, Dataset, Entity, Record, write_records
+from pipeline.data.records import PAIR_KINDS, Dataset, Entity, Record, label_list, write_records
 from pipeline.features import build as build_module
 from pipeline.features.build import build_features
 from pipeline.features.dataset import CLIP_MEAN, CLIP_STD, FeatureDataset, collate, make_loader
@@ -361,7 +361,7 @@ def clip_reference(crop: Image.Image, size: int) -> np.ndarray:
 
 
 def test_crops_equal_the_clip_extractor_on_the_pil_crop(world, cache):
-    ds = FeatureDataset.load(cache[0], "train", world["params"])
+    ds = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
     assert ds.image_ids == ["a.png", "b.jpg", "c.png"]
     for i, image_id in enumerate(ds.image_ids):
         image = Image.open(world["dataset"].image_path(image_id)).convert("RGB")
@@ -449,7 +449,7 @@ def test_upsample_reference_is_torch_bilinear_align_corners():
 
 
 def test_depth_crops_are_the_raw_map_upsampled_cut_and_nearest_resized(world, cache):
-    ds = FeatureDataset.load(cache[0], "train", world["params"])
+    ds = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
     assert world["params"].features.depth_scale == "raw"
     for i, image_id in enumerate(ds.image_ids):
         depth_map = world["depth"].get(image_id)
@@ -493,7 +493,7 @@ def test_minmax_depth_scales_each_map_first_and_cuts_keep_a_pixel():
 
 def test_samples_match_the_records(world, cache):
     for split, records in RECORDS.items():
-        ds = FeatureDataset.load(cache[0], split, world["params"])
+        ds = FeatureDataset.load(cache[0], split, world["params"], RELATIONS)
         assert ds.sample_ids == [r.id for r in records]
         batch = ds.batch(range(len(ds)))
         assert batch["labels"].tolist() == [RELATIONS.index(r.relation) for r in records]
@@ -511,7 +511,7 @@ def test_samples_match_the_records(world, cache):
                     assert tokens(world, [ids[k]]) == [f"<k{n}>"]
                 else:
                     assert s == -1 and k == -1 and tokens(world, [ids[o]]) == [f"<o{n}>"]
-    ds = FeatureDataset.load(cache[0], "train", world["params"])
+    ds = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
     a = ds.image_ids.index("a.png")
     np.testing.assert_allclose(
         ds.boxes[a], [[0.1, 0.2, 0.6, 0.9, 0.35], [0] * 5, [0.5, 0.0, 1.0, 0.5, 0.25], [0] * 5]
@@ -585,13 +585,19 @@ def test_a_stale_cache_is_refused_naming_the_setting(world, cache):
     ]:
         params = apply_overrides(world["params"], {key: value})
         with pytest.raises(StaleCacheError, match=rf"{key}=.*params say {key}={value!r}"):
-            FeatureDataset.load(cache[0], "train", params)
+            FeatureDataset.load(cache[0], "train", params, RELATIONS)
     # pad_to_max is the loader's business: the same cache serves both
     FeatureDataset.load(
-        cache[0], "train", apply_overrides(world["params"], {"data.pad_to_max": False})
+        cache[0], "train", apply_overrides(world["params"], {"data.pad_to_max": False}), RELATIONS
     )
     with pytest.raises(FileNotFoundError, match="run the features stage"):
-        FeatureDataset.load(world["root"] / "nowhere", "train", world["params"])
+        FeatureDataset.load(world["root"] / "nowhere", "train", world["params"], RELATIONS)
+    # A cache is tied to its label map: ids mean names only under the map it was built with.
+    for other in (RELATIONS[:3], [*RELATIONS, "/per/per/extra"], [RELATIONS[0], *RELATIONS[:0:-1]]):
+        with pytest.raises(
+            StaleCacheError, match=rf"another label map \(4 labels.*expected {len(other)} labels"
+        ):
+            FeatureDataset.load(cache[0], "train", world["params"], other)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -599,9 +605,9 @@ def test_a_stale_cache_is_refused_naming_the_setting(world, cache):
 
 
 def test_batches_padded_to_max_seq_or_per_batch(world, cache):
-    fixed = FeatureDataset.load(cache[0], "train", world["params"])
+    fixed = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
     dynamic = FeatureDataset.load(
-        cache[0], "train", apply_overrides(world["params"], {"data.pad_to_max": False})
+        cache[0], "train", apply_overrides(world["params"], {"data.pad_to_max": False}), RELATIONS
     )
     items = [fixed[i] for i in (3, 0)]
     a = collate(items)
@@ -632,7 +638,7 @@ def test_batches_padded_to_max_seq_or_per_batch(world, cache):
 
 
 def test_pixel_values_are_clip_normalized_and_empty_slots_zero(world, cache):
-    ds = FeatureDataset.load(cache[0], "train", world["params"])
+    ds = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
     batch = ds.batch([4])  # b.jpg: slots 0 and 1
     crops = ds.object_crops[ds.image_ids.index("b.jpg")].astype(np.float32) / 255
     mean = np.array(CLIP_MEAN, np.float32)[:, None, None]
@@ -645,7 +651,7 @@ def test_pixel_values_are_clip_normalized_and_empty_slots_zero(world, cache):
 
 
 def test_make_loader_follows_its_sampler_and_covers_every_sample(world, cache):
-    ds = FeatureDataset.load(cache[0], "train", world["params"])
+    ds = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
 
     def order(seed):
         generator = torch.Generator().manual_seed(seed)
@@ -670,9 +676,9 @@ def test_ablation_switches_zero_their_inputs(world, cache):
     )
     out, report = build(world, "ablated", params, depth=None, captions=None)
     assert report["caption_segment"] is False
-    ds = FeatureDataset.load(out, "train", params)
+    ds = FeatureDataset.load(out, "train", params, RELATIONS)
     batch = ds.batch(range(len(ds)))
-    full = FeatureDataset.load(cache[0], "train", world["params"]).batch(range(len(ds)))
+    full = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS).batch(range(len(ds)))
     assert not batch["depth_values"].any() and full["depth_values"].any()
     assert not batch["boxes"].any() and full["boxes"].any()
     assert torch.equal(batch["pixel_values"], full["pixel_values"])
@@ -691,7 +697,7 @@ def test_missing_depth_map_is_an_error_or_zeros_under_skip(world):
     params = apply_overrides(world["params"], {"data.on_error": "skip"})
     out, report = build(world, "nodepth", params, depth=depth)
     assert report["splits"]["train"]["image_problems"]["count"] == 1
-    ds = FeatureDataset.load(out, "train", params)
+    ds = FeatureDataset.load(out, "train", params, RELATIONS)
     b = ds.image_ids.index("b.jpg")
     assert not ds.depth_crops[b].any() and ds.object_crops[b].any()
 
@@ -741,7 +747,7 @@ def test_stage_runs_on_the_synthetic_dataset_with_the_real_readers(tmp_path):
     assert report["caption_segment"] is True
     assert report["splits"]["train"]["captions_missing"] == {"text": 0, "object": 0}
 
-    ds = FeatureDataset.load(tmp_path / "out", "train", params)
+    ds = FeatureDataset.load(tmp_path / "out", "train", params, label_list(dataset.relations))
     records = dataset.records("train")
     batch = ds.batch(range(len(ds)))
     assert batch["labels"].tolist() == [dataset.relations[r.relation] for r in records]
@@ -769,6 +775,6 @@ def test_empty_splits_are_written_and_read_back(world, tmp_path):
     out = tmp_path / "features"
     report = build_features(Dataset(data), out, world["params"], world["depth"], None)
     assert report["splits"]["train"]["samples"] == 0
-    assert len(FeatureDataset.load(out, "train", world["params"])) == 0
-    test = FeatureDataset.load(out, "test", world["params"])
+    assert len(FeatureDataset.load(out, "train", world["params"], RELATIONS)) == 0
+    test = FeatureDataset.load(out, "test", world["params"], RELATIONS)
     assert test.image_ids == ["b.jpg"] and test.batch([0])["labels"].tolist() == [0]

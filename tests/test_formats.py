@@ -63,7 +63,13 @@ def _bad(**changes) -> dict:
 
 BAD_LINES = [
     ("{'token': ['a', 'b'], 'h': ", r"malformed line \(found SyntaxError"),
-    ("print('hi')", r"malformed line \(found ValueError"),
+    ("print('hi')", r"malformed line \(found \"print\('hi'\)\" at column 1, not a literal"),
+    (
+        "{'token': ['a'], 'h': null, 't': 1}",
+        r"malformed line \(found 'null' at column 23, not a literal, expected a dict literal",
+    ),
+    ("{['token']: 1}", r"malformed line \(found TypeError: unhashable type: 'list'"),
+    (_bad(relation=["none"]), r"malformed line \(found relation \['none'\], expected a string\)"),
     (
         repr({k: v for k, v in GOOD.items() if k != "img_id"}),
         r"malformed line \(found missing img_id",
@@ -113,7 +119,7 @@ def test_each_problem_raises_with_file_line_and_reason(tmp_path, line, message):
 
 def test_too_many_objects_is_reported_at_the_objects_file_line(tmp_path):
     objects = source_objects()
-    objects["img_b.jpg"] = {f"[OBJ{k}]": [0.0, 0.0, 0.5, 0.5] for k in range(14)}
+    objects["img_b.jpg"] = {f"[OBJ{k}]": [0, 0, 32, 32] for k in range(14)}
     reader = _reader(tmp_path, objects=objects)
     line = (tmp_path / "pos_umke.json").read_text().splitlines().index('  "img_b.jpg": {') + 1
     path = write_lines(tmp_path / "val.txt", [_bad(img_id="img_b.jpg")])
@@ -126,9 +132,44 @@ def test_too_many_objects_is_reported_at_the_objects_file_line(tmp_path):
     )
 
 
+def test_box_units_are_decided_per_file_and_slight_overshoot_is_clipped(tmp_path):
+    # A file of normalized boxes: 1.004 is rounding past the border (clipped), not a pixel.
+    normalized = {"img_a.jpg": {"[OBJ0]": [0.5, 0.5, 1.004, 0.9], "[OBJ1]": [0.1, 0.1, 0.4, 0.5]}}
+    normalized["img_c.png"] = {"[OBJ0]": [0.1, 0.1, 0.9, 0.9], "[OBJ1]": [20, 30, 60, 90]}
+    reader = _reader(tmp_path / "n", on_error="skip", objects=normalized)
+    out = reader.objects(["img_a.jpg", "img_c.png"])
+    assert out["img_a.jpg"]["[OBJ0]"] == [0.5, 0.5, 1.0, 0.9]
+    assert out["img_c.png"] == {"[OBJ0]": [0.1, 0.1, 0.9, 0.9]}
+    (problem,) = reader.problems.items
+    assert problem.reason == (
+        "image img_c.png, [OBJ1]: pixel box in a file of normalized boxes (found [20, 30, 60, 90],"
+        " expected 0 <= x, y <= 1 like the file's other boxes)"
+    )
+    # A record file: the same rule over its records' boxes.
+    records = [
+        _bad(
+            t={"name": "[OBJ0]", "pos": [0.0, 0.0, 0.5, 0.5]},
+            h={"name": "[OBJ1]", "pos": [0.1, 0.1, 0.6, 0.9]},
+        ),
+        _bad(t={"name": "[OBJ0]", "pos": [0.1, 0.1, 1.5, 0.5]}),
+    ]
+    reader = _reader(tmp_path / "r", objects={})
+    reader = SourceReader(
+        labels=UMRE_RELATIONS, images=ImageIndex([tmp_path / "r"]), problems=Problems("raise")
+    )
+    path = write_lines(tmp_path / "train.txt", records)
+    with pytest.raises(
+        DataError,
+        match=re.escape(
+            f"{path}:2: t [OBJ0]: pixel box in a file of normalized boxes (found [0.1, 0.1, 1.5, 0.5]"
+        ),
+    ):
+        reader.read_split(path, "train")
+
+
 def test_bad_box_in_objects_file_names_image_and_object(tmp_path):
     objects = source_objects()
-    objects["img_c.png"]["[OBJ1]"] = [0.9, 0.1, 0.2, 0.5]
+    objects["img_c.png"]["[OBJ1]"] = [90, 10, 20, 50]
     reader = _reader(tmp_path, objects=objects)
     with pytest.raises(DataError, match=r"pos_umke.json:\d+: image img_c.png, \[OBJ1\]: bad box"):
         reader.objects(["img_c.png"])
@@ -136,7 +177,7 @@ def test_bad_box_in_objects_file_names_image_and_object(tmp_path):
 
 def test_skip_mode_keeps_good_records_and_writes_the_report(tmp_path):
     objects = source_objects()
-    objects["img_b.jpg"] = {f"[OBJ{k}]": [0.0, 0.0, 0.5, 0.5] for k in range(13)}
+    objects["img_b.jpg"] = {f"[OBJ{k}]": [0, 0, 32, 32] for k in range(13)}
     reader = _reader(tmp_path, on_error="skip", objects=objects)
     lines = [GOOD, "not a dict", _bad(relation="/x/y"), GOOD, _bad(img_id="nope.jpg")]
     lines.append(_bad(img_id="img_b.jpg", t={"name": "[OBJ12]", "pos": [0.1, 0.1, 0.2, 0.2]}))

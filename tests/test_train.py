@@ -23,7 +23,7 @@ import yaml
 
 from pipeline import metrics
 from pipeline.config import Params, apply_overrides, load_params, params_to_dict
-from pipeline.data.records import label_list
+from pipeline.data.records import Dataset, label_list
 from pipeline.evaluate.plots import read_live_metric
 from pipeline.inference import predict_dataset
 from pipeline.model.saved import load_trained
@@ -178,13 +178,14 @@ def test_training_lowers_the_loss_and_beats_the_majority_baseline(world, trained
     from pipeline.features.dataset import FeatureDataset
 
     params = small_params()
+    labels = label_list(Dataset(world["raw"]).relations)
     _, epoch_loss = read_live_metric(trained["live"], "train/epoch_loss")
     _, dev_f1 = read_live_metric(trained["live"], "dev/micro_f1")
     assert len(epoch_loss) == len(dev_f1) == params.train.epochs
     assert epoch_loss[-1] < 0.8 * epoch_loss[0]
     # Majority baseline: predict the most frequent train label for every dev sample.
-    train_labels = FeatureDataset.load(world["features"], "train", params).labels
-    dev = FeatureDataset.load(world["features"], "valid", params)
+    train_labels = FeatureDataset.load(world["features"], "train", params, labels).labels
+    dev = FeatureDataset.load(world["features"], "valid", params, labels)
     majority = np.full_like(dev.labels, np.bincount(train_labels).argmax())
     baseline = metrics.micro_prf(dev.labels, majority)[2]
     assert dev_f1.max() > baseline + 0.2
@@ -316,6 +317,18 @@ def test_set_determinism_sets_threads_and_leaves_zero_to_torch():
     finally:
         torch.set_num_threads(before[0])
         torch.use_deterministic_algorithms(before[1])
+
+
+def test_a_diverging_run_stops_before_the_update_and_saves_nothing(world, tmp_path):
+    from pipeline.train.loop import TrainingDiverged
+
+    # lr 1e30: the first update blows the weights up, the next step's loss is not finite.
+    params = small_params(**{"train.lr": 1e30, "train.warmup_ratio": 0.0, "train.epochs": 1})
+    with pytest.raises(TrainingDiverged, match=r"step \d+: loss (nan|inf)") as info:
+        train(params, world["features"], world["raw"], tmp_path / "m", tmp_path / "live")
+    assert "models/best keeps the last finite epoch's model" in str(info.value)
+    assert not (tmp_path / "m" / "best").exists()
+    assert not (tmp_path / "m" / "checkpoint").exists()
 
 
 def test_early_stopping_after_patience_epochs_without_gain(world, tmp_path):

@@ -7,7 +7,9 @@ A record file has one Python dict literal per line (parsed with ``ast.literal_ev
 
 A ``pos`` of 2 ints is a token span [start, end); 4 numbers are an object box, named ``[OBJk]``.
 An objects file (UMRE ``pos_umke.json``) maps image -> {"[OBJk]": box}. Boxes may be in pixels or
-in [0, 1]: a box with any coordinate > 1 is divided by its image's size.
+in [0, 1], decided once per file by the majority of its boxes (:func:`~pipeline.data.images.box_units`):
+pixel boxes are divided by their image's size, boxes up to 1% outside the image are clipped, and a
+box in the other unit than its file's is reported.
 
 Every problem is reported as ``file:line: problem (found ..., expected ...)``. With
 ``on_error="raise"`` the first one raises :class:`DataError`; with ``"skip"`` the record (or
@@ -26,7 +28,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pipeline.data.images import BOX_RANGE, BOX_SHAPE, box_numbers, clip_box, image_size
+from pipeline.data.images import (
+    BOX_RANGE,
+    BOX_SHAPE,
+    BoxUnits,
+    box_numbers,
+    box_units,
+    clip_box,
+    fits_unit_square,
+    image_size,
+)
 from pipeline.data.records import NONE_LABEL, Entity, Record, parse_object_name
 from pipeline.io import DataError, atomic_write_text
 
@@ -195,6 +206,8 @@ class SourceReader:
         self.objects_file = objects_file
         self._raw_objects: dict[str, Any] | None = None
         self._object_lines: dict[str, int] = {}
+        self._object_units: BoxUnits = "normalized"
+        self._record_units: BoxUnits = "normalized"  # of the record file being read
         if objects_file is not None:
             text = Path(objects_file).read_text(encoding="utf-8")
             try:
@@ -211,15 +224,31 @@ class SourceReader:
                 )
             self._raw_objects = raw
             self._object_lines = json_key_lines(text, raw)
+            self._object_units = box_units(
+                coords
+                for entry in raw.values()
+                if isinstance(entry, dict)
+                for box in entry.values()
+                if (coords := box_numbers(box)) is not None
+            )
         # image -> {name: normalized box}; filled lazily, only for images that records use.
         self._objects: dict[str, dict[str, list[float]]] = {}
 
     # --- boxes ---------------------------------------------------------------------------------
-    def _normalize_box(self, box: Any, image_id: str) -> tuple[list[float] | None, str]:
+    def _normalize_box(
+        self, box: Any, image_id: str, units: BoxUnits
+    ) -> tuple[list[float] | None, str]:
         coords = box_numbers(box)
         if coords is None:
             return None, f"malformed box (found {box!r}, {BOX_SHAPE})"
-        if any(v > 1 for v in coords):
+        if fits_unit_square(coords) != (units == "normalized"):
+            other = "pixel" if units == "normalized" else "normalized"
+            return None, (
+                f"{other} box in a file of {units} boxes (found {list(box)}, expected "
+                f"{'0 <= x, y <= 1' if units == 'normalized' else 'pixel coordinates'} like the "
+                "file's other boxes)"
+            )
+        if units == "pixel":
             try:
                 width, height = self.images.size(image_id)
             except KeyError:
@@ -262,7 +291,7 @@ class SourceReader:
         for name, box in entry.items():
             if name in beyond:
                 continue
-            norm, reason = self._normalize_box(box, image_id)
+            norm, reason = self._normalize_box(box, image_id, self._object_units)
             if norm is None:
                 self.problems.add(self.objects_file, line, f"image {image_id}, {name}: {reason}")
             else:
@@ -276,25 +305,44 @@ class SourceReader:
     # --- records -------------------------------------------------------------------------------
     def read_split(self, path: Path, split: str) -> list[Record]:
         """Read one record file; bad lines are reported (raise) or left out (skip)."""
+        parsed: list[tuple[int, Any]] = []
+        for lineno, raw_line in enumerate(Path(path).read_bytes().splitlines(), 1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                self._skip(path, lineno, f"not UTF-8 (found byte 0x{raw_line[exc.start]:02x} at "
+                           f"column {exc.start + 1}, expected UTF-8 text)")  # fmt: skip
+                continue
+            if not line.strip():
+                continue
+            raw, reason = _literal(line)
+            if reason:
+                self._skip(path, lineno, reason)
+            else:
+                parsed.append((lineno, raw))
+        self._record_units = box_units(
+            coords
+            for _, raw in parsed
+            if isinstance(raw, dict)
+            for key in ("h", "t")
+            if isinstance(raw.get(key), dict)
+            and (coords := box_numbers(raw[key].get("pos"))) is not None
+        )
         records: list[Record] = []
-        with Path(path).open(encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, 1):
-                if not line.strip():
-                    continue
-                record, reason = self._parse(line, f"{split}-{lineno:06d}")
-                if record is None:
-                    self.problems.skipped_records += 1
-                    self.problems.add(path, lineno, reason)
-                else:
-                    records.append(record)
+        for lineno, raw in parsed:
+            record, reason = self._record(raw, f"{split}-{lineno:06d}")
+            if record is None:
+                self._skip(path, lineno, reason)
+            else:
+                records.append(record)
         return records
 
-    def _parse(self, line: str, record_id: str) -> tuple[Record | None, str]:
+    def _skip(self, path: Path, lineno: int, reason: str) -> None:
+        self.problems.skipped_records += 1
+        self.problems.add(path, lineno, reason)
+
+    def _record(self, raw: Any, record_id: str) -> tuple[Record | None, str]:
         expected = "expected a dict literal with token, h, t, img_id, relation"
-        try:
-            raw = ast.literal_eval(line.strip())
-        except (ValueError, SyntaxError, MemoryError, RecursionError) as exc:
-            return None, f"malformed line (found {type(exc).__name__}: {exc}, {expected})"
         missing = (
             sorted({"token", "h", "t", "img_id", "relation"} - set(raw))
             if isinstance(raw, dict)
@@ -308,7 +356,9 @@ class SourceReader:
             return None, f"malformed line (found token {tokens!r:.60}, expected a list of strings)"
         if not isinstance(image_id, str) or not image_id or _unsafe_relpath(image_id):
             return None, f"malformed line (found img_id {image_id!r}, expected a file name)"
-        label = normalize_label(relation) if isinstance(relation, str) else relation
+        if not isinstance(relation, str):
+            return None, f"malformed line (found relation {relation!r:.60}, expected a string)"
+        label = normalize_label(relation)
         if label not in self._label_set:
             return None, (
                 f"unknown relation (found {relation!r}, expected one of the "
@@ -346,7 +396,7 @@ class SourceReader:
         slot, reason = _parse_object_name(name, self.max_objects)
         if slot is None:
             return None, f"{key}: {reason}"
-        box, reason = self._normalize_box(pos, image_id)
+        box, reason = self._normalize_box(pos, image_id, self._record_units)
         if box is None:
             return None, f"{key} {name}: {reason}"
         objects = self._image_objects(image_id)
@@ -360,6 +410,38 @@ class SourceReader:
                 f"{image_id} (found {found}, expected {name} with a valid box)"
             )
         return Entity("object", name), ""
+
+
+_LITERAL_NODES = (
+    ast.Expression, ast.Constant, ast.Dict, ast.List, ast.Tuple, ast.Set, ast.Load,
+    ast.UnaryOp, ast.UAdd, ast.USub, ast.BinOp, ast.Add, ast.Sub,
+)  # fmt: skip
+
+
+def _literal(line: str) -> tuple[Any, str]:
+    """A line's Python literal, or the reason it is not one (naming what is not a literal,
+    e.g. a JSON ``null``, by its text and column, never by an object address)."""
+    expected = "expected a dict literal with token, h, t, img_id, relation"
+    text = line.strip()
+    try:
+        return ast.literal_eval(text), ""
+    except ValueError:
+        try:
+            tree = ast.parse(text, mode="eval")
+        except SyntaxError:  # literal_eval parsed it: not expected
+            tree = None
+        node = next(
+            (n for n in ast.walk(tree) if not isinstance(n, _LITERAL_NODES)), None
+        ) if tree is not None else None  # fmt: skip
+        if node is not None and hasattr(node, "col_offset"):
+            found = f"{ast.unparse(node)!r:.40} at column {node.col_offset + 1}, not a literal"
+        else:
+            found = "a value that is not a literal"
+        return None, f"malformed line (found {found}, {expected})"
+    except TypeError as exc:  # a dict key or set item that cannot be hashed: {['a']: 1}
+        return None, f"malformed line (found TypeError: {exc}, {expected})"
+    except (SyntaxError, MemoryError, RecursionError) as exc:
+        return None, f"malformed line (found {type(exc).__name__}: {exc}, {expected})"
 
 
 def _unsafe_relpath(name: str) -> bool:

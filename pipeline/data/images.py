@@ -8,9 +8,11 @@ one mapping to a pixel rectangle, so the captioner describes the crop the model 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from PIL import Image
 
@@ -25,13 +27,23 @@ __all__ = [
     "image_size",
     "image_problem",
     "box_numbers",
+    "BoxUnits",
+    "fits_unit_square",
+    "box_units",
     "clip_box",
     "checked_box",
     "box_to_pixels",
 ]
 
-# What PIL raises for missing, truncated, corrupt or oversized image files.
-IMAGE_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+# What PIL raises for missing, truncated, corrupt or oversized image files (a header beyond
+# Image.MAX_IMAGE_PIXELS only warns up to twice that: here it is an error, in every stage).
+IMAGE_ERRORS = (
+    OSError,
+    SyntaxError,
+    ValueError,
+    Image.DecompressionBombError,
+    Image.DecompressionBombWarning,
+)
 # Detector boxes may overshoot the border by rounding; beyond this share of a side it is an error.
 BOX_TOLERANCE = 0.01
 BOX_SHAPE = "expected 4 numbers x1, y1, x2, y2"
@@ -46,11 +58,19 @@ def image_problem(exc: BaseException, path: Path) -> str:
     return message or type(exc).__name__
 
 
+@contextmanager
+def _bombs_are_errors() -> Iterator[None]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 def open_image(path: str | Path) -> Image.Image:
-    """Decode an image as RGB; a missing, truncated or corrupt file raises ``path: problem``."""
+    """Decode an image as RGB; a missing, truncated, corrupt or oversized (decompression bomb)
+    file raises ``path: problem``."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with _bombs_are_errors(), Image.open(path) as image:
             image.load()
             return image.convert("RGB")
     except IMAGE_ERRORS as exc:
@@ -61,7 +81,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     """``(width, height)`` from the file header only; an unreadable file raises ``path: problem``."""
     path = Path(path)
     try:
-        with Image.open(path) as image:
+        with _bombs_are_errors(), Image.open(path) as image:
             return image.size
     except IMAGE_ERRORS as exc:
         raise DataError(f"{path}: {image_problem(exc, path)}") from exc
@@ -77,12 +97,32 @@ def box_numbers(values: Any) -> list[float] | None:
     return coords if all(math.isfinite(v) for v in coords) else None
 
 
+BoxUnits = Literal["pixel", "normalized"]
+
+
+def fits_unit_square(coords: Sequence[float]) -> bool:
+    """Every coordinate within ``[0, 1]`` up to :data:`BOX_TOLERANCE`."""
+    return all(-BOX_TOLERANCE <= v <= 1 + BOX_TOLERANCE for v in coords)
+
+
+def box_units(boxes: Iterable[Sequence[float]]) -> BoxUnits:
+    """Whether a file's boxes are in pixels or in ``[0, 1]``, decided once for the whole file: by
+    the majority of its boxes (a pixel box inside ``[0, 1.01]`` would be under two pixels; a
+    normalized box beyond it is off the image), ``normalized`` for a file without boxes."""
+    inside = outside = 0
+    for coords in boxes:
+        if fits_unit_square(coords):
+            inside += 1
+        else:
+            outside += 1
+    return "pixel" if outside > inside else "normalized"
+
+
 def clip_box(coords: Sequence[float]) -> list[float] | None:
     """A ``[0, 1]`` box clipped to the image, or None when a side is empty or a coordinate lies
     more than :data:`BOX_TOLERANCE` outside ``[0, 1]``."""
     x1, y1, x2, y2 = coords
-    lo, hi = -BOX_TOLERANCE, 1 + BOX_TOLERANCE
-    if not all(lo <= v <= hi for v in coords) or x2 <= x1 or y2 <= y1:
+    if not fits_unit_square(coords) or x2 <= x1 or y2 <= y1:
         return None
     return [min(max(v, 0.0), 1.0) for v in coords]
 

@@ -24,6 +24,7 @@ from pipeline.data.formats import (
     SourceReader,
     json_key_lines,
 )
+from pipeline.data.images import open_image
 from pipeline.data.records import SPLITS, UMRE_RELATIONS, Record, write_dataset
 from pipeline.data.synthetic import generate_synthetic
 from pipeline.io import DataError, file_sha256, staging_dir, write_json
@@ -132,9 +133,17 @@ def _convert(
         objects_file=objects_file,
     )
     splits: dict[str, list[Record]] = {s: reader.read_split(split_files[s], s) for s in SPLITS}
+    splits = _with_decodable_images(splits, split_files, images, problems)
+    for split, records in splits.items():
+        if not records:
+            # An empty dev split cannot select a model, an empty test split scores 0 on n = 0.
+            found = [p for p in problems.items if p.file == str(split_files[split])]
+            why = f" ({len(found)} problems, the first: {found[0]})" if found else ""
+            raise DataError(
+                f"{split_files[split]}: the {split} split has no usable records{why}; "
+                "every split needs at least one"
+            )
     image_ids = {r.image_id for recs in splits.values() for r in recs}
-    if not image_ids:
-        raise DataError(f"{split_files['train']}: no usable records in any split")
     objects = reader.objects(image_ids)
     captions = _read_captions(captions_file, image_ids, problems) if captions_file else None
     files = {s: str(p) for s, p in split_files.items()}
@@ -173,6 +182,35 @@ def _convert(
             out_dir / "skipped.tsv",
         )
     return manifest
+
+
+def _with_decodable_images(
+    splits: Mapping[str, list[Record]],
+    split_files: Mapping[str, Path],
+    images: ImageIndex,
+    problems: Problems,
+) -> dict[str, list[Record]]:
+    """Decode every image the records use, once, as every later stage will (a truncated,
+    zero-byte, non-image or oversized file fails here, where it enters): a record whose image
+    does not decode is reported at its own line (``raise``) or left out (``skip``)."""
+    bad: dict[str, str] = {}
+    for image_id in sorted({r.image_id for recs in splits.values() for r in recs}):
+        try:
+            open_image(images.find(image_id))
+        except DataError as exc:
+            bad[image_id] = str(exc)
+    kept = {}
+    for split, records in splits.items():
+        kept[split] = []
+        for record in records:
+            if record.image_id not in bad:
+                kept[split].append(record)
+                continue
+            problems.skipped_records += 1
+            line = int(record.id.rsplit("-", 1)[1])  # ids are <split>-<line>
+            reason = f"image {record.image_id} does not decode ({bad[record.image_id]})"
+            problems.add(split_files[split], line, reason)
+    return kept
 
 
 def convert_umre(

@@ -14,6 +14,7 @@ where the data came from::
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
@@ -165,6 +166,11 @@ def label_list(relations: dict[str, int]) -> list[str]:
             f"relation {NONE_LABEL!r} must have id 0, found {relations.get(NONE_LABEL)!r}"
         )
     return labels
+
+
+def label_map_hash(labels: Sequence[str]) -> str:
+    """A short hash of the label names in id order: what a label id in a cache or model means."""
+    return hashlib.sha256(json.dumps(list(labels)).encode()).hexdigest()[:16]
 
 
 def write_records(path: str | Path, records: list[Record]) -> None:

@@ -101,7 +101,7 @@ def evaluate_model(
     ``live_dir``)."""
     trained = load_for_inference(model_dir)
     # The model's own params: the cache must match what the model was trained on.
-    test = FeatureDataset.load(features_dir, "test", trained.params)
+    test = FeatureDataset.load(features_dir, "test", trained.params, trained.labels)
     device = next(trained.model.parameters()).device
     with record_regime(trained.model) as regime_stats:
         out = predict_dataset(trained.model, test, batch_size, device)

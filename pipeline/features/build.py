@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import Params, section_hash
-from pipeline.data.records import SPLITS, Dataset, Record
+from pipeline.data.records import SPLITS, Dataset, Record, label_list, label_map_hash
 from pipeline.features.dataset import METADATA_KEY, SCHEMA_VERSION, cache_settings
 from pipeline.features.featurize import (
     CaptionReader,
@@ -43,8 +43,12 @@ __all__ = ["build_features"]
 log = logging.getLogger(__name__)
 
 
-def _metadata(table: str, split: str, settings: dict[str, Any], tokenizer: Any) -> dict:
+def _metadata(
+    table: str, split: str, settings: dict[str, Any], tokenizer: Any, labels: list[str]
+) -> dict:
     return {
+        "label_map": label_map_hash(labels),
+        "num_labels": len(labels),
         "schema_version": SCHEMA_VERSION,
         "table": table,
         "split": split,
@@ -139,6 +143,7 @@ def build_features(
 
     objects = dataset.objects
     label_ids = dataset.relations
+    labels = label_list(label_ids)
     report: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "settings": settings,
@@ -159,14 +164,14 @@ def build_features(
             stats.count(samples[-1].text)
             if samples[-1].captions is not None:
                 stats.count_missing(record, samples[-1].captions)
-        meta = _metadata("samples", split, settings, tokenizer)
+        meta = _metadata("samples", split, settings, tokenizer, labels)
         for k, start in enumerate(range(0, max(len(records), 1), features.shard_size)):
             table = samples_table(
                 samples[start : start + features.shard_size], image_index, label_ids
             )
             _write_parquet(table, split_dir / f"samples-{k:05d}.parquet", meta)
 
-        meta = _metadata("images", split, settings, tokenizer)
+        meta = _metadata("images", split, settings, tokenizer, labels)
         for k, start in enumerate(range(0, max(len(image_ids), 1), image_shard_size)):
             path = split_dir / f"images-{k:05d}.parquet"
             if path.is_file():  # finished by a killed run with the same inputs

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import torch
 
 from pipeline.config import Params
+from pipeline.data.records import label_map_hash
 from pipeline.io import StaleCacheError
 
 __all__ = [
@@ -51,7 +52,7 @@ __all__ = [
     "make_loader",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the label map in the metadata
 METADATA_KEY = b"remote.features"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -207,8 +208,11 @@ class FeatureDataset(torch.utils.data.Dataset):
         self._shift = -torch.tensor(CLIP_MEAN).view(3, 1, 1) / std
 
     @classmethod
-    def load(cls, features_dir: str | Path, split: str, params: Params) -> FeatureDataset:
-        """One split of the cache, after checking every shard was built with these params."""
+    def load(
+        cls, features_dir: str | Path, split: str, params: Params, labels: Sequence[str]
+    ) -> FeatureDataset:
+        """One split of the cache, after checking every shard was built with these params and
+        this label map (``labels``: names in id order, as the model's or the dataset's)."""
         folder = Path(features_dir) / split
         sample_files = sorted(folder.glob("samples-*.parquet"))
         image_files = sorted(folder.glob("images-*.parquet"))
@@ -220,6 +224,14 @@ class FeatureDataset(torch.utils.data.Dataset):
         expected = cache_settings(params)
         samples, meta = zip(*(_read_checked(p, expected) for p in sample_files), strict=True)
         images, _ = zip(*(_read_checked(p, expected) for p in image_files), strict=True)
+        for path, built in zip(sample_files, meta, strict=True):
+            if built.get("label_map") != label_map_hash(labels):
+                raise StaleCacheError(
+                    f"{path}: cache built for another label map ({built.get('num_labels')} labels, "
+                    f"hash {built.get('label_map')}), expected {len(labels)} labels (hash "
+                    f"{label_map_hash(labels)}): rerun the features stage on this dataset "
+                    "(dvc repro features)"
+                )
         return cls(
             pa.concat_tables(samples),
             pa.concat_tables(images),

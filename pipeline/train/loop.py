@@ -64,6 +64,7 @@ from pipeline.train.checkpoint import (
 )
 
 __all__ = [
+    "TrainingDiverged",
     "TrainingInterrupted",
     "TrainResult",
     "seed_everything",
@@ -73,6 +74,11 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+
+class TrainingDiverged(ValueError):
+    """A non-finite loss or gradient norm: the run stops before the update (a user error: the
+    params, usually the learning rate or the OT temperature, do not train)."""
 
 
 class TrainingInterrupted(RuntimeError):
@@ -179,9 +185,6 @@ def train(
     ``stop_after_step`` (tests) raises :class:`TrainingInterrupted` after that optimizer step.
     """
     tp = params.train
-    for name in ("epochs", "batch_size", "eval_batch_size", "grad_accum"):
-        if getattr(tp, name) < 1:
-            raise ValueError(f"train.{name} must be at least 1, found {getattr(tp, name)}")
     features_dir, out_dir, live_dir = Path(features_dir), Path(out_dir), Path(live_dir)
     best_dir, ckpt_dir = out_dir / "best", out_dir / "checkpoint"
 
@@ -206,11 +209,13 @@ def train(
 
     # Each process gets its own dropout stream; the data order is shared (see ShardedSampler).
     seed_everything(tp.seed + rank)
-    train_set = FeatureDataset.load(features_dir, "train", params)
-    dev_set = FeatureDataset.load(features_dir, "valid", params)
+    train_set = FeatureDataset.load(features_dir, "train", params, labels)
+    dev_set = FeatureDataset.load(features_dir, "valid", params, labels)
     # The original's protocol, opt-in: test is scored every epoch (never used for selection here).
     test_set = (
-        FeatureDataset.load(features_dir, "test", params) if tp.report_test_each_epoch else None
+        FeatureDataset.load(features_dir, "test", params, labels)
+        if tp.report_test_each_epoch
+        else None
     )
     sampler = ShardedSampler(
         len(train_set), shuffle=True, seed=tp.seed, shard=rank, num_shards=world
@@ -416,10 +421,26 @@ def _optimizer_steps(
         if not last_in_group:
             continue
         if tp.max_grad_norm > 0:
-            accelerator.clip_grad_norm_(model.parameters(), tp.max_grad_norm)
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), tp.max_grad_norm)
+        elif accelerator.scaler is None:
+            grad_norm = nn.utils.get_total_norm(
+                [p.grad for p in model.parameters() if p.grad is not None]
+            )
+        else:  # fp16: an overflowing step is the scaler's to skip
+            grad_norm = None
+        # One host sync a step (the loss is logged every step), before the update can spoil the
+        # weights: a non-finite loss or gradient stops the run with nothing saved from this epoch.
+        loss_value = accelerator.reduce(step_loss, "mean").item()
+        norm_value = float(grad_norm) if grad_norm is not None else 0.0
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            raise TrainingDiverged(
+                f"train: step {step}: loss {loss_value}, gradient norm "
+                f"{norm_value if grad_norm is not None else 'not checked (fp16)'}: training "
+                "diverged and was stopped before the update; models/best keeps the last finite "
+                "epoch's model, if any (check train.lr, model.ot.epsilon, train.mixed_precision)"
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = accelerator.reduce(step_loss, "mean").item()
         bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
         yield loss_value, regime
         step, regime = step + 1, None
