@@ -100,7 +100,9 @@ def score(
     labels: Sequence[str],
     none_id: int = 0,
 ) -> dict[str, Any]:
-    """The metrics of ``metrics/test.json``; ``pair_kinds`` index :data:`PAIR_KINDS`."""
+    """The metrics of ``metrics/test.json``; ``pair_kinds`` index :data:`PAIR_KINDS`. A pair kind
+    without samples (MNRE has only text-text) has no score: ``micro_f1`` is None with support 0,
+    so that ``dvc metrics diff`` never compares it as a real 0."""
     gold, pred, kinds = _as_ids(gold), _as_ids(pred), _as_ids(pair_kinds)
     if not gold.size == pred.size == kinds.size:
         raise ValueError(
@@ -111,16 +113,17 @@ def score(
     by_kind = {}
     for index, kind in enumerate(PAIR_KINDS):
         mask = kinds == index
+        support = int(mask.sum())
         by_kind[kind] = {
-            "micro_f1": micro_prf(gold[mask], pred[mask], none_id)[2],
-            "support": int(mask.sum()),
+            "micro_f1": micro_prf(gold[mask], pred[mask], none_id)[2] if support else None,
+            "support": support,
         }
     return {
         "micro_f1": f1,
         "micro_precision": precision,
         "micro_recall": recall,
         "accuracy": _ratio(np.sum(gold == pred), gold.size),
-        "macro_f1": float(np.mean([r["f1"] for r in relations])) if relations else 0.0,
+        "macro_f1": float(np.mean([r["f1"] for r in relations])) if relations else None,
         "by_pair_kind": by_kind,
     }
 

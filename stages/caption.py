@@ -14,6 +14,7 @@ from stages.common import (
     reported_errors,
     resolve_shard,
     setup_logging,
+    writing_outputs,
 )
 
 log = logging.getLogger("stages.caption")
@@ -60,7 +61,7 @@ def main(
     setup_logging()
     p = read_params(params)
     shard, num_shards = resolve_shard(shard, num_shards)
-    with reported_errors():
+    with reported_errors(), writing_outputs(out, part=f"shard-{shard}-of-{num_shards}"):
         summary = run_caption(
             Dataset(dataset), out, p.caption, shard=shard, num_shards=num_shards, progress=progress
         )

@@ -16,6 +16,9 @@ import typer
 from pipeline.config import Params, ParamsError, load_params
 from pipeline.io import DataError, StaleCacheError
 
+# Set by a stage that holds its output locks for the processes it launches (train under torchrun).
+LOCKS_HELD_ENV = "REMOTE_OUTPUT_LOCKS_HELD"
+
 # What bad input, a missing or stale upstream output, or an unusable setting raise: reported as
 # "error: <message>" with exit code 1. Anything else is a bug and keeps its traceback.
 USER_ERRORS = (DataError, StaleCacheError, OSError, ValueError)
@@ -43,6 +46,54 @@ def reported_errors() -> Iterator[None]:
     except USER_ERRORS as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
+
+
+class OutputBusyError(OSError):
+    """Another live run holds the lock of an output this stage is about to write."""
+
+
+@contextmanager
+def writing_outputs(*outputs: Path, part: str = "") -> Iterator[None]:
+    """Hold an exclusive lock on each output for the block, after checking it can be written.
+
+    The lock is ``.<name>[.<part>].lock`` beside the output (``filelock``; the holder's pid is
+    written into it): a second run into the same output fails at once, naming the holder, instead
+    of interleaving its files with the first's. ``part`` keeps workers of one sharded stage apart
+    (``shard-3``). Ranks other than 0 of a multi-process launch, and processes started by a stage
+    that already holds the locks, take none.
+    """
+    from filelock import FileLock, Timeout
+
+    rank = os.environ.get("RANK", "0")
+    if rank != "0" or os.environ.get(LOCKS_HELD_ENV):
+        yield
+        return
+    held = []
+    try:
+        for out in outputs:
+            out = Path(out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            for path in (out.parent, out):
+                need = os.W_OK | (os.X_OK if path.is_dir() else 0)
+                if path.exists() and not os.access(path, need):
+                    raise PermissionError(f"{path}: not writable (this stage writes {out})")
+            suffix = f".{part}" if part else ""
+            lock_path = out.parent / f".{out.name}{suffix}.lock"
+            lock = FileLock(lock_path, timeout=0)
+            try:
+                lock.acquire()
+            except Timeout:
+                holder = lock_path.read_text().strip() if lock_path.is_file() else ""
+                raise OutputBusyError(
+                    f"{out}: another run (pid {holder or 'unknown'}) is writing it; wait for it to "
+                    f"finish (its lock: {lock_path})"
+                ) from None
+            held.append(lock)
+            lock_path.write_text(f"{os.getpid()}\n")
+        yield
+    finally:
+        for lock in reversed(held):
+            lock.release()
 
 
 def setup_logging() -> None:

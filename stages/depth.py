@@ -13,6 +13,7 @@ from stages.common import (
     reported_errors,
     resolve_shard,
     setup_logging,
+    writing_outputs,
 )
 
 
@@ -53,7 +54,7 @@ def main(
     from pipeline.depth.run import run_depth
 
     shard, num_shards = resolve_shard(shard, num_shards)
-    with reported_errors():
+    with reported_errors(), writing_outputs(out, part=f"shard-{shard}-of-{num_shards}"):
         result = run_depth(
             Dataset(dataset), out, p.depth, p.data.on_error,
             shard=shard, num_shards=num_shards, progress=progress,

@@ -8,7 +8,13 @@ from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, read_params, reported_errors, setup_logging
+from stages.common import (
+    ParamsOption,
+    read_params,
+    reported_errors,
+    setup_logging,
+    writing_outputs,
+)
 
 log = logging.getLogger("stages.download")
 
@@ -34,7 +40,7 @@ def main(
     p = read_params(params)
     from pipeline.data.prepare import prepare_dataset
 
-    with reported_errors():
+    with reported_errors(), writing_outputs(out):
         manifest = prepare_dataset(p, out, cache)
     for split, counts in manifest["splits"].items():
         kinds = ", ".join(f"{kind} {n}" for kind, n in counts["pair_kinds"].items())

@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, read_params, reported_errors, setup_logging
+from stages.common import (
+    ParamsOption,
+    read_params,
+    reported_errors,
+    setup_logging,
+    writing_outputs,
+)
 
 
 def main(
@@ -31,16 +37,18 @@ def main(
     # Scored with the thread count the model was trained with (the same rounding).
     set_determinism(p.train.threads, p.train.deterministic)
 
-    with reported_errors():
+    with reported_errors(), writing_outputs(metrics, plots):
         scores = evaluate_model(
             model, features, metrics, plots, live, batch_size=p.evaluate.batch_size
         )
     kinds = ", ".join(
-        f"{kind} {v['micro_f1']:.4f} (n={v['support']})"
+        f"{kind} {'n/a' if v['micro_f1'] is None else format(v['micro_f1'], '.4f')} "
+        f"(n={v['support']})"
         for kind, v in scores["by_pair_kind"].items()
     )
     typer.echo(
         f"evaluate: test micro-F1 {scores['micro_f1']:.4f} (P {scores['micro_precision']:.4f}, "
         f"R {scores['micro_recall']:.4f}), accuracy {scores['accuracy']:.4f}, "
-        f"macro-F1 {scores['macro_f1']:.4f}; by pair kind: {kinds}"
+        f"macro-F1 {'n/a' if scores['macro_f1'] is None else format(scores['macro_f1'], '.4f')}; "
+        f"by pair kind: {kinds}"
     )

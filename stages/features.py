@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, read_params, reported_errors, setup_logging
+from stages.common import (
+    ParamsOption,
+    read_params,
+    reported_errors,
+    setup_logging,
+    writing_outputs,
+)
 
 
 def main(
@@ -38,7 +44,7 @@ def main(
     from pipeline.depth.store import DepthStore
     from pipeline.features.build import build_features
 
-    with reported_errors():
+    with reported_errors(), writing_outputs(out):
         report = build_features(
             Dataset(dataset),
             out,

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from stages.common import reported_errors, setup_logging
+from stages.common import reported_errors, setup_logging, writing_outputs
 
 
 def main(
@@ -26,6 +26,6 @@ def main(
     setup_logging()
     from pipeline.predict import predict_file
 
-    with reported_errors():
+    with reported_errors(), writing_outputs(output):
         results = predict_file(model, input, output, batch_size)
     typer.echo(f"predict: labelled {len(results)} inputs -> {output}")

@@ -10,7 +10,14 @@ from typing import Annotated
 
 import typer
 
-from stages.common import ParamsOption, read_params, reported_errors, setup_logging
+from stages.common import (
+    LOCKS_HELD_ENV,
+    ParamsOption,
+    read_params,
+    reported_errors,
+    setup_logging,
+    writing_outputs,
+)
 
 log = logging.getLogger("stages.train")
 
@@ -50,11 +57,14 @@ def main(
     if p.train.num_processes > 1 and not inside_launch:
         argv = ["--params", str(params), "--features", str(features), "--dataset", str(dataset)]
         argv += ["--out", str(out), "--live", str(live)]
-        raise typer.Exit(_launch_processes(p.train.num_processes, argv))
+        with reported_errors(), writing_outputs(out, live):
+            os.environ[LOCKS_HELD_ENV] = "1"  # the launched processes write under these locks
+            code = _launch_processes(p.train.num_processes, argv)
+        raise typer.Exit(code)
 
     from pipeline.train.loop import train
 
-    with reported_errors():
+    with reported_errors(), writing_outputs(out, live):
         result = train(p, features, dataset, out, live)
     if int(os.environ.get("RANK", "0")) == 0:
         how = " (early stop)" if result.stopped_early else ""

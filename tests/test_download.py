@@ -6,6 +6,7 @@ import hashlib
 import http.server
 import io
 import json
+import re
 import sys
 import tarfile
 import threading
@@ -105,6 +106,47 @@ def test_tar_links_pointing_out_are_refused_and_inside_allowed(tmp_path):
     good = _tar(tmp_path / "good.tgz", {"a/b.txt": b"x"}, links={"a/link": "b.txt"})
     safe_extract(good, tmp_path / "t3")
     assert (tmp_path / "t3" / "a" / "link").read_bytes() == b"x"
+
+
+def _damaged_archives(folder: Path) -> dict[str, Path]:
+    import struct
+
+    data = bytes(range(256)) * 4000
+    whole = _tar(folder / "whole.tar.gz", {"x/a.bin": data}).read_bytes()
+    (folder / "truncated.tar.gz").write_bytes(whole[: len(whole) // 2])
+    with zipfile.ZipFile(folder / "good.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("x/a.txt", b"hello world " * 1000)
+    good = (folder / "good.zip").read_bytes()
+    corrupt = bytearray(good)
+    corrupt[60:80] = bytes(20)  # inside the deflated data
+    (folder / "corrupt.zip").write_bytes(bytes(corrupt))
+    lying = bytearray(good)
+    entry = lying.rfind(b"PK\x01\x02")  # the central directory claims 10 bytes
+    lying[entry + 24 : entry + 28] = struct.pack("<I", 10)
+    (folder / "lying.zip").write_bytes(bytes(lying))
+    _tar(folder / "chain.tar.gz", {}, links={"a": ".", "a/b": "..", "a/b/c": ".."})
+    return {n: folder / n for n in ("truncated.tar.gz", "corrupt.zip", "lying.zip", "chain.tar.gz")}
+
+
+@pytest.mark.parametrize(
+    ("name", "error", "message"),
+    [
+        (
+            "truncated.tar.gz",
+            DataError,
+            r"corrupt or truncated archive \(found EOFError: Compressed",
+        ),
+        ("corrupt.zip", DataError, r"corrupt or truncated archive \(found zlib.error: Error -3"),
+        ("lying.zip", DataError, r"corrupt or truncated archive \(found BadZipFile: Bad CRC-32"),
+        ("chain.tar.gz", UnsafeArchiveError, r"'a/b' would link to .*outside the destination"),
+    ],
+)
+def test_damaged_archives_are_named_errors_and_leave_nothing(tmp_path, name, error, message):
+    archive = _damaged_archives(tmp_path)[name]
+    with pytest.raises(error, match=re.escape(str(archive)) + ": " + message):
+        safe_extract(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir()] == []
 
 
 def test_size_limit_and_non_archives(tmp_path):
@@ -457,6 +499,42 @@ def test_hostile_records_and_images_are_reported_never_a_traceback(tmp_path, umr
         prepare_dataset(raising, tmp_path / "out3", tmp_path / "cache")
 
 
+@pytest.mark.parametrize("on_error", ["raise", "skip"])
+def test_links_out_of_the_source_folder_are_refused(tmp_path, umre_tree, on_error):
+    tree = umre_tree(tmp_path / "tree")
+    secret = tmp_path / "elsewhere" / "secret.jpg"
+    secret.parent.mkdir()
+    secret.write_bytes((tree / "UMKE_IMG" / "img_a.jpg").read_bytes())
+    (tree / "UMKE_IMG" / "secret.jpg").symlink_to(secret)
+    (tree / "UMKE_IMG" / "alias.jpg").symlink_to(tree / "UMKE_IMG" / "img_b.jpg")  # inside: fine
+    good = source_records()["train_set.json"][0]
+    records = source_records()["train_set.json"] + [
+        {**good, "img_id": "secret.jpg"},
+        {**good, "img_id": "alias.jpg"},
+    ]
+    tree = umre_tree(tree, records={"train_set.json": records})
+    params = _params(
+        **{"data.source": "local", "data.local.path": str(tree), "data.on_error": on_error}
+    )
+    link = tree / "UMKE_IMG" / "secret.jpg"
+    message = f"image refused ({link} is a link to {secret}, outside the source folder {tree}"
+    if on_error == "raise":
+        with pytest.raises(DataError, match=re.escape(f"train_set.json:4: {message}")):
+            prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+    else:
+        manifest = prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+        assert manifest["splits"]["train"]["samples"] == 4
+        assert sorted(p.name for p in (tmp_path / "out" / "images").iterdir()) == [
+            "alias.jpg", "img_a.jpg", "img_b.jpg", "img_c.png",
+        ]  # fmt: skip
+        assert message in (tmp_path / "out" / "skipped.tsv").read_text()
+    # A record file that is a link out of the folder is refused outright.
+    (tree / "umke_partner" / "test_set.json").unlink()
+    (tree / "umke_partner" / "test_set.json").symlink_to(secret)
+    with pytest.raises(DataError, match="test_set.json is a link to .*outside the source folder"):
+        prepare_dataset(params, tmp_path / "out2", tmp_path / "cache")
+
+
 def test_local_archive_and_missing_files(tmp_path, umre_tree):
     tree = umre_tree(tmp_path / "tree")
     archive = _pack(tree, tmp_path / "mine.tar.gz", "release-v1")
@@ -510,3 +588,28 @@ def test_stage_command_writes_the_synthetic_dataset(tmp_path):
     params_file.write_text(yaml.safe_dump(raw))
     result = CliRunner().invoke(app, command)
     assert result.exit_code == 1 and "nowhere: not found (data.local.path)" in result.output
+
+
+def test_a_tampered_dataset_is_refused_where_a_stage_opens_it(tmp_path):
+    from pipeline.data.synthetic import generate_synthetic
+    from pipeline.io import file_sha256, write_json
+
+    params = _params(**{"data.synthetic.train": 6, "data.synthetic.valid": 3,
+                        "data.synthetic.test": 3, "data.synthetic.image_size": 48})  # fmt: skip
+    root = tmp_path / "raw"
+    generate_synthetic(root, params.data.synthetic, params.data.max_objects)
+    Dataset(root)  # as written: fine
+    records = root / "records" / "train.jsonl"
+    lines = records.read_text().splitlines()
+    first = json.loads(lines[0])
+    for bad_id in ("../../outside.png", "/etc/hostname", "a\\..\\b.png"):
+        lines[0] = json.dumps({**first, "image_id": bad_id})
+        records.write_text("\n".join(lines) + "\n")
+        with pytest.raises(DataError, match=r"train.jsonl: changed after download"):
+            Dataset(root)
+        # Even with the manifest rewritten to match, the id cannot leave images/.
+        manifest = json.loads((root / "manifest.json").read_text())
+        manifest["sha256"]["records/train.jsonl"] = file_sha256(records)
+        write_json(root / "manifest.json", manifest)
+        with pytest.raises(DataError, match=r"train.jsonl:1: unsafe image_id \(found"):
+            Dataset(root).records("train")

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,6 +98,21 @@ def safe_extract(archive: Path, target: Path, max_bytes: int = MAX_UNCOMPRESSED_
     """Unpack a .zip or .tar(.gz/.bz2/.xz) into ``target``: every entry is checked first, the
     files land in a temp folder beside ``target`` and move into place only when complete."""
     archive, target = Path(archive), Path(target)
+    try:
+        _extract(archive, target, max_bytes)
+    except tarfile.FilterError as exc:  # the "data" filter: e.g. a chain of links that leaves
+        raise UnsafeArchiveError(f"{archive}: {exc} (expected entries inside the target)") from exc
+    except (tarfile.TarError, zipfile.BadZipFile, zlib.error, EOFError) as exc:
+        # EOFError is a truncated gzip/bz2/xz stream (click would print only "Aborted.").
+        kind = "zlib.error" if isinstance(exc, zlib.error) else type(exc).__name__
+        raise DataError(
+            f"{archive}: corrupt or truncated archive (found {kind}: {exc}); download or copy "
+            "it again"
+        ) from exc
+    return target
+
+
+def _extract(archive: Path, target: Path, max_bytes: int) -> None:
     if zipfile.is_zipfile(archive):
         with zipfile.ZipFile(archive) as zf:
             infos = zf.infolist()
@@ -118,7 +134,6 @@ def safe_extract(archive: Path, target: Path, max_bytes: int = MAX_UNCOMPRESSED_
         with archive.open("rb") as fh:
             head = fh.read(8)
         raise DataError(f"{archive}: not a zip or tar archive (found first bytes {head!r})")
-    return target
 
 
 def _check_size(archive: Path, total: int, max_bytes: int) -> None:

@@ -127,12 +127,19 @@ class ImageIndex:
     def __init__(self, roots: Iterable[Path], prefer: Sequence[str] = ()):
         self.roots = [Path(r) for r in roots]
         self._by_name: dict[str, list[Path]] = {}
+        # name -> why it is not used: a link that leaves its root (a received folder must not
+        # smuggle files from elsewhere on this machine into the dataset).
+        self.refused: dict[str, str] = {}
         for root in self.roots:
             for folder, dirs, files in os.walk(root):
                 dirs.sort()
                 for name in sorted(files):
                     if name.lower().endswith(IMAGE_SUFFIXES):
-                        self._by_name.setdefault(name, []).append(Path(folder) / name)
+                        path = Path(folder) / name
+                        if outside_root(path, root):
+                            self.refused.setdefault(name, link_outside(path, root))
+                        else:
+                            self._by_name.setdefault(name, []).append(path)
         self._prefer = set(prefer)
         self._sizes: dict[str, tuple[int, int]] = {}
 
@@ -156,6 +163,15 @@ class ImageIndex:
                 raise KeyError(image_id)
             self._sizes[image_id] = image_size(path)
         return self._sizes[image_id]
+
+
+def outside_root(path: Path, root: Path) -> bool:
+    """Whether ``path`` (after following every link) lies outside ``root``."""
+    return not path.resolve().is_relative_to(Path(root).resolve())
+
+
+def link_outside(path: Path, root: Path) -> str:
+    return f"{path} is a link to {path.resolve()}, outside the source folder {root}: refused"
 
 
 def json_key_lines(text: str, keys: Iterable[str]) -> dict[str, int]:
@@ -364,6 +380,8 @@ class SourceReader:
                 f"unknown relation (found {relation!r}, expected one of the "
                 f"{len(self.labels)} labels: {', '.join(self.labels)})"
             )
+        if Path(image_id).name in self.images.refused and self.images.find(image_id) is None:
+            return None, f"image refused ({self.images.refused[Path(image_id).name]})"
         if self.images.find(image_id) is None:
             roots = ", ".join(str(r) for r in self.images.roots)
             return None, f"missing image (found no file {image_id!r}, expected one under {roots})"

@@ -23,6 +23,8 @@ from pipeline.data.formats import (
     Problems,
     SourceReader,
     json_key_lines,
+    link_outside,
+    outside_root,
 )
 from pipeline.data.images import open_image
 from pipeline.data.records import SPLITS, UMRE_RELATIONS, Record, write_dataset
@@ -63,6 +65,8 @@ def find_files(roots: Sequence[Path], names: Sequence[str]) -> Path | None:
             for rank, name in enumerate(names):
                 if name in files:
                     path = Path(folder) / name
+                    if outside_root(path, root):
+                        raise DataError(link_outside(path, root))
                     found.append((len(path.relative_to(root).parts), rank, path))
     if not found:
         return None

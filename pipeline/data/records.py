@@ -186,18 +186,46 @@ def iter_records(path: str | Path) -> Iterator[Record]:
             if not line.strip():
                 continue
             try:
-                yield Record.from_json(json.loads(line))
+                record = Record.from_json(json.loads(line))
             except (ValueError, KeyError, TypeError) as exc:
                 raise DataError(f"{path}:{lineno}: malformed record ({exc})") from exc
+            if not safe_image_id(record.image_id):
+                raise DataError(
+                    f"{path}:{lineno}: unsafe image_id (found {record.image_id!r:.200}, expected a "
+                    "relative path inside images/)"
+                )
+            yield record
+
+
+def safe_image_id(image_id: Any) -> bool:
+    """A relative path that stays inside ``images/``: no root, drive, ``..`` or backslash."""
+    if not isinstance(image_id, str) or not image_id or "\\" in image_id or "\0" in image_id:
+        return False
+    path = Path(image_id)
+    return not path.is_absolute() and ".." not in path.parts and path.parts[:1] != ("~",)
 
 
 class Dataset:
     """Read access to a normalized dataset folder; imports no model code."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, *, verify: bool = True):
+        """Open ``root``; ``verify`` checks the manifest's checksums of the records, objects,
+        relations and captions first (a few MB at most), so that a stage never reads a dataset
+        changed after ``download`` wrote it. Images are not hashed (thousands of files): their
+        ids are checked instead, so no read leaves ``images/``."""
         self.root = Path(root)
         if not (self.root / "manifest.json").is_file():
             raise DataError(f"{self.root}: not a normalized dataset (no manifest.json)")
+        if verify:
+            for name, expected in sorted(self.manifest.get("sha256", {}).items()):
+                path = self.root / name
+                found = file_sha256(path) if path.is_file() else "no file"
+                if found != expected:
+                    raise DataError(
+                        f"{path}: changed after download (found sha256 {found[:16]}, "
+                        f"manifest.json says {expected[:16]}); rerun the download stage "
+                        "(dvc repro download) or restore the file (dvc checkout)"
+                    )
 
     def records(self, split: str) -> list[Record]:
         if split not in SPLITS:

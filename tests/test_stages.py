@@ -1,0 +1,79 @@
+"""What every writing stage shares: one writer per output (a lock naming its holder), and a clear
+error before any work when an output cannot be written."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline.config import default_params, params_to_dict
+from stages.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "data.synthetic.train": 6,
+    "data.synthetic.valid": 3,
+    "data.synthetic.test": 3,
+    "data.synthetic.image_size": 48,
+}
+
+
+def _download(tmp_path: Path, out: Path):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(params_to_dict(default_params(TINY))))
+    args = ["download", "--params", str(params), "--out", str(out), "--cache", str(tmp_path / "c")]
+    return CliRunner().invoke(app, args)
+
+
+def test_a_second_writer_is_refused_and_told_who_holds_the_output(tmp_path):
+    out = tmp_path / "raw"
+    holder = subprocess.Popen(
+        [
+            sys.executable, "-c",
+            "import sys, time; from pathlib import Path; from stages.common import writing_outputs\n"
+            f"with writing_outputs(Path({str(out)!r})):\n"
+            "    print('held', flush=True); time.sleep(60)",
+        ],
+        cwd=REPO, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = _download(tmp_path, out)
+        assert result.exit_code == 1
+        assert f"{out}: another run (pid {holder.pid}) is writing it" in result.output
+        assert not out.exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    # The holder is gone (killed, not released): its lock went with it.
+    result = _download(tmp_path, out)
+    assert result.exit_code == 0, result.output
+    assert (out / "manifest.json").is_file()
+
+
+def test_an_unwritable_output_folder_fails_before_any_work(tmp_path, monkeypatch):
+    out = tmp_path / "ro" / "raw"
+    out.parent.mkdir()
+    real_access = os.access
+    # Tests may run as root, for whom chmod does not forbid writing: ask os.access instead.
+    monkeypatch.setattr(
+        os, "access", lambda p, mode: False if Path(p) == out.parent else real_access(p, mode)
+    )
+    result = _download(tmp_path, out)
+    assert result.exit_code == 1
+    assert f"error: {out.parent}: not writable (this stage writes {out})" in result.output
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "stage", ["download", "depth", "caption", "features", "train", "evaluate", "predict"]
+)
+def test_every_writing_stage_takes_its_output_lock(stage):
+    source = (REPO / "stages" / f"{stage}.py").read_text()
+    assert "writing_outputs(" in source
