@@ -22,7 +22,9 @@ Every sample goes through the features stage's own code (:mod:`pipeline.features
 markers, truncation, crops, depth crops) into in-memory tables that the feature reader loads as it
 loads the cache, so predictions match what training and evaluation saw.
 
-Output: JSONL, one line per input line: ``{"line", "id", "label", "probabilities": {label: p}}``.
+Output: JSONL, one line per input line: ``{"line", "id", "label", "probabilities": {label: p}}``,
+plus ``"markers_lost_to_truncation": [...]`` when the text is longer than ``data.max_seq`` and an
+entity's markers fell off its end (the model did not see that entity).
 """
 
 from __future__ import annotations
@@ -169,9 +171,9 @@ def _parse_line(obj: Any, where: str, line: int, base: Path, max_objects: int) -
         if not image.is_file():
             raise DataError(f"{where}: image {image}: file not found")
         try:
-            image_size(image)  # reads the header only: catches what is not an image
+            open_image(image)  # decoded as training decoded it: truncated files and bombs fail
         except DataError as exc:
-            raise DataError(f"{where}: image {image}: cannot read it ({exc})") from exc
+            raise DataError(f"{where}: image {image}: cannot decode it ({exc})") from exc
     depth = None
     if obj.get("depth") is not None:
         depth = base / _optional_str(obj, "depth", where)
@@ -197,18 +199,22 @@ def read_inputs(path: str | Path, max_objects: int) -> list[PredictInput]:
     """Parse and validate an input JSONL; a bad line raises ``DataError("file:line: problem")``."""
     path = Path(path)
     inputs = []
-    with path.open(encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{line_no}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(
-                    f"{where}: not valid JSON ({exc.msg} at column {exc.colno})"
-                ) from exc
-            inputs.append(_parse_line(obj, where, line_no, path.parent, max_objects))
+    for line_no, raw in enumerate(path.read_bytes().splitlines(), 1):
+        where = f"{path}:{line_no}"
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DataError(
+                f"{where}: not UTF-8 (found byte 0x{raw[exc.start]:02x} at column "
+                f"{exc.start + 1}, expected UTF-8 JSON)"
+            ) from exc
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
+        inputs.append(_parse_line(obj, where, line_no, path.parent, max_objects))
     if not inputs:
         raise DataError(f"{path}: no input lines")
     return inputs
@@ -303,8 +309,10 @@ def predict_inputs(
     depth = _LineDepth(_depth_maps(inputs, image_ids, params)) if params.data.use_depth else None
     encoder = TextEncoder(trained.tokenizer, params.data.max_seq)
     samples, images = [], []
+    dropped = []
     for item, image_id in zip(inputs, image_ids, strict=True):
         samples.append(featurize_sample(_record(item, image_id), encoder, captions))
+        dropped.append(list(samples[-1].text.markers_dropped))
         objects = {object_name(k): list(box) for k, box in enumerate(item.boxes)}
         images.append(featurize_image(image_id, item.image, objects, depth, params))
     label_ids = {label: i for i, label in enumerate(trained.labels)}
@@ -320,18 +328,21 @@ def predict_inputs(
     device = next(trained.model.parameters()).device
     out = predict_dataset(trained.model, dataset, batch_size, device)
     results = []
-    for item, probs in zip(inputs, out["probs"], strict=True):
-        results.append(
-            {
-                "line": item.line,
-                "id": item.id,
-                "label": trained.labels[int(np.argmax(probs))],
-                "probabilities": {
-                    label: round(float(p), 6)
-                    for label, p in zip(trained.labels, probs, strict=True)
-                },
-            }
-        )
+    for item, probs, lost in zip(inputs, out["probs"], dropped, strict=True):
+        result = {
+            "line": item.line,
+            "id": item.id,
+            "label": trained.labels[int(np.argmax(probs))],
+            "probabilities": {
+                label: round(float(p), 6) for label, p in zip(trained.labels, probs, strict=True)
+            },
+        }
+        if lost:
+            # The text is longer than data.max_seq and these markers fell off its end: the
+            # model did not see where that entity is, so the label is a guess for it.
+            result["markers_lost_to_truncation"] = lost
+            log.warning("%s: entity markers %s lost to truncation", item.where, ", ".join(lost))
+        results.append(result)
     return results
 
 

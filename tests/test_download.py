@@ -613,3 +613,104 @@ def test_a_tampered_dataset_is_refused_where_a_stage_opens_it(tmp_path):
         write_json(root / "manifest.json", manifest)
         with pytest.raises(DataError, match=r"train.jsonl:1: unsafe image_id \(found"):
             Dataset(root).records("train")
+
+
+def test_hygiene_is_counted_in_the_manifest_and_long_values_are_cut(tmp_path, umre_tree):
+    records = source_records()
+    train = records["train_set.json"]
+    moved = {**train[1], "t": {"name": "[OBJ1]", "pos": [30, 10, 120, 90]}}  # objects file: 20
+    records["train_set.json"] = [*train, train[0], moved, {**train[0], "img_id": "sub/img_a.jpg"}]
+    records["test_set.json"] = [*records["test_set.json"], train[2]]
+    tree = umre_tree(tmp_path / "tree", records=records)
+    objects_file = tree / "umke_partner" / "pos_umke.json"
+    text = objects_file.read_text()
+    objects_file.write_text(text.replace('"img_b.jpg": {}', '"img_b.jpg": {}, "img_b.jpg": {}'))
+    params = _params(**{"data.source": "local", "data.local.path": str(tree)})
+    manifest = prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+    assert manifest["hygiene"] == {
+        "duplicate_records": 2,  # train[0] twice; `moved` is train[1] once its box is the file's
+        "records_repeated_in_a_later_split": 1,
+        "record_boxes_disagreeing_with_objects_file": 1,
+        "duplicate_keys_in_objects_file": 1,
+        "image_ids_resolved_by_file_name_only": 1,
+    }
+    # A huge field is cut in the report (and in the error), never echoed whole.
+    huge = {**train[0], "relation": "x" * 1_000_000}
+    tree = umre_tree(
+        tmp_path / "tree2", records={"val_set.json": [records["val_set.json"][0], huge]}
+    )
+    skip = _params(
+        **{"data.source": "local", "data.local.path": str(tree), "data.on_error": "skip"}
+    )
+    prepare_dataset(skip, tmp_path / "out2", tmp_path / "cache")
+    (row,) = (tmp_path / "out2" / "skipped.tsv").read_text().splitlines()[1:]
+    assert len(row) < 1000 and row.endswith("more characters)")
+
+
+def test_fuzzed_records_and_images_never_crash_download(tmp_path, umre_tree):
+    """Seeded corruption of record lines (byte flips, truncation, type swaps) and of image files
+    (truncation, byte flips), through download in skip mode: no traceback, every line either kept
+    or listed in skipped.tsv, untouched lines kept, and two runs byte-identical."""
+    import random
+
+    rng = random.Random(20261204)
+    tree = umre_tree(tmp_path / "tree")
+    images = tree / "UMKE_IMG"
+    objects_file = tree / "umke_partner" / "pos_umke.json"
+    objects = json.loads(objects_file.read_text())
+    original = (images / "img_a.jpg").read_bytes()
+    names = [f"f{k}.jpg" for k in range(10)]
+    damaged_images = set(names[:5])
+    for name in names:
+        data = bytearray(original)
+        if name in damaged_images:
+            if rng.random() < 0.5:
+                data = data[: rng.randrange(1, len(data) // 2)]
+            else:
+                for _ in range(20):
+                    data[rng.randrange(len(data) // 4, len(data))] = rng.randrange(256)
+        (images / name).write_bytes(bytes(data))
+        objects[name] = objects["img_a.jpg"]
+    objects_file.write_text(json.dumps(objects, indent=2))
+
+    templates = source_records()["train_set.json"]
+    swaps = [("relation", 3), ("relation", None), ("h", "x"), ("token", "a b"), ("img_id", 7)]
+    lines, touched = [], set()
+    for number in range(1, 301):
+        record = {**templates[number % 3], "img_id": names[number % 10]}
+        text = repr(record).encode()
+        kind = rng.randrange(6)
+        if kind == 0:  # byte flips (never a line break: line numbers stay put)
+            data = bytearray(text)
+            for _ in range(rng.randrange(1, 4)):
+                data[rng.randrange(len(data))] = rng.choice(
+                    [b for b in range(256) if b not in (10, 13)]
+                )
+            text = bytes(data)
+        elif kind == 1:
+            text = text[: rng.randrange(1, len(text))]
+        elif kind == 2:
+            key, value = rng.choice(swaps)
+            text = repr({**record, key: value}).encode()
+        if kind < 3:
+            touched.add(number)
+        lines.append(text)
+    train_file = tree / "umke_partner" / "train_set.json"
+    train_file.write_bytes(b"\n".join(lines) + b"\n")
+
+    skip = _params(
+        **{"data.source": "local", "data.local.path": str(tree), "data.on_error": "skip"}
+    )
+    outputs = []
+    for run in ("a", "b"):
+        out = tmp_path / run
+        manifest = prepare_dataset(skip, out, tmp_path / f"cache-{run}")
+        outputs.append((manifest["sha256"], (out / "skipped.tsv").read_bytes()))
+    assert outputs[0] == outputs[1]
+    kept = {int(r.id.rsplit("-", 1)[1]) for r in Dataset(tmp_path / "a").records("train")}
+    rows = [r.split("\t") for r in (tmp_path / "a" / "skipped.tsv").read_text().splitlines()[1:]]
+    skipped = {int(line) for file, line, _ in rows if file == str(train_file)}
+    assert kept.isdisjoint(skipped) and kept | skipped == set(range(1, 301))
+    clean = {n for n in range(1, 301) if n not in touched and names[n % 10] not in damaged_images}
+    assert clean <= kept
+    assert len(skipped) > 100  # the corruption did bite

@@ -146,7 +146,7 @@ GOOD = {"text_tokens": ["a", "b", "c"], "head": {"span": [0, 1]}, "tail": {"span
         ),
         ({**GOOD, "tail": {"box": [0.1, 0.1, 0.2, 0.9]}}, "'image' is required"),
         ({**GOOD, "image": "nope.jpg", "objects": [[0, 0, 1, 1]]}, "nope.jpg: file not found"),
-        ({**GOOD, "image": "in.jsonl", "objects": [[0, 0, 1, 1]]}, "in.jsonl: cannot read it"),
+        ({**GOOD, "image": "in.jsonl", "objects": [[0, 0, 1, 1]]}, "in.jsonl: cannot decode it"),
         (
             {**GOOD, "objects": [[0, 0, 0.5, 0.5]] * 7, "image": "x"},
             "7 objects, but the model has 6",
@@ -161,6 +161,45 @@ def test_bad_lines_name_the_file_and_line(tmp_path, line, problem):
         read_inputs(path, max_objects=6)
     assert str(info.value).startswith(f"{path}:3: ")
     assert problem in str(info.value)
+
+
+def test_damaged_images_depth_maps_and_bytes_name_their_line(model, tmp_path):
+    from test_download import bomb_png
+
+    whole = tmp_path / "whole.jpg"
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(whole)
+    (tmp_path / "truncated.jpg").write_bytes(whole.read_bytes()[:200])
+    (tmp_path / "bomb.png").write_bytes(bomb_png())
+    box = {**GOOD, "objects": [[0.1, 0.1, 0.5, 0.5]]}
+    for name, problem in [
+        ("truncated.jpg", "truncated.jpg: cannot decode it"),
+        ("bomb.png", "bomb.png: cannot decode it"),
+    ]:
+        path = write_jsonl(tmp_path / f"{name}.jsonl", [GOOD, {**box, "image": name}])
+        with pytest.raises(DataError, match=rf"^{path}:2: image .*{problem}"):
+            read_inputs(path, max_objects=6)
+    path = tmp_path / "bytes.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=rf"^{path}:2: not UTF-8 \(found byte 0xe9 at column 14"):
+        read_inputs(path, max_objects=6)
+    np.save(tmp_path / "nan.npy", np.full((48, 64), np.nan, dtype=np.float32))
+    path = write_jsonl(tmp_path / "nan.jsonl", [{**box, "image": "whole.jpg", "depth": "nan.npy"}])
+    trained = load_trained(model["best"])
+    with pytest.raises(DataError, match=rf"^{path}:1: depth map .*nan.npy: 3072 of 3072 depth"):
+        predict_inputs(trained, read_inputs(path, 6), 8)
+
+
+def test_a_line_whose_markers_fell_to_truncation_is_flagged(model, tmp_path, caplog):
+    tokens = [f"w{i}" for i in range(200)]  # far beyond data.max_seq (48)
+    long = {"text_tokens": tokens, "head": {"span": [0, 1]}, "tail": {"span": [190, 191]}}
+    path = write_jsonl(tmp_path / "in.jsonl", [GOOD, long])
+    trained = load_trained(model["best"])
+    with caplog.at_level(logging.WARNING):
+        short, flagged = predict_inputs(trained, read_inputs(path, 6), 8)
+    assert "markers_lost_to_truncation" not in short
+    lost = flagged["markers_lost_to_truncation"]
+    assert lost[:2] == ["<s2>", "</s2>"] and "<s1>" not in lost  # and the caption segment's
+    assert f"{path}:2: entity markers <s2>, </s2>, " in caplog.text
 
 
 def test_predict_command(model, tmp_path):

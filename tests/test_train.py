@@ -331,6 +331,21 @@ def test_a_diverging_run_stops_before_the_update_and_saves_nothing(world, tmp_pa
     assert not (tmp_path / "m" / "checkpoint").exists()
 
 
+def test_a_corrupt_checkpoint_says_how_to_restart(world, tmp_path):
+    from pipeline.train.checkpoint import CorruptCheckpointError
+
+    params = small_params(**{"train.epochs": 2})
+    args = (params, world["features"], world["raw"], tmp_path / "m", tmp_path / "live")
+    with pytest.raises(TrainingInterrupted):
+        train(*args, stop_after_step=16)  # epoch 1 (15 steps) is checkpointed
+    state = tmp_path / "m" / "checkpoint" / "state.pt"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(
+        CorruptCheckpointError, match=r"state.pt: cannot read the checkpoint .*delete"
+    ):
+        train(*args)
+
+
 def test_early_stopping_after_patience_epochs_without_gain(world, tmp_path):
     # lr 0: dev F1 never changes, so the best stays epoch 1 and patience 2 stops after epoch 3.
     params = small_params(**{"train.lr": 0.0, "train.epochs": 10, "train.patience": 2})

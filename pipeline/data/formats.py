@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,6 +97,9 @@ class Problem:
         return f"{self.file}:{self.line}: {self.reason}"
 
 
+MAX_REASON_CHARS = 500
+
+
 class Problems:
     """Validation problems: raise on the first (``raise``) or collect them (``skip``)."""
 
@@ -107,6 +111,9 @@ class Problems:
         self.skipped_records = 0
 
     def add(self, file: str | Path, line: int, reason: str) -> None:
+        if len(reason) > MAX_REASON_CHARS:  # a 1 MB field echoed back helps nobody
+            cut = len(reason) - MAX_REASON_CHARS
+            reason = f"{reason[:MAX_REASON_CHARS]}… ({cut} more characters)"
         problem = Problem(str(file), line, reason)
         if self.on_error == "raise":
             raise DataError(str(problem))
@@ -130,6 +137,7 @@ class ImageIndex:
         # name -> why it is not used: a link that leaves its root (a received folder must not
         # smuggle files from elsewhere on this machine into the dataset).
         self.refused: dict[str, str] = {}
+        self.resolved_by_name_only: set[str] = set()
         for root in self.roots:
             for folder, dirs, files in os.walk(root):
                 dirs.sort()
@@ -152,7 +160,10 @@ class ImageIndex:
         if not paths:
             return None
         suffix = Path(image_id).parts
-        exact = [p for p in paths if p.parts[-len(suffix) :] == suffix] or paths
+        exact = [p for p in paths if p.parts[-len(suffix) :] == suffix]
+        if not exact:  # "a/x.jpg" found only as "b/x.jpg": used, and counted
+            self.resolved_by_name_only.add(image_id)
+        exact = exact or paths
         return min(exact, key=lambda p: (not self._prefer & set(p.parts), len(p.parts), str(p)))
 
     def size(self, image_id: str) -> tuple[int, int]:
@@ -223,11 +234,15 @@ class SourceReader:
         self._raw_objects: dict[str, Any] | None = None
         self._object_lines: dict[str, int] = {}
         self._object_units: BoxUnits = "normalized"
+        # Not fatal, counted in the manifest: what a careful user wants to know about a dataset.
+        self.hygiene: Counter[str] = Counter(
+            {"record_boxes_disagreeing_with_objects_file": 0, "duplicate_keys_in_objects_file": 0}
+        )
         self._record_units: BoxUnits = "normalized"  # of the record file being read
         if objects_file is not None:
             text = Path(objects_file).read_text(encoding="utf-8")
             try:
-                raw = json.loads(text)
+                raw = json.loads(text, object_pairs_hook=self._count_duplicate_keys)
             except json.JSONDecodeError as exc:
                 raise DataError(
                     f"{objects_file}:{exc.lineno}: malformed JSON (found {exc.msg}, "
@@ -249,6 +264,10 @@ class SourceReader:
             )
         # image -> {name: normalized box}; filled lazily, only for images that records use.
         self._objects: dict[str, dict[str, list[float]]] = {}
+
+    def _count_duplicate_keys(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        self.hygiene["duplicate_keys_in_objects_file"] += len(pairs) - len({k for k, _ in pairs})
+        return dict(pairs)  # the last value wins, as json.loads does
 
     # --- boxes ---------------------------------------------------------------------------------
     def _normalize_box(
@@ -427,6 +446,9 @@ class SourceReader:
                 f"object {name} missing from {Path(self.objects_file).name} for image "
                 f"{image_id} (found {found}, expected {name} with a valid box)"
             )
+        elif max(abs(a - b) for a, b in zip(box, objects[name], strict=True)) > 1e-3:
+            # The objects file's box is the one used (as the original did); counted, not fatal.
+            self.hygiene["record_boxes_disagreeing_with_objects_file"] += 1
         return Entity("object", name), ""
 
 

@@ -148,6 +148,8 @@ def _convert(
                 "every split needs at least one"
             )
     image_ids = {r.image_id for recs in splits.values() for r in recs}
+    hygiene = {**_duplicates(splits), **reader.hygiene}
+    hygiene["image_ids_resolved_by_file_name_only"] = len(images.resolved_by_name_only)
     objects = reader.objects(image_ids)
     captions = _read_captions(captions_file, image_ids, problems) if captions_file else None
     files = {s: str(p) for s, p in split_files.items()}
@@ -171,6 +173,7 @@ def _convert(
                 **extra,
                 "files": files,
                 "on_error": data.on_error,
+                "hygiene": hygiene,
                 "skipped": {
                     "records": problems.skipped_records,
                     "problems": len(problems.items),
@@ -178,6 +181,9 @@ def _convert(
                 },
             },
         )
+    for what, count in hygiene.items():
+        if count:
+            log.warning("%s: %d (kept; counted in manifest.json under hygiene)", what, count)
     if problems.items:
         log.warning(
             "%d problems, %d records skipped: see %s",
@@ -186,6 +192,25 @@ def _convert(
             out_dir / "skipped.tsv",
         )
     return manifest
+
+
+def _duplicates(splits: Mapping[str, list[Record]]) -> dict[str, int]:
+    """Records that repeat one in the same split, and records of dev or test that repeat one of
+    an earlier split (leakage: a test score that measures memory)."""
+    seen: dict[tuple, str] = {}
+    within = across = 0
+    for split in SPLITS:
+        keys = set()
+        for r in splits[split]:
+            key = (r.text_tokens, r.image_id, r.head, r.tail, r.relation)
+            if key in keys:
+                within += 1
+            elif key in seen:
+                across += 1
+            keys.add(key)
+        for key in keys:
+            seen.setdefault(key, split)
+    return {"duplicate_records": within, "records_repeated_in_a_later_split": across}
 
 
 def _with_decodable_images(

@@ -95,6 +95,11 @@ def load_shipped_depth(path: Path) -> np.ndarray:
         raise DataError(
             f"{path}: expected a 2-D float depth map, found {depth.dtype} {depth.shape}"
         )
+    if not np.isfinite(depth).all():
+        bad = int((~np.isfinite(depth)).sum())
+        raise DataError(
+            f"{path}: {bad} of {depth.size} depth values are NaN or infinite (expected finite)"
+        )
     return depth.astype(np.float32)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 from dataclasses import dataclass, field
@@ -185,7 +186,10 @@ def read_checkpoint(folder: Path, fingerprint: str) -> Progress | None:
     meta_path = folder / CHECKPOINT_META
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise _unreadable(meta_path, exc) from exc
     if meta.get("format") != FORMAT_VERSION or meta.get("fingerprint") != fingerprint:
         log.warning("%s: ignoring the checkpoint (params, labels or features changed)", folder)
         return None
@@ -194,12 +198,31 @@ def read_checkpoint(folder: Path, fingerprint: str) -> Progress | None:
     return Progress(**meta)
 
 
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read back (a user error: delete it to restart)."""
+
+
+def _unreadable(path: Path, exc: BaseException) -> CorruptCheckpointError:
+    return CorruptCheckpointError(
+        f"{path}: cannot read the checkpoint ({type(exc).__name__}: {str(exc)[:200]}); delete "
+        f"{path.parent} to restart training from the beginning"
+    )
+
+
 def load_checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / WEIGHTS_FILE))
+    path = folder / WEIGHTS_FILE
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error types for damaged headers
+        raise _unreadable(path, exc) from exc
 
 
 def load_checkpoint_state(folder: Path) -> dict[str, Any]:
-    return torch.load(folder / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
+    path = folder / CHECKPOINT_STATE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+        raise _unreadable(path, exc) from exc
 
 
 def recover_outputs(best_dir: Path, ckpt_dir: Path) -> None:
