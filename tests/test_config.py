@@ -1,6 +1,7 @@
 """Params loading: strict schema, errors that name the key path and expected type."""
 
 import dataclasses
+import re
 import typing
 from pathlib import Path
 
@@ -133,3 +134,59 @@ def test_unquoted_no_written_by_dvc_reads_back_as_the_choice():
     raw["train"]["mixed_precision"] = True
     with pytest.raises(ParamsError, match=r"train\.mixed_precision: expected one of 'no'"):
         params_from_dict(raw)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("model.ot.epsilon", 0, "above 0"),  # the NaN model of an OT temperature 0
+        ("model.ot.epsilon", float("nan"), "above 0"),
+        ("model.ot.iterations", 0, "at least 1"),
+        ("features.shard_size", 0, "at least 1"),
+        ("features.image_shard_size", 0, "at least 1"),
+        ("features.crop_size", 0, "at least 1"),
+        ("data.synthetic.valid", 2, "at least 3"),
+        ("data.synthetic.image_size", 16, "at least 32"),
+        ("train.warmup_ratio", -0.1, "at least 0 and at most 1"),
+        ("train.patience", -1, "at least 0"),
+        ("train.max_grad_norm", -1.0, "at least 0"),
+        ("train.num_processes", 0, "at least 1"),
+        ("train.threads", -2, "at least 0"),
+        ("model.dropout", 1.5, "at least 0 and at most 1"),
+    ],
+)
+def test_numbers_out_of_range_name_the_key(key, value, expected):
+    with pytest.raises(
+        ParamsError, match=rf"^{re.escape(key)}: expected a number {expected}, found"
+    ):
+        default_params({key: value})
+
+
+def test_every_range_names_a_real_numeric_key():
+    from pipeline.config import RANGES
+
+    flat = {}
+    stack = [("", params_to_dict(default_params()))]
+    while stack:
+        prefix, node = stack.pop()
+        for k, v in node.items():
+            if isinstance(v, dict):
+                stack.append((f"{prefix}{k}.", v))
+            else:
+                flat[f"{prefix}{k}"] = v
+    for key, allowed in RANGES.items():
+        assert isinstance(flat[key], int | float) and not isinstance(flat[key], bool), key
+        assert allowed.admits(flat[key]), f"the shipped {key}={flat[key]} is out of its range"
+
+
+def test_a_key_given_twice_is_an_error_with_both_lines(tmp_path):
+    text = (ROOT / "params.yaml").read_text()
+    path = tmp_path / "params.yaml"
+    path.write_text(text + "\ntrain:\n  seed: 1\n")
+    first = text.splitlines().index("train:") + 1
+    second = len(text.splitlines()) + 2
+    with pytest.raises(ParamsError) as info:
+        load_params(path)
+    assert str(info.value) == (
+        f"{path}:{second}: not valid YAML: duplicate key 'train' (first given on line {first})"
+    )

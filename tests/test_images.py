@@ -58,3 +58,16 @@ def test_open_image_decodes_rgb_and_names_the_file(tmp_path):
     for name in ("text.png", "cut.png", "missing.png"):
         with pytest.raises(DataError, match=rf"{name}: "):
             open_image(tmp_path / name)
+
+
+@pytest.mark.parametrize("size", [(20000, 20000), (12000, 11000)])  # above 2x, and 1x..2x the limit
+def test_decompression_bombs_are_errors_naming_the_file(tmp_path, size):
+    from test_download import bomb_png
+
+    from pipeline.data.images import image_size, open_image
+
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb_png(*size))
+    for read in (open_image, image_size):  # every stage reads images through these two
+        with pytest.raises(DataError, match=rf"^{path}: .*exceeds limit"):
+            read(path)
