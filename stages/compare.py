@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -40,7 +41,9 @@ def main(
     if from_json is not None:
         text = from_json.read_text()
     else:
-        out = subprocess.run(["dvc", "exp", "show", "--json"], capture_output=True, text=True)
+        # The dvc of this environment (it is a dependency), whether or not it is on PATH.
+        command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
+        out = subprocess.run(command, capture_output=True, text=True)
         if out.returncode:
             typer.echo(f"error: dvc exp show failed:\n{out.stderr.strip()}", err=True)
             raise typer.Exit(1)

@@ -690,6 +690,26 @@ def test_ablation_switches_zero_their_inputs(world, cache):
     assert report["caption_segment"] is False
 
 
+def test_an_undecodable_image_is_an_error_or_leaves_its_records_out(world, tmp_path):
+    # As download does: a dataset whose image broke after download (images are not re-hashed).
+    shutil.copytree(world["dataset"].root, tmp_path / "ds")
+    broken = tmp_path / "ds" / "images" / "a.png"
+    broken.write_bytes(broken.read_bytes()[:60])
+    dataset = Dataset(tmp_path / "ds")
+    with pytest.raises(DataError, match=rf"image 'a.png': image {broken}: .*left out"):
+        build_features(dataset, tmp_path / "f1", world["params"], world["depth"], None)
+    params = apply_overrides(world["params"], {"data.on_error": "skip"})
+    report = build_features(dataset, tmp_path / "f2", params, world["depth"], None)
+    train = report["splits"]["train"]
+    # t0..t3 use a.png (it has objects, so it is opened); t4, t5 are kept.
+    assert train["samples_left_out_for_undecodable_images"] == 4 and train["samples"] == 2
+    ds = FeatureDataset.load(tmp_path / "f2", "train", params, RELATIONS)
+    assert len(ds) == 2 and ds.batch([0, 1])["labels"].tolist() == [
+        RELATIONS.index(r.relation) for r in RECORDS["train"][4:]
+    ]
+    assert report["splits"]["test"]["samples"] == 0
+
+
 def test_missing_depth_map_is_an_error_or_zeros_under_skip(world):
     depth = FakeDepth({k: v for k, v in world["depth"].maps.items() if k != "b.jpg"})
     with pytest.raises(DataError, match=r"b\.jpg.*no depth map.*data.on_error=skip"):

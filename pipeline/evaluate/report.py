@@ -22,7 +22,7 @@ from pipeline.evaluate.plots import (
 )
 from pipeline.features.dataset import FeatureDataset
 from pipeline.inference import load_for_inference, predict_dataset
-from pipeline.io import atomic_write_text, write_json
+from pipeline.io import DataError, atomic_write_text, write_json
 from pipeline.metrics import confusion_records, per_relation, score
 from pipeline.model.regime import RegimeStats, floor_threshold, record_regime, regime_summary
 
@@ -102,6 +102,8 @@ def evaluate_model(
     trained = load_for_inference(model_dir)
     # The model's own params: the cache must match what the model was trained on.
     test = FeatureDataset.load(features_dir, "test", trained.params, trained.labels)
+    if len(test) == 0:
+        raise DataError(f"{test.split}: no samples to score (a micro-F1 on n = 0 means nothing)")
     device = next(trained.model.parameters()).device
     with record_regime(trained.model) as regime_stats:
         out = predict_dataset(trained.model, test, batch_size, device)

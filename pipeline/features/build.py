@@ -156,21 +156,6 @@ def build_features(
         records = dataset.records(split)
         image_ids = sorted({r.image_id for r in records})
         image_index = {image_id: i for i, image_id in enumerate(image_ids)}
-        stats = _SplitStats(len(records), len(image_ids))
-        samples = []
-        for record in records:
-            check_record(record, label_ids, objects)
-            samples.append(featurize_sample(record, encoder, captions if use_captions else None))
-            stats.count(samples[-1].text)
-            if samples[-1].captions is not None:
-                stats.count_missing(record, samples[-1].captions)
-        meta = _metadata("samples", split, settings, tokenizer, labels)
-        for k, start in enumerate(range(0, max(len(records), 1), features.shard_size)):
-            table = samples_table(
-                samples[start : start + features.shard_size], image_index, label_ids
-            )
-            _write_parquet(table, split_dir / f"samples-{k:05d}.parquet", meta)
-
         meta = _metadata("images", split, settings, tokenizer, labels)
         for k, start in enumerate(range(0, max(len(image_ids), 1), image_shard_size)):
             path = split_dir / f"images-{k:05d}.parquet"
@@ -187,8 +172,27 @@ def build_features(
             )
             if problem
         ]
+        # As in download: a record whose image does not decode is left out (skip mode; raise
+        # mode stopped above). A missing depth map only zeros the depth channel.
+        undecodable = {i for i, problem in problems if problem.startswith("image ")}
+        kept = [r for r in records if r.image_id not in undecodable]
+        stats = _SplitStats(len(kept), len(image_ids))
+        samples = []
+        for record in kept:
+            check_record(record, label_ids, objects)
+            samples.append(featurize_sample(record, encoder, captions if use_captions else None))
+            stats.count(samples[-1].text)
+            if samples[-1].captions is not None:
+                stats.count_missing(record, samples[-1].captions)
+        meta = _metadata("samples", split, settings, tokenizer, labels)
+        for k, start in enumerate(range(0, max(len(kept), 1), features.shard_size)):
+            table = samples_table(
+                samples[start : start + features.shard_size], image_index, label_ids
+            )
+            _write_parquet(table, split_dir / f"samples-{k:05d}.parquet", meta)
         report["splits"][split] = {
             **stats.to_json(),
+            "samples_left_out_for_undecodable_images": len(records) - len(kept),
             "image_problems": {
                 "count": len(problems),
                 "first": [{"image_id": i, "problem": p} for i, p in problems[:20]],

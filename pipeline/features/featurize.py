@@ -106,7 +106,8 @@ def featurize_image(
     params: Params,
 ) -> ImageFeatures:
     """Crops, depth crops and boxes of one image's objects. An unreadable image or a map missing
-    from ``depth`` is a DataError, or, under ``data.on_error=skip``, zeros plus a problem note."""
+    from ``depth`` is a DataError, or, under ``data.on_error=skip``, zeros plus a problem note (the
+    features builder then leaves out the records of an image that does not decode)."""
     size, slots = params.features.crop_size, params.data.max_objects
     layout, mask = object_layout(objects, slots, image_id)
     crops = np.zeros((slots, 3, size, size), dtype=np.uint8)
@@ -135,7 +136,8 @@ def featurize_image(
     if problem and params.data.on_error == "raise":
         raise DataError(
             f"image {image_id!r}: {'; '.join(problem)} "
-            "(with data.on_error=skip its crops become zeros instead)"
+            "(with data.on_error=skip a record whose image does not decode is left out, and a "
+            "missing depth map becomes zeros)"
         )
     area = (layout[:, 2] - layout[:, 0]) * (layout[:, 3] - layout[:, 1])
     boxes = np.concatenate([layout, area[:, None]], axis=1).astype(np.float32)

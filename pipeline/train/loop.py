@@ -45,6 +45,7 @@ from pipeline.data.records import Dataset, label_list
 from pipeline.device import set_determinism
 from pipeline.features.dataset import FeatureDataset, make_loader
 from pipeline.inference import predict_dataset, to_device
+from pipeline.io import DataError
 from pipeline.metrics import score
 from pipeline.model.regime import flat_regime, record_regime
 from pipeline.model.remote import build_model
@@ -211,6 +212,9 @@ def train(
     seed_everything(tp.seed + rank)
     train_set = FeatureDataset.load(features_dir, "train", params, labels)
     dev_set = FeatureDataset.load(features_dir, "valid", params, labels)
+    for split in (train_set, dev_set):
+        if len(split) == 0:
+            raise DataError(f"{split.split}: no samples (training needs train and dev samples)")
     # The original's protocol, opt-in: test is scored every epoch (never used for selection here).
     test_set = (
         FeatureDataset.load(features_dir, "test", params, labels)
