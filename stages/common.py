@@ -59,7 +59,7 @@ def writing_outputs(*outputs: Path, part: str = "") -> Iterator[None]:
     The lock is ``.<name>[.<part>].lock`` beside the output (``filelock``; the holder's pid is
     written into it): a second run into the same output fails at once, naming the holder, instead
     of interleaving its files with the first's. ``part`` keeps workers of one sharded stage apart
-    (``shard-3``). Ranks other than 0 of a multi-process launch, and processes started by a stage
+    (``shard-3-of-4``). Ranks other than 0 of a multi-process launch, and processes started by a stage
     that already holds the locks, take none.
     """
     from filelock import FileLock, Timeout
