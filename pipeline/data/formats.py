@@ -39,7 +39,7 @@ from pipeline.data.images import (
     fits_unit_square,
     image_size,
 )
-from pipeline.data.records import NONE_LABEL, Entity, Record, parse_object_name
+from pipeline.data.records import NONE_LABEL, Entity, Record, parse_object_name, safe_image_id
 from pipeline.io import DataError, atomic_write_text
 
 __all__ = [
@@ -109,6 +109,11 @@ class Problems:
         self.on_error = on_error
         self.items: list[Problem] = []
         self.skipped_records = 0
+
+    def skip_record(self, file: str | Path, line: int, reason: str) -> None:
+        """A record left out (``skip``) or the error (``raise``): counted, then added."""
+        self.skipped_records += 1
+        self.add(file, line, reason)
 
     def add(self, file: str | Path, line: int, reason: str) -> None:
         if len(reason) > MAX_REASON_CHARS:  # a 1 MB field echoed back helps nobody
@@ -345,14 +350,14 @@ class SourceReader:
             try:
                 line = raw_line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                self._skip(path, lineno, f"not UTF-8 (found byte 0x{raw_line[exc.start]:02x} at "
+                self.problems.skip_record(path, lineno, f"not UTF-8 (found byte 0x{raw_line[exc.start]:02x} at "
                            f"column {exc.start + 1}, expected UTF-8 text)")  # fmt: skip
                 continue
             if not line.strip():
                 continue
             raw, reason = _literal(line)
             if reason:
-                self._skip(path, lineno, reason)
+                self.problems.skip_record(path, lineno, reason)
             else:
                 parsed.append((lineno, raw))
         self._record_units = box_units(
@@ -367,17 +372,13 @@ class SourceReader:
         for lineno, raw in parsed:
             record, reason = self._record(raw, f"{split}-{lineno:06d}")
             if record is None:
-                self._skip(path, lineno, reason)
+                self.problems.skip_record(path, lineno, reason)
             else:
                 records.append(record)
         return records
 
-    def _skip(self, path: Path, lineno: int, reason: str) -> None:
-        self.problems.skipped_records += 1
-        self.problems.add(path, lineno, reason)
-
     def _record(self, raw: Any, record_id: str) -> tuple[Record | None, str]:
-        expected = "expected a dict literal with token, h, t, img_id, relation"
+        expected = _EXPECTED_RECORD
         missing = (
             sorted({"token", "h", "t", "img_id", "relation"} - set(raw))
             if isinstance(raw, dict)
@@ -389,7 +390,7 @@ class SourceReader:
         tokens, image_id, relation = raw["token"], raw["img_id"], raw["relation"]
         if not (isinstance(tokens, list) and all(isinstance(t, str) for t in tokens)):
             return None, f"malformed line (found token {tokens!r:.60}, expected a list of strings)"
-        if not isinstance(image_id, str) or not image_id or _unsafe_relpath(image_id):
+        if not safe_image_id(image_id):
             return None, f"malformed line (found img_id {image_id!r}, expected a file name)"
         if not isinstance(relation, str):
             return None, f"malformed line (found relation {relation!r:.60}, expected a string)"
@@ -399,9 +400,10 @@ class SourceReader:
                 f"unknown relation (found {relation!r}, expected one of the "
                 f"{len(self.labels)} labels: {', '.join(self.labels)})"
             )
-        if Path(image_id).name in self.images.refused and self.images.find(image_id) is None:
-            return None, f"image refused ({self.images.refused[Path(image_id).name]})"
         if self.images.find(image_id) is None:
+            refused = self.images.refused.get(Path(image_id).name)
+            if refused:
+                return None, f"image refused ({refused})"
             roots = ", ".join(str(r) for r in self.images.roots)
             return None, f"missing image (found no file {image_id!r}, expected one under {roots})"
         entities = []
@@ -452,6 +454,7 @@ class SourceReader:
         return Entity("object", name), ""
 
 
+_EXPECTED_RECORD = "expected a dict literal with token, h, t, img_id, relation"
 _LITERAL_NODES = (
     ast.Expression, ast.Constant, ast.Dict, ast.List, ast.Tuple, ast.Set, ast.Load,
     ast.UnaryOp, ast.UAdd, ast.USub, ast.BinOp, ast.Add, ast.Sub,
@@ -461,7 +464,7 @@ _LITERAL_NODES = (
 def _literal(line: str) -> tuple[Any, str]:
     """A line's Python literal, or the reason it is not one (naming what is not a literal,
     e.g. a JSON ``null``, by its text and column, never by an object address)."""
-    expected = "expected a dict literal with token, h, t, img_id, relation"
+    expected = _EXPECTED_RECORD
     text = line.strip()
     try:
         return ast.literal_eval(text), ""
@@ -482,8 +485,3 @@ def _literal(line: str) -> tuple[Any, str]:
         return None, f"malformed line (found TypeError: {exc}, {expected})"
     except (SyntaxError, MemoryError, RecursionError) as exc:
         return None, f"malformed line (found {type(exc).__name__}: {exc}, {expected})"
-
-
-def _unsafe_relpath(name: str) -> bool:
-    parts = Path(name.replace("\\", "/")).parts
-    return name.startswith(("/", "\\")) or ".." in parts

@@ -235,10 +235,9 @@ def _with_decodable_images(
             if record.image_id not in bad:
                 kept[split].append(record)
                 continue
-            problems.skipped_records += 1
             line = int(record.id.rsplit("-", 1)[1])  # ids are <split>-<line>
             reason = f"image {record.image_id} does not decode ({bad[record.image_id]})"
-            problems.add(split_files[split], line, reason)
+            problems.skip_record(split_files[split], line, reason)
     return kept
 
 

@@ -107,8 +107,10 @@ def cache_settings(params: Params) -> dict[str, Any]:
     }
 
 
-def _read_checked(path: Path, expected: dict[str, Any]) -> tuple[pa.Table, dict[str, Any]]:
-    """Read one shard after checking its metadata against the current settings."""
+def _read_checked(
+    path: Path, expected: dict[str, Any], labels: Sequence[str]
+) -> tuple[pa.Table, dict[str, Any]]:
+    """Read one shard after checking its metadata against the current settings and label map."""
     schema = pq.read_schema(path)
     raw = (schema.metadata or {}).get(METADATA_KEY)
     if raw is None:
@@ -126,6 +128,13 @@ def _read_checked(path: Path, expected: dict[str, Any]) -> tuple[pa.Table, dict[
                 f"{path}: cache built with {key}={built.get(key)!r}, params say {key}={value!r}: "
                 "rerun the features stage (dvc repro features)"
             )
+    if meta.get("label_map") != label_map_hash(labels):
+        raise StaleCacheError(
+            f"{path}: cache built for another label map ({meta.get('num_labels')} labels, "
+            f"hash {meta.get('label_map')}), expected {len(labels)} labels (hash "
+            f"{label_map_hash(labels)}): rerun the features stage on this dataset "
+            "(dvc repro features)"
+        )
     return pq.read_table(path), meta
 
 
@@ -222,16 +231,10 @@ class FeatureDataset(torch.utils.data.Dataset):
                 "run the features stage first (dvc repro features)"
             )
         expected = cache_settings(params)
-        samples, meta = zip(*(_read_checked(p, expected) for p in sample_files), strict=True)
-        images, _ = zip(*(_read_checked(p, expected) for p in image_files), strict=True)
-        for path, built in zip(sample_files, meta, strict=True):
-            if built.get("label_map") != label_map_hash(labels):
-                raise StaleCacheError(
-                    f"{path}: cache built for another label map ({built.get('num_labels')} labels, "
-                    f"hash {built.get('label_map')}), expected {len(labels)} labels (hash "
-                    f"{label_map_hash(labels)}): rerun the features stage on this dataset "
-                    "(dvc repro features)"
-                )
+        samples, meta = zip(
+            *(_read_checked(p, expected, labels) for p in sample_files), strict=True
+        )
+        images, _ = zip(*(_read_checked(p, expected, labels) for p in image_files), strict=True)
         return cls(
             pa.concat_tables(samples),
             pa.concat_tables(images),

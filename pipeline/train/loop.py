@@ -434,12 +434,16 @@ def _optimizer_steps(
             grad_norm = None
         # One host sync a step (the loss is logged every step), before the update can spoil the
         # weights: a non-finite loss or gradient stops the run with nothing saved from this epoch.
-        loss_value = accelerator.reduce(step_loss, "mean").item()
-        norm_value = float(grad_norm) if grad_norm is not None else 0.0
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        mean_loss = accelerator.reduce(step_loss, "mean")
+        if grad_norm is None:
+            loss_value, norm_value = mean_loss.item(), None
+        else:
+            norm = torch.as_tensor(grad_norm, device=mean_loss.device, dtype=mean_loss.dtype)
+            loss_value, norm_value = torch.stack([mean_loss, norm]).tolist()
+        if not math.isfinite(loss_value) or not math.isfinite(norm_value or 0.0):
             raise TrainingDiverged(
                 f"train: step {step}: loss {loss_value}, gradient norm "
-                f"{norm_value if grad_norm is not None else 'not checked (fp16)'}: training "
+                f"{'not checked (fp16)' if norm_value is None else norm_value}: training "
                 "diverged and was stopped before the update; models/best keeps the last finite "
                 "epoch's model, if any (check train.lr, model.ot.epsilon, train.mixed_precision)"
             )
