@@ -184,6 +184,7 @@ class TrainParams:
     num_workers: int
     threads: int
     deterministic: bool
+    log_with: list[Literal["dvclive", "tensorboard", "wandb"]]
 
 
 @dataclass(frozen=True)
@@ -285,6 +286,11 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         if value not in typing.get_args(tp):
             raise ParamsError(f"{path}: expected {_type_name(tp)}, found {value!r}")
         return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ParamsError(f"{path}: expected a list, found {type(value).__name__} {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_convert(item, v, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin in (typing.Union, types.UnionType):
         for arg in typing.get_args(tp):
             try:

@@ -7,9 +7,12 @@ import contextlib
 import os
 
 import torch
+from accelerate import PartialState
 
 __all__ = [
     "DTYPES",
+    "is_distributed_launch",
+    "process_state",
     "select_device",
     "set_determinism",
     "torch_dtype",
@@ -20,10 +23,24 @@ __all__ = [
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def is_distributed_launch() -> bool:
+    """Whether a launcher (torchrun, accelerate launch) started several processes; read from its
+    environment, before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def process_state() -> PartialState:
+    """This process's place in a launch: accelerate's ``PartialState`` (``process_index``,
+    ``num_processes``, ``local_process_index``, ``device``, ``is_main_process``). Without CUDA a
+    launch of several processes must say "cpu" for accelerate to pick gloo."""
+    return PartialState(cpu=is_distributed_launch() and not torch.cuda.is_available())
+
+
 def select_device() -> torch.device:
-    """GPU ``LOCAL_RANK`` (0 outside a launcher) when CUDA is available, else the CPU."""
+    """This process's GPU under a launcher (the first outside one) when CUDA is available, else
+    the CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        return torch.device("cuda", process_state().local_process_index)
     return torch.device("cpu")
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "read_json",
     "file_sha256",
     "tree_sha256",
+    "link_or_copy",
     "staging_dir",
     "swap_into_place",
     "recover_swap",
@@ -103,6 +104,15 @@ def tree_sha256(root: str | Path) -> str:
         with path.open("rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha256").digest())
     return digest.hexdigest()
+
+
+def link_or_copy(src: str, dst: str) -> None:
+    """A ``shutil.copytree`` copy function: hard-link where the file system allows (for files that
+    are never rewritten in place), else copy."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _old_name(final: Path) -> Path:

@@ -64,8 +64,7 @@ def writing_outputs(*outputs: Path, part: str = "") -> Iterator[None]:
     """
     from filelock import FileLock, Timeout
 
-    rank = os.environ.get("RANK", "0")
-    if rank != "0" or os.environ.get(LOCKS_HELD_ENV):
+    if _launch_position()[0] != 0 or os.environ.get(LOCKS_HELD_ENV):
         yield
         return
     held = []
@@ -104,16 +103,22 @@ def setup_logging() -> None:
     )
 
 
-def _env_int(name: str) -> int | None:
-    value = os.environ.get(name, "")
-    return int(value) if value.isdigit() else None
+def _launch_position() -> tuple[int, int]:
+    """(rank, number of processes) under a launcher (accelerate's ``PartialState``), else (0, 1)."""
+    from pipeline.device import is_distributed_launch, process_state
+
+    if not is_distributed_launch():
+        return 0, 1
+    state = process_state()
+    return state.process_index, state.num_processes
 
 
 def resolve_shard(shard: int | None, num_shards: int | None) -> tuple[int, int]:
     """This worker's shard: the options, else the launcher's RANK / WORLD_SIZE (accelerate,
     torchrun), else the whole job. A shard outside the range is a usage error (exit code 2)."""
-    shard = shard if shard is not None else _env_int("RANK") or 0
-    num_shards = num_shards if num_shards is not None else _env_int("WORLD_SIZE") or 1
+    rank, world = _launch_position()
+    shard = shard if shard is not None else rank
+    num_shards = num_shards if num_shards is not None else world
     if not 0 <= shard < num_shards:
         typer.echo(
             f"error: --shard {shard} must be below --num-shards {num_shards} and not negative",

@@ -19,16 +19,28 @@ from stages.common import (
 def main(
     params: ParamsOption,
     features: Annotated[Path, typer.Option(help="Feature cache (features stage output).")],
-    model: Annotated[Path, typer.Option(help="Trained model folder (models/best).")],
+    model: Annotated[
+        Path, typer.Option(help="The dev-selected model folder (models/checkpoint/best).")
+    ],
     metrics: Annotated[Path, typer.Option(help="Folder for metrics files.")],
     plots: Annotated[Path, typer.Option(help="Folder for plot data and pictures.")],
     live: Annotated[
         Path, typer.Option(help="dvclive folder of the training run (for training.png).")
     ],
+    release: Annotated[
+        Path | None,
+        typer.Option(help="Write the model folder with its model card here (models/best)."),
+    ] = None,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="Normalized dataset (download's output): the card names its manifest."),
+    ] = None,
 ) -> None:
     """Write <metrics>/test.json, <metrics>/ot_regime.json, <metrics>/per_relation.csv,
     <metrics>/predictions.jsonl, <plots>/confusion.json, <plots>/confusion.png,
-    <plots>/ot_regime.png and <plots>/training.png."""
+    <plots>/ot_regime.png and <plots>/training.png; with --release, the model folder and a model
+    card with these test metrics (a Hugging Face Hub repository: `hf upload <user>/<name>
+    models/best` publishes it)."""
     setup_logging()
     p = read_params(params)
     from pipeline.device import set_determinism
@@ -37,10 +49,12 @@ def main(
     # Scored with the thread count the model was trained with (the same rounding).
     set_determinism(p.train.threads, p.train.deterministic)
 
-    with reported_errors(), writing_outputs(metrics, plots):
+    outputs = (metrics, plots) if release is None else (metrics, plots, release)
+    with reported_errors(), writing_outputs(*outputs):
         scores = evaluate_model(
-            model, features, metrics, plots, live, batch_size=p.evaluate.batch_size
-        )
+            model, features, metrics, plots, live, p.evaluate.batch_size,
+            release_dir=release, dataset_dir=dataset,
+        )  # fmt: skip
     kinds = ", ".join(
         f"{kind} {'n/a' if v['micro_f1'] is None else format(v['micro_f1'], '.4f')} "
         f"(n={v['support']})"

@@ -41,10 +41,13 @@ def main(
     dataset: Annotated[
         Path, typer.Option(help="Normalized dataset (download's output), for relations.json.")
     ],
-    out: Annotated[Path, typer.Option(help="Model folder: <out>/best and <out>/checkpoint.")],
+    out: Annotated[
+        Path, typer.Option(help="<out>/checkpoint, with the dev-selected model in its best/.")
+    ],
     live: Annotated[Path, typer.Option(help="dvclive log folder.")],
 ) -> None:
-    """Train on the train split, score dev every epoch, keep the best-dev model in <out>/best.
+    """Train on the train split, score dev every epoch, keep the best-dev model in
+    <out>/checkpoint/best (evaluate publishes it as models/best).
 
     train.num_processes > 1 relaunches this command with torchrun on this machine. For several
     machines, start it yourself on each, e.g. `accelerate launch --num_machines 2 --machine_rank R
@@ -62,11 +65,12 @@ def main(
             code = _launch_processes(p.train.num_processes, argv)
         raise typer.Exit(code)
 
+    from pipeline.device import process_state
     from pipeline.train.loop import train
 
     with reported_errors(), writing_outputs(out, live):
         result = train(p, features, dataset, out, live)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if process_state().is_main_process:
         how = " (early stop)" if result.stopped_early else ""
         resumed = (
             f", resumed after epoch {result.resumed_from_epoch}"
@@ -75,5 +79,5 @@ def main(
         )
         typer.echo(
             f"train: best dev micro-F1 {result.best_score:.4f} at epoch {result.best_epoch}"
-            f"{how}{resumed}; wrote {out / 'best'}"
+            f"{how}{resumed}; wrote {result.best_dir}"
         )

@@ -30,8 +30,9 @@ def model(tmp_path_factory) -> dict[str, Path]:
     world = build_world(root, params)
     train(params, world["features"], world["raw"], root / "models", root / "dvclive")
     evaluate_model(
-        root / "models" / "best", world["features"], root / "metrics", root / "plots", None, 64
-    )
+        root / "models" / "checkpoint" / "best", world["features"], root / "metrics",
+        root / "plots", None, 64, release_dir=root / "models" / "best", dataset_dir=world["raw"],
+    )  # fmt: skip
     return {**world, "best": root / "models" / "best", "metrics": root / "metrics"}
 
 

@@ -27,7 +27,7 @@ from pipeline.data.records import Dataset, label_list
 from pipeline.evaluate.plots import read_live_metric
 from pipeline.inference import predict_dataset
 from pipeline.model.saved import load_trained
-from pipeline.train.loop import ShardedSampler, TrainingInterrupted, build_optimizer, train
+from pipeline.train.loop import TrainingInterrupted, build_optimizer, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -103,24 +103,26 @@ def test_label_list_checks_the_label_map():
         label_list({"a": 0, "none": 1})
 
 
-def test_sharded_sampler_splits_one_permutation_and_resumes():
-    shards = [ShardedSampler(10, shuffle=True, seed=3, shard=r, num_shards=3) for r in range(3)]
-    first = [list(s) for s in shards]
-    assert [len(s) for s in shards] == [4, 4, 4]
-    drawn = [i for epoch in first for i in epoch]
-    # 12 slots over 10 samples: every sample once, two wrapped around, and no shard repeats one.
-    assert sorted(set(drawn)) == list(range(10)) and len(drawn) == 12
-    assert all(len(set(s)) == len(s) for s in first)
-    # The generator state is the data order: restoring it replays the next epoch exactly.
-    single = ShardedSampler(10, shuffle=True, seed=3)
-    list(single)
-    state = single.state_dict()
-    second = list(single)
-    replay = ShardedSampler(10, shuffle=True, seed=99)
-    replay.load_state_dict(state)
-    assert list(replay) == second
-    assert second != list(ShardedSampler(10, shuffle=True, seed=3))  # epochs differ
-    assert list(ShardedSampler(5, shuffle=False, seed=0)) == [0, 1, 2, 3, 4]
+def test_data_order_is_a_function_of_seed_and_epoch_split_across_processes(world):
+    """What resuming relies on: a fresh sampler set to epoch e draws epoch e's order, with no
+    saved state; the processes' shards are disjoint slices of one permutation."""
+    from torch.utils.data import DistributedSampler
+
+    from pipeline.features.dataset import FeatureDataset
+
+    labels = label_list(Dataset(world["raw"]).relations)
+    data = FeatureDataset.load(world["features"], "train", small_params(), labels)
+
+    def order(epoch: int, rank: int = 0, world_size: int = 1) -> list[int]:
+        sampler = DistributedSampler(data, num_replicas=world_size, rank=rank, seed=3)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+
+    assert order(1) == order(1) and order(1) != order(2)
+    assert sorted(order(2)) == list(range(len(data)))
+    shards = [order(2, rank, 3) for rank in range(3)]
+    assert [len(s) for s in shards] == [len(data) // 3] * 3  # 240 samples: no padding
+    assert sorted(i for s in shards for i in s) == list(range(len(data)))
 
 
 @pytest.mark.parametrize("decay_all", [True, False])
@@ -190,7 +192,7 @@ def test_training_lowers_the_loss_and_beats_the_majority_baseline(world, trained
     baseline = metrics.micro_prf(dev.labels, majority)[2]
     assert dev_f1.max() > baseline + 0.2
     # The kept model is the best dev epoch's and scores what was logged for it.
-    model = load_trained(trained["out"] / "best")
+    model = load_trained(trained["out"] / "checkpoint" / "best")
     best = int(np.argmax(dev_f1))
     assert model.info["epoch"] == best + 1
     out = predict_dataset(model.model, dev, 64, "cpu")
@@ -201,13 +203,16 @@ def test_training_lowers_the_loss_and_beats_the_majority_baseline(world, trained
 
 
 def test_model_folder_is_self_contained_and_pickle_free(trained):
-    best = trained["out"] / "best"
+    best = trained["out"] / "checkpoint" / "best"
     assert sorted(p.name for p in best.iterdir()) == [
+        "README.md",
+        "config.json",
         "model.safetensors",
         "tokenizer",
         "trained.json",
     ]
     meta = json.loads((best / "trained.json").read_text())
+    assert json.loads((best / "config.json").read_text())["format"] == 3
     assert meta["labels"]["none"] == 0 and meta["tokenizer"]["path"] == "tokenizer"
     assert meta["params"]["train"]["epochs"] == SMALL["train.epochs"]
     loaded = load_trained(best)
@@ -227,8 +232,9 @@ def test_evaluate_stage_writes_metrics_tables_and_plots(world, trained, tmp_path
         app,
         [
             "evaluate", "--params", str(trained["params_file"]),
-            "--features", str(world["features"]), "--model", str(trained["out"] / "best"),
+            "--features", str(world["features"]), "--model", str(trained["out"] / "checkpoint" / "best"),
             "--metrics", str(metrics_dir), "--plots", str(plots_dir), "--live", str(trained["live"]),
+            "--release", str(tmp_path / "release"), "--dataset", str(world["raw"]),
         ],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -242,7 +248,7 @@ def test_evaluate_stage_writes_metrics_tables_and_plots(world, trained, tmp_path
     rows = [
         json.loads(line) for line in (metrics_dir / "predictions.jsonl").read_text().splitlines()
     ]
-    labels = load_trained(trained["out"] / "best").labels
+    labels = load_trained(trained["out"] / "checkpoint" / "best").labels
     gold = [labels.index(r["gold"]) for r in rows]
     pred = [labels.index(r["predicted"]) for r in rows]
     assert test["micro_f1"] == pytest.approx(metrics.micro_prf(gold, pred)[2])
@@ -257,6 +263,69 @@ def test_evaluate_stage_writes_metrics_tables_and_plots(world, trained, tmp_path
     assert {r["label"] for r in table} == seen - {"none"}
     for name in ("confusion.png", "training.png"):
         assert (plots_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_published_folder_loads_with_from_pretrained_and_its_card_names_the_metrics(
+    world, trained, tmp_path
+):
+    from huggingface_hub import ModelCard
+
+    from pipeline.evaluate.report import evaluate_model
+    from pipeline.features.dataset import FeatureDataset
+    from pipeline.io import file_sha256
+    from pipeline.model.remote import RemoteModel
+
+    source, release = trained["out"] / "checkpoint" / "best", tmp_path / "best"
+    test = evaluate_model(
+        source, world["features"], tmp_path / "m", tmp_path / "p", None, 64,
+        release_dir=release, dataset_dir=world["raw"],
+    )  # fmt: skip
+    assert sorted(p.name for p in release.iterdir()) == sorted(p.name for p in source.iterdir())
+    # The weights are the trained ones, bit for bit, and give the same logits.
+    assert (release / "model.safetensors").read_bytes() == (
+        source / "model.safetensors"
+    ).read_bytes()
+    saved = load_trained(source)
+    model = RemoteModel.from_pretrained(release)
+    assert not model.training
+    dev = FeatureDataset.load(world["features"], "valid", small_params(), saved.labels)
+    batch = dev.batch(list(range(20)))
+    with torch.no_grad():
+        assert torch.equal(model(batch), saved.model(batch))
+
+    card = ModelCard.load(release / "README.md")
+    written = json.loads((tmp_path / "m" / "test.json").read_text())
+    assert written == json.loads(json.dumps(test))
+    (result,) = card.data.eval_results
+    assert result.metric_value == round(written["micro_f1"], 4)
+    assert f"| micro-F1 | {written['micro_f1']:.4f} |" in card.text
+    for kind, row in written["by_pair_kind"].items():
+        assert f"| {kind} | {row['micro_f1']:.4f} | {row['support']} |" in card.text
+    assert file_sha256(world["raw"] / "manifest.json") in card.text
+    assert "| `train.max_grad_norm` | `1.0` | `0.0` ≠ |" in card.text  # a switch off the preset
+    assert "| `model.init` | `original` | `original` |" in card.text
+    # The dev-selected folder's card has no test metrics yet.
+    assert "Not scored on test yet" in (source / "README.md").read_text()
+
+
+def test_tensorboard_logs_the_loss_curve_dvclive_logs(world, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    params = small_params(**{"train.epochs": 1, "train.log_with": ["dvclive", "tensorboard"]})
+    live = tmp_path / "live"
+    train(params, world["features"], world["raw"], tmp_path / "m", live)
+    steps, loss = read_live_metric(live, "train/loss")
+    (run,) = (live / "tensorboard").iterdir()
+    events = EventAccumulator(str(run))
+    events.Reload()
+    scalars = events.Scalars("train/loss")
+    assert [e.step for e in scalars] == steps.tolist() == list(range(1, 16))
+    np.testing.assert_allclose([e.value for e in scalars], loss, rtol=1e-6)
+    _, dev_f1 = read_live_metric(live, "dev/micro_f1")
+    assert [e.value for e in events.Scalars("dev/micro_f1")] == pytest.approx(dev_f1.tolist())
+    with pytest.raises(ValueError, match="must include dvclive"):
+        train(small_params(**{"train.log_with": ["tensorboard"]}), world["features"],
+              world["raw"], tmp_path / "m2", tmp_path / "live2")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,8 +351,8 @@ def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
     steps_b, loss_b = read_live_metric(tmp_path / "b_live", "train/loss")
     assert steps_b.tolist() == steps_a.tolist() == list(range(1, 25))
     np.testing.assert_allclose(loss_b, loss_a, rtol=1e-6)
-    best_a = load_trained(tmp_path / "a" / "best").model.state_dict()
-    best_b = load_trained(tmp_path / "b" / "best").model.state_dict()
+    best_a = load_trained(tmp_path / "a" / "checkpoint" / "best").model.state_dict()
+    best_b = load_trained(tmp_path / "b" / "checkpoint" / "best").model.state_dict()
     assert_same_weights(best_a, best_b)
 
     # A finished checkpoint is not trained further; a params change makes it ignored.
@@ -298,7 +367,10 @@ def test_same_machine_and_threads_give_byte_identical_models(world, tmp_path):
     params = small_params(**{"train.epochs": 2, "train.deterministic": True})
     for name in ("a", "b"):
         train(params, world["features"], world["raw"], tmp_path / name, tmp_path / f"{name}_live")
-    a, b = ((tmp_path / n / "best" / "model.safetensors").read_bytes() for n in ("a", "b"))
+    a, b = (
+        (tmp_path / n / "checkpoint" / "best" / "model.safetensors").read_bytes()
+        for n in ("a", "b")
+    )
     assert a == b
     assert torch.are_deterministic_algorithms_enabled()
     assert torch.get_num_threads() == params.train.threads
@@ -326,8 +398,8 @@ def test_a_diverging_run_stops_before_the_update_and_saves_nothing(world, tmp_pa
     params = small_params(**{"train.lr": 1e30, "train.warmup_ratio": 0.0, "train.epochs": 1})
     with pytest.raises(TrainingDiverged, match=r"step \d+: loss (nan|inf)") as info:
         train(params, world["features"], world["raw"], tmp_path / "m", tmp_path / "live")
-    assert "models/best keeps the last finite epoch's model" in str(info.value)
-    assert not (tmp_path / "m" / "best").exists()
+    assert "models/checkpoint/best keeps the last finite epoch's model" in str(info.value)
+    assert not (tmp_path / "m" / "checkpoint" / "best").exists()
     assert not (tmp_path / "m" / "checkpoint").exists()
 
 
@@ -338,10 +410,10 @@ def test_a_corrupt_checkpoint_says_how_to_restart(world, tmp_path):
     args = (params, world["features"], world["raw"], tmp_path / "m", tmp_path / "live")
     with pytest.raises(TrainingInterrupted):
         train(*args, stop_after_step=16)  # epoch 1 (15 steps) is checkpointed
-    state = tmp_path / "m" / "checkpoint" / "state.pt"
+    state = tmp_path / "m" / "checkpoint" / "optimizer.bin"
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(
-        CorruptCheckpointError, match=r"state.pt: cannot read the checkpoint .*delete"
+        CorruptCheckpointError, match=r"checkpoint: cannot read the checkpoint .*delete"
     ):
         train(*args)
 
@@ -399,7 +471,7 @@ def test_two_cpu_processes_finish_with_identical_weights(world, tmp_path):
     steps, _ = read_live_metric(tmp_path / "live", "train/loss")
     per_epoch = -(-SMALL["data.synthetic.train"] // (2 * overrides["train.batch_size"]))
     assert steps.tolist() == list(range(1, 2 * per_epoch + 1))
-    assert load_trained(tmp_path / "models" / "best").info["num_processes"] == 2
+    assert load_trained(tmp_path / "models" / "checkpoint" / "best").info["num_processes"] == 2
 
 
 def test_train_stage_relaunches_itself_for_several_processes(tmp_path, monkeypatch):
@@ -460,7 +532,12 @@ def test_originals_protocol_freezes_the_head_and_reports_test_each_epoch(
     _, test_f1 = read_live_metric(live, "test/micro_f1")
     assert len(test_f1) == 2 and [e["test_micro_f1"] for e in result.history] == list(test_f1)
     scores = evaluate_model(
-        out / "best", world["features"], tmp_path / "metrics", tmp_path / "plots", live, 64
+        out / "checkpoint" / "best",
+        world["features"],
+        tmp_path / "metrics",
+        tmp_path / "plots",
+        live,
+        64,
     )
     best = int(np.argmax(test_f1))
     assert scores["selected_on_test"] == {
@@ -518,7 +595,9 @@ def test_ot_regime_is_logged_in_training_and_written_by_evaluate(world, tmp_path
     total_steps = logged.history[-1]["epoch"] * math.ceil(240 / 16)
     assert steps.tolist() == list(range(3, total_steps + 1, 3))
 
-    evaluate_model(out / "best", world["features"], tmp_path / "m", tmp_path / "p", live, 64)
+    evaluate_model(
+        out / "checkpoint" / "best", world["features"], tmp_path / "m", tmp_path / "p", live, 64
+    )
     regime = json.loads((tmp_path / "m" / "ot_regime.json").read_text())
     assert regime["mode"] == "transport" and regime["threshold_cost"] == pytest.approx(
         22.13, abs=0.01
@@ -538,8 +617,12 @@ def test_uniform_mode_trains_without_projections(world, tmp_path):
     result = train(params, world["features"], world["raw"], out, live)
     ot_keys = [k for k in weights(result.model) if "_transport." in k]
     assert ot_keys and all(k.endswith(".weight") and k.count(".") == 3 for k in ot_keys)
-    evaluate_model(out / "best", world["features"], tmp_path / "m", tmp_path / "p", live, 64)
+    evaluate_model(
+        out / "checkpoint" / "best", world["features"], tmp_path / "m", tmp_path / "p", live, 64
+    )
     regime = json.loads((tmp_path / "m" / "ot_regime.json").read_text())
     assert regime["mode"] == "uniform" and "all" not in regime
     assert set(regime["vision"]["layer_01"]) == {"relative_update"}
-    assert load_trained(out / "best").model.encoder.text_transport[0].weight.shape == ()
+    assert (
+        load_trained(out / "checkpoint" / "best").model.encoder.text_transport[0].weight.shape == ()
+    )

@@ -22,15 +22,27 @@ from pipeline.evaluate.plots import (
 )
 from pipeline.features.dataset import FeatureDataset
 from pipeline.inference import load_for_inference, predict_dataset
-from pipeline.io import DataError, atomic_write_text, write_json
+from pipeline.io import (
+    DataError,
+    atomic_write_text,
+    file_sha256,
+    link_or_copy,
+    read_json,
+    staging_dir,
+    write_json,
+)
 from pipeline.metrics import confusion_records, per_relation, score
+from pipeline.model.card import model_card
 from pipeline.model.regime import RegimeStats, floor_threshold, record_regime, regime_summary
+from pipeline.model.saved import copy_trained
 
 __all__ = [
     "write_per_relation_csv",
     "write_confusion_json",
     "selected_on_test",
     "ot_regime_report",
+    "dataset_summary",
+    "publish_model",
     "evaluate_model",
 ]
 
@@ -87,6 +99,32 @@ def ot_regime_report(ot: OTParams, stats: dict[str, list[RegimeStats]]) -> dict[
     }
 
 
+def dataset_summary(dataset_dir: str | Path) -> dict[str, Any]:
+    """What the model card says of the dataset: its source, split sizes and manifest hash."""
+    path = Path(dataset_dir) / "manifest.json"
+    manifest = read_json(path, "dataset manifest")
+    return {
+        "source": manifest.get("source"),
+        "manifest_sha256": file_sha256(path),
+        "splits": {name: split["samples"] for name, split in manifest["splits"].items()},
+    }
+
+
+def publish_model(
+    model_dir: str | Path,
+    release_dir: str | Path,
+    trained: Any,
+    test: dict[str, Any],
+    dataset_dir: str | Path | None,
+) -> None:
+    """Write ``release_dir`` (``models/best``): the model folder's files (hard links where the
+    file system allows) and a model card with the test metrics, swapped in whole."""
+    dataset = dataset_summary(dataset_dir) if dataset_dir is not None else None
+    card = model_card(trained.params, trained.labels, trained.info, test, dataset)
+    with staging_dir(release_dir) as tmp:
+        copy_trained(Path(model_dir), tmp, card, copy_function=link_or_copy)
+
+
 def evaluate_model(
     model_dir: str | Path,
     features_dir: str | Path,
@@ -94,11 +132,15 @@ def evaluate_model(
     plots_dir: str | Path,
     live_dir: str | Path | None,
     batch_size: int,
+    *,
+    release_dir: str | Path | None = None,
+    dataset_dir: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a trained model folder once on the test split and write the evaluate outputs:
     ``<metrics>/{test.json, ot_regime.json, per_relation.csv, predictions.jsonl}`` and
     ``<plots>/{confusion.json, confusion.png, ot_regime.png, training.png}`` (the last from
-    ``live_dir``)."""
+    ``live_dir``); with ``release_dir``, the model folder with its card (:func:`publish_model`,
+    the dataset read from ``dataset_dir``)."""
     trained = load_for_inference(model_dir)
     # The model's own params: the cache must match what the model was trained on.
     test = FeatureDataset.load(features_dir, "test", trained.params, trained.labels)
@@ -137,4 +179,6 @@ def evaluate_model(
     plot_confusion(plots_dir / "confusion.png", gold, pred, labels)
     if live_dir is not None:
         plot_training(live_dir, plots_dir / "training.png")
+    if release_dir is not None:
+        publish_model(model_dir, release_dir, trained, result, dataset_dir)
     return result

@@ -3,14 +3,21 @@ entity head -> relation logits.
 
 ``build_model(params, num_labels, tokenizer)`` builds it from params (pretrained towers when asked);
 ``RemoteModel.config`` (a :class:`~pipeline.model.config.RemoteConfig`) rebuilds the same
-architecture with random weights through ``RemoteModel.from_config``, ready for a saved state dict.
+architecture with random weights. The model is a Hugging Face Hub object
+(:class:`huggingface_hub.PyTorchModelHubMixin`): ``save_pretrained(folder)`` writes
+``config.json`` (the config's JSON form) and ``model.safetensors``; ``RemoteModel.from_pretrained``
+reads them back from a folder or a Hub repository, and ``push_to_hub`` uploads them.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import PyTorchModelHubMixin, snapshot_download
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.config import Params
@@ -25,7 +32,7 @@ from pipeline.model.towers import (
     vision_tower_from_spec,
 )
 
-__all__ = ["EntityHead", "RemoteModel", "build_model"]
+__all__ = ["CONFIG_FILE", "WEIGHTS_FILE", "EntityHead", "RemoteModel", "build_model"]
 
 
 class EntityHead(nn.Module):
@@ -67,7 +74,18 @@ def _gather(states: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return torch.gather(states, 1, index)
 
 
-class RemoteModel(nn.Module):
+CONFIG_FILE = "config.json"  # the Hub mixin's name for it
+WEIGHTS_FILE = "model.safetensors"
+
+
+class RemoteModel(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="remote-pipeline",
+    tags=["relation-extraction", "multimodal", "optimal-transport"],
+    pipeline_tag="text-classification",
+    license="mit",
+):
     """The REMOTE relation classifier; ``forward(batch) -> logits [B, num_labels]``.
 
     The batch follows docs/ARCHITECTURE.md. Object slots beyond ``num_objects`` hold zero crops and
@@ -159,15 +177,55 @@ class RemoteModel(nn.Module):
                     nn.init.normal_(sub.up, std=std)
                     nn.init.normal_(sub.down, std=std)
 
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """``config.json`` (with its format version) and ``model.safetensors`` (no pickles)."""
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(save_directory / WEIGHTS_FILE), metadata={"format": "pt"})
+        text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
+        (save_directory / CONFIG_FILE).write_text(text + "\n")
+
     @classmethod
-    def from_config(cls, config: RemoteConfig, tokenizer: Any) -> RemoteModel:
-        """The architecture of ``config`` with random weights (to load a saved state dict into)."""
-        vocab_size = config.text["bert_config"]["vocab_size"]
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        force_download: bool = False,
+        local_files_only: bool = False,
+        token: str | bool | None = None,
+        map_location: str | torch.device = "cpu",
+        **_: Any,
+    ) -> RemoteModel:
+        """The architecture of ``config.json`` with random weights, then the saved weights
+        (strict: every tensor must match); in eval mode. The mixin's own decoding of the config
+        is replaced by :meth:`RemoteConfig.from_dict`, which checks its format version."""
+        folder = Path(model_id)
+        if not folder.is_dir():
+            folder = Path(
+                snapshot_download(
+                    model_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    force_download=force_download,
+                    local_files_only=local_files_only,
+                    token=token,
+                )
+            )
+        config_path = folder / CONFIG_FILE
+        if not config_path.is_file():
+            raise FileNotFoundError(f"{folder}: not a REMOTE model folder (no {CONFIG_FILE})")
+        model = cls(RemoteConfig.from_dict(json.loads(config_path.read_text())))
+        model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
+        return model.to(map_location).eval()
+
+    def check_tokenizer(self, tokenizer: Any) -> None:
+        """Refuse a tokenizer whose vocabulary is not the one the model was built for."""
+        vocab_size = self.config.text["bert_config"]["vocab_size"]
         if len(tokenizer) != vocab_size:
             raise ValueError(
                 f"the tokenizer has {len(tokenizer)} tokens but the model config has {vocab_size}"
             )
-        return cls(config)
 
     def encode(self, batch: dict[str, torch.Tensor]) -> EncoderStates:
         """Embeddings and the dual-stream encoder: every recorded state of both streams."""

@@ -1,16 +1,24 @@
-"""A trained model folder (``models/best``): its format and its reader.
+"""A trained model folder: its format, its writer and its reader.
 
-Layout, written by :func:`pipeline.train.checkpoint.save_trained`::
+The folder is a Hugging Face Hub model repository: ``hf upload <user>/<name> models/best`` publishes
+it as is, and :func:`load_trained` (or ``RemoteModel.from_pretrained`` for the bare model) reads it
+back from a folder or a Hub id. Layout::
 
+    config.json         the architecture (RemoteConfig's JSON form; RemoteModel.save_pretrained)
     model.safetensors   the state dict (no pickles)
-    trained.json        format, params, model config (RemoteConfig.to_dict), tokenizer path,
-                        label map, and info (epoch, dev metrics, processes)
+    trained.json        format, params, tokenizer path, label map, and info (epoch, dev metrics,
+                        processes)
     tokenizer/          the text tokenizer, markers included
+    README.md           the model card (:mod:`pipeline.model.card`)
+
+``train`` keeps the dev-selected folder in ``models/checkpoint/best``; ``evaluate`` scores it on
+test and writes ``models/best``: the same files with the card's test metrics.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,24 +26,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import Params, params_from_dict
+from pipeline.config import Params, params_from_dict, params_to_dict
 from pipeline.data.records import label_list
-from pipeline.model.config import RemoteConfig
-from pipeline.model.remote import RemoteModel
+from pipeline.io import write_json
+from pipeline.model.card import CARD_FILE
+from pipeline.model.remote import CONFIG_FILE, WEIGHTS_FILE, RemoteModel
 
 __all__ = [
+    "CONFIG_FILE",
     "WEIGHTS_FILE",
     "TRAINED_FILE",
     "TOKENIZER_DIR",
+    "CARD_FILE",
     "FORMAT_VERSION",
     "TrainedModel",
+    "write_trained",
+    "copy_trained",
     "load_trained",
 ]
 
-WEIGHTS_FILE = "model.safetensors"
 TRAINED_FILE = "trained.json"
 TOKENIZER_DIR = "tokenizer"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json (the Hub mixin's) instead of trained.json's model_config
 
 
 @dataclass
@@ -49,22 +61,66 @@ class TrainedModel:
     info: dict[str, Any]
 
 
+def write_trained(
+    folder: Path,
+    model: RemoteModel,
+    params: Params,
+    labels: list[str],
+    tokenizer: Any,
+    info: dict[str, Any],
+    card: str,
+) -> None:
+    """Write a model folder into ``folder`` (an empty staging folder: the caller swaps it in)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / CARD_FILE).write_text(card)  # before save_pretrained, which keeps an existing card
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(str(folder / TOKENIZER_DIR))
+    write_json(
+        folder / TRAINED_FILE,
+        {
+            "format": FORMAT_VERSION,
+            "params": params_to_dict(params),
+            "tokenizer": {"name": params.model.text_model, "path": TOKENIZER_DIR},
+            "labels": {label: i for i, label in enumerate(labels)},
+            "info": info,
+        },
+    )
+
+
+def copy_trained(source: Path, folder: Path, card: str, copy_function: Any = shutil.copy2) -> None:
+    """A model folder's files into ``folder`` (a staging folder) with a new card."""
+    shutil.copytree(source, folder, copy_function=copy_function, dirs_exist_ok=True)
+    (folder / CARD_FILE).unlink(missing_ok=True)
+    (folder / CARD_FILE).write_text(card)
+
+
+def _local_folder(name: str | Path) -> Path:
+    folder = Path(name)
+    if folder.is_dir() or str(name).startswith((".", "/", "~")):
+        return folder
+    from huggingface_hub import snapshot_download  # a Hub id: one download, then cached
+
+    return Path(snapshot_download(str(name)))
+
+
 def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
-    """Rebuild a model from its folder (config -> random init -> weights), in eval mode."""
-    from safetensors.torch import load_file
+    """A model folder (or a Hub id) loaded back through ``RemoteModel.from_pretrained``, in eval
+    mode, with its params, labels and tokenizer."""
     from transformers import AutoTokenizer
 
-    folder = Path(folder)
+    folder = _local_folder(folder)
     meta_path = folder / TRAINED_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: not a trained model folder (no {TRAINED_FILE})")
     meta = json.loads(meta_path.read_text())
     if meta.get("format") != FORMAT_VERSION:
-        raise ValueError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+        raise ValueError(
+            f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_VERSION} (a folder "
+            "written by an older version: retrain, or rerun `dvc repro evaluate` after training)"
+        )
     tokenizer = AutoTokenizer.from_pretrained(str(folder / meta["tokenizer"]["path"]))
-    model = RemoteModel.from_config(RemoteConfig.from_dict(meta["model_config"]), tokenizer)
-    model.load_state_dict(load_file(str(folder / WEIGHTS_FILE)), strict=True)
-    model.to(device).eval()
+    model = RemoteModel.from_pretrained(folder, map_location=str(device))
+    model.check_tokenizer(tokenizer)
     return TrainedModel(
         model=model,
         params=params_from_dict(meta["params"]),

@@ -43,6 +43,8 @@ def apply_preset(params: Params, name: str) -> Params:
 
 
 def _yaml_scalar(value: Any) -> str:
+    if isinstance(value, list):  # Hydra's list syntax, without spaces: [dvclive,tensorboard]
+        return "[" + ",".join(_yaml_scalar(v) for v in value) + "]"
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("\n...").strip()
 
 

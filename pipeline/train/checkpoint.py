@@ -1,126 +1,57 @@
-"""What the training loop writes: the dev-selected model folder and the resumable checkpoint.
+"""What the training loop writes: the resumable checkpoint, with the dev-selected model in it.
 
-Layout under the train stage's ``out_dir`` (``models/``)::
+Layout of ``checkpoint/`` (under the train stage's ``out_dir``, ``models/``)::
 
-    best/          the dev-selected model (format: :mod:`pipeline.model.saved`)
-    checkpoint/    the state after the last finished epoch: model.safetensors, state.pt (optimizer,
-                   scheduler, scaler, per-process RNG and data-order states; plain tensors and
-                   containers only), meta.json (progress), and copies of best/ and the dvclive
-                   folder so a rerun can restore them
+    model.safetensors, optimizer.bin, custom_checkpoint_0.pkl (the LR schedule),
+    random_states_<rank>.pkl, scaler.pt (fp16 only)
+                   the training state after the last finished epoch, as
+                   ``accelerate.Accelerator.save_state`` writes it (every process its own RNG file)
+    meta.json      progress (epoch, step, best dev score, history) and the run's fingerprint
+    best/          the dev-selected model folder (format: :mod:`pipeline.model.saved`)
+    logs/          copies of the tracker folders (dvclive, ...) so a rerun can restore them
 
-Both are written into a temp folder and swapped in (:func:`pipeline.io.staging_dir`), so a kill
-never leaves half a model that a rerun would trust.
+The folder is written into a temp folder and swapped in (:func:`pipeline.io.staging_dir`), so a
+kill never leaves half a checkpoint that a rerun would trust. The data order needs no state: it is
+a function of the seed and the epoch (``DistributedSampler.set_epoch``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import os
 import pickle
-import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
-from torch import nn
+from accelerate.utils import broadcast_object_list
 
-from pipeline.config import Params, params_to_dict, section_hash
-from pipeline.io import recover_swap, staging_dir, tree_sha256, write_json
-from pipeline.model.saved import FORMAT_VERSION, TOKENIZER_DIR, TRAINED_FILE, WEIGHTS_FILE
+from pipeline.config import Params, section_hash
+from pipeline.io import link_or_copy, recover_swap, staging_dir, tree_sha256, write_json
 
 __all__ = [
     "CHECKPOINT_META",
-    "CHECKPOINT_STATE",
+    "BEST_DIR",
     "Progress",
-    "save_trained",
+    "CorruptCheckpointError",
     "run_fingerprint",
     "save_checkpoint",
     "read_checkpoint",
-    "load_checkpoint_weights",
-    "load_checkpoint_state",
-    "restore_outputs",
+    "load_checkpoint",
+    "restore_logs",
     "recover_outputs",
-    "rng_state",
-    "set_rng_state",
 ]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_META = "meta.json"
-CHECKPOINT_STATE = "state.pt"
-
-
-def _state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-
-
-def save_trained(
-    folder: str | Path,
-    model: nn.Module,
-    params: Params,
-    labels: list[str],
-    tokenizer: Any,
-    info: dict[str, Any] | None = None,
-) -> None:
-    """Write a self-contained model folder atomically (no pickles: safetensors + JSON)."""
-    with staging_dir(folder) as tmp:
-        save_file(_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
-        write_json(
-            tmp / TRAINED_FILE,
-            {
-                "format": FORMAT_VERSION,
-                "params": params_to_dict(params),
-                "model_config": model.config.to_dict(),
-                "tokenizer": {"name": params.model.text_model, "path": TOKENIZER_DIR},
-                "labels": {label: i for i, label in enumerate(labels)},
-                "info": info or {},
-            },
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# RNG state of one process, in plain containers (torch.load(weights_only=True) reads it back).
-
-
-def rng_state() -> dict[str, Any]:
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": random.getstate(),
-        "numpy": {
-            "keys": np_state[1].tolist(),
-            "pos": int(np_state[2]),
-            "has_gauss": int(np_state[3]),
-            "cached_gaussian": float(np_state[4]),
-        },
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
-    np_state = state["numpy"]
-    np.random.set_state(
-        (
-            "MT19937",
-            np.array(np_state["keys"], dtype=np.uint32),
-            np_state["pos"],
-            np_state["has_gauss"],
-            np_state["cached_gaussian"],
-        )
-    )
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+BEST_DIR = "best"
+LOGS_DIR = "logs"
+CHECKPOINT_FORMAT = 2  # 2: accelerate's save_state files, the best model inside
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,38 +78,38 @@ def run_fingerprint(params: Params, features_dir: Path, labels: list[str]) -> st
     return section_hash(params, labels, tree_sha256(features_dir))
 
 
-def _link_or_copy(src: str, dst: str) -> None:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def save_checkpoint(
+    accelerator: Any,
     folder: Path,
     *,
     fingerprint: str,
     progress: Progress,
-    model: nn.Module,
-    training_state: dict[str, Any],
-    best_dir: Path,
-    live_dir: Path,
+    write_best: Callable[[Path], None] | None,
+    logs: list[Path],
 ) -> None:
-    """Write ``checkpoint/`` atomically; ``training_state`` (optimizer, scheduler, scaler, sampler
-    and RNG states) goes into ``state.pt``."""
-    with staging_dir(folder) as tmp:
-        save_file(_state_dict(model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        torch.save(training_state, tmp / CHECKPOINT_STATE)
-        # The best model changes rarely and its files are never rewritten in place: hard links
-        # make these copies free where the file system allows.
-        if best_dir.is_dir():
-            shutil.copytree(best_dir, tmp / "best", copy_function=_link_or_copy)
-        if live_dir.is_dir():
-            shutil.copytree(live_dir, tmp / "dvclive")
-        write_json(
-            tmp / CHECKPOINT_META,
-            {"format": FORMAT_VERSION, "fingerprint": fingerprint, **progress.__dict__},
-        )
+    """Write ``checkpoint/`` atomically, every process taking part: each saves its share of the
+    accelerator's state (the main process the model, optimizer and registered objects; every
+    process its RNG state) into the main process's staging folder. ``write_best(folder)`` writes a
+    new dev-selected model; None keeps the previous one. ``logs``: tracker folders to copy."""
+    main = accelerator.is_main_process
+    with staging_dir(folder) if main else contextlib.nullcontext() as tmp:
+        (shared,) = broadcast_object_list([str(tmp) if main else None])
+        tmp = Path(shared)
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()
+        if main:
+            if write_best is not None:
+                write_best(tmp / BEST_DIR)
+            elif (folder / BEST_DIR).is_dir():
+                shutil.copytree(folder / BEST_DIR, tmp / BEST_DIR, copy_function=link_or_copy)
+            for logs_dir in logs:
+                if logs_dir.is_dir():
+                    shutil.copytree(logs_dir, tmp / LOGS_DIR / logs_dir.name)
+            write_json(
+                tmp / CHECKPOINT_META,
+                {"format": CHECKPOINT_FORMAT, "fingerprint": fingerprint, **progress.__dict__},
+            )
+    accelerator.wait_for_everyone()
 
 
 def read_checkpoint(folder: Path, fingerprint: str) -> Progress | None:
@@ -190,7 +121,7 @@ def read_checkpoint(folder: Path, fingerprint: str) -> Progress | None:
         meta = json.loads(meta_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _unreadable(meta_path, exc) from exc
-    if meta.get("format") != FORMAT_VERSION or meta.get("fingerprint") != fingerprint:
+    if meta.get("format") != CHECKPOINT_FORMAT or meta.get("fingerprint") != fingerprint:
         log.warning("%s: ignoring the checkpoint (params, labels or features changed)", folder)
         return None
     meta.pop("format")
@@ -209,34 +140,30 @@ def _unreadable(path: Path, exc: BaseException) -> CorruptCheckpointError:
     )
 
 
-def load_checkpoint_weights(folder: Path) -> dict[str, torch.Tensor]:
-    path = folder / WEIGHTS_FILE
+def load_checkpoint(accelerator: Any, folder: Path) -> None:
+    """Restore the accelerator's state (model, optimizer, registered objects, scaler, this
+    process's RNG) from ``folder``. accelerate skips an unreadable RNG file with a log line; here
+    it is an error, since without it the run would not continue as it started."""
+    rng = folder / f"random_states_{accelerator.process_index}.pkl"
     try:
-        return load_file(str(path))
-    except Exception as exc:  # safetensors raises its own error types for damaged headers
-        raise _unreadable(path, exc) from exc
+        # Our own file, written by save_state: numpy's RNG state needs the full unpickler.
+        torch.load(rng, weights_only=False)
+        accelerator.load_state(str(folder))
+    except (OSError, RuntimeError, EOFError, ValueError, KeyError, pickle.UnpicklingError) as exc:
+        bad = rng if not rng.is_file() else folder
+        raise _unreadable(bad, exc) from exc
 
 
-def load_checkpoint_state(folder: Path) -> dict[str, Any]:
-    path = folder / CHECKPOINT_STATE
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
-        raise _unreadable(path, exc) from exc
-
-
-def recover_outputs(best_dir: Path, ckpt_dir: Path) -> None:
-    """Finish folder swaps a kill cut short (main process only: no other writer exists)."""
-    recover_swap(best_dir)
+def recover_outputs(ckpt_dir: Path) -> None:
+    """Finish a folder swap a kill cut short (main process only: no other writer exists)."""
     recover_swap(ckpt_dir)
 
 
-def restore_outputs(ckpt_dir: Path, best_dir: Path, live_dir: Path) -> None:
-    """Put back ``best/`` and the dvclive logs as they were at the checkpoint: a killed run may
-    have lost them (``dvc repro`` deletes outputs) or logged steps past the checkpoint."""
-    if (ckpt_dir / "best").is_dir():
-        with staging_dir(best_dir) as tmp:
-            shutil.copytree(ckpt_dir / "best", tmp, copy_function=_link_or_copy, dirs_exist_ok=True)
-    if (ckpt_dir / "dvclive").is_dir():
-        shutil.rmtree(live_dir, ignore_errors=True)
-        shutil.copytree(ckpt_dir / "dvclive", live_dir)
+def restore_logs(ckpt_dir: Path, logs: list[Path]) -> None:
+    """Put back the tracker folders as they were at the checkpoint: a killed run may have lost
+    them (``dvc repro`` deletes outputs) or logged steps past the checkpoint."""
+    for logs_dir in logs:
+        saved = ckpt_dir / LOGS_DIR / logs_dir.name
+        if saved.is_dir():
+            shutil.rmtree(logs_dir, ignore_errors=True)
+            shutil.copytree(saved, logs_dir)

@@ -1,13 +1,14 @@
 """Training loop for REMOTE: dev-selected checkpoints, resumable runs, 1..N processes.
 
 The loop reads top to bottom: seed -> data -> model -> AdamW + linear warm-up -> epochs of
-(train, dev score, keep the best, checkpoint). Devices, several processes and mixed precision come
+(train, dev score, keep the best, checkpoint). Devices, several processes, mixed precision,
+seeding, the training state and the trackers (dvclive, and TensorBoard or W&B on request) come
 from :mod:`accelerate`; only the main process writes files and logs.
 
 Layout written under ``out_dir`` (``models/``)::
 
-    best/          the dev-selected model (format: :mod:`pipeline.model.saved`)
-    checkpoint/    the resumable state after the last finished epoch (:mod:`.checkpoint`)
+    checkpoint/    the resumable state after the last finished epoch, with ``best/``, the
+                   dev-selected model (:mod:`.checkpoint`; ``evaluate`` publishes it)
 
 Results depend on the number of processes: each process draws ``batch_size`` samples per micro-step,
 so the effective batch is ``batch_size * processes * grad_accum`` and the number of optimizer steps
@@ -22,8 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import os
-import random
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -33,43 +32,39 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object
+from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from dvclive import Live
 from pipeline.config import Params, params_to_dict
 from pipeline.data.records import Dataset, label_list
-from pipeline.device import set_determinism
+from pipeline.device import is_distributed_launch, set_determinism
 from pipeline.features.dataset import FeatureDataset, make_loader
 from pipeline.inference import predict_dataset, to_device
 from pipeline.io import DataError
 from pipeline.metrics import score
+from pipeline.model.card import model_card
 from pipeline.model.regime import flat_regime, record_regime
 from pipeline.model.remote import build_model
+from pipeline.model.saved import write_trained
 from pipeline.text import load_tokenizer
 from pipeline.train.checkpoint import (
+    BEST_DIR,
     Progress,
-    load_checkpoint_state,
-    load_checkpoint_weights,
+    load_checkpoint,
     read_checkpoint,
     recover_outputs,
-    restore_outputs,
-    rng_state,
+    restore_logs,
     run_fingerprint,
     save_checkpoint,
-    save_trained,
-    set_rng_state,
 )
 
 __all__ = [
     "TrainingDiverged",
     "TrainingInterrupted",
     "TrainResult",
-    "seed_everything",
-    "ShardedSampler",
     "build_optimizer",
     "train",
 ]
@@ -84,52 +79,6 @@ class TrainingDiverged(ValueError):
 
 class TrainingInterrupted(RuntimeError):
     """Raised by the ``stop_after_step`` test hook, as if the process had been killed there."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Seeding and data order.
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, numpy and torch (every device)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-class ShardedSampler(Sampler[int]):
-    """Sample indices for one of ``num_shards`` processes.
-
-    Every process holds the same generator, so all draw the same permutation each epoch and take
-    disjoint slices of it (padded by wrapping around so that every process gets as many). The
-    generator's state is the data order's state: saving it makes the next epoch's order resumable.
-    """
-
-    def __init__(
-        self, size: int, *, shuffle: bool, seed: int, shard: int = 0, num_shards: int = 1
-    ) -> None:
-        self.size, self.shuffle, self.shard, self.num_shards = size, shuffle, shard, num_shards
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return math.ceil(self.size / self.num_shards)
-
-    def __iter__(self) -> Iterator[int]:
-        order = (
-            torch.randperm(self.size, generator=self.generator)
-            if self.shuffle
-            else torch.arange(self.size)
-        )
-        total = len(self) * self.num_shards
-        if total > self.size:
-            order = torch.cat([order, order[: total - self.size]])
-        return iter(order[self.shard :: self.num_shards].tolist())
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"generator": self.generator.get_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.generator.set_state(state["generator"])
 
 
 def build_optimizer(
@@ -165,10 +114,52 @@ class TrainResult:
     stopped_early: bool
     history: list[dict[str, float]]
     model: nn.Module
+    best_dir: Path
 
 
-def _is_distributed_launch() -> bool:
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+# The extra that installs each optional tracker's package (pyproject.toml).
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
+
+
+def _flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Params as ``dotted.key -> scalar`` (TensorBoard's hparams take no nesting and no lists)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat_config(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return flat
+
+
+def _start_trackers(
+    accelerator: Accelerator, log_with: list[str], live_dir: Path, resumed: bool, config: dict
+) -> None:
+    """Start ``train.log_with``'s trackers through accelerate (they write on the main process
+    only): dvclive, the one DVC reads, into ``live_dir``; TensorBoard into
+    ``<live_dir>/tensorboard/remote``; W&B into ``<live_dir>/wandb``."""
+    import importlib.util
+
+    if "dvclive" not in log_with:
+        raise ValueError("train.log_with must include dvclive: DVC reads its metrics and plots")
+    for name, package in TRACKER_PACKAGES.items():
+        if name in log_with and importlib.util.find_spec(package) is None:
+            raise ModuleNotFoundError(
+                f"train.log_with has {name}, which is not installed: pip install -e '.[{name}]'"
+            )
+    init_kwargs = {
+        "dvclive": {"dir": str(live_dir), "dvcyaml": False, "save_dvc_exp": False},
+        "wandb": {"dir": str(live_dir)},
+    }
+    init_kwargs["dvclive"]["resume"] = resumed
+    accelerator.init_trackers("remote", config=_flat_config(config), init_kwargs=init_kwargs)
+
+
+def _flush_trackers(accelerator: Accelerator) -> None:
+    """Write buffered TensorBoard events, so the checkpoint's copy of the logs is complete."""
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.writer.flush()
 
 
 def train(
@@ -180,20 +171,24 @@ def train(
     *,
     stop_after_step: int | None = None,
 ) -> TrainResult:
-    """Train REMOTE on the train split, select on dev micro-F1, keep ``best/`` and ``checkpoint/``.
+    """Train REMOTE on the train split, select on dev micro-F1, keep ``checkpoint/`` with the
+    dev-selected model in ``checkpoint/best``.
 
     Re-running with the same params, labels and features continues from ``checkpoint/``.
     ``stop_after_step`` (tests) raises :class:`TrainingInterrupted` after that optimizer step.
     """
     tp = params.train
     features_dir, out_dir, live_dir = Path(features_dir), Path(out_dir), Path(live_dir)
-    best_dir, ckpt_dir = out_dir / "best", out_dir / "checkpoint"
+    ckpt_dir = out_dir / "checkpoint"
 
     set_determinism(tp.threads, tp.deterministic)
-    # Without CUDA, a multi-process launch must say "cpu" for accelerate to pick gloo.
     accelerator = Accelerator(
         mixed_precision=tp.mixed_precision,
-        cpu=_is_distributed_launch() and not torch.cuda.is_available(),
+        cpu=is_distributed_launch() and not torch.cuda.is_available(),
+        log_with=list(dict.fromkeys(tp.log_with)),
+        project_config=ProjectConfiguration(
+            project_dir=str(live_dir), logging_dir=str(live_dir / "tensorboard")
+        ),
     )
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -202,14 +197,15 @@ def train(
     tokenizer = load_tokenizer(params.model.text_model)
     fingerprint = run_fingerprint(params, features_dir, labels)
     if main:
-        recover_outputs(best_dir, ckpt_dir)
+        recover_outputs(ckpt_dir)
     accelerator.wait_for_everyone()
     progress = read_checkpoint(ckpt_dir, fingerprint)
     resumed_from = progress.epoch if progress else 0
     progress = progress or Progress()
 
-    # Each process gets its own dropout stream; the data order is shared (see ShardedSampler).
-    seed_everything(tp.seed + rank)
+    # Each process gets its own dropout stream; the data order is shared (one permutation per
+    # epoch, a function of the seed and the epoch, split into disjoint slices).
+    set_seed(tp.seed + rank)
     train_set = FeatureDataset.load(features_dir, "train", params, labels)
     dev_set = FeatureDataset.load(features_dir, "valid", params, labels)
     for split in (train_set, dev_set):
@@ -221,8 +217,8 @@ def train(
         if tp.report_test_each_epoch
         else None
     )
-    sampler = ShardedSampler(
-        len(train_set), shuffle=True, seed=tp.seed, shard=rank, num_shards=world
+    sampler = DistributedSampler(
+        train_set, num_replicas=world, rank=rank, shuffle=True, seed=tp.seed
     )
     train_loader = make_loader(
         train_set, tp.batch_size, sampler=sampler, num_workers=tp.num_workers
@@ -239,43 +235,29 @@ def train(
     scheduler = get_linear_schedule_with_warmup(
         optimizer, math.ceil(tp.warmup_ratio * total_steps), total_steps
     )
-
-    if resumed_from:
-        model.load_state_dict(load_checkpoint_weights(ckpt_dir), strict=True)
     model, optimizer = accelerator.prepare(model, optimizer)
+    # Not prepared: accelerate would step it once per process, and its length already counts them.
+    accelerator.register_for_checkpointing(scheduler)
     if resumed_from:
-        state = load_checkpoint_state(ckpt_dir)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if accelerator.scaler is not None and state["scaler"] is not None:
-            accelerator.scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"][rank])
+        load_checkpoint(accelerator, ckpt_dir)
         if main:
             log.info("resuming after epoch %d (step %d)", progress.epoch, progress.global_step)
-
-    live = None
-    if main:
-        if resumed_from:
-            restore_outputs(ckpt_dir, best_dir, live_dir)
-        live = Live(str(live_dir), dvcyaml=False, save_dvc_exp=False, resume=bool(resumed_from))
-        live.log_params(params_to_dict(params))
-        live.log_params(
-            {
-                "run": {
-                    "num_processes": world,
-                    "effective_batch_size": tp.batch_size * world * tp.grad_accum,
-                    "steps_per_epoch": steps_per_epoch,
-                    "num_labels": len(labels),
-                }
-            }
-        )
+            restore_logs(ckpt_dir, [live_dir])
+    run_info = {
+        "num_processes": world,
+        "effective_batch_size": tp.batch_size * world * tp.grad_accum,
+        "steps_per_epoch": steps_per_epoch,
+        "num_labels": len(labels),
+    }
+    config = {**params_to_dict(params), "run": run_info}
+    _start_trackers(accelerator, tp.log_with, live_dir, bool(resumed_from), config)
 
     unwrapped = accelerator.unwrap_model(model)
     dev_shard = list(range(rank, len(dev_set), world))
     test_shard = list(range(rank, len(test_set), world)) if test_set is not None else []
     while not progress.finished:
         epoch = progress.epoch + 1
+        sampler.set_epoch(epoch - 1)
         model.train()
         bar = tqdm(
             total=len(train_loader),
@@ -297,12 +279,8 @@ def train(
                 scheduler.step()
             progress.global_step += 1
             step_losses.append(loss)
-            if live is not None:
-                live.step = progress.global_step
-                live.log_metric("train/loss", loss)
-                live.log_metric("train/lr", scheduler.get_last_lr()[0])
-                for key, value in (regime or {}).items():
-                    live.log_metric(key, value)
+            values = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], **(regime or {})}
+            accelerator.log(values, step=progress.global_step)
             if stop_after_step is not None and progress.global_step >= stop_after_step:
                 bar.close()
                 raise TrainingInterrupted(f"stopped after step {progress.global_step}")
@@ -336,44 +314,32 @@ def train(
                 "epoch %d: loss %.4f, dev micro-F1 %.4f%s",
                 epoch, epoch_loss, score, " (best)" if improved else "",
             )  # fmt: skip
-            live.step = progress.global_step
-            live.log_metric("epoch", epoch)
-            live.log_metric("train/epoch_loss", epoch_loss)
-            for key in ("micro_f1", "micro_precision", "micro_recall", "accuracy", "macro_f1"):
-                live.log_metric(f"dev/{key}", dev_scores[key])
-            if test_set is not None:
-                live.log_metric("test/micro_f1", entry["test_micro_f1"])
-            live.log_metric("best/dev_micro_f1", progress.best_score, plot=False)
-            live.log_metric("best/epoch", progress.best_epoch, plot=False)
-            live.make_summary()
-            if improved:
-                info = {"epoch": epoch, "dev": dev_scores, "num_processes": world}
-                save_trained(best_dir, unwrapped, params, labels, tokenizer, info)
             if progress.stopped_early:
                 log.info("early stop: no dev improvement for %d epochs", tp.patience)
-        rng_states = gather_object([rng_state()])  # every process's, in rank order
-        if main:
-            scaler = accelerator.scaler
-            save_checkpoint(
-                ckpt_dir,
-                fingerprint=fingerprint,
-                progress=progress,
-                model=unwrapped,
-                training_state={
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict() if scaler is not None else None,
-                    "sampler": sampler.state_dict(),
-                    "rng": rng_states,
-                },
-                best_dir=best_dir,
-                live_dir=live_dir,
-            )
-        accelerator.wait_for_everyone()
+        values = {"epoch": epoch, "train/epoch_loss": epoch_loss}
+        values.update({f"dev/{key}": dev_scores[key] for key in _DEV_METRICS})
+        if test_set is not None:
+            values["test/micro_f1"] = entry["test_micro_f1"]
+        accelerator.log(values, step=progress.global_step)
+        summary = {"best/dev_micro_f1": progress.best_score, "best/epoch": progress.best_epoch}
+        accelerator.log(summary, step=progress.global_step, log_kwargs={"dvclive": {"plot": False}})
 
-    if live is not None:
-        live.end()
-    accelerator.wait_for_everyone()
+        def write_best(folder: Path, epoch: int = epoch, dev: dict = dev_scores) -> None:
+            info = {"epoch": epoch, "dev": dev, "num_processes": world}
+            card = model_card(params, labels, info)
+            write_trained(folder, unwrapped, params, labels, tokenizer, info, card)
+
+        _flush_trackers(accelerator)
+        save_checkpoint(
+            accelerator,
+            ckpt_dir,
+            fingerprint=fingerprint,
+            progress=progress,
+            write_best=write_best if improved else None,
+            logs=[live_dir],
+        )
+
+    accelerator.end_training()
     return TrainResult(
         best_epoch=progress.best_epoch,
         best_score=progress.best_score,
@@ -382,7 +348,11 @@ def train(
         stopped_early=progress.stopped_early,
         history=progress.history,
         model=unwrapped,
+        best_dir=ckpt_dir / BEST_DIR,
     )
+
+
+_DEV_METRICS = ("micro_f1", "micro_precision", "micro_recall", "accuracy", "macro_f1")
 
 
 def _optimizer_steps(
@@ -444,8 +414,8 @@ def _optimizer_steps(
             raise TrainingDiverged(
                 f"train: step {step}: loss {loss_value}, gradient norm "
                 f"{'not checked (fp16)' if norm_value is None else norm_value}: training "
-                "diverged and was stopped before the update; models/best keeps the last finite "
-                "epoch's model, if any (check train.lr, model.ot.epsilon, train.mixed_precision)"
+                "diverged and was stopped before the update; models/checkpoint/best keeps the "
+                "last finite epoch's model, if any (check train.lr, model.ot.epsilon, train.mixed_precision)"
             )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
