@@ -2,7 +2,7 @@
 
 A single-seed ablation on a small test set is mostly noise. Run each configuration with several
 ``train.seed`` values (``dvc exp run --queue -S train.seed=N ...``), then :func:`seed_summary` groups
-the experiments of ``dvc exp show --json`` by every param except the seed, names each group by how
+the finished rows of ``dvc.api.exp_show()`` by every param except the seed, names each group by how
 its params differ from the baseline commit, and gives mean, standard deviation and count per metric.
 
 Seeds are the unit of comparison: a configuration run with the baseline's seeds is also compared
@@ -12,83 +12,107 @@ the mean ± std of those paired differences is the error bar of "this change cos
 
 from __future__ import annotations
 
+import json
 import math
-import statistics
-from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-__all__ = ["Run", "runs_from_exp_show", "seed_summary", "summary_markdown"]
+import pandas as pd
+
+__all__ = ["finished_runs", "param_keys", "saved_rows", "seed_summary", "summary_markdown"]
 
 PARAMS_FILE = "params.yaml"
 METRICS_FILE = "metrics/test.json"
 
 
-@dataclass(frozen=True)
-class Run:
-    """One commit or experiment: flat ``dotted.key -> value`` params and metrics."""
-
-    name: str
-    params: dict[str, Any]
-    metrics: dict[str, float]
-    baseline: bool = False
+def param_keys(params: dict[str, Any]) -> list[str]:
+    """The dotted keys of a params tree (``{"train": {"seed": 1}}`` -> ``["train.seed"]``)."""
+    return pd.json_normalize(params).columns.tolist()
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(_flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
+def saved_rows(path: Path) -> list[dict[str, Any]]:
+    """Rows saved by ``dvc exp show --csv > PATH.csv`` or as a JSON list of ``dvc.api.exp_show()``
+    rows, for :func:`finished_runs`."""
+    if path.suffix == ".csv":
+        rows = pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
+    else:
+        rows = json.loads(path.read_text())
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "typ" in r for r in rows):
+        raise ValueError(
+            f"{path}: expected the rows of `dvc exp show --csv` or a JSON list of "
+            "dvc.api.exp_show() rows (each with a 'typ' column)"
+        )
+    return rows
 
 
-def _run(name: str, data: dict | None, baseline: bool) -> Run | None:
-    if not data:
+def _column(columns: set[str], file: str, key: str) -> str:
+    # exp_show names a column `file:key` only where two files share the key.
+    prefixed = f"{file}:{key}"
+    return prefixed if prefixed in columns else key
+
+
+def _param(value: Any) -> Any:
+    # exp_show gives numbers as floats and the rest as text; a saved CSV gives everything as text.
+    if value is None or value in ("", "None"):
         return None
-    params = ((data.get("params") or {}).get(PARAMS_FILE) or {}).get("data")
-    metrics = ((data.get("metrics") or {}).get(METRICS_FILE) or {}).get("data")
-    if not params:
-        return None
-    numeric = {
-        k: float(v)
-        for k, v in _flatten(metrics or {}).items()
-        if isinstance(v, int | float) and not isinstance(v, bool)
-    }
-    return Run(name, _flatten(params), numeric, baseline)
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
 
 
-def runs_from_exp_show(rows: list[dict]) -> list[Run]:
-    """The baseline commits and their finished experiments from ``dvc exp show --json``. Left out:
-    the workspace row (it repeats a commit or an applied experiment) and queued, running or failed
-    experiments (a running one reports the workspace's metrics, not its own)."""
-    runs = []
+def _metric(value: Any) -> float:
+    if isinstance(value, bool):
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def finished_runs(
+    rows: list[dict[str, Any]], params: list[str], metrics: list[str]
+) -> pd.DataFrame:
+    """The commits and finished experiments among ``dvc.api.exp_show()`` rows, one row each, with
+    columns ``("run", "name" | "baseline")``, ``("params", key)`` and ``("metrics", key)`` (NaN
+    where a run does not report a metric). Left out: the workspace row (it repeats a commit or an
+    applied experiment), queued, running or failed experiments (a running one reports the
+    workspace's metrics, not its own) and rows without params."""
+    columns = set().union(*rows) if rows else set()
+    runs, run_params, run_metrics = [], [], []
     for row in rows:
-        if row.get("rev") == "workspace":
+        baseline = row.get("typ") == "baseline"
+        if baseline and row.get("rev") == "workspace":
             continue
-        run = _run(row.get("name") or str(row.get("rev", ""))[:7], row.get("data"), True)
-        if run is not None:
-            runs.append(run)
-        for experiment in row.get("experiments") or []:
-            executor = experiment.get("executor") or {}
-            if executor.get("state", "success") != "success":
-                continue
-            for rev in experiment.get("revs") or []:
-                if (rev.get("data") or {}).get("rev") == "workspace":
-                    continue
-                name = rev.get("name") or experiment.get("name") or str(rev.get("rev", ""))[:7]
-                run = _run(name, rev.get("data"), False)
-                if run is not None:
-                    runs.append(run)
-    return runs
+        if row.get("State") not in (None, "", "Success"):
+            continue
+        values = {key: _param(row.get(_column(columns, PARAMS_FILE, key))) for key in params}
+        if all(value is None for value in values.values()):
+            continue
+        runs.append({"name": row.get("Experiment") or row.get("rev"), "baseline": baseline})
+        run_params.append(values)
+        run_metrics.append(
+            {m: _metric(row.get(_column(columns, METRICS_FILE, m))) for m in metrics}
+        )
+    return pd.concat(
+        {
+            "run": pd.DataFrame(runs, columns=["name", "baseline"]),
+            "params": pd.DataFrame(run_params, columns=params, dtype=object),
+            "metrics": pd.DataFrame(run_metrics, columns=metrics, dtype=float),
+        },
+        axis=1,
+    )
 
 
-def _label(params: dict[str, Any], baseline: dict[str, Any], seed_key: str) -> str:
+def _label(params: pd.Series, baseline: pd.Series, seed_key: str) -> str:
     changed = [
-        f"{key}={params.get(key)}"
-        for key in sorted(set(params) | set(baseline))
-        if key != seed_key and params.get(key) != baseline.get(key)
+        f"{key}={params[key]}"
+        for key in sorted(params.index)
+        if key != seed_key and params[key] != baseline[key]
     ]
     return ", ".join(changed) or "baseline"
 
@@ -97,54 +121,47 @@ def _seed_order(seed: Any) -> tuple[int, Any]:
     return (0, seed) if isinstance(seed, int | float) else (1, str(seed))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float, int]:
-    mean = statistics.fmean(values) if values else math.nan
-    std = statistics.stdev(values) if len(values) > 1 else math.nan
-    return mean, std, len(values)
+def _mean_std(values: pd.Series) -> tuple[float, float, int]:
+    return float(values.mean()), float(values.std()), int(values.count())
 
 
 def seed_summary(
-    runs: list[Run], metrics: list[str], seed_key: str = "train.seed"
+    runs: pd.DataFrame, metrics: list[str], seed_key: str = "train.seed"
 ) -> list[dict[str, Any]]:
-    """One row per configuration (params other than ``seed_key``): its label, seeds, experiment
-    names and, per metric, ``(mean, std, n)`` over the runs that report it (std is NaN for one).
-    ``row["paired"][metric]`` is ``(mean, std, n)`` of the differences to the baseline row over the
-    seeds both have (n = 0 for the baseline itself or without common seeds). Rows keep the order
-    in which configurations first appear, baseline first."""
-    if not runs:
+    """One row per configuration (params other than ``seed_key``) of :func:`finished_runs`: its
+    label, seeds, run names and, per metric, ``(mean, std, n)`` over the runs that report it (std is
+    NaN for one). ``row["paired"][metric]`` is ``(mean, std, n)`` of the differences to the
+    baseline row over the seeds both have (n = 0 for the baseline itself or without common seeds).
+    Rows keep the order in which configurations first appear, baseline first."""
+    if runs.empty:
         return []
-    baseline = next((r for r in runs if r.baseline), runs[0]).params
-    groups: dict[str, list[Run]] = {}
-    for run in sorted(runs, key=lambda r: not r.baseline):
-        groups.setdefault(_label(run.params, baseline, seed_key), []).append(run)
-    by_seed: dict[str, dict[Any, Run]] = {}
-    for label, members in groups.items():
-        # A commit and an experiment with the same params and seed are the same run: count it once.
-        unique = by_seed[label] = {}
-        for run in members:
-            unique.setdefault(run.params.get(seed_key), run)
-    base_runs = next(iter(by_seed.values()))
+    if seed_key not in runs["params"]:
+        raise ValueError(f"the seed key {seed_key!r} is not a param of {PARAMS_FILE}")
+    # Commits first, so that a commit and an experiment with the same params and seed (the same
+    # run) count once, as the commit.
+    runs = runs.sort_values(("run", "baseline"), ascending=False, kind="stable")
+    runs = runs[~runs["params"].duplicated()]
+    baseline = runs["params"].iloc[0]
+    # A label names every param but the seed that differs from the baseline: grouping by labels
+    # is grouping by those params.
+    labels = runs["params"].apply(_label, axis=1, args=(baseline, seed_key))
+    base_metrics = None
     rows = []
-    for index, (label, unique) in enumerate(by_seed.items()):
+    for label, group in runs.groupby(labels, sort=False):
+        seeds = group["params", seed_key].tolist()
+        values = group["metrics"].set_axis(seeds)
+        if base_metrics is None:
+            base_metrics = values
+            differences = values * math.nan
+        else:
+            differences = values - base_metrics.reindex(seeds)
         row: dict[str, Any] = {
             "configuration": label,
-            "seeds": sorted(unique, key=_seed_order),
-            "runs": [r.name for r in unique.values()],
-            "paired": {},
+            "seeds": sorted(seeds, key=_seed_order),
+            "runs": group["run", "name"].tolist(),
+            "paired": {metric: _mean_std(differences[metric]) for metric in metrics},
         }
-        for metric in metrics:
-            row[metric] = _mean_std(
-                [r.metrics[metric] for r in unique.values() if metric in r.metrics]
-            )
-            differences = [
-                run.metrics[metric] - base_runs[seed].metrics[metric]
-                for seed, run in unique.items()
-                if index > 0
-                and seed in base_runs
-                and metric in run.metrics
-                and metric in base_runs[seed].metrics
-            ]
-            row["paired"][metric] = _mean_std(differences)
+        row.update({metric: _mean_std(values[metric]) for metric in metrics})
         rows.append(row)
     return rows
 

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -21,14 +18,24 @@ DEFAULT_METRICS = [
 def main(
     metric: Annotated[
         list[str] | None,
-        typer.Option("--metric", "-m", help="Key in metrics/test.json (repeatable)."),
+        typer.Option(
+            "--metric",
+            "-m",
+            help="Metric key (repeatable); metrics/test.json's where files share it.",
+        ),
     ] = None,
     seed_key: Annotated[str, typer.Option(help="The param that only changes the seed.")] = (
         "train.seed"
     ),
-    from_json: Annotated[
+    params: Annotated[
+        Path, typer.Option("--params", help="Params file whose keys make a configuration.")
+    ] = Path("params.yaml"),
+    from_file: Annotated[
         Path | None,
-        typer.Option(help="Read saved `dvc exp show --json` output instead of running it."),
+        typer.Option(
+            help="Summarize saved rows instead of the repo's experiments: `dvc exp show --csv` "
+            "output (.csv) or a JSON list of dvc.api.exp_show() rows."
+        ),
     ] = None,
 ) -> None:
     """Mean ± std of test metrics per configuration over the experiments of HEAD.
@@ -36,26 +43,38 @@ def main(
     Queue each configuration with a few seeds first, e.g.
     dvc exp run --queue -S train.seed=1 -S data.use_depth=false; dvc queue start -j 2
     """
-    from pipeline.experiments import runs_from_exp_show, seed_summary, summary_markdown
+    import yaml
 
-    if from_json is not None:
-        text = from_json.read_text()
-    else:
-        # The dvc of this environment (it is a dependency), whether or not it is on PATH.
-        command = [sys.executable, "-m", "dvc", "exp", "show", "--json"]
-        out = subprocess.run(command, capture_output=True, text=True)
-        if out.returncode:
-            typer.echo(f"error: dvc exp show failed:\n{out.stderr.strip()}", err=True)
-            raise typer.Exit(1)
-        text = out.stdout
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as exc:
-        typer.echo(f"error: not `dvc exp show --json` output: {exc}", err=True)
-        raise typer.Exit(1) from exc
+    from pipeline.experiments import (
+        finished_runs,
+        param_keys,
+        saved_rows,
+        seed_summary,
+        summary_markdown,
+    )
+
     metrics = metric or DEFAULT_METRICS
-    summary = seed_summary(runs_from_exp_show(rows), metrics, seed_key)
+    try:
+        keys = param_keys(yaml.safe_load(params.read_text()) or {})
+        rows = _exp_show() if from_file is None else saved_rows(from_file)
+        summary = seed_summary(finished_runs(rows, keys, metrics), metrics, seed_key)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
     if not summary:
-        typer.echo("error: no commits or experiments with params found", err=True)
+        typer.echo("error: no commits or finished experiments with params found", err=True)
         raise typer.Exit(1)
     typer.echo(summary_markdown(summary, metrics))
+
+
+def _exp_show() -> list[dict]:
+    """``dvc.api.exp_show()`` of the repo around the working directory, its errors as ValueError."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    try:
+        # Outside a repo exp_show would take the directory for a URL and try to clone it.
+        return dvc.api.exp_show(repo=Repo.find_root())
+    except DvcException as exc:
+        raise ValueError(f"dvc exp show: {exc}") from exc

@@ -1,72 +1,91 @@
-"""Seed summaries of `dvc exp show --json` output: grouping, labels, statistics, skipped rows."""
+"""Seed summaries of `dvc.api.exp_show()` rows: grouping, labels, statistics, skipped rows."""
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import statistics
+from pathlib import Path
 
 import pytest
+import typer
+from typer.testing import CliRunner, Result
 
-from pipeline.experiments import runs_from_exp_show, seed_summary, summary_markdown
+from pipeline.experiments import (
+    finished_runs,
+    param_keys,
+    saved_rows,
+    seed_summary,
+    summary_markdown,
+)
+from stages import compare
 
-
-def _data(seed: int, depth: bool, f1: float | None, rev: str = "abc") -> dict:
-    metrics = (
-        {}
-        if f1 is None
-        else {
-            "metrics/test.json": {
-                "data": {"micro_f1": f1, "by_pair_kind": {"text-text": {"micro_f1": f1 / 2}}}
-            }
-        }
-    )
-    params = {
-        "params.yaml": {
-            "data": {"train": {"seed": seed, "lr": 0.002}, "data": {"use_depth": depth}}
-        }
-    }
-    return {"rev": rev, "params": params, "metrics": metrics}
+PARAMS = ["train.seed", "train.lr", "data.use_depth"]
 
 
-def _experiment(name: str, data: dict, state: str | None = "success") -> dict:
-    executor = None if state is None else {"state": state}
+def _row(
+    name: str | None,
+    seed: int,
+    depth: bool,
+    f1: float | None,
+    rev: str = "abc1234",
+    typ: str = "branch_commit",
+    state: str | None = None,
+) -> dict:
+    """One row as dvc.api.exp_show() gives it: numbers as floats, booleans as text, None if
+    missing."""
     return {
-        "name": name,
-        "executor": executor,
-        "revs": [{"rev": "x" * 40, "name": name, "data": data}],
+        "Experiment": name,
+        "rev": rev,
+        "typ": typ,
+        "Created": "04:00 AM",
+        "parent": None,
+        "State": state,
+        "Executor": "Dvc-task" if state in ("Queued", "Running") else None,
+        "micro_f1": f1,
+        "by_pair_kind.text-text.micro_f1": None if f1 is None else f1 / 2,
+        "train.seed": float(seed),
+        "train.lr": 0.002,
+        "data.use_depth": str(depth),
+        "pipeline/train": "5f3a9c0e",
     }
 
 
 ROWS = [
-    {"rev": "workspace", "name": None, "data": _data(1234, True, 0.5, rev="workspace")},
-    {
-        "rev": "f" * 40,
-        "name": "main",
-        "data": _data(1234, True, 0.80),
-        "experiments": [
-            _experiment("base-seed1", _data(1, True, 0.90)),
-            _experiment("no-depth", _data(1234, False, 0.70), state=None),
-            _experiment("no-depth-seed1", _data(1, False, 0.60)),
-            _experiment("no-depth-seed2", _data(2, False, 0.65)),
-            _experiment("running", _data(3, False, 0.99, rev="workspace"), state="running"),
-            _experiment("failed", _data(4, False, None), state="failed"),
-        ],
-    },
+    _row(None, 1234, True, 0.5, rev="workspace", typ="baseline"),
+    _row(None, 1234, True, 0.80, rev="main", typ="baseline"),
+    _row("base-seed1", 1, True, 0.90),
+    _row("no-depth", 1234, False, 0.70, state="Success"),
+    _row("no-depth-seed1", 1, False, 0.60),
+    _row("no-depth-seed2", 2, False, 0.65),
+    _row("running", 3, False, 0.99, state="Running"),
+    _row("queued", 5, False, None, state="Queued"),
+    _row("failed", 4, False, 0.5, typ="branch_base", state="Failed"),
 ]
+METRICS = ["micro_f1", "by_pair_kind.text-text.micro_f1", "missing"]
 
 
-def test_groups_by_params_other_than_the_seed_and_labels_by_difference():
-    runs = runs_from_exp_show(json.loads(json.dumps(ROWS)))
-    assert [r.name for r in runs] == [
+def _summary(rows: list[dict], metrics: list[str] = METRICS) -> list[dict]:
+    return seed_summary(finished_runs(rows, PARAMS, metrics), metrics)
+
+
+def test_leaves_out_the_workspace_and_unfinished_experiments():
+    runs = finished_runs(ROWS, PARAMS, METRICS)
+    assert runs["run", "name"].tolist() == [
         "main",
         "base-seed1",
         "no-depth",
         "no-depth-seed1",
         "no-depth-seed2",
     ]
-    keys = ["micro_f1", "by_pair_kind.text-text.micro_f1", "missing"]
-    rows = seed_summary(runs, keys)
+    assert runs["run", "baseline"].tolist() == [True, False, False, False, False]
+    assert runs["params", "train.seed"].tolist() == [1234, 1, 1234, 1, 2]
+    assert math.isnan(runs["metrics", "missing"].iloc[0])
+
+
+def test_groups_by_params_other_than_the_seed_and_labels_by_difference():
+    rows = _summary(ROWS)
     assert [r["configuration"] for r in rows] == ["baseline", "data.use_depth=False"]
     base, no_depth = rows
     assert base["seeds"] == [1, 1234] and no_depth["seeds"] == [1, 2, 1234]
@@ -78,13 +97,13 @@ def test_groups_by_params_other_than_the_seed_and_labels_by_difference():
 
 
 def test_a_commit_repeated_by_an_experiment_counts_once():
-    rows = ROWS[:1] + [dict(ROWS[1], experiments=[_experiment("same", _data(1234, True, 0.80))])]
-    (summary,) = seed_summary(runs_from_exp_show(rows), ["micro_f1"])
+    rows = [*ROWS[:2], _row("same", 1234, True, 0.80)]
+    (summary,) = _summary(rows, ["micro_f1"])
     assert summary["micro_f1"][2] == 1 and summary["runs"] == ["main"]
 
 
 def test_markdown_shows_mean_and_spread():
-    rows = seed_summary(runs_from_exp_show(ROWS), ["micro_f1", "missing"])
+    rows = _summary(ROWS, ["micro_f1", "missing"])
     table = summary_markdown(rows, ["micro_f1", "missing"]).splitlines()
     assert table[0] == (
         "| configuration | seeds | micro_f1 | missing | Δ micro_f1 vs baseline, paired by seed |"
@@ -96,7 +115,7 @@ def test_markdown_shows_mean_and_spread():
 
 
 def test_paired_difference_uses_only_seeds_both_configurations_ran():
-    base, no_depth = seed_summary(runs_from_exp_show(ROWS), ["micro_f1"])
+    base, no_depth = _summary(ROWS, ["micro_f1"])
     assert base["paired"]["micro_f1"][2] == 0
     mean, std, n = no_depth["paired"]["micro_f1"]
     # Seed 2 has no baseline partner; seeds 1 and 1234 give 0.60 - 0.90 and 0.70 - 0.80.
@@ -104,26 +123,98 @@ def test_paired_difference_uses_only_seeds_both_configurations_ran():
     assert mean == pytest.approx(-0.20)
     assert std == pytest.approx(statistics.stdev([-0.30, -0.10]))
     # The paired spread removes what the seeds share: here a per-seed offset.
-    shifted = [
-        {
-            "rev": "f" * 40,
-            "data": _data(1, True, 0.90),
-            "experiments": [
-                _experiment(f"s{seed}", _data(seed, True, f1))
-                for seed, f1 in [(2, 0.70), (3, 0.80)]
-            ]
-            + [
-                _experiment(f"d{seed}", _data(seed, False, f1 - 0.05))
-                for seed, f1 in [(1, 0.90), (2, 0.70), (3, 0.80)]
-            ],
-        }
+    shifted = [_row(None, 1, True, 0.90, rev="main", typ="baseline")]
+    shifted += [_row(f"s{seed}", seed, True, f1) for seed, f1 in [(2, 0.70), (3, 0.80)]]
+    shifted += [
+        _row(f"d{seed}", seed, False, f1 - 0.05) for seed, f1 in [(1, 0.90), (2, 0.70), (3, 0.80)]
     ]
-    base, no_depth = seed_summary(runs_from_exp_show(shifted), ["micro_f1"])
+    base, no_depth = _summary(shifted, ["micro_f1"])
     assert base["micro_f1"][1] == pytest.approx(0.1)
     mean, std, n = no_depth["paired"]["micro_f1"]
     assert (n, mean) == (3, pytest.approx(-0.05)) and std == pytest.approx(0.0, abs=1e-12)
 
 
+def test_reads_the_params_and_test_metrics_columns_where_files_share_a_key():
+    # dvclive's metrics hold a `train.lr` and a `micro_f1` too: exp_show then prefixes the file.
+    rows = [
+        {
+            "typ": "baseline" if name == "main" else "branch_commit",
+            "rev": name,
+            "Experiment": None if name == "main" else name,
+            "metrics/test.json:micro_f1": f1,
+            "dvclive/metrics.json:micro_f1": 0.0,
+            "dvclive/metrics.json:train.lr": 0.0,
+            "train.seed": seed,
+            "params.yaml:train.lr": lr,
+        }
+        for name, seed, lr, f1 in [("main", 1, 0.1, 0.8), ("e1", 2, 0.1, 0.6), ("e2", 1, 0.05, 0.7)]
+    ]
+    base, low_lr = seed_summary(
+        finished_runs(rows, ["train.seed", "train.lr"], ["micro_f1"]), ["micro_f1"]
+    )
+    assert (base["configuration"], low_lr["configuration"]) == ("baseline", "train.lr=0.05")
+    assert base["micro_f1"][0] == pytest.approx(0.7) and base["seeds"] == [1, 2]
+    mean, std, n = low_lr["paired"]["micro_f1"]
+    assert (n, mean) == (1, pytest.approx(-0.1)) and math.isnan(std)
+
+
+def test_saved_csv_and_json_rows_give_the_same_summary(tmp_path):
+    as_json = tmp_path / "rows.json"
+    as_json.write_text(json.dumps(ROWS))
+    # `dvc exp show --csv`: every cell as text, an empty cell where a value is missing.
+    as_csv = tmp_path / "rows.csv"
+    with as_csv.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(ROWS[0]))
+        writer.writeheader()
+        for row in ROWS:
+            writer.writerow(
+                {k: "" if v is None else int(v) if k == "train.seed" else v for k, v in row.items()}
+            )
+    expected = _summary(ROWS)
+    for path in (as_json, as_csv):
+        summary = _summary(saved_rows(path))
+        assert summary_markdown(summary, METRICS) == summary_markdown(expected, METRICS)
+        assert summary[1]["seeds"] == [1, 2, 1234]
+
+
+def test_saved_nested_exp_show_json_is_refused(tmp_path):
+    path = tmp_path / "exp_show.json"
+    path.write_text(json.dumps([{"rev": "workspace", "data": {}, "experiments": None}]))
+    with pytest.raises(ValueError, match="exp_show"):
+        saved_rows(path)
+
+
+def test_param_keys_are_dotted_leaves():
+    assert param_keys({"train": {"seed": 1, "lr": 0.1}, "data": {"use_depth": True}}) == [
+        "train.seed",
+        "train.lr",
+        "data.use_depth",
+    ]
+
+
 def test_nothing_to_summarize():
-    assert seed_summary([], ["micro_f1"]) == []
-    assert runs_from_exp_show([{"rev": "workspace", "data": _data(1, True, 0.1)}]) == []
+    assert _summary([]) == []
+    assert _summary(ROWS[:1]) == []
+    with pytest.raises(ValueError, match="seed key"):
+        seed_summary(finished_runs(ROWS, PARAMS, METRICS), METRICS, seed_key="train.sed")
+
+
+def _compare(args: list[str], cwd: Path) -> Result:
+    app = typer.Typer()
+    app.command()(compare.main)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        return CliRunner().invoke(app, args)
+
+
+def test_compare_prints_the_table_of_saved_rows_and_one_line_errors(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: {seed: 1, lr: 0.002}\ndata: {use_depth: true}\n")
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS))
+    result = _compare(["--from-file", "rows.json", "-m", "micro_f1"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[3].startswith("| `data.use_depth=False` | 1, 2, 1234 |")
+    # tmp_path is no DVC repo: one line, exit code 1, no traceback.
+    result = _compare([], tmp_path)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: dvc exp show: you are not inside of a DVC repository")
