@@ -9,8 +9,8 @@ A split of the cache (the ``features`` stage's ``<out>/<split>/``) is two kinds 
   -1), ``pair_kind`` (index into ``PAIR_KINDS``) and ``label`` (id in ``relations.json``);
 - ``images-NNNNN.parquet``, one row per image of the split (:func:`images_schema`), sorted by image
   id: ``image_id``, ``num_objects``, ``object_mask`` (bool ``[P]``), ``boxes`` (float32 ``[P * 5]``:
-  x1, y1, x2, y2, area), two fixed-size binary columns holding C-order arrays: ``object_crops``
-  (uint8 ``[P, 3, S, S]``) and ``depth_crops`` (little-endian float16 ``[P, S, S]``), and
+  x1, y1, x2, y2, area), two ``fixed_shape_tensor`` columns whose type carries dtype and shape:
+  ``object_crops`` (uint8 ``[P, 3, S, S]``) and ``depth_crops`` (float16 ``[P, S, S]``), and
   ``problem`` (empty, or why the crops are zeros under ``data.on_error=skip``).
 
 Every file's schema metadata (key :data:`METADATA_KEY`) records the schema version, the settings
@@ -52,7 +52,7 @@ __all__ = [
     "make_loader",
 ]
 
-SCHEMA_VERSION = 2  # 2: the label map in the metadata
+SCHEMA_VERSION = 3  # 2: the label map in the metadata; 3: crops as tensor columns
 METADATA_KEY = b"remote.features"
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -84,8 +84,8 @@ def images_schema(slots: int, size: int) -> pa.Schema:
             ("num_objects", pa.int8()),
             ("object_mask", pa.list_(pa.bool_(), slots)),
             ("boxes", pa.list_(pa.float32(), slots * 5)),
-            ("object_crops", pa.binary(slots * 3 * size * size)),
-            ("depth_crops", pa.binary(slots * size * size * 2)),
+            ("object_crops", pa.fixed_shape_tensor(pa.uint8(), (slots, 3, size, size))),
+            ("depth_crops", pa.fixed_shape_tensor(pa.float16(), (slots, size, size))),
             ("problem", pa.string()),
         ]
     )
@@ -138,18 +138,6 @@ def _read_checked(
     return pq.read_table(path), meta
 
 
-def _fixed_binary(column: pa.ChunkedArray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A fixed-size binary column -> one numpy array ``[rows, *shape]`` (one copy)."""
-    width = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    parts = [
-        np.frombuffer(c.buffers()[1], dtype=np.uint8, count=len(c) * width, offset=c.offset * width)
-        for c in column.chunks
-        if len(c)
-    ]
-    flat = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-    return flat.view(dtype).reshape(-1, *shape)
-
-
 class SampleRef(NamedTuple):
     """What ``FeatureDataset[i]`` returns: a cheap reference; :func:`collate` gathers the data."""
 
@@ -179,7 +167,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.max_seq = params.data.max_seq
         self.pad_to_max = params.data.pad_to_max
         self.pad_token_id = int(pad_token_id)
-        slots, size = params.data.max_objects, params.features.crop_size
+        slots = params.data.max_objects
         self.opening_markers = [[list(markers).index(m) for m in row] for row in OPENING_MARKERS]
 
         def column(table: pa.Table, name: str) -> np.ndarray:
@@ -206,10 +194,9 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.object_mask = mask.reshape(-1, slots)
         boxes = images.column("boxes").combine_chunks().flatten().to_numpy()
         self.boxes = boxes.astype(np.float32).reshape(-1, slots, 5)
-        self.object_crops = _fixed_binary(
-            images.column("object_crops"), "u1", (slots, 3, size, size)
-        )
-        self.depth_crops = _fixed_binary(images.column("depth_crops"), "<f2", (slots, size, size))
+        # [I, P, 3, S, S] uint8 and [I, P, S, S] float16, zero-copy from a single shard
+        self.object_crops = images.column("object_crops").combine_chunks().to_numpy_ndarray()
+        self.depth_crops = images.column("depth_crops").combine_chunks().to_numpy_ndarray()
         if len(self.image_index) and self.image_index.max() >= len(self.image_ids):
             raise StaleCacheError(f"{name}: samples point past the image table; rebuild the cache")
         std = torch.tensor(CLIP_STD).view(3, 1, 1)
