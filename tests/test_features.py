@@ -18,7 +18,7 @@ from pipeline.data.images import box_to_pixels
 from pipeline.data.records import PAIR_KINDS, Dataset, Entity, Record, label_list, write_records
 from pipeline.features import build as build_module
 from pipeline.features.build import build_features
-from pipeline.features.dataset import CLIP_MEAN, CLIP_STD, FeatureDataset, collate, make_loader
+from pipeline.features.dataset import CLIP_MEAN, CLIP_STD, FeatureDataset, make_loader
 from pipeline.features.images import crop_depth, crop_objects, normalize_depth, object_layout
 from pipeline.features.text import TextEncoder
 from pipeline.io import DataError, StaleCacheError, write_json
@@ -609,9 +609,8 @@ def test_batches_padded_to_max_seq_or_per_batch(world, cache):
     dynamic = FeatureDataset.load(
         cache[0], "train", apply_overrides(world["params"], {"data.pad_to_max": False}), RELATIONS
     )
-    items = [fixed[i] for i in (3, 0)]
-    a = collate(items)
-    b = collate([dynamic[i] for i in (3, 0)])
+    a = fixed.batch([3, 0])
+    b = dynamic.batch([3, 0])
     lengths = [int(fixed.lengths[3]), int(fixed.lengths[0])]
     assert a["input_ids"].shape == (2, 40) and b["input_ids"].shape == (2, max(lengths))
     assert a["attention_mask"].sum(1).tolist() == lengths == b["attention_mask"].sum(1).tolist()
@@ -635,6 +634,35 @@ def test_batches_padded_to_max_seq_or_per_batch(world, cache):
     assert {d for k, d in dtypes.items() if k not in floats} == {torch.int64}
     assert a["pixel_values"].shape == (2, 4, 3, 16, 16)
     assert a["depth_values"].shape == (2, 4, 16, 16)
+
+
+def test_an_item_is_one_sample_of_the_batch_without_its_batch_dimension(world, cache):
+    params = apply_overrides(world["params"], {"data.pad_to_max": False})
+    ds = FeatureDataset.load(cache[0], "train", params, RELATIONS)
+    batch = ds.batch([2])
+    item = ds[2]
+    assert item.keys() == batch.keys()
+    for key, value in item.items():
+        assert torch.equal(value, batch[key][0]), key
+    assert item["input_ids"].shape == (int(ds.lengths[2]),)  # unpadded: its own length
+    assert item["pixel_values"].shape == (4, 3, 16, 16) and item["labels"].shape == ()
+    assert torch.equal(ds[-1]["labels"], ds[len(ds) - 1]["labels"])
+    with pytest.raises(IndexError, match="out of range for 6 samples"):
+        ds[6]
+
+
+def test_the_loader_fetches_each_batch_in_one_call_and_gives_it_unchanged(world, cache):
+    ds = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
+    calls = []
+    real = ds.batch
+    ds.__getitems__ = lambda indices: calls.append(list(indices)) or real(indices)
+    subset = torch.utils.data.Subset(ds, [5, 1, 3, 0, 2])
+    batches = list(make_loader(subset, 2))
+    assert calls == [[5, 1], [3, 0], [2]]
+    for indices, got in zip(calls, batches, strict=True):
+        expected = real(indices)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
 def test_pixel_values_are_clip_normalized_and_empty_slots_zero(world, cache):

@@ -16,9 +16,10 @@ A split of the cache (the ``features`` stage's ``<out>/<split>/``) is two kinds 
 Every file's schema metadata (key :data:`METADATA_KEY`) records the schema version, the settings
 that shaped its bytes (:func:`cache_settings`), the marker list and the pad token.
 :meth:`FeatureDataset.load` refuses a cache built with other settings and names the setting that
-differs. A dataset holds a split in memory as numpy arrays; ``dataset[i]`` is only a reference,
-and :func:`collate` gathers a whole batch with a few vectorized index operations (no file opens, no
-decoding, no per-sample tensors). ``predict`` builds the same tables in memory and reads them here.
+differs. A dataset holds a split in memory as numpy arrays and gathers a whole batch with a few
+vectorized index operations (no file opens, no decoding, no per-sample tensors), which torch's
+DataLoader asks for through ``__getitems__``. ``predict`` builds the same tables in memory and
+reads them here.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -47,8 +48,6 @@ __all__ = [
     "images_schema",
     "cache_settings",
     "FeatureDataset",
-    "SampleRef",
-    "collate",
     "make_loader",
 ]
 
@@ -138,19 +137,13 @@ def _read_checked(
     return pq.read_table(path), meta
 
 
-class SampleRef(NamedTuple):
-    """What ``FeatureDataset[i]`` returns: a cheap reference; :func:`collate` gathers the data."""
-
-    dataset: FeatureDataset
-    index: int
-
-
 class FeatureDataset(torch.utils.data.Dataset):
     """One split of features (samples and image tables), held in memory as numpy arrays.
 
-    ``dataset[i]`` is a :class:`SampleRef`; :func:`collate` (or :meth:`batch`) turns a list of them
-    into the batch dict of docs/ARCHITECTURE.md with a few vectorized gathers. Build it from the
-    cache with :meth:`load`, or from tables made in memory (``predict``).
+    :meth:`batch` gathers the batch dict of docs/ARCHITECTURE.md with a few vectorized index
+    operations; the DataLoader calls it as ``__getitems__``. ``dataset[i]`` is one sample's dict,
+    without the batch dimension. Build it from the cache with :meth:`load`, or from tables made in
+    memory (``predict``).
     """
 
     def __init__(
@@ -248,10 +241,12 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> SampleRef:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """Sample ``index`` as :meth:`batch` gives it, without the batch dimension (its text
+        unpadded unless ``data.pad_to_max``)."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        return SampleRef(self, index % len(self))
+        return {key: value[0] for key, value in self.batch([index]).items()}
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The batch dict of docs/ARCHITECTURE.md for these sample indices."""
@@ -286,15 +281,8 @@ class FeatureDataset(torch.utils.data.Dataset):
             "pair_kind": torch.from_numpy(self.pair_kinds[idx]),
         }
 
-
-def collate(items: Sequence[SampleRef]) -> dict[str, torch.Tensor]:
-    """Batch ``FeatureDataset`` items with vectorized gathers (the DataLoader's ``collate_fn``)."""
-    if not items:
-        raise ValueError("collate: empty batch")
-    dataset = items[0].dataset
-    if any(item.dataset is not dataset for item in items):
-        raise ValueError("collate: all items of a batch must come from the same FeatureDataset")
-    return dataset.batch([item.index for item in items])
+    # torch's DataLoader fetches a whole batch of indices through this, in one call
+    __getitems__ = batch
 
 
 def make_loader(
@@ -304,13 +292,13 @@ def make_loader(
     sampler: torch.utils.data.Sampler[int] | None = None,
     num_workers: int = 0,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over (a subset of) a :class:`FeatureDataset` with the vectorized collate; the
-    order is the sampler's (in index order without one)."""
+    """A DataLoader over (a subset of) a :class:`FeatureDataset` that fetches each batch with one
+    ``__getitems__`` call; the order is the sampler's (in index order without one)."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=collate,
+        collate_fn=torch.utils.data.default_convert,  # the batch comes ready: passed on as it is
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )
