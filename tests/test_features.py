@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -18,13 +19,16 @@ from pipeline.data.images import box_to_pixels
 from pipeline.data.records import PAIR_KINDS, Dataset, Entity, Record, label_list, write_records
 from pipeline.features import build as build_module
 from pipeline.features.build import build_features
-from pipeline.features.dataset import CLIP_MEAN, CLIP_STD, FeatureDataset, make_loader
+from pipeline.features.dataset import FeatureDataset, make_loader
 from pipeline.features.images import crop_depth, crop_objects, normalize_depth, object_layout
 from pipeline.features.text import TextEncoder
 from pipeline.io import DataError, StaleCacheError, write_json
 from pipeline.text import MARKERS, load_tokenizer
 
 DEFAULTS = default_params()
+# The crops' normalization as published: OpenAI CLIP's preprocessing and ImageNet's (DeiT).
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -582,6 +586,7 @@ def test_a_stale_cache_is_refused_naming_the_setting(world, cache):
         ("model.text_model", "tiny"),
         ("features.crop_size", 32),
         ("data.use_depth", False),
+        ("model.vision_model", "deit_tiny_patch16_224"),  # another pixel normalization
     ]:
         params = apply_overrides(world["params"], {key: value})
         with pytest.raises(StaleCacheError, match=rf"{key}=.*params say {key}={value!r}"):
@@ -665,17 +670,52 @@ def test_the_loader_fetches_each_batch_in_one_call_and_gives_it_unchanged(world,
         assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
-def test_pixel_values_are_clip_normalized_and_empty_slots_zero(world, cache):
+def normalized_crop(world, image_id, slot, mean, std):
+    """A crop as the tower sees it, from PIL and numpy alone: (x / 255 - mean) / std per channel."""
+    image = Image.open(world["dataset"].image_path(image_id)).convert("RGB")
+    w, h = image.size
+    box = OBJECTS[image_id][f"[OBJ{slot}]"]
+    crop = clip_reference(image.crop((box[0] * w, box[1] * h, box[2] * w, box[3] * h)), 16)
+    return (crop / 255 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+
+
+def assert_pixels_normalized(world, ds, mean, std):
+    batch = ds.batch(range(len(ds)))
+    for b, record in enumerate(RECORDS["train"]):
+        for slot in range(4):
+            pixels = batch["pixel_values"][b, slot].numpy()
+            if f"[OBJ{slot}]" not in OBJECTS[record.image_id]:
+                assert not pixels.any() and not batch["depth_values"][b, slot].any()
+                continue
+            expected = normalized_crop(world, record.image_id, slot, mean, std)
+            np.testing.assert_allclose(pixels, expected, rtol=0, atol=2e-6)
+
+
+def test_pixel_values_are_the_crops_clip_normalized_and_empty_slots_zero(world, cache):
     ds = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
-    batch = ds.batch([4])  # b.jpg: slots 0 and 1
-    crops = ds.object_crops[ds.image_ids.index("b.jpg")].astype(np.float32) / 255
-    mean = np.array(CLIP_MEAN, np.float32)[:, None, None]
-    std = np.array(CLIP_STD, np.float32)[:, None, None]
-    for slot in (0, 1):
-        np.testing.assert_allclose(
-            batch["pixel_values"][0, slot].numpy(), (crops[slot] - mean) / std, atol=1e-5
-        )
-    assert not batch["pixel_values"][0, 2:].any() and not batch["depth_values"][0, 2:].any()
+    assert_pixels_normalized(world, ds, CLIP_MEAN, CLIP_STD)
+    # the tiny tower is a CLIP ViT: the cache records CLIP's constants, to the last digit
+    meta = json.loads(
+        pq.read_schema(cache[0] / "train/images-00000.parquet").metadata[b"remote.features"]
+    )
+    assert (meta["pixel_mean"], meta["pixel_std"]) == (list(CLIP_MEAN), list(CLIP_STD))
+
+
+@pytest.mark.parametrize(
+    "tower, mean, std",
+    [
+        ("deit_tiny_patch16_224", IMAGENET_MEAN, IMAGENET_STD),
+        ("vit_tiny_patch16_224", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # AugReg's
+    ],
+)
+def test_a_tower_chosen_by_name_brings_its_own_normalization(world, cache, tower, mean, std):
+    params = apply_overrides(world["params"], {"model.vision_model": tower})
+    out, _ = build(world, f"tower-{tower}", params)
+    ds = FeatureDataset.load(out, "train", params, RELATIONS)
+    assert_pixels_normalized(world, ds, mean, std)
+    clip = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
+    np.testing.assert_array_equal(ds.object_crops, clip.object_crops)  # same crops, other units
+    assert not torch.equal(ds.batch([0])["pixel_values"], clip.batch([0])["pixel_values"])
 
 
 def test_make_loader_follows_its_sampler_and_covers_every_sample(world, cache):

@@ -14,7 +14,9 @@ A split of the cache (the ``features`` stage's ``<out>/<split>/``) is two kinds 
   ``problem`` (empty, or why the crops are zeros under ``data.on_error=skip``).
 
 Every file's schema metadata (key :data:`METADATA_KEY`) records the schema version, the settings
-that shaped its bytes (:func:`cache_settings`), the marker list and the pad token.
+that shaped it (:func:`cache_settings`), the marker list, the pad token, and the vision tower's
+pixel normalization (``pixel_mean``, ``pixel_std``: its timm ``pretrained_cfg``, resolved by the
+writer, so this reader needs no model code).
 :meth:`FeatureDataset.load` refuses a cache built with other settings and names the setting that
 differs. A dataset holds a split in memory as numpy arrays and gathers a whole batch with a few
 vectorized index operations (no file opens, no decoding, no per-sample tensors), which torch's
@@ -41,8 +43,6 @@ from pipeline.io import StaleCacheError
 __all__ = [
     "SCHEMA_VERSION",
     "METADATA_KEY",
-    "CLIP_MEAN",
-    "CLIP_STD",
     "OPENING_MARKERS",
     "SAMPLES_SCHEMA",
     "images_schema",
@@ -51,10 +51,8 @@ __all__ = [
     "make_loader",
 ]
 
-SCHEMA_VERSION = 3  # 2: the label map in the metadata; 3: crops as tensor columns
+SCHEMA_VERSION = 3  # 2: the label map in the metadata; 3: crops as tensors, pixel mean/std
 METADATA_KEY = b"remote.features"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The batch's marker_pos: [head, tail] x [<s>, <k>, <o>], the opening markers by name.
 OPENING_MARKERS = (("<s1>", "<k1>", "<o1>"), ("<s2>", "<k2>", "<o2>"))
 
@@ -91,8 +89,9 @@ def images_schema(slots: int, size: int) -> pa.Schema:
 
 
 def cache_settings(params: Params) -> dict[str, Any]:
-    """The params that shape the cache's bytes, by dotted name (``data.pad_to_max`` does not: the
-    loader pads)."""
+    """The params that shape the cache, by dotted name: its bytes, and through
+    ``model.vision_model`` the pixel normalization (``data.pad_to_max`` does not: the loader
+    pads)."""
     return {
         "data.max_objects": params.data.max_objects,
         "data.max_seq": params.data.max_seq,
@@ -103,6 +102,7 @@ def cache_settings(params: Params) -> dict[str, Any]:
         "features.crop_resize": params.features.crop_resize,
         "features.depth_scale": params.features.depth_scale,
         "model.text_model": params.model.text_model,
+        "model.vision_model": params.model.vision_model,
     }
 
 
@@ -154,6 +154,8 @@ class FeatureDataset(torch.utils.data.Dataset):
         *,
         markers: Sequence[str],
         pad_token_id: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
         name: str = "features",
     ):
         self.split = name
@@ -192,9 +194,9 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.depth_crops = images.column("depth_crops").combine_chunks().to_numpy_ndarray()
         if len(self.image_index) and self.image_index.max() >= len(self.image_ids):
             raise StaleCacheError(f"{name}: samples point past the image table; rebuild the cache")
-        std = torch.tensor(CLIP_STD).view(3, 1, 1)
+        std = torch.tensor(pixel_std).view(3, 1, 1)
         self._scale = 1 / (255 * std)
-        self._shift = -torch.tensor(CLIP_MEAN).view(3, 1, 1) / std
+        self._shift = -torch.tensor(pixel_mean).view(3, 1, 1) / std
 
     @classmethod
     def load(
@@ -221,6 +223,8 @@ class FeatureDataset(torch.utils.data.Dataset):
             params,
             markers=meta[0]["markers"],
             pad_token_id=meta[0]["pad_token_id"],
+            pixel_mean=meta[0]["pixel_mean"],
+            pixel_std=meta[0]["pixel_std"],
             name=str(folder),
         )
 
@@ -261,7 +265,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         rows = torch.from_numpy(occupied)
         crops = torch.from_numpy(self.object_crops[source]).float()
         pixels = torch.zeros(len(idx) * slots, 3, size, size)
-        # CLIP normalization (x / 255 - mean) / std as one multiply-add
+        # the tower's normalization (x / 255 - mean) / std as one multiply-add
         pixels.index_copy_(0, rows, crops.mul_(self._scale).add_(self._shift))
         depth = torch.zeros(len(idx) * slots, size, size)
         depth.index_copy_(0, rows, torch.from_numpy(self.depth_crops[source]).float())
