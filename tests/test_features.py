@@ -8,6 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -578,6 +579,35 @@ def test_a_killed_run_resumes_from_finished_image_shards(world, cache, monkeypat
     )
     build(world, "other", apply_overrides(world["params"], {"data.use_box": False}))
     assert len(calls) == 4
+
+
+def test_crop_columns_are_tensors_whose_type_holds_dtype_and_shape(world, cache):
+    schema = pq.read_schema(cache[0] / "train/images-00000.parquet")
+    crops, depth = schema.field("object_crops").type, schema.field("depth_crops").type
+    assert crops == pa.fixed_shape_tensor(pa.uint8(), (4, 3, 16, 16))
+    assert depth == pa.fixed_shape_tensor(pa.float16(), (4, 16, 16))
+    assert (crops.value_type, crops.shape) == (pa.uint8(), [4, 3, 16, 16])
+    table = pq.read_table(cache[0] / "train/images-00000.parquet")  # a.png and b.jpg
+    ds = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
+    for name in ("object_crops", "depth_crops"):
+        array = table.column(name).chunk(0).to_numpy_ndarray()
+        assert array.dtype == getattr(ds, name).dtype
+        np.testing.assert_array_equal(array, getattr(ds, name)[:2])
+
+
+def test_a_cache_of_an_older_schema_version_is_refused(world, cache, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(cache[0], old)
+    path = old / "train/images-00001.parquet"
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"remote.features"])
+    meta["schema_version"] = 2
+    pq.write_table(table.replace_schema_metadata({b"remote.features": json.dumps(meta)}), path)
+    with pytest.raises(
+        StaleCacheError,
+        match=rf"{path}: cache schema version 2, this code reads 3: rerun the features stage",
+    ):
+        FeatureDataset.load(old, "train", world["params"], RELATIONS)
 
 
 def test_a_stale_cache_is_refused_naming_the_setting(world, cache):
