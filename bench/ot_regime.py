@@ -2,7 +2,7 @@
 
 Builds the model at the paper's shape (random ``BertConfig()`` text tower, or a real BERT-family
 checkpoint from a local folder; a random timm CLIP ViT of the same width and depth, patch 32), feeds
-it random batches in the collate contract (``pipeline.model.example.random_batch``: ~90-token texts
+it random batches in the batch contract (``pipeline.model.example.random_batch``: ~90-token texts
 with captions, 2-12 objects with depth), and reads :mod:`pipeline.model.regime`'s monitor:
 
 1. at initialization, over every sample (eval mode, no gradients);

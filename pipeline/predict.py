@@ -56,6 +56,7 @@ from pipeline.inference import load_for_inference, predict_dataset
 from pipeline.io import DataError, atomic_write_text
 from pipeline.model.saved import TrainedModel
 from pipeline.text import MARKERS
+from pipeline.vision import pixel_normalization
 
 __all__ = ["PredictInput", "read_inputs", "predict_file", "predict_inputs"]
 
@@ -317,12 +318,15 @@ def predict_inputs(
         images.append(featurize_image(image_id, item.image, objects, depth, params))
     label_ids = {label: i for i, label in enumerate(trained.labels)}
     index = {image_id: i for i, image_id in enumerate(image_ids)}
+    pixel_mean, pixel_std = pixel_normalization(params.model.vision_model)  # as the cache's
     dataset = FeatureDataset(
         samples_table(samples, index, label_ids),
         images_table(image_ids, images, params),
         params,
         markers=MARKERS,
         pad_token_id=trained.tokenizer.pad_token_id,
+        pixel_mean=pixel_mean,
+        pixel_std=pixel_std,
         name="predict inputs",
     )
     device = next(trained.model.parameters()).device

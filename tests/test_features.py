@@ -8,6 +8,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -18,13 +20,16 @@ from pipeline.data.images import box_to_pixels
 from pipeline.data.records import PAIR_KINDS, Dataset, Entity, Record, label_list, write_records
 from pipeline.features import build as build_module
 from pipeline.features.build import build_features
-from pipeline.features.dataset import CLIP_MEAN, CLIP_STD, FeatureDataset, collate, make_loader
+from pipeline.features.dataset import FeatureDataset, make_loader
 from pipeline.features.images import crop_depth, crop_objects, normalize_depth, object_layout
 from pipeline.features.text import TextEncoder
 from pipeline.io import DataError, StaleCacheError, write_json
 from pipeline.text import MARKERS, load_tokenizer
 
 DEFAULTS = default_params()
+# The crops' normalization as published: OpenAI CLIP's preprocessing and ImageNet's (DeiT).
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -576,12 +581,42 @@ def test_a_killed_run_resumes_from_finished_image_shards(world, cache, monkeypat
     assert len(calls) == 4
 
 
+def test_crop_columns_are_tensors_whose_type_holds_dtype_and_shape(world, cache):
+    schema = pq.read_schema(cache[0] / "train/images-00000.parquet")
+    crops, depth = schema.field("object_crops").type, schema.field("depth_crops").type
+    assert crops == pa.fixed_shape_tensor(pa.uint8(), (4, 3, 16, 16))
+    assert depth == pa.fixed_shape_tensor(pa.float16(), (4, 16, 16))
+    assert (crops.value_type, crops.shape) == (pa.uint8(), [4, 3, 16, 16])
+    table = pq.read_table(cache[0] / "train/images-00000.parquet")  # a.png and b.jpg
+    ds = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
+    for name in ("object_crops", "depth_crops"):
+        array = table.column(name).chunk(0).to_numpy_ndarray()
+        assert array.dtype == getattr(ds, name).dtype
+        np.testing.assert_array_equal(array, getattr(ds, name)[:2])
+
+
+def test_a_cache_of_an_older_schema_version_is_refused(world, cache, tmp_path):
+    old = tmp_path / "old"
+    shutil.copytree(cache[0], old)
+    path = old / "train/images-00001.parquet"
+    table = pq.read_table(path)
+    meta = json.loads(table.schema.metadata[b"remote.features"])
+    meta["schema_version"] = 2
+    pq.write_table(table.replace_schema_metadata({b"remote.features": json.dumps(meta)}), path)
+    with pytest.raises(
+        StaleCacheError,
+        match=rf"{path}: cache schema version 2, this code reads 3: rerun the features stage",
+    ):
+        FeatureDataset.load(old, "train", world["params"], RELATIONS)
+
+
 def test_a_stale_cache_is_refused_naming_the_setting(world, cache):
     for key, value in [
         ("data.max_seq", 64),
         ("model.text_model", "tiny"),
         ("features.crop_size", 32),
         ("data.use_depth", False),
+        ("model.vision_model", "deit_tiny_patch16_224"),  # another pixel normalization
     ]:
         params = apply_overrides(world["params"], {key: value})
         with pytest.raises(StaleCacheError, match=rf"{key}=.*params say {key}={value!r}"):
@@ -609,9 +644,8 @@ def test_batches_padded_to_max_seq_or_per_batch(world, cache):
     dynamic = FeatureDataset.load(
         cache[0], "train", apply_overrides(world["params"], {"data.pad_to_max": False}), RELATIONS
     )
-    items = [fixed[i] for i in (3, 0)]
-    a = collate(items)
-    b = collate([dynamic[i] for i in (3, 0)])
+    a = fixed.batch([3, 0])
+    b = dynamic.batch([3, 0])
     lengths = [int(fixed.lengths[3]), int(fixed.lengths[0])]
     assert a["input_ids"].shape == (2, 40) and b["input_ids"].shape == (2, max(lengths))
     assert a["attention_mask"].sum(1).tolist() == lengths == b["attention_mask"].sum(1).tolist()
@@ -637,17 +671,81 @@ def test_batches_padded_to_max_seq_or_per_batch(world, cache):
     assert a["depth_values"].shape == (2, 4, 16, 16)
 
 
-def test_pixel_values_are_clip_normalized_and_empty_slots_zero(world, cache):
+def test_an_item_is_one_sample_of_the_batch_without_its_batch_dimension(world, cache):
+    params = apply_overrides(world["params"], {"data.pad_to_max": False})
+    ds = FeatureDataset.load(cache[0], "train", params, RELATIONS)
+    batch = ds.batch([2])
+    item = ds[2]
+    assert item.keys() == batch.keys()
+    for key, value in item.items():
+        assert torch.equal(value, batch[key][0]), key
+    assert item["input_ids"].shape == (int(ds.lengths[2]),)  # unpadded: its own length
+    assert item["pixel_values"].shape == (4, 3, 16, 16) and item["labels"].shape == ()
+    assert torch.equal(ds[-1]["labels"], ds[len(ds) - 1]["labels"])
+    with pytest.raises(IndexError, match="out of range for 6 samples"):
+        ds[6]
+
+
+def test_the_loader_fetches_each_batch_in_one_call_and_gives_it_unchanged(world, cache):
     ds = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
-    batch = ds.batch([4])  # b.jpg: slots 0 and 1
-    crops = ds.object_crops[ds.image_ids.index("b.jpg")].astype(np.float32) / 255
-    mean = np.array(CLIP_MEAN, np.float32)[:, None, None]
-    std = np.array(CLIP_STD, np.float32)[:, None, None]
-    for slot in (0, 1):
-        np.testing.assert_allclose(
-            batch["pixel_values"][0, slot].numpy(), (crops[slot] - mean) / std, atol=1e-5
-        )
-    assert not batch["pixel_values"][0, 2:].any() and not batch["depth_values"][0, 2:].any()
+    calls = []
+    real = ds.batch
+    ds.__getitems__ = lambda indices: calls.append(list(indices)) or real(indices)
+    subset = torch.utils.data.Subset(ds, [5, 1, 3, 0, 2])
+    batches = list(make_loader(subset, 2))
+    assert calls == [[5, 1], [3, 0], [2]]
+    for indices, got in zip(calls, batches, strict=True):
+        expected = real(indices)
+        assert got.keys() == expected.keys()
+        assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def normalized_crop(world, image_id, slot, mean, std):
+    """A crop as the tower sees it, from PIL and numpy alone: (x / 255 - mean) / std per channel."""
+    image = Image.open(world["dataset"].image_path(image_id)).convert("RGB")
+    w, h = image.size
+    box = OBJECTS[image_id][f"[OBJ{slot}]"]
+    crop = clip_reference(image.crop((box[0] * w, box[1] * h, box[2] * w, box[3] * h)), 16)
+    return (crop / 255 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+
+
+def assert_pixels_normalized(world, ds, mean, std):
+    batch = ds.batch(range(len(ds)))
+    for b, record in enumerate(RECORDS["train"]):
+        for slot in range(4):
+            pixels = batch["pixel_values"][b, slot].numpy()
+            if f"[OBJ{slot}]" not in OBJECTS[record.image_id]:
+                assert not pixels.any() and not batch["depth_values"][b, slot].any()
+                continue
+            expected = normalized_crop(world, record.image_id, slot, mean, std)
+            np.testing.assert_allclose(pixels, expected, rtol=0, atol=2e-6)
+
+
+def test_pixel_values_are_the_crops_clip_normalized_and_empty_slots_zero(world, cache):
+    ds = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
+    assert_pixels_normalized(world, ds, CLIP_MEAN, CLIP_STD)
+    # the tiny tower is a CLIP ViT: the cache records CLIP's constants, to the last digit
+    meta = json.loads(
+        pq.read_schema(cache[0] / "train/images-00000.parquet").metadata[b"remote.features"]
+    )
+    assert (meta["pixel_mean"], meta["pixel_std"]) == (list(CLIP_MEAN), list(CLIP_STD))
+
+
+@pytest.mark.parametrize(
+    "tower, mean, std",
+    [
+        ("deit_tiny_patch16_224", IMAGENET_MEAN, IMAGENET_STD),
+        ("vit_tiny_patch16_224", (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),  # AugReg's
+    ],
+)
+def test_a_tower_chosen_by_name_brings_its_own_normalization(world, cache, tower, mean, std):
+    params = apply_overrides(world["params"], {"model.vision_model": tower})
+    out, _ = build(world, f"tower-{tower}", params)
+    ds = FeatureDataset.load(out, "train", params, RELATIONS)
+    assert_pixels_normalized(world, ds, mean, std)
+    clip = FeatureDataset.load(cache[0], "train", world["params"], RELATIONS)
+    np.testing.assert_array_equal(ds.object_crops, clip.object_crops)  # same crops, other units
+    assert not torch.equal(ds.batch([0])["pixel_values"], clip.batch([0])["pixel_values"])
 
 
 def test_make_loader_follows_its_sampler_and_covers_every_sample(world, cache):

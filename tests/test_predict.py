@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,9 @@ import pytest
 from PIL import Image
 from test_train import build_world, small_params
 
+from pipeline import predict as predict_module
 from pipeline.caption.table import CaptionTable
+from pipeline.config import apply_overrides
 from pipeline.data.records import Dataset
 from pipeline.io import DataError
 from pipeline.model.saved import load_trained
@@ -201,6 +204,37 @@ def test_a_line_whose_markers_fell_to_truncation_is_flagged(model, tmp_path, cap
     lost = flagged["markers_lost_to_truncation"]
     assert lost[:2] == ["<s2>", "</s2>"] and "<s1>" not in lost  # and the caption segment's
     assert f"{path}:2: entity markers <s2>, </s2>, " in caplog.text
+
+
+@pytest.mark.parametrize(
+    "tower, mean, std",
+    [
+        ("tiny", (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)),
+        ("deit_tiny_patch16_224", (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    ],
+)
+def test_predict_normalizes_crops_with_the_towers_mean_std(
+    model, tmp_path, monkeypatch, tower, mean, std
+):
+    pixels = np.random.default_rng(0).integers(0, 256, (24, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "img.png")
+    line = {**GOOD, "image": "img.png", "objects": [[0.1, 0.2, 0.7, 0.9]]}
+    trained = load_trained(model["best"])
+    trained = replace(
+        trained, params=apply_overrides(trained.params, {"model.vision_model": tower})
+    )
+    seen = {}
+    real = predict_module.predict_dataset
+
+    def spy(net, dataset, *args, **kwargs):
+        seen["crop"], seen["batch"] = dataset.object_crops[0, 0], dataset.batch([0])
+        return real(net, dataset, *args, **kwargs)
+
+    monkeypatch.setattr(predict_module, "predict_dataset", spy)
+    predict_inputs(trained, read_inputs(write_jsonl(tmp_path / "in.jsonl", [line]), 6), 8)
+    expected = (seen["crop"] / 255 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
+    assert seen["crop"].any()
+    np.testing.assert_allclose(seen["batch"]["pixel_values"][0, 0].numpy(), expected, atol=2e-6)
 
 
 def test_predict_command(model, tmp_path):

@@ -37,6 +37,7 @@ from pipeline.features.featurize import (
 from pipeline.features.text import EncodedText, TextEncoder
 from pipeline.io import atomic_path, recover_swap, swap_into_place, write_json
 from pipeline.text import MARKERS, load_tokenizer
+from pipeline.vision import pixel_normalization
 
 __all__ = ["build_features"]
 
@@ -44,7 +45,12 @@ log = logging.getLogger(__name__)
 
 
 def _metadata(
-    table: str, split: str, settings: dict[str, Any], tokenizer: Any, labels: list[str]
+    table: str,
+    split: str,
+    settings: dict[str, Any],
+    tokenizer: Any,
+    labels: list[str],
+    normalization: tuple[Sequence[float], Sequence[float]],
 ) -> dict:
     return {
         "label_map": label_map_hash(labels),
@@ -56,6 +62,8 @@ def _metadata(
         "settings_hash": section_hash(settings),
         "markers": list(MARKERS),
         "pad_token_id": int(tokenizer.pad_token_id),
+        "pixel_mean": list(normalization[0]),
+        "pixel_std": list(normalization[1]),
         "vocab_size": len(tokenizer),
     }
 
@@ -127,6 +135,7 @@ def build_features(
         tokenizer = load_tokenizer(params.model.text_model)
     encoder = TextEncoder(tokenizer, data.max_seq)
     settings = cache_settings(params)
+    normalization = pixel_normalization(params.model.vision_model)
     use_captions = data.use_caption and captions is not None and captions.backend != "none"
     image_shard_size = features.image_shard_size
 
@@ -156,7 +165,7 @@ def build_features(
         records = dataset.records(split)
         image_ids = sorted({r.image_id for r in records})
         image_index = {image_id: i for i, image_id in enumerate(image_ids)}
-        meta = _metadata("images", split, settings, tokenizer, labels)
+        meta = _metadata("images", split, settings, tokenizer, labels, normalization)
         for k, start in enumerate(range(0, max(len(image_ids), 1), image_shard_size)):
             path = split_dir / f"images-{k:05d}.parquet"
             if path.is_file():  # finished by a killed run with the same inputs
@@ -184,7 +193,7 @@ def build_features(
             stats.count(samples[-1].text)
             if samples[-1].captions is not None:
                 stats.count_missing(record, samples[-1].captions)
-        meta = _metadata("samples", split, settings, tokenizer, labels)
+        meta = _metadata("samples", split, settings, tokenizer, labels, normalization)
         for k, start in enumerate(range(0, max(len(kept), 1), features.shard_size)):
             table = samples_table(
                 samples[start : start + features.shard_size], image_index, label_ids

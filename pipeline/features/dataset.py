@@ -9,16 +9,19 @@ A split of the cache (the ``features`` stage's ``<out>/<split>/``) is two kinds 
   -1), ``pair_kind`` (index into ``PAIR_KINDS``) and ``label`` (id in ``relations.json``);
 - ``images-NNNNN.parquet``, one row per image of the split (:func:`images_schema`), sorted by image
   id: ``image_id``, ``num_objects``, ``object_mask`` (bool ``[P]``), ``boxes`` (float32 ``[P * 5]``:
-  x1, y1, x2, y2, area), two fixed-size binary columns holding C-order arrays: ``object_crops``
-  (uint8 ``[P, 3, S, S]``) and ``depth_crops`` (little-endian float16 ``[P, S, S]``), and
+  x1, y1, x2, y2, area), two ``fixed_shape_tensor`` columns whose type carries dtype and shape:
+  ``object_crops`` (uint8 ``[P, 3, S, S]``) and ``depth_crops`` (float16 ``[P, S, S]``), and
   ``problem`` (empty, or why the crops are zeros under ``data.on_error=skip``).
 
 Every file's schema metadata (key :data:`METADATA_KEY`) records the schema version, the settings
-that shaped its bytes (:func:`cache_settings`), the marker list and the pad token.
+that shaped it (:func:`cache_settings`), the marker list, the pad token, and the vision tower's
+pixel normalization (``pixel_mean``, ``pixel_std``: its timm ``pretrained_cfg``, resolved by the
+writer, so this reader needs no model code).
 :meth:`FeatureDataset.load` refuses a cache built with other settings and names the setting that
-differs. A dataset holds a split in memory as numpy arrays; ``dataset[i]`` is only a reference,
-and :func:`collate` gathers a whole batch with a few vectorized index operations (no file opens, no
-decoding, no per-sample tensors). ``predict`` builds the same tables in memory and reads them here.
+differs. A dataset holds a split in memory as numpy arrays and gathers a whole batch with a few
+vectorized index operations (no file opens, no decoding, no per-sample tensors), which torch's
+DataLoader asks for through ``__getitems__``. ``predict`` builds the same tables in memory and
+reads them here.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -40,22 +43,16 @@ from pipeline.io import StaleCacheError
 __all__ = [
     "SCHEMA_VERSION",
     "METADATA_KEY",
-    "CLIP_MEAN",
-    "CLIP_STD",
     "OPENING_MARKERS",
     "SAMPLES_SCHEMA",
     "images_schema",
     "cache_settings",
     "FeatureDataset",
-    "SampleRef",
-    "collate",
     "make_loader",
 ]
 
-SCHEMA_VERSION = 2  # 2: the label map in the metadata
+SCHEMA_VERSION = 3  # 2: the label map in the metadata; 3: crops as tensors, pixel mean/std
 METADATA_KEY = b"remote.features"
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The batch's marker_pos: [head, tail] x [<s>, <k>, <o>], the opening markers by name.
 OPENING_MARKERS = (("<s1>", "<k1>", "<o1>"), ("<s2>", "<k2>", "<o2>"))
 
@@ -84,16 +81,17 @@ def images_schema(slots: int, size: int) -> pa.Schema:
             ("num_objects", pa.int8()),
             ("object_mask", pa.list_(pa.bool_(), slots)),
             ("boxes", pa.list_(pa.float32(), slots * 5)),
-            ("object_crops", pa.binary(slots * 3 * size * size)),
-            ("depth_crops", pa.binary(slots * size * size * 2)),
+            ("object_crops", pa.fixed_shape_tensor(pa.uint8(), (slots, 3, size, size))),
+            ("depth_crops", pa.fixed_shape_tensor(pa.float16(), (slots, size, size))),
             ("problem", pa.string()),
         ]
     )
 
 
 def cache_settings(params: Params) -> dict[str, Any]:
-    """The params that shape the cache's bytes, by dotted name (``data.pad_to_max`` does not: the
-    loader pads)."""
+    """The params that shape the cache, by dotted name: its bytes, and through
+    ``model.vision_model`` the pixel normalization (``data.pad_to_max`` does not: the loader
+    pads)."""
     return {
         "data.max_objects": params.data.max_objects,
         "data.max_seq": params.data.max_seq,
@@ -104,6 +102,7 @@ def cache_settings(params: Params) -> dict[str, Any]:
         "features.crop_resize": params.features.crop_resize,
         "features.depth_scale": params.features.depth_scale,
         "model.text_model": params.model.text_model,
+        "model.vision_model": params.model.vision_model,
     }
 
 
@@ -138,31 +137,13 @@ def _read_checked(
     return pq.read_table(path), meta
 
 
-def _fixed_binary(column: pa.ChunkedArray, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
-    """A fixed-size binary column -> one numpy array ``[rows, *shape]`` (one copy)."""
-    width = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    parts = [
-        np.frombuffer(c.buffers()[1], dtype=np.uint8, count=len(c) * width, offset=c.offset * width)
-        for c in column.chunks
-        if len(c)
-    ]
-    flat = np.concatenate(parts) if parts else np.zeros(0, np.uint8)
-    return flat.view(dtype).reshape(-1, *shape)
-
-
-class SampleRef(NamedTuple):
-    """What ``FeatureDataset[i]`` returns: a cheap reference; :func:`collate` gathers the data."""
-
-    dataset: FeatureDataset
-    index: int
-
-
 class FeatureDataset(torch.utils.data.Dataset):
     """One split of features (samples and image tables), held in memory as numpy arrays.
 
-    ``dataset[i]`` is a :class:`SampleRef`; :func:`collate` (or :meth:`batch`) turns a list of them
-    into the batch dict of docs/ARCHITECTURE.md with a few vectorized gathers. Build it from the
-    cache with :meth:`load`, or from tables made in memory (``predict``).
+    :meth:`batch` gathers the batch dict of docs/ARCHITECTURE.md with a few vectorized index
+    operations; the DataLoader calls it as ``__getitems__``. ``dataset[i]`` is one sample's dict,
+    without the batch dimension. Build it from the cache with :meth:`load`, or from tables made in
+    memory (``predict``).
     """
 
     def __init__(
@@ -173,13 +154,15 @@ class FeatureDataset(torch.utils.data.Dataset):
         *,
         markers: Sequence[str],
         pad_token_id: int,
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
         name: str = "features",
     ):
         self.split = name
         self.max_seq = params.data.max_seq
         self.pad_to_max = params.data.pad_to_max
         self.pad_token_id = int(pad_token_id)
-        slots, size = params.data.max_objects, params.features.crop_size
+        slots = params.data.max_objects
         self.opening_markers = [[list(markers).index(m) for m in row] for row in OPENING_MARKERS]
 
         def column(table: pa.Table, name: str) -> np.ndarray:
@@ -206,15 +189,14 @@ class FeatureDataset(torch.utils.data.Dataset):
         self.object_mask = mask.reshape(-1, slots)
         boxes = images.column("boxes").combine_chunks().flatten().to_numpy()
         self.boxes = boxes.astype(np.float32).reshape(-1, slots, 5)
-        self.object_crops = _fixed_binary(
-            images.column("object_crops"), "u1", (slots, 3, size, size)
-        )
-        self.depth_crops = _fixed_binary(images.column("depth_crops"), "<f2", (slots, size, size))
+        # [I, P, 3, S, S] uint8 and [I, P, S, S] float16, zero-copy from a single shard
+        self.object_crops = images.column("object_crops").combine_chunks().to_numpy_ndarray()
+        self.depth_crops = images.column("depth_crops").combine_chunks().to_numpy_ndarray()
         if len(self.image_index) and self.image_index.max() >= len(self.image_ids):
             raise StaleCacheError(f"{name}: samples point past the image table; rebuild the cache")
-        std = torch.tensor(CLIP_STD).view(3, 1, 1)
+        std = torch.tensor(pixel_std).view(3, 1, 1)
         self._scale = 1 / (255 * std)
-        self._shift = -torch.tensor(CLIP_MEAN).view(3, 1, 1) / std
+        self._shift = -torch.tensor(pixel_mean).view(3, 1, 1) / std
 
     @classmethod
     def load(
@@ -241,6 +223,8 @@ class FeatureDataset(torch.utils.data.Dataset):
             params,
             markers=meta[0]["markers"],
             pad_token_id=meta[0]["pad_token_id"],
+            pixel_mean=meta[0]["pixel_mean"],
+            pixel_std=meta[0]["pixel_std"],
             name=str(folder),
         )
 
@@ -261,10 +245,12 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> SampleRef:
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        """Sample ``index`` as :meth:`batch` gives it, without the batch dimension (its text
+        unpadded unless ``data.pad_to_max``)."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        return SampleRef(self, index % len(self))
+        return {key: value[0] for key, value in self.batch([index]).items()}
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         """The batch dict of docs/ARCHITECTURE.md for these sample indices."""
@@ -279,7 +265,7 @@ class FeatureDataset(torch.utils.data.Dataset):
         rows = torch.from_numpy(occupied)
         crops = torch.from_numpy(self.object_crops[source]).float()
         pixels = torch.zeros(len(idx) * slots, 3, size, size)
-        # CLIP normalization (x / 255 - mean) / std as one multiply-add
+        # the tower's normalization (x / 255 - mean) / std as one multiply-add
         pixels.index_copy_(0, rows, crops.mul_(self._scale).add_(self._shift))
         depth = torch.zeros(len(idx) * slots, size, size)
         depth.index_copy_(0, rows, torch.from_numpy(self.depth_crops[source]).float())
@@ -299,15 +285,8 @@ class FeatureDataset(torch.utils.data.Dataset):
             "pair_kind": torch.from_numpy(self.pair_kinds[idx]),
         }
 
-
-def collate(items: Sequence[SampleRef]) -> dict[str, torch.Tensor]:
-    """Batch ``FeatureDataset`` items with vectorized gathers (the DataLoader's ``collate_fn``)."""
-    if not items:
-        raise ValueError("collate: empty batch")
-    dataset = items[0].dataset
-    if any(item.dataset is not dataset for item in items):
-        raise ValueError("collate: all items of a batch must come from the same FeatureDataset")
-    return dataset.batch([item.index for item in items])
+    # torch's DataLoader fetches a whole batch of indices through this, in one call
+    __getitems__ = batch
 
 
 def make_loader(
@@ -317,13 +296,13 @@ def make_loader(
     sampler: torch.utils.data.Sampler[int] | None = None,
     num_workers: int = 0,
 ) -> torch.utils.data.DataLoader:
-    """A DataLoader over (a subset of) a :class:`FeatureDataset` with the vectorized collate; the
-    order is the sampler's (in index order without one)."""
+    """A DataLoader over (a subset of) a :class:`FeatureDataset` that fetches each batch with one
+    ``__getitems__`` call; the order is the sampler's (in index order without one)."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
         sampler=sampler,
-        collate_fn=collate,
+        collate_fn=torch.utils.data.default_convert,  # the batch comes ready: passed on as it is
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
     )

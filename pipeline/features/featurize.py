@@ -178,6 +178,14 @@ def samples_table(
     )
 
 
+def _tensor_column(arrays: Sequence[np.ndarray], tensor_type: pa.DataType) -> pa.Array:
+    """Same-shape arrays as one ``fixed_shape_tensor`` column (``from_numpy_ndarray`` refuses an
+    empty split's zero rows)."""
+    if not arrays:
+        return pa.array([], tensor_type)
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack(arrays))
+
+
 def images_table(
     image_ids: Sequence[str], images: Sequence[ImageFeatures], params: Params
 ) -> pa.Table:
@@ -190,8 +198,8 @@ def images_table(
         "num_objects": pa.array([int(i.object_mask.sum()) for i in images], pa.int8()),
         "object_mask": pa.array([i.object_mask.tolist() for i in images], schema.field(2).type),
         "boxes": pa.FixedSizeListArray.from_arrays(pa.array(boxes, pa.float32()), slots * 5),
-        "object_crops": pa.array([i.object_crops.tobytes() for i in images], schema.field(4).type),
-        "depth_crops": pa.array([i.depth_crops.tobytes() for i in images], schema.field(5).type),
+        "object_crops": _tensor_column([i.object_crops for i in images], schema.field(4).type),
+        "depth_crops": _tensor_column([i.depth_crops for i in images], schema.field(5).type),
         "problem": pa.array([i.problem for i in images], pa.string()),
     }
     return pa.table([columns[f.name] for f in schema], schema=schema)

@@ -1,4 +1,4 @@
-"""Random batches in the collate contract (docs/ARCHITECTURE.md), for tests and benchmarks.
+"""Random batches in the batch contract (docs/ARCHITECTURE.md), for tests and benchmarks.
 
 Each sample is ``[CLS] sentence [SEP] captions [SEP]`` with random word pieces, the entity markers of
 its pair kind (``<s1> .. </s1>`` around a text head, ``<k1> cap </k1>`` or ``<o1> cap </o1>`` in the

@@ -20,8 +20,9 @@ from typing import Any
 
 from torch import nn
 
-from pipeline.hub import resolve
+from pipeline.hub import is_tiny, resolve
 from pipeline.io import staging_dir
+from pipeline.vision import TINY_VISION_ARCHITECTURE, TINY_VISION_ARGS, timm_name
 
 __all__ = [
     "TINY_TEXT_CONFIG",
@@ -35,15 +36,13 @@ __all__ = [
     "vision_spec",
 ]
 
-# Tiny presets: the paper's structure (BERT / CLIP ViT with QuickGELU, patch 32) at hidden size 64.
+# Tiny preset: the paper's structure (BERT) at hidden size 64; the ViT's is in pipeline.vision.
 TINY_TEXT_CONFIG = {
     "hidden_size": 64,
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "intermediate_size": 128,
 }
-TINY_VISION_ARCHITECTURE = "vit_base_patch32_clip_quickgelu_224"
-TINY_VISION_ARGS = {"embed_dim": 64, "depth": 4, "num_heads": 4}
 
 
 def _check_bert(config: Any, name: str) -> None:
@@ -114,19 +113,12 @@ def load_vision_tower(name: str, pretrained: bool) -> tuple[nn.Module, dict]:
     """A timm ViT without classifier (pretrained weights when asked and available), and its spec."""
     import timm
 
-    source = resolve(name)
-    if source.kind == "tiny":
+    if is_tiny(name):
         model = timm.create_model(
             TINY_VISION_ARCHITECTURE, pretrained=False, num_classes=0, **TINY_VISION_ARGS
         )
     else:
-        timm_name = f"local-dir:{source.path}" if source.kind == "local" else source.name
-        if source.kind == "local" and not (source.path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"{source.path}: not a vision tower folder (expected config.json naming a timm "
-                "architecture and model.safetensors, as written by save_vision_tower)"
-            )
-        model = timm.create_model(timm_name, pretrained=pretrained, num_classes=0)
+        model = timm.create_model(timm_name(name), pretrained=pretrained, num_classes=0)
     return model, vision_spec(model)
 
 
