@@ -236,14 +236,15 @@ def test_model_config_rebuilds_the_same_model(tokenizer):
     # JSON turns the BERT config's int label keys into strings; everything else round-trips.
     assert dataclasses.replace(config, text=model.config.text) == model.config
     torch.manual_seed(123)
-    rebuilt = RemoteModel.from_config(config, tokenizer).eval()
+    rebuilt = RemoteModel(config).eval()
+    rebuilt.check_tokenizer(tokenizer)
     batch = make_batch(tokenizer, [8, 9, 10])
     with torch.no_grad():
         assert rel_err(rebuilt(batch), model(batch)) > 1e-3  # random weights differ
         rebuilt.load_state_dict(model.state_dict(), strict=True)
         assert torch.equal(rebuilt(batch), model(batch))
     with pytest.raises(ValueError, match="tokenizer has"):
-        RemoteModel.from_config(config, list(range(len(tokenizer) + 1)))  # a longer vocabulary
+        rebuilt.check_tokenizer(list(range(len(tokenizer) + 1)))  # a longer vocabulary
 
 
 def test_wrong_number_of_object_slots_fails_clearly(tokenizer):

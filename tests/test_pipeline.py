@@ -159,7 +159,7 @@ def test_exp_run_with_override_and_clean_status(repo):
     shown = dvc(repo, "exp", "show", "--md")
     assert "micro_f1" in shown and "train.epochs" in shown
     assert changed_stages(repo) == set()
-    # `compare` reads the real `dvc exp show --json`: the commit and the experiment, one row each.
+    # `compare` reads the real `dvc.api.exp_show()`: the commit and the experiment, one row each.
     table = run([str(BIN / "python"), "-m", "stages", "compare", "-m", "micro_f1"], repo)
     rows = [line for line in table.splitlines() if line.startswith("| `")]
     assert [r.split("|")[1].strip() for r in rows] == ["`baseline`", "`train.epochs=1`"], table

@@ -328,6 +328,21 @@ def test_tensorboard_logs_the_loss_curve_dvclive_logs(world, tmp_path):
               world["raw"], tmp_path / "m2", tmp_path / "live2")  # fmt: skip
 
 
+def test_wandb_logs_offline_the_values_dvclive_logs(world, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    params = small_params(**{"train.epochs": 1, "train.log_with": ["dvclive", "wandb"]})
+    live = tmp_path / "live"
+    train(params, world["features"], world["raw"], tmp_path / "m", live)
+    (run,) = (live / "wandb").glob("offline-run-*/run-*.wandb")
+    # The run file is W&B's binary record log; each logged value is in it as its JSON text.
+    records = run.read_bytes()
+    _, loss = read_live_metric(live, "train/loss")
+    assert len(loss) == 15
+    assert all(json.dumps(float(value)).encode() in records for value in loss)
+    assert b"dev/micro_f1" in records and b"train.seed" in records
+
+
 # ---------------------------------------------------------------------------------------------
 # Resuming, early stopping, several processes
 
