@@ -36,6 +36,7 @@ __all__ = [
     "default_params",
     "params_from_dict",
     "params_to_dict",
+    "flatten",
     "apply_overrides",
     "section_hash",
 ]
@@ -359,6 +360,17 @@ def params_from_dict(raw: dict[str, Any]) -> Params:
             f"params: expected a mapping at the top level, found {type(raw).__name__}"
         )
     return _build(Params, raw, "")
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested mapping as ``dotted.key -> leaf`` (the keys ``-S`` and presets use)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def params_to_dict(obj: Any) -> dict[str, Any]:

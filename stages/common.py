@@ -101,6 +101,8 @@ def setup_logging() -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # accelerate's save_state / load_state log every file they write at INFO: keep its warnings.
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
 def _launch_position() -> tuple[int, int]:

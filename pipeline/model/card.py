@@ -13,7 +13,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from pipeline.config import Params, default_params, params_to_dict
+from pipeline.config import Params, default_params, flatten, params_to_dict
 from pipeline.presets import apply_preset, as_exp_flags
 
 __all__ = ["CARD_FILE", "KEY_PARAMS", "FIDELITY_SWITCHES", "model_card"]
@@ -36,16 +36,6 @@ FIDELITY_SWITCHES = (
     "train.report_test_each_epoch",
 )  # fmt: skip
 PAIR_KIND_ORDER = ("text-text", "text-object", "object-object")
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _number(value: Any) -> str:
@@ -89,8 +79,8 @@ def model_card(
     """The card's Markdown. ``info``: the training info (``epoch``, ``dev`` metrics);
     ``test``: ``metrics/test.json``'s content; ``dataset``: ``{"source", "manifest_sha256",
     "splits"}`` of the dataset it was scored on (both None before evaluation)."""
-    flat = _flat(params_to_dict(params))
-    paper = _flat(params_to_dict(apply_preset(params, "paper")))
+    flat = flatten(params_to_dict(params))
+    paper = flatten(params_to_dict(apply_preset(params, "paper")))
     lines = [
         _metadata(params, test),
         f"# REMOTE relation classifier ({params.data.source})",
@@ -173,7 +163,7 @@ def model_card(
         "",
         "```bash",
         "make setup && "
-        + " ".join(["dvc exp run", *_flags(flat, _flat(params_to_dict(default_params())))]),
+        + " ".join(["dvc exp run", *_flags(flat, flatten(params_to_dict(default_params())))]),
         "```",
         "",
         "## Use",

@@ -38,7 +38,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from pipeline.config import Params, params_to_dict
+from pipeline.config import Params, flatten, params_to_dict
 from pipeline.data.records import Dataset, label_list
 from pipeline.device import is_distributed_launch, set_determinism
 from pipeline.features.dataset import FeatureDataset, make_loader
@@ -121,15 +121,10 @@ class TrainResult:
 TRACKER_PACKAGES = {"tensorboard": "tensorboard", "wandb": "wandb"}
 
 
-def _flat_config(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def _flat_config(tree: dict[str, Any]) -> dict[str, Any]:
     """Params as ``dotted.key -> scalar`` (TensorBoard's hparams take no nesting and no lists)."""
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat_config(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
-    return flat
+    flat = flatten(tree)
+    return {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in flat.items()}
 
 
 def _start_trackers(
