@@ -186,6 +186,7 @@ class TrainParams:
     threads: int
     deterministic: bool
     log_with: list[Literal["dvclive", "tensorboard", "wandb"]]
+    gradient_checkpointing: bool
 
 
 @dataclass(frozen=True)

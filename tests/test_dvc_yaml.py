@@ -82,5 +82,6 @@ def test_listed_params_exist(stage):
 
 def test_throughput_knobs_rerun_nothing():
     listed = {key for stage in STAGES for key in DVC["stages"][stage].get("params", [])}
-    for knob in ("train.num_workers", "train.eval_batch_size", "evaluate.batch_size"):
+    knobs = ("train.num_workers", "train.eval_batch_size", "evaluate.batch_size")
+    for knob in (*knobs, "train.gradient_checkpointing"):
         assert knob not in listed and knob.split(".")[0] not in listed

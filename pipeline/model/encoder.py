@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from pipeline.config import OTParams
 from pipeline.model.embeddings import ObjectPooling
@@ -188,6 +189,10 @@ class DualStreamEncoder(nn.Module):
             )
         self.pool_after_layer = pool_after_layer
         self.fusion_start_layer = fusion_start_layer
+        # train.gradient_checkpointing: recompute each layer pair's activations in the backward
+        # pass instead of keeping them (the OT step after it is kept: its monitor and the uniform
+        # sums must run once a step).
+        self.gradient_checkpointing = False
         self.text_layers = nn.ModuleList(
             TextLayer(layer, fuse=i >= fusion_start_layer) for i, layer in enumerate(bert_layers)
         )
@@ -220,6 +225,26 @@ class DualStreamEncoder(nn.Module):
                 MultilevelTransport(hidden, **settings) for _ in range(num_layers - 1)
             )
 
+    def _layer_pair(
+        self,
+        i: int,
+        text: torch.Tensor,
+        vision: torch.Tensor,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None,
+        prefix_mask: torch.Tensor | None,
+        self_mask: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Vision layer ``i`` (with the previous text layer's keys/values as prefix), the object
+        pooling after ``pool_after_layer``, then text layer ``i`` (fused with the vision states
+        from ``fusion_start_layer`` on): the unit of gradient checkpointing."""
+        vision = self.vision_layers[i](vision, prefix, prefix_mask)
+        if i == self.pool_after_layer:
+            vision = self.pooling(vision, boxes)
+        fuse = i >= self.fusion_start_layer
+        text, keys_values = self.text_layers[i](text, self_mask, vision if fuse else None)
+        return text, vision, keys_values
+
     def forward(
         self,
         text: torch.Tensor,
@@ -237,18 +262,16 @@ class DualStreamEncoder(nn.Module):
         states = EncoderStates(text=[text], vision=[vision])
         uniform = _UniformSources(self, states, pad_mask) if self.uniform else None
         prefix = None
-        for i, (text_layer, vision_layer) in enumerate(
-            zip(self.text_layers, self.vision_layers, strict=True)
-        ):
+        for i in range(len(self.text_layers)):
             prefix_mask = None
             if prefix is not None and pad_mask is not None:
                 vision_keys = pad_mask.new_ones(pad_mask.shape[0], vision.shape[1])
                 prefix_mask = torch.cat([pad_mask, vision_keys], dim=1)[:, None, None, :]
-            vision = vision_layer(vision, prefix, prefix_mask)
-            if i == self.pool_after_layer:
-                vision = self.pooling(vision, boxes)
-            fuse = i >= self.fusion_start_layer
-            text, keys_values = text_layer(text, self_mask, vision if fuse else None)
+            pair = (i, text, vision, prefix, prefix_mask, self_mask, boxes)
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                text, vision, keys_values = checkpoint(self._layer_pair, *pair, use_reentrant=False)
+            else:
+                text, vision, keys_values = self._layer_pair(*pair)
             prefix = keys_values if i + 1 >= self.fusion_start_layer else None
             if uniform is not None:
                 text, vision = uniform.step(i, text, vision)

@@ -220,6 +220,7 @@ def train(
     )
 
     model = build_model(params, len(labels), tokenizer)
+    model.encoder.gradient_checkpointing = tp.gradient_checkpointing
     if tp.optimize == "original":
         # The original optimized only parameters named ``model.*``: the entity projection M and
         # the classifier keep their random init.
