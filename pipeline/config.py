@@ -187,6 +187,8 @@ class TrainParams:
     deterministic: bool
     log_with: list[Literal["dvclive", "tensorboard", "wandb"]]
     gradient_checkpointing: bool
+    compile: bool
+    tf32: bool
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ __all__ = [
     "process_state",
     "select_device",
     "set_determinism",
+    "set_tf32",
     "torch_dtype",
     "effective_dtype",
     "autocast",
@@ -59,6 +60,13 @@ def set_determinism(threads: int, deterministic: bool) -> None:
     if deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic, warn_only=True)
+
+
+def set_tf32(enabled: bool) -> None:
+    """Float32 matrix products on GPUs in TF32 (Ampere and later; ~10 significant bits in the
+    products, float32 accumulation) or in full float32, PyTorch's default and the original's. No
+    effect on the CPU; convolutions keep PyTorch's default (TF32 allowed in cuDNN)."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -43,11 +43,12 @@ def main(
     models/best` publishes it)."""
     setup_logging()
     p = read_params(params)
-    from pipeline.device import set_determinism
+    from pipeline.device import set_determinism, set_tf32
     from pipeline.evaluate.report import evaluate_model
 
     # Scored with the thread count the model was trained with (the same rounding).
     set_determinism(p.train.threads, p.train.deterministic)
+    set_tf32(p.train.tf32)
 
     outputs = (metrics, plots) if release is None else (metrics, plots, release)
     with reported_errors(), writing_outputs(*outputs):

@@ -662,8 +662,12 @@ def test_batches_padded_to_max_seq_or_per_batch(world, cache):
     assert a.keys() == {
         "input_ids", "token_type_ids", "attention_mask", "marker_pos", "object_slot",
         "pixel_values", "depth_values", "boxes", "num_objects", "labels", "pair_kind",
+        "text_padded",
     }  # fmt: skip
-    dtypes = {k: v.dtype for k, v in a.items()}
+    # The model skips its masks on this flag: it must say exactly whether a text is padded.
+    assert a["text_padded"] is True and b["text_padded"] is (lengths[0] != lengths[1])
+    assert fixed.batch([0])["text_padded"] is True and dynamic.batch([0])["text_padded"] is False
+    dtypes = {k: v.dtype for k, v in a.items() if k != "text_padded"}
     floats = {"pixel_values", "depth_values", "boxes"}
     assert {k for k, d in dtypes.items() if d == torch.float32} == floats
     assert {d for k, d in dtypes.items() if k not in floats} == {torch.int64}
@@ -676,7 +680,7 @@ def test_an_item_is_one_sample_of_the_batch_without_its_batch_dimension(world, c
     ds = FeatureDataset.load(cache[0], "train", params, RELATIONS)
     batch = ds.batch([2])
     item = ds[2]
-    assert item.keys() == batch.keys()
+    assert item.keys() == batch.keys() - {"text_padded"}  # a flag of the batch, not a sample
     for key, value in item.items():
         assert torch.equal(value, batch[key][0]), key
     assert item["input_ids"].shape == (int(ds.lengths[2]),)  # unpadded: its own length
@@ -697,7 +701,10 @@ def test_the_loader_fetches_each_batch_in_one_call_and_gives_it_unchanged(world,
     for indices, got in zip(calls, batches, strict=True):
         expected = real(indices)
         assert got.keys() == expected.keys()
-        assert all(torch.equal(got[k], expected[k]) for k in expected)
+        assert all(
+            torch.equal(got[k], v) if torch.is_tensor(v) else got[k] == v
+            for k, v in expected.items()
+        )
 
 
 def normalized_crop(world, image_id, slot, mean, std):

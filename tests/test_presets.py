@@ -40,6 +40,7 @@ def test_paper_preset_is_the_paper_setup(params, name):
     assert (p.train.epochs, p.train.seed, p.train.weight_decay) == (30, 1234, 0.01)
     # The original's training: fp32, no clipping, decay on every parameter.
     assert (p.train.mixed_precision, p.train.max_grad_norm) == ("no", 0)
+    assert p.train.tf32 is False  # full fp32 matrix products on GPUs, as PyTorch's default
     assert p.train.decay_norms_and_biases is True
     # The original's protocol stays opt-in (train every parameter, select on dev).
     assert (p.train.optimize, p.train.report_test_each_epoch) == ("all", False)

@@ -378,6 +378,80 @@ def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
     assert (fresh.resumed_from_epoch, fresh.epochs_run) == (0, 1)
 
 
+# What waits for the device: reading a tensor's value on the host (bool(), int(), float(), .item()).
+HOST_READS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}
+
+
+def _inside(event, name: str) -> bool:
+    while event is not None:
+        if event.name == name:
+            return True
+        event = event.cpu_parent
+    return False
+
+
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0], ids=["clipped", "unclipped"])
+def test_training_steps_never_wait_for_the_device(world, tmp_path, max_grad_norm):
+    # The profiler sees every host read of a tensor value; inside the steps' ranges (forward,
+    # backward, norm, finiteness check, update) there must be none, the OT regime's steps
+    # included. The losses are read outside them, every log_every steps and at the epoch's end.
+    from torch.profiler import ProfilerActivity, profile
+
+    from pipeline.train.loop import STEP_RANGE
+
+    params = small_params(
+        **{"train.epochs": 1, "train.log_every": 5, "train.max_grad_norm": max_grad_norm}
+    )
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        train(params, world["features"], world["raw"], tmp_path / "m", tmp_path / "live")
+    events = prof.events()
+    # 15 steps, each a forward/backward range and an update range
+    assert sum(e.name == STEP_RANGE for e in events) == 2 * 15
+    reads = [e for e in events if e.name in HOST_READS]
+    # The CPU kernel of the fused AdamW reads its own CPU step counters with item(); its CUDA
+    # kernel takes them as device tensors. Those are not waits for a device.
+    inside = [
+        e.name for e in reads if _inside(e, STEP_RANGE) and not _inside(e, "aten::_fused_adamw_")
+    ]
+    assert inside == []
+    assert reads  # the reads the loop does make are visible to this check
+    steps, _ = read_live_metric(tmp_path / "live", "train/loss")
+    assert steps.tolist() == list(range(1, 16))  # every step still logged
+
+
+@pytest.mark.slow
+def test_compiled_training_logs_and_saves_what_eager_training_does(world, tmp_path, monkeypatch):
+    # The loop's compile path: accelerate's dynamo plugin, the OT monitor's steps run eager, the
+    # saved weights carry no compile wrapper. aot_eager traces the model as inductor would (the
+    # same graphs and dynamic text length) and compiles in seconds; test_compile.py checks
+    # inductor's numbers.
+    import pipeline.train.loop as loop
+
+    monkeypatch.setattr(loop, "COMPILE_BACKEND", "aot_eager")
+    torch._dynamo.reset()
+    runs = {}
+    for compiled in (False, True):
+        params = small_params(
+            **{"train.epochs": 1, "train.log_every": 5, "train.compile": compiled}
+        )
+        live = tmp_path / f"live-{compiled}"
+        result = train(params, world["features"], world["raw"], tmp_path / f"m-{compiled}", live)
+        runs[compiled] = (result, live)
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (graphs > 0) == compiled, graphs
+    (eager, eager_live), (compiled, compiled_live) = runs[False], runs[True]
+    saved = load_trained(compiled.best_dir).model.state_dict()
+    assert saved.keys() == eager.model.state_dict().keys()
+    for name in ("train/loss", "ot/all/share_above_floor"):
+        steps, values = read_live_metric(compiled_live, name)
+        eager_steps, eager_values = read_live_metric(eager_live, name)
+        assert steps.tolist() == eager_steps.tolist()
+        np.testing.assert_allclose(values, eager_values, rtol=1e-3)
+    assert compiled.history[0]["dev_micro_f1"] == pytest.approx(
+        eager.history[0]["dev_micro_f1"], abs=0.05
+    )
+
+
 def test_same_machine_and_threads_give_byte_identical_models(world, tmp_path):
     params = small_params(**{"train.epochs": 2, "train.deterministic": True})
     for name in ("a", "b"):

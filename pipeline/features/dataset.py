@@ -250,9 +250,10 @@ class FeatureDataset(torch.utils.data.Dataset):
         unpadded unless ``data.pad_to_max``)."""
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
-        return {key: value[0] for key, value in self.batch([index]).items()}
+        sample = self.batch([index])
+        return {key: value[0] for key, value in sample.items() if torch.is_tensor(value)}
 
-    def batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
+    def batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor | bool]:
         """The batch dict of docs/ARCHITECTURE.md for these sample indices."""
         idx = np.asarray(indices, dtype=np.int64)
         lengths = self.lengths[idx]
@@ -283,6 +284,8 @@ class FeatureDataset(torch.utils.data.Dataset):
             "num_objects": torch.from_numpy(self.num_objects[images]),
             "labels": torch.from_numpy(self.labels[idx]),
             "pair_kind": torch.from_numpy(self.pair_kinds[idx]),
+            # Known here without reading a device: the model skips masks when nothing is padded.
+            "text_padded": bool(lengths.min() < width),
         }
 
     # torch's DataLoader fetches a whole batch of indices through this, in one call
@@ -295,9 +298,11 @@ def make_loader(
     *,
     sampler: torch.utils.data.Sampler[int] | None = None,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> torch.utils.data.DataLoader:
     """A DataLoader over (a subset of) a :class:`FeatureDataset` that fetches each batch with one
-    ``__getitems__`` call; the order is the sampler's (in index order without one)."""
+    ``__getitems__`` call; the order is the sampler's (in index order without one).
+    ``pin_memory`` (for a GPU): page-locked batches, so copies to the device do not block."""
     return torch.utils.data.DataLoader(
         dataset,
         batch_size=batch_size,
@@ -305,4 +310,5 @@ def make_loader(
         collate_fn=torch.utils.data.default_convert,  # the batch comes ready: passed on as it is
         num_workers=num_workers,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )

@@ -252,11 +252,15 @@ class DualStreamEncoder(nn.Module):
         boxes: torch.Tensor | None,
         text_mask: torch.Tensor,
         mask_padding: bool,
+        has_padding: bool | None = None,
     ) -> EncoderStates:
         """``text`` ``[B, T, D]`` and ``vision`` ``[B, N, D]`` embeddings; ``text_mask`` ``[B, T]``
         bool. ``mask_padding`` False reproduces the original: text padding is masked only in BERT's
-        self-attention, and joins prefix attention and OT."""
-        has_padding = not bool(text_mask.all())
+        self-attention, and joins prefix attention and OT. ``has_padding``: whether ``text_mask``
+        has a False entry, when the caller knows it; None reads the mask, which waits for the
+        device and breaks a compiled graph."""
+        if has_padding is None:
+            has_padding = not bool(text_mask.all())
         self_mask = text_mask[:, None, None, :] if has_padding else None
         pad_mask = text_mask if mask_padding and has_padding else None
         states = EncoderStates(text=[text], vision=[vision])

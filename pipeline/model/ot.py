@@ -144,16 +144,18 @@ def fused_sinkhorn_plan(
     """:class:`FusedSinkhorn` in cache-sized batch chunks; ``kernel`` ``[b, n, m]`` positive."""
     if row_mass.requires_grad or column_mass.requires_grad:
         raise ValueError("fused Sinkhorn: the marginals are constants (no gradient)")
-    elements = FUSED_CHUNK_ELEMENTS * torch.get_num_threads()
+
+    def solve(k: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return FusedSinkhorn.apply(k.float(), a.float(), b.float(), iterations, clamp)
+
     # Mixed precision would run the products in bf16/fp16: keep the iterations in float32.
     with torch.autocast(kernel.device.type, enabled=False):
-        return _solve_in_chunks(
-            lambda k, a, b: FusedSinkhorn.apply(k.float(), a.float(), b.float(), iterations, clamp),
-            elements,
-            kernel,
-            row_mass,
-            column_mass,
-        )
+        if torch.compiler.is_compiling():
+            # Cache-sized chunks help eager kernels only; a compiled graph solves the batch whole
+            # (and cannot trace the thread count).
+            return solve(kernel, row_mass, column_mass)
+        elements = FUSED_CHUNK_ELEMENTS * torch.get_num_threads()
+        return _solve_in_chunks(solve, elements, kernel, row_mass, column_mass)
 
 
 def _solve_in_chunks(solve, elements: int, problems: torch.Tensor, *per_problem) -> torch.Tensor:
@@ -265,6 +267,8 @@ def transport_plan(
             return checkpoint(sinkhorn_plan, *args, solver=solver, clamp=clamp, use_reentrant=False)
         return sinkhorn_plan(*args, solver=solver, clamp=clamp)
 
+    if torch.compiler.is_compiling():  # chunks help eager kernels only (fused_sinkhorn_plan)
+        return solve(cost, row_mass, column_mass)
     return _solve_in_chunks(solve, CHUNK_ELEMENTS, cost, row_mass, column_mass)
 
 

@@ -53,29 +53,41 @@ def floor_threshold(epsilon: float, kernel_floor: float) -> float:
 
 
 class RegimeStats:
-    """What one transport module saw, merged over the batches it was called on."""
+    """What one transport module saw, merged over the batches it was called on.
+
+    The sums stay on the device of the costs (adding a batch never waits for it); :meth:`summary`
+    reads them."""
 
     def __init__(self, threshold: float | None) -> None:
         self.threshold = threshold  # None: the uniform mode (no cost, no kernel)
-        self.entries = 0
-        self.above = 0
-        self.min_cost = math.inf
-        self.histogram = torch.zeros(BINS, dtype=torch.float64)
-        self.update_sq = 0.0
-        self.hidden_sq = 0.0
+        # 0-d tensors (or 0 before the first batch): real entries, those above the floor, the
+        # smallest cost, squared norms of the update and of its input; and the log-cost histogram
+        self.entries: torch.Tensor | int = 0
+        self.above: torch.Tensor | int = 0
+        self.min_cost: torch.Tensor | float = math.inf
+        self.histogram: torch.Tensor | int = 0
+        self.update_sq: torch.Tensor | float = 0.0
+        self.hidden_sq: torch.Tensor | float = 0.0
 
     @torch.no_grad()
     def add_cost(self, cost: torch.Tensor, valid: torch.Tensor | None) -> None:
         """``cost`` ``[B, n, m]``; ``valid`` ``[B, n, m]`` bool (True on real entries) or None."""
-        values = cost.detach().float()
-        values = values[valid] if valid is not None else values.reshape(-1)
-        if values.numel() == 0:
-            return
-        self.entries += values.numel()
-        self.above += int((values < self.threshold).sum())
-        self.min_cost = min(self.min_cost, float(values.min()))
+        values = cost.detach().float().reshape(-1)
+        if valid is None:
+            valid = torch.ones_like(values, dtype=torch.bool)
+        valid = valid.reshape(-1)
+        weight = valid.double()
+        self.entries = self.entries + weight.sum()
+        self.above = self.above + ((values < self.threshold) & valid).double().sum()
+        self.min_cost = torch.minimum(
+            torch.as_tensor(self.min_cost, device=values.device),
+            torch.where(valid, values, math.inf).min(),
+        )
+        # torch.histc's bins, with padded entries weighted 0 (no boolean indexing: no sync)
         logs = values.clamp(min=10**LOG_LOW, max=10**LOG_HIGH).log10()
-        self.histogram += torch.histc(logs, BINS, min=LOG_LOW, max=LOG_HIGH).double().cpu()
+        bins = ((logs - LOG_LOW) * (BINS / (LOG_HIGH - LOG_LOW))).long().clamp(0, BINS - 1)
+        counts = torch.zeros(BINS, dtype=torch.float64, device=values.device)
+        self.histogram = self.histogram + counts.index_add_(0, bins, weight)
 
     @torch.no_grad()
     def add_update(
@@ -83,17 +95,19 @@ class RegimeStats:
     ) -> None:
         """``hidden`` (the transport's input) and ``update`` (``w Pi S``) ``[B, n, D]``;
         ``row_mask`` ``[B, n]`` bool or None."""
-        hidden, update = hidden.detach().float(), update.detach().float()
+        hidden_sq = hidden.detach().float().square().sum(-1)
+        update_sq = update.detach().float().square().sum(-1)
         if row_mask is not None:
-            hidden, update = hidden[row_mask], update[row_mask]
-        self.hidden_sq += float(hidden.square().sum())
-        self.update_sq += float(update.square().sum())
+            hidden_sq, update_sq = hidden_sq * row_mask, update_sq * row_mask
+        self.hidden_sq = self.hidden_sq + hidden_sq.double().sum()
+        self.update_sq = self.update_sq + update_sq.double().sum()
 
     def median_cost(self) -> float:
-        total = float(self.histogram.sum())
+        histogram = torch.as_tensor(self.histogram, dtype=torch.float64).cpu()
+        total = float(histogram.sum())
         if total == 0:
             return math.nan
-        rank = int(torch.searchsorted(self.histogram.cumsum(0), total / 2))
+        rank = int(torch.searchsorted(histogram.cumsum(0), total / 2))
         width = (LOG_HIGH - LOG_LOW) / BINS
         return 10 ** (LOG_LOW + (min(rank, BINS - 1) + 0.5) * width)
 
@@ -101,12 +115,14 @@ class RegimeStats:
         """``share_above_floor``, ``min_cost``, ``median_cost`` (transport mode only) and
         ``relative_update`` = ``||w Pi S|| / ||h||`` over the real tokens."""
         out = {}
-        if self.threshold is not None and self.entries:
-            out["share_above_floor"] = self.above / self.entries
-            out["min_cost"] = self.min_cost
+        entries = int(self.entries)
+        if self.threshold is not None and entries:
+            out["share_above_floor"] = float(self.above) / entries
+            out["min_cost"] = float(self.min_cost)
             out["median_cost"] = self.median_cost()
-        if self.hidden_sq > 0:
-            out["relative_update"] = math.sqrt(self.update_sq / self.hidden_sq)
+        hidden_sq = float(self.hidden_sq)
+        if hidden_sq > 0:
+            out["relative_update"] = math.sqrt(float(self.update_sq) / hidden_sq)
         return out
 
 
@@ -149,11 +165,11 @@ def regime_summary(stats: dict[str, list[RegimeStats]]) -> dict[str, Any]:
         if layers
     }
     every = [s for layers in stats.values() for s in layers if s.threshold is not None]
-    entries = sum(s.entries for s in every)
+    entries = sum(int(s.entries) for s in every)
     if entries:
         out["all"] = {
-            "share_above_floor": sum(s.above for s in every) / entries,
-            "min_cost": min(s.min_cost for s in every),
+            "share_above_floor": sum(float(s.above) for s in every) / entries,
+            "min_cost": min(float(s.min_cost) for s in every),
         }
     return out
 

@@ -241,7 +241,8 @@ class RemoteModel(
         vision = self.object_embeddings(batch["pixel_values"].to(text.dtype), depth)
         boxes = batch["boxes"] if self.use_box else None
         text_mask = batch["attention_mask"].bool()
-        return self.encoder(text, vision, boxes, text_mask, self.mask_padding)
+        padded = batch.get("text_padded")
+        return self.encoder(text, vision, boxes, text_mask, self.mask_padding, padded)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Relation logits ``[B, num_labels]`` for a batch as in docs/ARCHITECTURE.md."""

@@ -34,19 +34,20 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration, gather_object, set_seed
 from torch import nn
+from torch.profiler import record_function
 from torch.utils.data import DataLoader, DistributedSampler
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from pipeline.config import Params, flatten, params_to_dict
 from pipeline.data.records import Dataset, label_list
-from pipeline.device import is_distributed_launch, set_determinism
+from pipeline.device import is_distributed_launch, set_determinism, set_tf32
 from pipeline.features.dataset import FeatureDataset, make_loader
 from pipeline.inference import predict_dataset, to_device
 from pipeline.io import DataError
 from pipeline.metrics import score
 from pipeline.model.card import model_card
-from pipeline.model.regime import flat_regime, record_regime
+from pipeline.model.regime import RegimeStats, flat_regime, record_regime
 from pipeline.model.remote import build_model
 from pipeline.model.saved import write_trained
 from pipeline.text import load_tokenizer
@@ -185,6 +186,7 @@ def train(
             project_dir=str(live_dir), logging_dir=str(live_dir / "tensorboard")
         ),
     )
+    set_tf32(tp.tf32)
     main = accelerator.is_main_process
     rank, world = accelerator.process_index, accelerator.num_processes
 
@@ -216,7 +218,11 @@ def train(
         train_set, num_replicas=world, rank=rank, shuffle=True, seed=tp.seed
     )
     train_loader = make_loader(
-        train_set, tp.batch_size, sampler=sampler, num_workers=tp.num_workers
+        train_set,
+        tp.batch_size,
+        sampler=sampler,
+        num_workers=tp.num_workers,
+        pin_memory=accelerator.device.type == "cuda",
     )
 
     model = build_model(params, len(labels), tokenizer)
@@ -232,6 +238,8 @@ def train(
         optimizer, math.ceil(tp.warmup_ratio * total_steps), total_steps
     )
     model, optimizer = accelerator.prepare(model, optimizer)
+    if tp.compile:
+        model = _compile(model, static_shapes=params.data.pad_to_max)
     # Not prepared: accelerate would step it once per process, and its length already counts them.
     accelerator.register_for_checkpointing(scheduler)
     if resumed_from:
@@ -248,7 +256,7 @@ def train(
     config = {**params_to_dict(params), "run": run_info}
     _start_trackers(accelerator, tp.log_with, live_dir, bool(resumed_from), config)
 
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)
     dev_shard = list(range(rank, len(dev_set), world))
     test_shard = list(range(rank, len(test_set), world)) if test_set is not None else []
     while not progress.finished:
@@ -263,23 +271,28 @@ def train(
             dynamic_ncols=True,
             mininterval=0.5 if sys.stderr.isatty() else 30.0,  # a log file gets few lines
         )
-        step_losses = []
+        step_losses: list[float] = []
         # The OT regime is read on the main process, from the first micro-batch of every
         # log_every-th step (record_regime: statistics of what the forward computes anyway).
         monitor = unwrapped if main and tp.log_every > 0 else None
         steps = _optimizer_steps(
             accelerator, model, optimizer, train_loader, tp, bar, progress.global_step, monitor
         )
-        for loss, regime in steps:
+        # What the steps computed stays on the device until a log interval (or the epoch's end)
+        # reads it in one transfer: the host never waits for the device inside a step.
+        unread: list[StepRecord] = []
+        for record in steps:
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule
                 scheduler.step()
             progress.global_step += 1
-            step_losses.append(loss)
-            values = {"train/loss": loss, "train/lr": scheduler.get_last_lr()[0], **(regime or {})}
-            accelerator.log(values, step=progress.global_step)
+            record.step, record.lr = progress.global_step, scheduler.get_last_lr()[0]
+            unread.append(record)
+            if tp.log_every > 0 and progress.global_step % tp.log_every == 0:
+                step_losses += _read_steps(accelerator, unread, bar)
             if stop_after_step is not None and progress.global_step >= stop_after_step:
                 bar.close()
                 raise TrainingInterrupted(f"stopped after step {progress.global_step}")
+        step_losses += _read_steps(accelerator, unread, bar)
         bar.close()
 
         dev_scores = _split_scores(accelerator, unwrapped, dev_set, dev_shard, params, labels)
@@ -348,77 +361,138 @@ def train(
     )
 
 
+# The name of the profiler range around each step's device work (forward, backward, update).
+STEP_RANGE = "train_step"
+
 _DEV_METRICS = ("micro_f1", "micro_precision", "micro_recall", "accuracy", "macro_f1")
+
+
+@dataclass
+class StepRecord:
+    """One optimizer step as the device left it: its loss (averaged over micro-batches and
+    processes) and gradient norm (None under fp16, whose scaler checks it) as 0-d device tensors,
+    and the OT regime's statistics when it was recorded; the loop adds the step number and
+    learning rate."""
+
+    loss: torch.Tensor
+    grad_norm: torch.Tensor | None
+    regime: dict[str, list[RegimeStats]] | None
+    step: int = 0
+    lr: float = 0.0
+
+
+# torch.compile's backend for train.compile (tests swap in "aot_eager", which compiles in seconds)
+COMPILE_BACKEND = "inductor"
+
+
+def _compile(model: nn.Module, static_shapes: bool) -> nn.Module:
+    """``train.compile``: the prepared model (wrapped for several processes first, the order
+    accelerate uses) compiled, with static shapes when every text is padded to ``data.max_seq``;
+    otherwise torch marks the text length dynamic after its first change. Not through
+    accelerate's dynamo plugin: its process-wide state keeps the first setting a process saw."""
+    return torch.compile(model, backend=COMPILE_BACKEND, dynamic=False if static_shapes else None)
 
 
 def _optimizer_steps(
     accelerator: Any,
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
+    optimizer: Any,
     loader: DataLoader,
     tp: Any,
     bar: Any,
     steps_before: int,
     monitor: nn.Module | None,
-) -> Iterator[tuple[float, dict[str, float] | None]]:
+) -> Iterator[StepRecord]:
     """One epoch: forward/backward every micro-batch, an optimizer step every ``grad_accum``
-    of them; yields each step's loss, averaged over its micro-batches and the processes, and, for
-    every ``log_every``-th step of the run (``steps_before`` done before this epoch), the OT
-    regime of ``monitor`` on the step's first micro-batch (else None)."""
+    of them; yields a :class:`StepRecord` per step, with the OT regime of ``monitor`` on the first
+    micro-batch of every ``log_every``-th step of the run (``steps_before`` done before this
+    epoch). Nothing here waits for the device.
+
+    A non-finite loss or gradient norm is caught on the device: from that step on, every update is
+    skipped (the fused AdamW's ``found_inf``), so the weights stay those before it, until
+    :func:`_read_steps` sees it and stops the run."""
     micro_steps = len(loader)
     step_loss = torch.zeros((), device=accelerator.device)
+    diverged = torch.zeros((), device=accelerator.device)  # 1.0 once a step was not finite
     step = steps_before + 1
     regime = None
+    inner = optimizer.optimizer  # AdamW under accelerate's wrapper
     for index, batch in enumerate(loader):
         # The last group of an epoch may be shorter; its loss is averaged over its own size.
         group_start = index - index % tp.grad_accum
         group_len = min(tp.grad_accum, micro_steps - group_start)
         last_in_group = index == group_start + group_len - 1
-        batch = to_device(batch, accelerator.device)
-        record = monitor is not None and index == group_start and step % tp.log_every == 0
-        # Gradients are all-reduced only on the group's last backward.
-        with contextlib.nullcontext() if last_in_group else accelerator.no_sync(model):
-            if record:
-                with record_regime(monitor) as stats:
+        with record_function(STEP_RANGE):  # what profiles count as the step (tests)
+            batch = to_device(batch, accelerator.device)
+            record = monitor is not None and index == group_start and step % tp.log_every == 0
+            # Gradients are all-reduced only on the group's last backward.
+            with contextlib.nullcontext() if last_in_group else accelerator.no_sync(model):
+                if record:
+                    # The monitor's statistics come from an eager forward (a compiled one runs eager).
+                    with record_regime(monitor) as regime, torch.compiler.set_stance("force_eager"):
+                        logits = model(batch)
+                else:
                     logits = model(batch)
-                regime = flat_regime(stats)
-            else:
-                logits = model(batch)
-            loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
-            accelerator.backward(loss / group_len)
-        step_loss += loss.detach() / group_len
+                loss = nn.functional.cross_entropy(logits.float(), batch["labels"])
+                accelerator.backward(loss / group_len)
+            step_loss += loss.detach() / group_len
         bar.update(1)
         if not last_in_group:
             continue
-        if tp.max_grad_norm > 0:
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), tp.max_grad_norm)
-        elif accelerator.scaler is None:
-            grad_norm = nn.utils.get_total_norm(
-                [p.grad for p in model.parameters() if p.grad is not None]
-            )
-        else:  # fp16: an overflowing step is the scaler's to skip
-            grad_norm = None
-        # One host sync a step (the loss is logged every step), before the update can spoil the
-        # weights: a non-finite loss or gradient stops the run with nothing saved from this epoch.
-        mean_loss = accelerator.reduce(step_loss, "mean")
-        if grad_norm is None:
-            loss_value, norm_value = mean_loss.item(), None
-        else:
-            norm = torch.as_tensor(grad_norm, device=mean_loss.device, dtype=mean_loss.dtype)
-            loss_value, norm_value = torch.stack([mean_loss, norm]).tolist()
-        if not math.isfinite(loss_value) or not math.isfinite(norm_value or 0.0):
-            raise TrainingDiverged(
-                f"train: step {step}: loss {loss_value}, gradient norm "
-                f"{'not checked (fp16)' if norm_value is None else norm_value}: training "
-                "diverged and was stopped before the update; models/checkpoint/best keeps the "
-                "last finite epoch's model, if any (check train.lr, model.ot.epsilon, train.mixed_precision)"
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss_value:.4f}", refresh=False)
-        yield loss_value, regime
+        with record_function(STEP_RANGE):
+            if tp.max_grad_norm > 0:
+                grad_norm = accelerator.clip_grad_norm_(model.parameters(), tp.max_grad_norm)
+            elif accelerator.scaler is None:
+                grad_norm = nn.utils.get_total_norm(
+                    [p.grad for p in model.parameters() if p.grad is not None]
+                )
+            else:  # fp16: an overflowing step is the scaler's to skip
+                grad_norm = None
+            mean_loss = accelerator.reduce(step_loss, "mean")
+            finite = torch.isfinite(mean_loss)
+            if grad_norm is not None:
+                grad_norm = torch.as_tensor(
+                    grad_norm, device=mean_loss.device, dtype=mean_loss.dtype
+                )
+                finite = finite & torch.isfinite(grad_norm)
+            diverged = torch.maximum(diverged, (~finite).float())
+            if accelerator.scaler is None:
+                inner.found_inf = diverged  # the fused AdamW skips its update where this is 1
+                optimizer.step()
+                del inner.found_inf
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        yield StepRecord(mean_loss, grad_norm, regime)
         step, regime = step + 1, None
         step_loss = torch.zeros((), device=accelerator.device)
+
+
+def _read_steps(accelerator: Any, records: list[StepRecord], bar: Any) -> list[float]:
+    """Bring the unread steps' losses and gradient norms to the host in one transfer, log them
+    (with each recorded OT regime) and empty ``records``; a non-finite value stops the run,
+    naming the first step that had one (its update and every later one were skipped)."""
+    if not records:
+        return []
+    no_norm = torch.zeros((), device=records[0].loss.device)
+    values = torch.stack(
+        [torch.stack([r.loss, no_norm if r.grad_norm is None else r.grad_norm]) for r in records]
+    ).tolist()
+    for record, (loss, norm) in zip(records, values, strict=True):
+        if not math.isfinite(loss) or not math.isfinite(norm):
+            checked = "not checked (fp16)" if record.grad_norm is None else norm
+            raise TrainingDiverged(
+                f"train: step {record.step}: loss {loss}, gradient norm {checked}: training "
+                "diverged and was stopped; the weights are those before this step (its update "
+                "and every later one were skipped) and models/checkpoint/best keeps the last "
+                "finite epoch's model, if any (check train.lr, model.ot.epsilon, "
+                "train.mixed_precision)"
+            )
+        regime = flat_regime(record.regime) if record.regime is not None else {}
+        accelerator.log({"train/loss": loss, "train/lr": record.lr, **regime}, step=record.step)
+    bar.set_postfix(loss=f"{values[-1][0]:.4f}", refresh=False)
+    records.clear()
+    return [loss for loss, _ in values]
 
 
 def _split_scores(
