@@ -19,15 +19,29 @@ from typing import Any
 
 import pandas as pd
 
-__all__ = ["finished_runs", "param_keys", "saved_rows", "seed_summary", "summary_markdown"]
+__all__ = [
+    "finished_runs",
+    "param_keys",
+    "param_values",
+    "saved_rows",
+    "seed_summary",
+    "summary_markdown",
+]
 
 PARAMS_FILE = "params.yaml"
 METRICS_FILE = "metrics/test.json"
 
 
+def param_values(params: dict[str, Any]) -> dict[str, Any]:
+    """The dotted leaves of a params tree with their values (``{"train": {"seed": 1}}`` ->
+    ``{"train.seed": 1}``)."""
+    frame = pd.json_normalize(params)
+    return {key: frame[key].tolist()[0] for key in frame.columns}  # no row-wise upcast
+
+
 def param_keys(params: dict[str, Any]) -> list[str]:
     """The dotted keys of a params tree (``{"train": {"seed": 1}}`` -> ``["train.seed"]``)."""
-    return pd.json_normalize(params).columns.tolist()
+    return list(param_values(params))
 
 
 def saved_rows(path: Path) -> list[dict[str, Any]]:
@@ -51,8 +65,10 @@ def _column(columns: set[str], file: str, key: str) -> str:
     return prefixed if prefixed in columns else key
 
 
-def _param(value: Any) -> Any:
+def _param(value: Any, like: Any = None) -> Any:
     # exp_show gives numbers as floats and the rest as text; a saved CSV gives everything as text.
+    # A number takes the type of ``like``, the key's value in params.yaml (1.0 stays 1.0 where
+    # params.yaml has a float; a whole number is an int otherwise).
     if value is None or value in ("", "None"):
         return None
     if isinstance(value, str):
@@ -60,6 +76,8 @@ def _param(value: Any) -> Any:
             value = float(value)
         except ValueError:
             return value
+    if isinstance(value, float) and isinstance(like, float):
+        return value
     if isinstance(value, float) and value.is_integer():
         return int(value)
     return value
@@ -75,13 +93,15 @@ def _metric(value: Any) -> float:
 
 
 def finished_runs(
-    rows: list[dict[str, Any]], params: list[str], metrics: list[str]
+    rows: list[dict[str, Any]], params: list[str] | dict[str, Any], metrics: list[str]
 ) -> pd.DataFrame:
     """The commits and finished experiments among ``dvc.api.exp_show()`` rows, one row each, with
     columns ``("run", "name" | "baseline")``, ``("params", key)`` and ``("metrics", key)`` (NaN
     where a run does not report a metric). Left out: the workspace row (it repeats a commit or an
     applied experiment), queued, running or failed experiments (a running one reports the
-    workspace's metrics, not its own) and rows without params."""
+    workspace's metrics, not its own) and rows without params. ``params``: the keys, or
+    :func:`param_values` of params.yaml, whose types the numbers then take."""
+    like = params if isinstance(params, dict) else {}
     columns = set().union(*rows) if rows else set()
     runs, run_params, run_metrics = [], [], []
     for row in rows:
@@ -90,7 +110,10 @@ def finished_runs(
             continue
         if row.get("State") not in (None, "", "Success"):
             continue
-        values = {key: _param(row.get(_column(columns, PARAMS_FILE, key))) for key in params}
+        values = {
+            key: _param(row.get(_column(columns, PARAMS_FILE, key)), like.get(key))
+            for key in params
+        }
         if all(value is None for value in values.values()):
             continue
         runs.append({"name": row.get("Experiment") or row.get("rev"), "baseline": baseline})

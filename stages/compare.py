@@ -47,7 +47,7 @@ def main(
 
     from pipeline.experiments import (
         finished_runs,
-        param_keys,
+        param_values,
         saved_rows,
         seed_summary,
         summary_markdown,
@@ -55,7 +55,7 @@ def main(
 
     metrics = metric or DEFAULT_METRICS
     try:
-        keys = param_keys(yaml.safe_load(params.read_text()) or {})
+        keys = param_values(yaml.safe_load(params.read_text()) or {})
         rows = _exp_show() if from_file is None else saved_rows(from_file)
         summary = seed_summary(finished_runs(rows, keys, metrics), metrics, seed_key)
     except (OSError, ValueError, yaml.YAMLError) as exc:

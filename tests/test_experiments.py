@@ -15,6 +15,7 @@ from typer.testing import CliRunner, Result
 from pipeline.experiments import (
     finished_runs,
     param_keys,
+    param_values,
     saved_rows,
     seed_summary,
     summary_markdown,
@@ -190,6 +191,24 @@ def test_param_keys_are_dotted_leaves():
         "train.lr",
         "data.use_depth",
     ]
+
+
+def test_a_float_param_keeps_its_form_in_the_label():
+    # exp_show gives every number as a float: params.yaml says which are floats (1.0, not 1).
+    rows = [
+        {"typ": "baseline", "rev": "main", "train.seed": 1.0, "model.ot.epsilon": 0.5},
+        {"typ": "branch_base", "Experiment": "e", "train.seed": 1.0, "model.ot.epsilon": 1.0},
+    ]
+    values = param_values({"train": {"seed": 1234}, "model": {"ot": {"epsilon": 0.5}}})
+    runs = finished_runs(rows, values, [])
+    assert runs["params"].to_dict("records") == [
+        {"train.seed": 1, "model.ot.epsilon": 0.5},
+        {"train.seed": 1, "model.ot.epsilon": 1.0},
+    ]
+    assert isinstance(runs["params", "model.ot.epsilon"].iloc[1], float)
+    assert isinstance(runs["params", "train.seed"].iloc[1], int)
+    # Without the types, a whole number reads as an int.
+    assert finished_runs(rows, list(values), [])["params", "model.ot.epsilon"].iloc[1] == 1
 
 
 def test_nothing_to_summarize():
