@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup lock demo test test-fast lint bench clean
+.PHONY: setup lock demo test test-fast lint bench clean device-check
 
 setup: $(STAMP)
 
@@ -53,6 +53,13 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow and not pipeline"
+
+# The GPU check (python -m bench.device): on a CUDA machine, one command of under 8 minutes that
+# writes its figures to DEVICE_REPORT; commit it under bench/results/ with the machine named.
+# `.venv/bin/python -m bench.device --smoke` runs the same code at tiny sizes on a CPU.
+DEVICE_REPORT ?= bench/results/device-report.json
+device-check: setup
+	$(BIN)/python -m bench.device --out $(DEVICE_REPORT)
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/lint-imports

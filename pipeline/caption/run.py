@@ -151,8 +151,9 @@ def generate_captions(
 
     pending = sum((it.image_id, it.key) not in done for it in mine)
     log.info(
-        "caption: %d item(s) in shard %d/%d, %d already done, %d to generate with %s (%s)",
+        "caption: %d item(s) in shard %d/%d, %d already done, %d to generate with %s (%s) on %s",
         len(mine), shard, num_shards, len(mine) - pending, pending, captioner.name, prompts.version,
+        captioner.device,
     )  # fmt: skip
     made = 0
     bar = tqdm(total=pending, unit="item", desc="caption", disable=not progress or pending == 0)

@@ -31,6 +31,7 @@ __all__ = [
     "prepare_batch",
     "tiny_depth_model",
     "load_depth_model",
+    "place_depth_model",
     "predict_depth",
     "infer_depth",
 ]
@@ -149,6 +150,19 @@ def load_depth_model(name: str) -> DepthAnythingForDepthEstimation:
     return model.eval()
 
 
+def place_depth_model(
+    model: DepthAnythingForDepthEstimation, device: torch.device
+) -> DepthAnythingForDepthEstimation:
+    """The model on ``device``; on a GPU in channels-last memory format, which cuDNN's
+    convolutions (the DPT neck and head) prefer, its inputs following (:func:`infer_depth`)."""
+    import torch
+
+    model = model.to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def predict_depth(
     model: DepthAnythingForDepthEstimation,
     images: Sequence[Image.Image],
@@ -186,6 +200,8 @@ def infer_depth(
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]
                 batch = prepare_batch([images[i] for i in chunk], lower_bound, multiple, device)
+                if device.type == "cuda":
+                    batch = batch.contiguous(memory_format=torch.channels_last)
                 with autocast(device, dtype):
                     predicted = model(pixel_values=batch).predicted_depth
                 for i, depth in zip(chunk, predicted.float().cpu().numpy(), strict=True):

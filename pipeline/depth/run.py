@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from pipeline.config import DepthParams, params_to_dict
 from pipeline.data.images import image_problem, open_image
 from pipeline.data.records import Dataset
-from pipeline.depth.model import image_tensor, infer_depth, load_depth_model
+from pipeline.depth.model import image_tensor, infer_depth, load_depth_model, place_depth_model
 from pipeline.depth.store import (
     FORMAT,
     MANIFEST,
@@ -252,7 +252,7 @@ def _compute_shards(
     if depth.source == "model":
         model = load_depth_model(depth.model)
         device = select_device()
-        model = model.to(device)
+        model = place_depth_model(model, device)
         log.info("depth: %s on %s (dtype %s)", depth.model, device, depth.dtype)
         if device.type == "cpu" and depth.dtype != "float32":
             log.info("depth: no GPU, so depth.dtype=%s is ignored (float32 on CPU)", depth.dtype)

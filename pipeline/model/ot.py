@@ -13,7 +13,7 @@ times faster, safe only while the floor keeps the kernel away from 0.
 
 ``model.ot.solver: fused`` runs those plain-domain iterations itself, on the kernel
 ``exp(-C/eps) + floor`` as the original wrote it: each half-iteration is one batched
-matrix-vector product, and the backward pass is written out (:class:`FusedSinkhorn`), so it keeps
+matrix-vector product, and the backward pass is written out (:func:`fused_sinkhorn`), so it keeps
 only the kernel and the ``2 x iterations`` scaling vectors instead of a ``[b, n, m]`` tensor per
 iteration, and needs no recomputation. Same iterates as POT's ``sinkhorn`` (tested against it).
 
@@ -34,7 +34,7 @@ from pipeline.config import OT_SOLVERS
 from pipeline.model.regime import RegimeStats, floor_threshold
 
 __all__ = [
-    "FusedSinkhorn",
+    "fused_sinkhorn",
     "clamped_sinkhorn_plan",
     "floored_cost",
     "fused_sinkhorn_plan",
@@ -69,7 +69,140 @@ def floored_cost(cost: torch.Tensor, epsilon: float, kernel_floor: float) -> tor
 FUSED_CHUNK_ELEMENTS = 1 << 17
 
 
-class FusedSinkhorn(torch.autograd.Function):
+# The fused solve is a custom operator (torch.library): eager code inside, one opaque node in a
+# compiled graph. Traced, its 50 iterations would unroll into thousands of graph nodes per layer
+# and make compile time grow with the iterations; as an operator, the graph stays the size of the
+# model around it and has no break. Its backward pass is an operator too. On the CPU it solves in
+# cache-sized batch chunks (a GPU would pay a kernel launch per chunk).
+
+
+def _fused_solve(kernel, row_mass, column_mass, iterations: int, clamp: float):
+    """One chunk of :func:`fused_sinkhorn`: the plan and the stacked scaling vectors ``f_t``,
+    ``g_t`` (``g_0`` first), ``r_t``, ``c_t`` that its backward pass needs."""
+    g = (column_mass > 0).to(kernel.dtype)
+    fs, gs, rs, cs = [], [g], [], []
+    for _ in range(iterations):
+        r = torch.bmm(kernel, g.unsqueeze(-1)).squeeze(-1)
+        f = row_mass / (r.clamp(min=clamp) if clamp > 0 else r)
+        c = torch.bmm(f.unsqueeze(1), kernel).squeeze(1)
+        g = column_mass / (c.clamp(min=clamp) if clamp > 0 else c)
+        fs.append(f)
+        gs.append(g)
+        rs.append(r)
+        cs.append(c)
+    plan = f.unsqueeze(-1) * kernel * g.unsqueeze(1)
+    return plan, torch.stack(fs), torch.stack(gs), torch.stack(rs), torch.stack(cs)
+
+
+def _fused_solve_backward(grad_plan, kernel, fs, gs, rs, cs, clamp: float):
+    """One chunk of :func:`fused_sinkhorn`'s backward pass: the kernel's gradient."""
+    if clamp > 0:
+        # d(a / max(r, k))/dr = -f / r where r >= k, else 0 (the clamp's own gradient).
+        rs = torch.where(rs >= clamp, rs, torch.full_like(rs, math.inf))
+        cs = torch.where(cs >= clamp, cs, torch.full_like(cs, math.inf))
+    f, g = fs[-1], gs[-1]
+    weighted = grad_plan * kernel
+    grad_f = torch.bmm(weighted, g.unsqueeze(-1)).squeeze(-1)
+    grad_g = torch.bmm(f.unsqueeze(1), weighted).squeeze(1)
+    left, right = [], []
+    for t in range(len(fs) - 1, -1, -1):
+        grad_c = -grad_g * gs[t + 1] / cs[t]
+        grad_f = grad_f + torch.bmm(kernel, grad_c.unsqueeze(-1)).squeeze(-1)
+        grad_r = -grad_f * fs[t] / rs[t]
+        grad_g = torch.bmm(grad_r.unsqueeze(1), kernel).squeeze(1)
+        grad_f = torch.zeros_like(grad_f)
+        left += [fs[t], grad_r]
+        right += [grad_c, gs[t]]
+    return torch.baddbmm(
+        grad_plan * f.unsqueeze(-1) * g.unsqueeze(1),
+        torch.stack(left, dim=-1),
+        torch.stack(right, dim=1),
+    )
+
+
+def _fused_chunks(kernel: torch.Tensor) -> list[slice]:
+    """Batch chunks of about ``FUSED_CHUNK_ELEMENTS`` kernel elements per thread on the CPU (each
+    chunk's kernel stays in cache across its iterations); the whole batch elsewhere."""
+    return _batch_chunks(kernel, FUSED_CHUNK_ELEMENTS * torch.get_num_threads())
+
+
+@torch.library.custom_op("remote::fused_sinkhorn", mutates_args=())
+def _fused_forward(
+    kernel: torch.Tensor,
+    row_mass: torch.Tensor,
+    column_mass: torch.Tensor,
+    iterations: int,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(kernel.device.type, enabled=False):
+        parts = [
+            _fused_solve(kernel[c], row_mass[c], column_mass[c], iterations, clamp)
+            for c in _fused_chunks(kernel)
+        ]
+    if len(parts) == 1:
+        return parts[0]
+    plan, *vectors = zip(*parts, strict=True)
+    return torch.cat(plan), *(torch.cat(v, dim=1) for v in vectors)
+
+
+@_fused_forward.register_fake
+def _(kernel, row_mass, column_mass, iterations, clamp):
+    batch, rows, columns = kernel.shape
+    return (
+        kernel.new_empty(batch, rows, columns),
+        kernel.new_empty(iterations, batch, rows),
+        kernel.new_empty(iterations + 1, batch, columns),
+        kernel.new_empty(iterations, batch, rows),
+        kernel.new_empty(iterations, batch, columns),
+    )
+
+
+@torch.library.custom_op("remote::fused_sinkhorn_backward", mutates_args=())
+def _fused_backward(
+    grad_plan: torch.Tensor,
+    kernel: torch.Tensor,
+    fs: torch.Tensor,
+    gs: torch.Tensor,
+    rs: torch.Tensor,
+    cs: torch.Tensor,
+    clamp: float,
+) -> torch.Tensor:
+    grad_plan = grad_plan.to(kernel.dtype)
+    with torch.autocast(kernel.device.type, enabled=False):
+        parts = [
+            _fused_solve_backward(
+                grad_plan[c], kernel[c], fs[:, c], gs[:, c], rs[:, c], cs[:, c], clamp
+            )
+            for c in _fused_chunks(kernel)
+        ]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@_fused_backward.register_fake
+def _(grad_plan, kernel, fs, gs, rs, cs, clamp):
+    return torch.empty_like(kernel)
+
+
+def _fused_setup_context(ctx, inputs, output) -> None:
+    kernel, _, _, _, clamp = inputs
+    ctx.save_for_backward(kernel, *output[1:])
+    ctx.clamp = clamp
+
+
+def _fused_grad(ctx, grad_plan, *_):
+    return _fused_backward(grad_plan, *ctx.saved_tensors, ctx.clamp), None, None, None, None
+
+
+_fused_forward.register_autograd(_fused_grad, setup_context=_fused_setup_context)
+
+
+def fused_sinkhorn(
+    kernel: torch.Tensor,
+    row_mass: torch.Tensor,
+    column_mass: torch.Tensor,
+    iterations: int,
+    clamp: float,
+) -> torch.Tensor:
     """Plain-domain Sinkhorn plans ``diag(f) K diag(g)`` after ``iterations`` iterations, with an
     explicit backward pass.
 
@@ -79,59 +212,9 @@ class FusedSinkhorn(torch.autograd.Function):
     as ``dP * f g^T + U V^T`` with ``U = [f_t, dr_t]``, ``V = [dc_t, g_{t-1}]``: one matrix product
     instead of one ``[b, n, m]`` tensor per iteration; a clamped denominator passes no gradient
     (as ``torch.clamp``). Zero-mass rows and columns (padding) get zero plan and zero gradient;
-    ``K`` must be positive.
+    ``K`` must be positive. The marginals are constants (no gradient).
     """
-
-    @staticmethod
-    def forward(ctx, kernel, row_mass, column_mass, iterations, clamp):
-        g = (column_mass > 0).to(kernel.dtype)
-        fs, gs, rs, cs = [], [g], [], []
-        for _ in range(iterations):
-            r = torch.bmm(kernel, g.unsqueeze(-1)).squeeze(-1)
-            f = row_mass / (r.clamp(min=clamp) if clamp > 0 else r)
-            c = torch.bmm(f.unsqueeze(1), kernel).squeeze(1)
-            g = column_mass / (c.clamp(min=clamp) if clamp > 0 else c)
-            fs.append(f)
-            gs.append(g)
-            rs.append(r)
-            cs.append(c)
-        ctx.clamp = clamp
-        ctx.save_for_backward(kernel, *(torch.stack(v) for v in (fs, gs, rs, cs)))
-        return f.unsqueeze(-1) * kernel * g.unsqueeze(1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_plan):
-        with torch.autocast(grad_plan.device.type, enabled=False):
-            return FusedSinkhorn._backward(ctx, grad_plan.float())
-
-    @staticmethod
-    def _backward(ctx, grad_plan):
-        kernel, fs, gs, rs, cs = ctx.saved_tensors  # [iterations (+ 1 for gs), b, n or m]
-        clamp = ctx.clamp
-        if clamp > 0:
-            # d(a / max(r, k))/dr = -f / r where r >= k, else 0 (the clamp's own gradient).
-            rs = torch.where(rs >= clamp, rs, torch.full_like(rs, math.inf))
-            cs = torch.where(cs >= clamp, cs, torch.full_like(cs, math.inf))
-        f, g = fs[-1], gs[-1]
-        weighted = grad_plan * kernel
-        grad_f = torch.bmm(weighted, g.unsqueeze(-1)).squeeze(-1)
-        grad_g = torch.bmm(f.unsqueeze(1), weighted).squeeze(1)
-        left, right = [], []
-        for t in range(len(fs) - 1, -1, -1):
-            grad_c = -grad_g * gs[t + 1] / cs[t]
-            grad_f = grad_f + torch.bmm(kernel, grad_c.unsqueeze(-1)).squeeze(-1)
-            grad_r = -grad_f * fs[t] / rs[t]
-            grad_g = torch.bmm(grad_r.unsqueeze(1), kernel).squeeze(1)
-            grad_f = torch.zeros_like(grad_f)
-            left += [fs[t], grad_r]
-            right += [grad_c, gs[t]]
-        grad_kernel = torch.baddbmm(
-            grad_plan * f.unsqueeze(-1) * g.unsqueeze(1),
-            torch.stack(left, dim=-1),
-            torch.stack(right, dim=1),
-        )
-        return grad_kernel, None, None, None, None
+    return _fused_forward(kernel, row_mass, column_mass, iterations, clamp)[0]
 
 
 def fused_sinkhorn_plan(
@@ -141,33 +224,21 @@ def fused_sinkhorn_plan(
     iterations: int,
     clamp: float,
 ) -> torch.Tensor:
-    """:class:`FusedSinkhorn` in cache-sized batch chunks; ``kernel`` ``[b, n, m]`` positive."""
+    """:func:`fused_sinkhorn` in float32 (under mixed precision too); ``kernel`` ``[b, n, m]``
+    positive."""
     if row_mass.requires_grad or column_mass.requires_grad:
         raise ValueError("fused Sinkhorn: the marginals are constants (no gradient)")
-
-    def solve(k: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return FusedSinkhorn.apply(k.float(), a.float(), b.float(), iterations, clamp)
-
-    # Mixed precision would run the products in bf16/fp16: keep the iterations in float32.
-    with torch.autocast(kernel.device.type, enabled=False):
-        if torch.compiler.is_compiling():
-            # Cache-sized chunks help eager kernels only; a compiled graph solves the batch whole
-            # (and cannot trace the thread count).
-            return solve(kernel, row_mass, column_mass)
-        elements = FUSED_CHUNK_ELEMENTS * torch.get_num_threads()
-        return _solve_in_chunks(solve, elements, kernel, row_mass, column_mass)
+    return fused_sinkhorn(kernel.float(), row_mass.float(), column_mass.float(), iterations, clamp)
 
 
-def _solve_in_chunks(solve, elements: int, problems: torch.Tensor, *per_problem) -> torch.Tensor:
-    """``solve(problems[part], *(t[part] for t in per_problem))`` over batch chunks of about
-    ``elements`` plan elements each, concatenated; a ``None`` in ``per_problem`` stays ``None``."""
+def _batch_chunks(problems: torch.Tensor, elements: int) -> list[slice]:
+    """Slices of the batch of about ``elements`` plan elements each on the CPU; one slice (the
+    whole batch) on other devices."""
     batch, rows, columns = problems.shape
-    chunk = max(1, elements // (rows * columns))
-    plans = []
-    for start in range(0, batch, chunk):
-        part = slice(start, start + chunk)
-        plans.append(solve(problems[part], *(None if t is None else t[part] for t in per_problem)))
-    return plans[0] if len(plans) == 1 else torch.cat(plans)
+    if problems.device.type != "cpu":
+        return [slice(0, batch)]
+    chunk = max(1, elements // max(1, rows * columns))
+    return [slice(start, start + chunk) for start in range(0, batch, chunk)] or [slice(0, 0)]
 
 
 def clamped_sinkhorn_plan(
@@ -242,6 +313,12 @@ def sinkhorn_plan(
     return result.plan
 
 
+# POT's solvers and their clamped form run eagerly, outside any compiled graph (one graph break per
+# OT layer under train.compile): their backward recomputes the solve under autograd, which a
+# custom operator's body cannot do (autograd is off there), and traced, the iterations would
+# unroll into the graph (the fused solver, an operator with a written-out backward, has neither
+# problem).
+@torch.compiler.disable
 def transport_plan(
     cost: torch.Tensor,
     epsilon: float,
@@ -252,7 +329,8 @@ def transport_plan(
     solver: str,
     clamp: float,
 ) -> torch.Tensor:
-    """:func:`sinkhorn_plan` in batch chunks, each recomputed in backward under autograd.
+    """:func:`sinkhorn_plan` (POT's solvers, or their clamped form) on batch chunks (on the CPU),
+    each recomputed in the backward pass under autograd.
 
     Unrolled autodiff through the iterations keeps ``[n, m]``-sized memory per iteration: the
     log-domain solver's ``logsumexp`` inputs; for the plain-domain one, heap fragments between its
@@ -260,16 +338,19 @@ def transport_plan(
     without recomputation, 2.5 GB with it). Recomputing costs one more forward solve.
     """
     recompute = torch.is_grad_enabled() and cost.requires_grad
-
-    def solve(part_cost, part_rows, part_columns):
-        args = (part_cost, epsilon, iterations, part_rows, part_columns)
+    plans = []
+    for c in _batch_chunks(cost, CHUNK_ELEMENTS):
+        args = (cost[c], epsilon, iterations, _part(row_mass, c), _part(column_mass, c))
         if recompute:
-            return checkpoint(sinkhorn_plan, *args, solver=solver, clamp=clamp, use_reentrant=False)
-        return sinkhorn_plan(*args, solver=solver, clamp=clamp)
+            plan = checkpoint(sinkhorn_plan, *args, solver=solver, clamp=clamp, use_reentrant=False)
+        else:
+            plan = sinkhorn_plan(*args, solver=solver, clamp=clamp)
+        plans.append(plan)
+    return plans[0] if len(plans) == 1 else torch.cat(plans)
 
-    if torch.compiler.is_compiling():  # chunks help eager kernels only (fused_sinkhorn_plan)
-        return solve(cost, row_mass, column_mass)
-    return _solve_in_chunks(solve, CHUNK_ELEMENTS, cost, row_mass, column_mass)
+
+def _part(tensor: torch.Tensor | None, chunk: slice) -> torch.Tensor | None:
+    return None if tensor is None else tensor[chunk]
 
 
 def _uniform_mass(mask: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,113 @@
+"""``python -m bench.device``: the smoke run on the CPU writes every section, and the targets are
+read from a report as the issue states them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.device import SECTIONS, TARGETS, check_targets, table
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_a_complete_report(tmp_path):
+    out = tmp_path / "device-report.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.device", "--smoke", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads(out.read_text())
+    sections = report["sections"]
+    assert sorted(sections) == sorted(SECTIONS)  # the JSON sorts its keys
+    assert {name: s["status"] for name, s in sections.items()} == dict.fromkeys(SECTIONS, "ok")
+
+    env = sections["environment"]["result"]
+    assert env["smoke"] is True and env["torch"] and env["commit"]
+    tests = sections["gpu_tests"]["result"]
+    # Without CUDA every GPU test is collected and skipped cleanly.
+    assert (tests["passed"], tests["failed"]) == (0, 0) and tests["skipped"] >= 10
+    assert all("CUDA" in t["message"] or "2 GPUs" in t["message"] for t in tests["tests"])
+
+    configs = [
+        c
+        for name, s in sections.items()
+        if name.startswith("train_step")
+        for c in s["result"]["configs"]
+    ]
+    seen = {(c["padding"], c["precision"], c["checkpointing"]) for c in configs}
+    for padding in ("max_seq", "per_batch"):
+        for precision in ("fp32", "bf16", "bf16 + compile"):
+            for checkpointing in (False, True):
+                assert (padding, precision, checkpointing) in seen
+    assert ("max_seq", "fp32 strict", False) in seen
+    assert all(c["losses_finite"] and c["median_step_s"] > 0 for c in configs)
+
+    for name, unit, count in (
+        ("depth", "images_per_s", "images"),
+        ("caption", "items_per_s", "items"),
+    ):
+        runs = sections[name]["result"]["runs"]
+        assert [r["batch_size"] for r in runs] == [1, 4]
+        assert all(r[unit] > 0 and r[count] > 0 for r in runs)
+    assert all(r["finite"] for r in sections["depth"]["result"]["runs"])
+    assert all(r["answered"] == r["items"] for r in sections["caption"]["result"]["runs"])
+
+    assert report["table"] in result.stdout
+    assert "| max_seq | bf16 + compile | True |" in report["table"]
+
+
+def _report(**results) -> dict:
+    sections = {name: {"status": "ok", "result": result} for name, result in results.items()}
+    return {"smoke": False, "seconds": 400.0, "sections": sections}
+
+
+def _config(precision: str, checkpointing: bool, step: float, memory: float) -> dict:
+    return {
+        "padding": "max_seq",
+        "precision": precision,
+        "checkpointing": checkpointing,
+        "median_step_s": step,
+        "first_step_s": step,
+        "peak_memory_gib": memory,
+    }
+
+
+def test_targets_are_read_from_the_report():
+    report = _report(
+        **{
+            "train_step:max_seq:eager": {
+                "configs": [_config("fp32", False, 1.0, 40.0), _config("fp32", True, 1.3, 18.0)]
+            },
+            "train_step:max_seq:compile": {"configs": [_config("bf16 + compile", False, 0.4, 30)]},
+            "depth": {
+                "runs": [
+                    {"dtype": "float16", "batch_size": 1, "images_per_s": 10.0},
+                    {"dtype": "float16", "batch_size": 16, "images_per_s": 25.0},
+                ]
+            },
+        }
+    )
+    targets = {t["target"]: t for t in check_targets(report)}
+    assert list(targets) == list(TARGETS)
+    step = targets["bf16 + compile step time / fp32 eager step time (max_seq 256)"]
+    assert (step["value"], step["holds"]) == (pytest.approx(0.4), True)
+    memory = targets["peak memory with / without checkpointing (fp32, max_seq 256)"]
+    assert (memory["value"], memory["holds"]) == (pytest.approx(0.45), True)
+    depth = targets["depth images/s, batch 16 / batch 1 (fp16)"]
+    assert (depth["value"], depth["holds"]) == (pytest.approx(2.5), False)
+    # A section that did not run leaves its target open, not failed.
+    caption = targets["caption items/s, batch 16 / batch 1"]
+    assert (caption["value"], caption["holds"]) == (None, None)
+    assert targets["whole check, seconds"]["holds"] is True
+    text = table(report)
+    assert "| depth images/s, batch 16 / batch 1 (fp16) | >= 3 | 2.5 | False |" in text
