@@ -44,7 +44,7 @@ demo: setup
 	$(BIN)/dvc repro
 	@echo "Your run (workspace) beside the committed one (HEAD):"
 	@$(BIN)/dvc metrics diff HEAD --all --precision 4 --targets metrics/test.json
-	@echo "Expected: no change on the CPU kind that made the committed run (AMD EPYC, AVX2; README, Results)."
+	@echo "Expected: no change on the CPU kind that made the committed run (AMD EPYC Zen 4, AVX-512; README, Results)."
 	@echo "Elsewhere a run differs like a new seed: micro_f1 within about 0.01 of HEAD (6-seed std $(SEED_SPREAD)),"
 	@echo "per pair kind within about 0.03 (6-seed std up to 0.016)."
 

@@ -38,6 +38,7 @@ from pipeline.depth.model import (
     input_size,
     load_depth_model,
     prepare_batch,
+    random_depth_model,
 )
 from pipeline.depth.run import run_depth
 from pipeline.depth.store import DepthStore
@@ -51,31 +52,7 @@ SIZES = [(96, 128), (128, 96), (112, 112)]  # (height, width) of the benchmark i
 def small_depth_model():
     """A random model with Depth-Anything-V2-Small's sizes (ViT-S/14, 24.8M parameters), its input
     lower bound at 112 pixels (not 518) so it finishes on a CPU."""
-    from transformers import (
-        DepthAnythingConfig,
-        DepthAnythingForDepthEstimation,
-        Dinov2Config,
-    )
-
-    backbone = Dinov2Config(
-        image_size=112,
-        patch_size=14,
-        hidden_size=384,
-        num_hidden_layers=12,
-        num_attention_heads=6,
-        mlp_ratio=4,
-        out_indices=[3, 6, 9, 12],
-        reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone,
-        fusion_hidden_size=64,
-        neck_hidden_sizes=[48, 96, 192, 384],
-        head_hidden_size=32,
-        reassemble_hidden_size=384,
-    )
-    torch.manual_seed(0)
-    return DepthAnythingForDepthEstimation(config).eval()
+    return random_depth_model("small")
 
 
 def bench_images(n: int) -> list[Image.Image]:

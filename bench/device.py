@@ -17,7 +17,7 @@ after every section, so a killed run keeps what it measured):
   median step time and peak memory (``torch.cuda.max_memory_allocated``) for fp32 (TF32 matrix
   products, ``train.tf32``; once also strict fp32), bf16 autocast and bf16 + ``torch.compile``,
   each with and without ``train.gradient_checkpointing``;
-- ``depth``: a Depth-Anything-V2-Large-shaped model (random weights) through the depth stage's
+- ``depth``: Depth-Anything-V2-Large's architecture (random weights) through the depth stage's
   inference on 640x480 images (model input 686x518), batch 1 and 16, fp16 and bf16: images/s;
 - ``caption``: a Qwen2.5-VL-7B-shaped model (random weights, built on the GPU in bf16) through
   the caption stage's ``Captioner``, batch 1 and 16, 24 new tokens: items/s and tokens/s.
@@ -267,15 +267,12 @@ def depth(smoke: bool) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from pipeline.depth.model import infer_depth, place_depth_model, tiny_depth_model
+    from pipeline.depth.model import infer_depth, place_depth_model, random_depth_model
 
     size = sizes(smoke)["depth"]
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if size["large"]:
-        with torch.device(device):
-            model = _depth_anything_large().eval()
-    else:
-        model = tiny_depth_model()
+    with torch.device(device):  # built where it runs: no copy of the large model's weights
+        model = random_depth_model("large" if size["large"] else "tiny")
     model = place_depth_model(model, device)
     generator = torch.Generator().manual_seed(0)
     height, width = size["image"]
@@ -305,32 +302,6 @@ def depth(smoke: bool) -> dict[str, Any]:
             )
     parameters = sum(p.numel() for p in model.parameters())
     return {"model_parameters": parameters, "device": str(device), "runs": runs}
-
-
-def _depth_anything_large():
-    """Depth-Anything-V2-Large's architecture (DINOv2 ViT-L/14 and its DPT head), random."""
-    from transformers import DepthAnythingConfig, DepthAnythingForDepthEstimation, Dinov2Config
-
-    backbone = Dinov2Config(
-        image_size=518,
-        patch_size=14,
-        hidden_size=1024,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        mlp_ratio=4,
-        layerscale_value=1.0,
-        out_indices=[5, 12, 18, 24],
-        reshape_hidden_states=False,
-    )
-    config = DepthAnythingConfig(
-        backbone_config=backbone,
-        reassemble_hidden_size=1024,
-        reassemble_factors=[4, 2, 1, 0.5],
-        neck_hidden_sizes=[256, 512, 1024, 1024],
-        fusion_hidden_size=256,
-        head_hidden_size=32,
-    )
-    return DepthAnythingForDepthEstimation(config)
 
 
 def caption(smoke: bool) -> dict[str, Any]:

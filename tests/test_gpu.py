@@ -229,13 +229,8 @@ def test_caption_stage_runs_on_cuda(gpu_world, tmp_path):
     assert rows and all(isinstance(r["caption"], str) for r in rows)
 
 
-@pytest.mark.parametrize("precision", ["no", "bf16"])
-def test_one_train_epoch_on_cuda_through_the_stage_command(gpu_world, tmp_path, precision):
-    world, _ = gpu_world
-    params = write_params(
-        tmp_path / "params.yaml",
-        **{"train.epochs": 1, "train.mixed_precision": precision, "train.threads": 0},
-    )
+def train_stage(world: dict, params: Path, tmp_path: Path) -> Path:
+    """``python -m stages train`` into ``tmp_path``; returns the checkpoint folder."""
     out, live = tmp_path / "models", tmp_path / "live"
     result = run_stage(
         "train", "--params", str(params), "--features", str(world["features"]),
@@ -245,17 +240,23 @@ def test_one_train_epoch_on_cuda_through_the_stage_command(gpu_world, tmp_path, 
     metrics = json.loads((live / "metrics.json").read_text())
     assert np.isfinite(metrics["train"]["loss"])
     assert (out / "checkpoint" / "best" / "model.safetensors").is_file()
+    return out / "checkpoint"
+
+
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_one_train_epoch_on_cuda_through_the_stage_command(gpu_world, tmp_path, precision):
+    world, _ = gpu_world
+    params = write_params(
+        tmp_path / "params.yaml",
+        **{"train.epochs": 1, "train.mixed_precision": precision, "train.threads": 0},
+    )
+    train_stage(world, params, tmp_path)
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_two_processes_on_two_gpus_through_the_stage_command(gpu_world, tmp_path):
     world, _ = gpu_world
     params = write_params(tmp_path / "params.yaml", **{"train.epochs": 1, "train.num_processes": 2})
-    out, live = tmp_path / "models", tmp_path / "live"
-    result = run_stage(
-        "train", "--params", str(params), "--features", str(world["features"]),
-        "--dataset", str(world["raw"]), "--out", str(out), "--live", str(live),
-    )  # fmt: skip
-    assert "best dev micro-F1" in result.stdout
-    best = json.loads((out / "checkpoint" / "best" / "trained.json").read_text())
+    checkpoint = train_stage(world, params, tmp_path)
+    best = json.loads((checkpoint / "best" / "trained.json").read_text())
     assert best["info"]["num_processes"] == 2

@@ -29,6 +29,8 @@ __all__ = [
     "input_settings",
     "image_tensor",
     "prepare_batch",
+    "DEPTH_ARCHITECTURES",
+    "random_depth_model",
     "tiny_depth_model",
     "load_depth_model",
     "place_depth_model",
@@ -99,8 +101,37 @@ def prepare_batch(
     return (batch - mean) / std
 
 
-def tiny_depth_model(seed: int = 0) -> DepthAnythingForDepthEstimation:
-    """A 121k-parameter Depth-Anything-V2 with seeded random weights (input lower bound 56)."""
+# Depth-Anything-V2 architectures with random weights: (DINOv2 backbone, DPT head) settings.
+# "tiny" (121k parameters, input lower bound 56) runs every code path offline; "small" has
+# Depth-Anything-V2-Small's sizes with a lower bound of 112 (not 518) so it finishes on a CPU;
+# "large" is Depth-Anything-V2-Large's architecture (the device check's throughput model).
+DEPTH_ARCHITECTURES = {
+    "tiny": (
+        {"image_size": 56, "hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 2,
+         "mlp_ratio": 2, "out_indices": [1, 2, 3, 4]},
+        {"fusion_hidden_size": 16, "neck_hidden_sizes": [8, 16, 32, 32], "head_hidden_size": 8,
+         "reassemble_hidden_size": 32},
+    ),
+    "small": (
+        {"image_size": 112, "hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6,
+         "mlp_ratio": 4, "out_indices": [3, 6, 9, 12]},
+        {"fusion_hidden_size": 64, "neck_hidden_sizes": [48, 96, 192, 384], "head_hidden_size": 32,
+         "reassemble_hidden_size": 384},
+    ),
+    "large": (
+        {"image_size": 518, "hidden_size": 1024, "num_hidden_layers": 24,
+         "num_attention_heads": 16, "mlp_ratio": 4, "out_indices": [5, 12, 18, 24],
+         "layerscale_value": 1.0},
+        {"fusion_hidden_size": 256, "neck_hidden_sizes": [256, 512, 1024, 1024],
+         "head_hidden_size": 32, "reassemble_hidden_size": 1024,
+         "reassemble_factors": [4, 2, 1, 0.5]},
+    ),
+}  # fmt: skip
+
+
+def random_depth_model(architecture: str, seed: int = 0) -> DepthAnythingForDepthEstimation:
+    """A Depth-Anything-V2 of :data:`DEPTH_ARCHITECTURES` with seeded random weights (patch 14),
+    built on the current default device, in eval mode."""
     import torch
     from transformers import (
         DepthAnythingConfig,
@@ -108,27 +139,20 @@ def tiny_depth_model(seed: int = 0) -> DepthAnythingForDepthEstimation:
         Dinov2Config,
     )
 
-    backbone = Dinov2Config(
-        image_size=56,
-        patch_size=14,
-        hidden_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        mlp_ratio=2,
-        out_features=["stage1", "stage2", "stage3", "stage4"],
-        reshape_hidden_states=False,
-    )
+    backbone, head = DEPTH_ARCHITECTURES[architecture]
     config = DepthAnythingConfig(
-        backbone_config=backbone,
-        fusion_hidden_size=16,
-        neck_hidden_sizes=[8, 16, 32, 32],
-        head_hidden_size=8,
-        reassemble_hidden_size=32,
+        backbone_config=Dinov2Config(patch_size=14, reshape_hidden_states=False, **backbone),
+        **head,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = DepthAnythingForDepthEstimation(config)
     return model.eval()
+
+
+def tiny_depth_model(seed: int = 0) -> DepthAnythingForDepthEstimation:
+    """A 121k-parameter Depth-Anything-V2 with seeded random weights (input lower bound 56)."""
+    return random_depth_model("tiny", seed)
 
 
 def load_depth_model(name: str) -> DepthAnythingForDepthEstimation:

@@ -13,7 +13,7 @@ times faster, safe only while the floor keeps the kernel away from 0.
 
 ``model.ot.solver: fused`` runs those plain-domain iterations itself, on the kernel
 ``exp(-C/eps) + floor`` as the original wrote it: each half-iteration is one batched
-matrix-vector product, and the backward pass is written out (:func:`fused_sinkhorn`), so it keeps
+matrix-vector product, and the backward pass is written out (:func:`fused_sinkhorn_plan`), so it keeps
 only the kernel and the ``2 x iterations`` scaling vectors instead of a ``[b, n, m]`` tensor per
 iteration, and needs no recomputation. Same iterates as POT's ``sinkhorn`` (tested against it).
 
@@ -34,7 +34,6 @@ from pipeline.config import OT_SOLVERS
 from pipeline.model.regime import RegimeStats, floor_threshold
 
 __all__ = [
-    "fused_sinkhorn",
     "clamped_sinkhorn_plan",
     "floored_cost",
     "fused_sinkhorn_plan",
@@ -77,7 +76,7 @@ FUSED_CHUNK_ELEMENTS = 1 << 17
 
 
 def _fused_solve(kernel, row_mass, column_mass, iterations: int, clamp: float):
-    """One chunk of :func:`fused_sinkhorn`: the plan and the stacked scaling vectors ``f_t``,
+    """One chunk of :func:`fused_sinkhorn_plan`: the plan and the stacked scaling vectors ``f_t``,
     ``g_t`` (``g_0`` first), ``r_t``, ``c_t`` that its backward pass needs."""
     g = (column_mass > 0).to(kernel.dtype)
     fs, gs, rs, cs = [], [g], [], []
@@ -95,7 +94,7 @@ def _fused_solve(kernel, row_mass, column_mass, iterations: int, clamp: float):
 
 
 def _fused_solve_backward(grad_plan, kernel, fs, gs, rs, cs, clamp: float):
-    """One chunk of :func:`fused_sinkhorn`'s backward pass: the kernel's gradient."""
+    """One chunk of :func:`fused_sinkhorn_plan`'s backward pass: the kernel's gradient."""
     if clamp > 0:
         # d(a / max(r, k))/dr = -f / r where r >= k, else 0 (the clamp's own gradient).
         rs = torch.where(rs >= clamp, rs, torch.full_like(rs, math.inf))
@@ -196,27 +195,6 @@ def _fused_grad(ctx, grad_plan, *_):
 _fused_forward.register_autograd(_fused_grad, setup_context=_fused_setup_context)
 
 
-def fused_sinkhorn(
-    kernel: torch.Tensor,
-    row_mass: torch.Tensor,
-    column_mass: torch.Tensor,
-    iterations: int,
-    clamp: float,
-) -> torch.Tensor:
-    """Plain-domain Sinkhorn plans ``diag(f) K diag(g)`` after ``iterations`` iterations, with an
-    explicit backward pass.
-
-    Forward, from ``g_0 = [b > 0]``: ``r_t = K g_{t-1}``, ``f_t = a / max(r_t, clamp)``,
-    ``c_t = K^T f_t``, ``g_t = b / max(c_t, clamp)`` (``clamp`` 0: no clamp; the original clamps at
-    1e-8). Backward runs the same recursion in reverse on vectors and collects the kernel's gradient
-    as ``dP * f g^T + U V^T`` with ``U = [f_t, dr_t]``, ``V = [dc_t, g_{t-1}]``: one matrix product
-    instead of one ``[b, n, m]`` tensor per iteration; a clamped denominator passes no gradient
-    (as ``torch.clamp``). Zero-mass rows and columns (padding) get zero plan and zero gradient;
-    ``K`` must be positive. The marginals are constants (no gradient).
-    """
-    return _fused_forward(kernel, row_mass, column_mass, iterations, clamp)[0]
-
-
 def fused_sinkhorn_plan(
     kernel: torch.Tensor,
     row_mass: torch.Tensor,
@@ -224,11 +202,23 @@ def fused_sinkhorn_plan(
     iterations: int,
     clamp: float,
 ) -> torch.Tensor:
-    """:func:`fused_sinkhorn` in float32 (under mixed precision too); ``kernel`` ``[b, n, m]``
-    positive."""
+    """Plain-domain Sinkhorn plans ``diag(f) K diag(g)`` after ``iterations`` iterations, with an
+    explicit backward pass; ``kernel`` ``[b, n, m]`` positive, in float32 at least (also under
+    mixed precision).
+
+    Forward, from ``g_0 = [b > 0]``: ``r_t = K g_{t-1}``, ``f_t = a / max(r_t, clamp)``,
+    ``c_t = K^T f_t``, ``g_t = b / max(c_t, clamp)`` (``clamp`` 0: no clamp; the original clamps at
+    1e-8). Backward runs the same recursion in reverse on vectors and collects the kernel's gradient
+    as ``dP * f g^T + U V^T`` with ``U = [f_t, dr_t]``, ``V = [dc_t, g_{t-1}]``: one matrix product
+    instead of one ``[b, n, m]`` tensor per iteration; a clamped denominator passes no gradient
+    (as ``torch.clamp``). Zero-mass rows and columns (padding) get zero plan and zero gradient.
+    The marginals are constants (no gradient).
+    """
     if row_mass.requires_grad or column_mass.requires_grad:
         raise ValueError("fused Sinkhorn: the marginals are constants (no gradient)")
-    return fused_sinkhorn(kernel.float(), row_mass.float(), column_mass.float(), iterations, clamp)
+    dtype = torch.promote_types(kernel.dtype, torch.float32)
+    kernel, row_mass, column_mass = (t.to(dtype) for t in (kernel, row_mass, column_mass))
+    return _fused_forward(kernel, row_mass, column_mass, iterations, clamp)[0]
 
 
 def _batch_chunks(problems: torch.Tensor, elements: int) -> list[slice]:
