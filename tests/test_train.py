@@ -431,6 +431,7 @@ def test_compiled_training_logs_and_saves_what_eager_training_does(world, tmp_pa
     torch._dynamo.reset()
     runs = {}
     for compiled in (False, True):
+        torch._dynamo.utils.counters.clear()  # they count over the process (earlier tests too)
         params = small_params(
             **{"train.epochs": 1, "train.log_every": 5, "train.compile": compiled}
         )
