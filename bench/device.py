@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import platform
 import statistics
@@ -258,7 +259,7 @@ def _time_steps(model, batch, device, precision: str, compiled: bool, size: dict
         "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if cuda
         else None,
-        "losses_finite": all(map(_finite, losses)),
+        "losses_finite": all(map(math.isfinite, losses)),
     }
 
 
@@ -659,10 +660,6 @@ def _synchronize(device) -> None:
 
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 def _cpu_name() -> str:

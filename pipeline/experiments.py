@@ -21,7 +21,6 @@ import pandas as pd
 
 __all__ = [
     "finished_runs",
-    "param_keys",
     "param_values",
     "saved_rows",
     "seed_summary",
@@ -37,11 +36,6 @@ def param_values(params: dict[str, Any]) -> dict[str, Any]:
     ``{"train.seed": 1}``)."""
     frame = pd.json_normalize(params)
     return {key: frame[key].tolist()[0] for key in frame.columns}  # no row-wise upcast
-
-
-def param_keys(params: dict[str, Any]) -> list[str]:
-    """The dotted keys of a params tree (``{"train": {"seed": 1}}`` -> ``["train.seed"]``)."""
-    return list(param_values(params))
 
 
 def saved_rows(path: Path) -> list[dict[str, Any]]:

@@ -14,7 +14,6 @@ from typer.testing import CliRunner, Result
 
 from pipeline.experiments import (
     finished_runs,
-    param_keys,
     param_values,
     saved_rows,
     seed_summary,
@@ -185,8 +184,8 @@ def test_saved_nested_exp_show_json_is_refused(tmp_path):
         saved_rows(path)
 
 
-def test_param_keys_are_dotted_leaves():
-    assert param_keys({"train": {"seed": 1, "lr": 0.1}, "data": {"use_depth": True}}) == [
+def test_param_values_are_dotted_leaves():
+    assert list(param_values({"train": {"seed": 1, "lr": 0.1}, "data": {"use_depth": True}})) == [
         "train.seed",
         "train.lr",
         "data.use_depth",

@@ -13,9 +13,9 @@ times faster, safe only while the floor keeps the kernel away from 0.
 
 ``model.ot.solver: fused`` runs those plain-domain iterations itself, on the kernel
 ``exp(-C/eps) + floor`` as the original wrote it: each half-iteration is one batched
-matrix-vector product, and the backward pass is written out (:func:`fused_sinkhorn_plan`), so it keeps
-only the kernel and the ``2 x iterations`` scaling vectors instead of a ``[b, n, m]`` tensor per
-iteration, and needs no recomputation. Same iterates as POT's ``sinkhorn`` (tested against it).
+matrix-vector product, and the backward pass is written out (:func:`fused_sinkhorn_plan`), so it
+keeps only the kernel and the ``2 x iterations`` scaling vectors instead of a ``[b, n, m]`` tensor
+per iteration, and needs no recomputation. Same iterates as POT's ``sinkhorn`` (tested against it).
 
 Padding gets zero mass (rows and columns) and a cost far above every real one on its columns, so
 the first half-iteration ignores it as well: a padded problem gives the plan of the unpadded one,
