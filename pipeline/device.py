@@ -4,6 +4,8 @@ predict code (training gets its device from accelerate)."""
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import os
 
 import torch
@@ -12,6 +14,7 @@ from accelerate import PartialState
 __all__ = [
     "DTYPES",
     "is_distributed_launch",
+    "keep_freed_memory",
     "process_state",
     "select_device",
     "set_determinism",
@@ -43,6 +46,37 @@ def select_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", process_state().local_process_index)
     return torch.device("cpu")
+
+
+# glibc mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+# Set to 1 to keep glibc's own malloc settings (keep_freed_memory does nothing).
+SYSTEM_MALLOC_ENV = "REMOTE_SYSTEM_MALLOC"
+
+
+def keep_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse instead of handing it back to the kernel.
+
+    By default every block over 32 MB (most activations at paper sizes) is a fresh ``mmap``: each
+    allocation page-faults its whole size in and each free unmaps it. A CPU training step at seq 256
+    refaults about 2 GB this way (0.5 M faults of ~3 us here). With ``mmap`` off and no trimming,
+    a step reuses the heap that earlier steps grew; the peak RSS stays the same (measured: 13.0 GB
+    either way, at 12% less time per step: ``bench/model.py``). Numbers are unchanged: only where
+    memory comes from. Process-wide and idempotent; ``REMOTE_SYSTEM_MALLOC=1`` opts out. Returns
+    whether the settings took (False off glibc)."""
+    if os.environ.get(SYSTEM_MALLOC_ENV) == "1":
+        return False
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): leave the allocator alone
+        return False
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    # mmap off (glibc still falls back to it when the heap cannot grow); trim -1: never (mallopt(3))
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
 
 
 def set_determinism(threads: int, deterministic: bool) -> None:

@@ -24,6 +24,17 @@ app = typer.Typer(
     no_args_is_help=True,
     help="REMOTE pipeline stages: download -> depth -> caption -> features -> train -> evaluate.",
 )
+
+
+@app.callback()
+def _process_setup() -> None:
+    """Before any command: glibc keeps freed memory for reuse (``REMOTE_SYSTEM_MALLOC=1`` opts
+    out; pipeline.device.keep_freed_memory)."""
+    from pipeline.device import keep_freed_memory
+
+    keep_freed_memory()
+
+
 app.command("download")(download.main)
 app.command("depth")(depth.main)
 app.command("caption")(caption.main)
