@@ -70,30 +70,48 @@ def test_compiled_logits_and_gradients_equal_eager(tokenizer):
     assert errors[worst] <= 1e-4, (worst, errors[worst])
 
 
+PAPER_OT = {  # the paper preset's OT: the log-domain operator with the original's clamp
+    "model.ot.solver": "log_sinkhorn",
+    "model.ot.kernel_floor": 1e-12,
+    "model.ot.clamp": 1e-8,
+}
+
+
 @pytest.mark.parametrize(
-    "overrides",
+    ("overrides", "checkpointing"),
     [
-        {},  # the embedded default: fused Sinkhorn (an operator), per-batch padding
-        {"data.pad_to_max": True, "model.ot.solver": "fused"},
-        {"model.ot.mode": "uniform"},
-        {"model.ot.enabled": False, "model.moe.enabled": False},
+        ({}, False),  # the embedded default: fused Sinkhorn (an operator), per-batch padding
+        ({"data.pad_to_max": True, "model.ot.solver": "fused"}, False),
+        ({"data.pad_to_max": True, **PAPER_OT}, False),
+        ({**PAPER_OT}, True),
+        ({}, True),
+        ({"model.ot.mode": "uniform"}, False),
+        ({"model.ot.enabled": False, "model.moe.enabled": False}, False),
     ],
-    ids=["default", "pad-to-max", "uniform", "no-ot-no-moe"],
+    ids=[
+        "default",
+        "pad-to-max",
+        "paper-ot",
+        "paper-ot-checkpointing",
+        "checkpointing",
+        "uniform",
+        "no-ot-no-moe",
+    ],
 )
-def test_the_whole_model_is_one_graph(tokenizer, overrides):
+def test_the_whole_model_is_one_graph(tokenizer, overrides, checkpointing):
     model, batch = model_and_batch(tokenizer, **overrides)
+    model.encoder.gradient_checkpointing = checkpointing
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model.train())(batch)
     reasons = [str(b.reason).splitlines()[0] for b in explained.break_reasons]
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), reasons
 
 
-@pytest.mark.parametrize("solver", ["log_sinkhorn", "sinkhorn"])
-def test_pot_solvers_run_eagerly_between_graphs(tokenizer, solver):
-    # POT's solvers (the paper preset's log_sinkhorn) recompute under autograd in the backward
-    # pass: they stay outside the graph, a break at each transport (3 layers x 2 streams here;
-    # dynamo counts one per frame it leaves) and at nothing else.
-    model, batch = model_and_batch(tokenizer, **{"model.ot.solver": solver})
+def test_pot_plain_domain_solver_runs_eagerly_between_graphs(tokenizer):
+    # POT's plain-domain solver (model.ot.solver: sinkhorn) recomputes under autograd in the
+    # backward pass: it stays outside the graph, a break at each transport (3 layers x 2 streams
+    # here; dynamo counts one per frame it leaves) and at nothing else.
+    model, batch = model_and_batch(tokenizer, **{"model.ot.solver": "sinkhorn"})
     torch._dynamo.reset()
     explained = torch._dynamo.explain(model.train())(batch)
     assert explained.graph_break_count >= 2 * 3

@@ -1,5 +1,6 @@
-"""Multilevel OT: POT's log-domain Sinkhorn and the fused plain-domain solver against plain-domain
-references, the floor quirk, padding, barycentric rows, recompute-in-backward and chunking."""
+"""Multilevel OT: the log-domain operator, POT's solvers and the fused plain-domain solver against
+plain-domain references and each other, the floor quirk, padding, barycentric rows,
+recompute-in-backward and chunking."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pipeline.model.ot import (
     MultilevelTransport,
     floored_cost,
     fused_sinkhorn_plan,
+    log_sinkhorn_plan,
     sinkhorn_plan,
     transport_plan,
 )
@@ -348,3 +350,60 @@ def test_clamp_changes_nothing_on_the_kernel_floor_and_the_layer_takes_it():
         assert rel_err(other, plans[0]) <= 1e-4
     with pytest.raises(ValueError, match="clamp"):
         module(8, 1e-12, clamp=-1.0)
+
+
+@pytest.mark.parametrize("clamp", [0.0, 1e-8])
+def test_log_domain_operator_equals_pot_autodiff_in_plan_and_gradient(clamp, monkeypatch):
+    # The model's log_sinkhorn (an operator with a written-out backward) against the same
+    # iterations under autograd: POT's batched log_sinkhorn, or its clamped form. Costs 8-15 make
+    # the clamp bite (see small_costs).
+    torch.manual_seed(13)
+    cost = ((8 + 7 * torch.rand(4, 9, 15)) if clamp else 6 * torch.rand(4, 9, 15)).requires_grad_()
+    weights = torch.randn(4, 9, 15)
+    rows, columns = _masses(4, 9, 15)
+    plan = log_sinkhorn_plan(cost, EPS, 50, rows, columns, clamp=clamp)
+    (grad,) = torch.autograd.grad((plan * weights).sum(), cost)
+    reference = sinkhorn_plan(cost, EPS, 50, rows, columns, solver="log_sinkhorn", clamp=clamp)
+    (grad_reference,) = torch.autograd.grad((reference * weights).sum(), cost)
+    assert torch.equal(plan, reference)  # the same float32 operations in the same order
+    assert rel_err(grad, grad_reference) <= 1e-6 and grad_reference.abs().max() > 0
+    # Padded rows: zero plan and zero gradient; padded columns: zero plan.
+    assert plan[-1, 7:].abs().max() == 0 and plan[-1][:, 12:].abs().max() == 0
+    assert grad[-1, 7:].abs().max() == 0
+    # Solved in batch chunks on the CPU: the same plan and gradient.
+    monkeypatch.setattr(model_ot, "CHUNK_ELEMENTS", 9 * 15)
+    chunked = log_sinkhorn_plan(cost, EPS, 50, rows, columns, clamp=clamp)
+    (grad_chunked,) = torch.autograd.grad((chunked * weights).sum(), cost)
+    assert torch.equal(chunked, plan) and rel_err(grad_chunked, grad) <= 1e-6
+
+
+@pytest.mark.parametrize("clamp", [0.0, 1e-8])
+def test_log_domain_backward_passes_gradcheck(clamp):
+    torch.manual_seed(14)
+    if clamp:
+        cost = 8 + 7 * torch.rand(2, 5, 7, dtype=torch.float64)
+        rows, columns = torch.full((2, 5), 0.2).double(), torch.full((2, 7), 1 / 7).double()
+    else:
+        cost = 3 * torch.rand(3, 5, 7, dtype=torch.float64)
+        rows, columns = _masses(3, 5, 7, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda c: log_sinkhorn_plan(c, EPS, 12, rows, columns, clamp=clamp),
+        (cost.requires_grad_(),),
+    )
+
+
+def test_log_domain_operator_stays_float32_and_refuses_learned_marginals():
+    torch.manual_seed(15)
+    cost = (4 * torch.rand(2, 5, 8)).requires_grad_()
+    weights = torch.randn(2, 5, 8)
+    plans, grads = [], []
+    for enabled in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            plan = log_sinkhorn_plan(cost, EPS, 50)
+        plans.append(plan)
+        grads.append(torch.autograd.grad((plan * weights).sum(), cost)[0])
+    assert plans[1].dtype == torch.float32
+    assert torch.equal(plans[1], plans[0]) and torch.equal(grads[1], grads[0])
+    rows = torch.full((2, 5), 0.2, requires_grad=True)
+    with pytest.raises(ValueError, match="constants"):
+        log_sinkhorn_plan(cost, EPS, 5, rows)

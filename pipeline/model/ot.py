@@ -1,4 +1,4 @@
-"""Multilevel optimal transport (DESIGN.md §3, step 4), solved by POT's batched Sinkhorn.
+"""Multilevel optimal transport (DESIGN.md §3, step 4), solved by POT's batched Sinkhorn iterations.
 
 At layer ``i >= 1`` of a stream, the layer's output ``Q`` attends, through an entropic transport plan,
 to the states recorded before it (``S`` = states ``0 .. i-1`` along the sequence):
@@ -7,9 +7,12 @@ to the states recorded before it (``S`` = states ``0 .. i-1`` along the sequence
 
 The original's kernel is ``exp(-C/eps) + floor``. Sinkhorn on that kernel is the log-domain Sinkhorn
 on the cost ``C' = -eps * logaddexp(-C/eps, log floor)`` (``floor = 0``: ``C' = C``), so one solver
-serves both regimes without under- or overflow. ``model.ot.solver: sinkhorn`` runs the same
-iterations in the plain domain (POT's batched ``sinkhorn``): no ``exp`` per iteration, several
-times faster, safe only while the floor keeps the kernel away from 0.
+serves both regimes without under- or overflow: ``model.ot.solver: log_sinkhorn`` runs POT's
+batched ``log_sinkhorn`` iterations as an operator with a written-out backward pass
+(:func:`log_sinkhorn_plan`; plan and gradient tested against POT's autodiff).
+``model.ot.solver: sinkhorn`` runs the same iterations in the plain domain (POT's batched
+``sinkhorn``): no ``exp`` per iteration, several times faster, safe only while the floor keeps the
+kernel away from 0.
 
 ``model.ot.solver: fused`` runs those plain-domain iterations itself, on the kernel
 ``exp(-C/eps) + floor`` as the original wrote it: each half-iteration is one batched
@@ -37,6 +40,7 @@ __all__ = [
     "clamped_sinkhorn_plan",
     "floored_cost",
     "fused_sinkhorn_plan",
+    "log_sinkhorn_plan",
     "sinkhorn_plan",
     "transport_plan",
     "MultilevelTransport",
@@ -221,6 +225,163 @@ def fused_sinkhorn_plan(
     return _fused_forward(kernel, row_mass, column_mass, iterations, clamp)[0]
 
 
+# The log-domain solver (model.ot.solver: log_sinkhorn, the paper preset's) as an operator too:
+# POT's batched log_sinkhorn iterations (same start, same order, float32), with a written-out
+# backward pass that keeps the 4 x iterations vectors instead of a [b, n, m] tensor per iteration.
+
+
+def _log_solve(log_kernel, log_rows, log_columns, iterations: int, log_clamp: float | None):
+    """One chunk of :func:`log_sinkhorn_plan`: the plan, the potentials ``u_t``, ``v_t`` (``v_0``
+    first) and the row and column log-sums ``r_t``, ``c_t`` before their clamp."""
+    v = log_kernel.new_zeros(log_kernel.shape[0], log_kernel.shape[2])
+    us, vs, rs, cs = [], [v], [], []
+    for _ in range(iterations):
+        r = torch.logsumexp(log_kernel + v[:, None, :], dim=2)
+        u = log_rows - (r if log_clamp is None else r.clamp(min=log_clamp))
+        c = torch.logsumexp(log_kernel + u[:, :, None], dim=1)
+        v = log_columns - (c if log_clamp is None else c.clamp(min=log_clamp))
+        us.append(u)
+        vs.append(v)
+        rs.append(r)
+        cs.append(c)
+    plan = torch.exp(log_kernel + u[:, :, None] + v[:, None, :])
+    return plan, torch.stack(us), torch.stack(vs), torch.stack(rs), torch.stack(cs)
+
+
+def _log_solve_backward(grad_plan, log_kernel, plan, us, vs, rs, cs, log_clamp: float | None):
+    """One chunk of :func:`log_sinkhorn_plan`'s backward pass: the log-kernel's gradient.
+
+    ``u_t = log a - r_t`` with ``r_t = LSE_j(log K + v_{t-1})``: ``d r_t / d log K`` is the row
+    softmax ``exp(log K + v_{t-1} - r_t)``, ``d r_t / d v_{t-1}`` its column sums; likewise
+    ``c_t`` with the column softmax ``exp(log K + u_t - c_t)``. A clamped log-sum passes no
+    gradient (as ``torch.clamp``)."""
+    weighted = grad_plan * plan
+    grad = weighted.clone()
+    grad_u, grad_v = weighted.sum(dim=2), weighted.sum(dim=1)
+    for t in range(len(us) - 1, -1, -1):
+        grad_c = -grad_v if log_clamp is None else torch.where(cs[t] >= log_clamp, -grad_v, 0.0)
+        share = torch.exp(log_kernel + us[t][:, :, None] - cs[t][:, None, :]) * grad_c[:, None, :]
+        grad += share
+        grad_u = grad_u + share.sum(dim=2)
+        grad_r = -grad_u if log_clamp is None else torch.where(rs[t] >= log_clamp, -grad_u, 0.0)
+        share = torch.exp(log_kernel + vs[t][:, None, :] - rs[t][:, :, None]) * grad_r[:, :, None]
+        grad += share
+        grad_v = share.sum(dim=1)
+        grad_u = torch.zeros_like(grad_u)
+    return grad
+
+
+def _log_clamp(clamp: float) -> float | None:
+    return math.log(clamp) if clamp > 0 else None
+
+
+@torch.library.custom_op("remote::log_sinkhorn", mutates_args=())
+def _log_forward(
+    cost: torch.Tensor,
+    row_mass: torch.Tensor,
+    column_mass: torch.Tensor,
+    epsilon: float,
+    iterations: int,
+    clamp: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    log_rows, log_columns = row_mass.log(), column_mass.log()
+    with torch.autocast(cost.device.type, enabled=False):
+        parts = [
+            _log_solve(
+                cost[c] / -epsilon, log_rows[c], log_columns[c], iterations, _log_clamp(clamp)
+            )
+            for c in _batch_chunks(cost, CHUNK_ELEMENTS)
+        ]
+    if len(parts) == 1:
+        return parts[0]
+    plan, *vectors = zip(*parts, strict=True)
+    return torch.cat(plan), *(torch.cat(v, dim=1) for v in vectors)
+
+
+@_log_forward.register_fake
+def _(cost, row_mass, column_mass, epsilon, iterations, clamp):
+    batch, rows, columns = cost.shape
+    return (
+        cost.new_empty(batch, rows, columns),
+        cost.new_empty(iterations, batch, rows),
+        cost.new_empty(iterations + 1, batch, columns),
+        cost.new_empty(iterations, batch, rows),
+        cost.new_empty(iterations, batch, columns),
+    )
+
+
+@torch.library.custom_op("remote::log_sinkhorn_backward", mutates_args=())
+def _log_backward(
+    grad_plan: torch.Tensor,
+    cost: torch.Tensor,
+    plan: torch.Tensor,
+    us: torch.Tensor,
+    vs: torch.Tensor,
+    rs: torch.Tensor,
+    cs: torch.Tensor,
+    epsilon: float,
+    clamp: float,
+) -> torch.Tensor:
+    grad_plan = grad_plan.to(cost.dtype)
+    with torch.autocast(cost.device.type, enabled=False):
+        parts = [
+            _log_solve_backward(
+                grad_plan[c], cost[c] / -epsilon, plan[c], us[:, c], vs[:, c], rs[:, c],
+                cs[:, c], _log_clamp(clamp),
+            ) / -epsilon
+            for c in _batch_chunks(cost, CHUNK_ELEMENTS)
+        ]  # fmt: skip
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+@_log_backward.register_fake
+def _(grad_plan, cost, plan, us, vs, rs, cs, epsilon, clamp):
+    return torch.empty_like(cost)
+
+
+def _log_setup_context(ctx, inputs, output) -> None:
+    cost, _, _, epsilon, _, clamp = inputs
+    ctx.save_for_backward(cost, *output)
+    ctx.epsilon, ctx.clamp = epsilon, clamp
+
+
+def _log_grad(ctx, grad_plan, *_):
+    grad = _log_backward(grad_plan, *ctx.saved_tensors, ctx.epsilon, ctx.clamp)
+    return grad, None, None, None, None, None
+
+
+_log_forward.register_autograd(_log_grad, setup_context=_log_setup_context)
+
+
+def log_sinkhorn_plan(
+    cost: torch.Tensor,
+    epsilon: float,
+    iterations: int,
+    row_mass: torch.Tensor | None = None,
+    column_mass: torch.Tensor | None = None,
+    *,
+    clamp: float = 0.0,
+) -> torch.Tensor:
+    """POT's batched ``log_sinkhorn`` plans ``exp(-C/eps + u + v)`` after exactly ``iterations``
+    iterations (from ``v_0 = 0``: ``u_t = log a - LSE(-C/eps + v_{t-1})``, then ``v_t`` the same
+    over columns), in float32 at least (also under mixed precision), masses uniform by default;
+    ``clamp > 0`` clamps each log-sum from below at ``log clamp`` (:func:`clamped_sinkhorn_plan`).
+    Its backward pass is written out: it runs the recursion in reverse, rebuilding each
+    iteration's softmax from the kept potentials, so it keeps vectors instead of a ``[b, n, m]``
+    tensor per iteration and needs no second solve. The marginals are constants (no gradient);
+    zero-mass rows and columns (padding) get zero plan and zero gradient."""
+    batch, rows, columns = cost.shape
+    if row_mass is None:
+        row_mass = cost.new_full((batch, rows), 1.0 / rows)
+    if column_mass is None:
+        column_mass = cost.new_full((batch, columns), 1.0 / columns)
+    if row_mass.requires_grad or column_mass.requires_grad:
+        raise ValueError("log-domain Sinkhorn: the marginals are constants (no gradient)")
+    dtype = torch.promote_types(cost.dtype, torch.float32)
+    cost, row_mass, column_mass = (t.to(dtype) for t in (cost, row_mass, column_mass))
+    return _log_forward(cost, row_mass, column_mass, epsilon, iterations, clamp)[0]
+
+
 def _batch_chunks(problems: torch.Tensor, elements: int) -> list[slice]:
     """Slices of the batch of about ``elements`` plan elements each on the CPU; one slice (the
     whole batch) on other devices."""
@@ -306,8 +467,9 @@ def sinkhorn_plan(
 # POT's solvers and their clamped form run eagerly, outside any compiled graph (one graph break per
 # OT layer under train.compile): their backward recomputes the solve under autograd, which a
 # custom operator's body cannot do (autograd is off there), and traced, the iterations would
-# unroll into the graph (the fused solver, an operator with a written-out backward, has neither
-# problem).
+# unroll into the graph. The model calls this for model.ot.solver: sinkhorn only (the fused and
+# log-domain solvers are operators with written-out backward passes); the tests use it as the
+# reference.
 @torch.compiler.disable
 def transport_plan(
     cost: torch.Tensor,
@@ -436,15 +598,10 @@ class MultilevelTransport(nn.Module):
             cost = torch.where(
                 source_mask[:, None, :], cost, dearest + MASKED_COST_MARGIN * self.epsilon
             )
-        return transport_plan(
-            cost,
-            self.epsilon,
-            self.iterations,
-            row_mass,
-            column_mass,
-            solver=self.solver,
-            clamp=self.clamp,
-        )
+        settings = (self.epsilon, self.iterations, row_mass, column_mass)
+        if self.solver == "log_sinkhorn":
+            return log_sinkhorn_plan(cost, *settings, clamp=self.clamp)
+        return transport_plan(cost, *settings, solver=self.solver, clamp=self.clamp)
 
     def forward(
         self,
