@@ -561,6 +561,9 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
+        from pipeline.device import keep_freed_memory
+
+        keep_freed_memory()  # as the stages do
         result = run_section(args.child, args.smoke)
         write_report(args.out, result)
         return

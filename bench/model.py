@@ -13,12 +13,14 @@ configuration is not recorded.
     .venv/bin/python bench/model.py --settings realistic,seq128 --steps 5
     .venv/bin/python bench/model.py --settings realistic --ot-modes transport,uniform
     .venv/bin/python bench/model.py --settings seq256 --compile --bf16
+    .venv/bin/python bench/model.py --settings seq256 --checkpointing
 
 With several ``--ot-modes`` each setting runs once per mode (``model.ot.mode``), one after the
 other in this run, and the uniform mode's step time is printed as a ratio of transport's (target
 <= 0.6 at base size with per-batch padding). ``--compile`` adds a run under ``torch.compile``
 (inductor, static shapes; its first step compiles and is not timed), ``--bf16`` one under bf16
-autocast (fast on CPUs with AMX-BF16, see ``lscpu``), both flags a run with both. Every run's
+autocast (fast on CPUs with AMX-BF16, see ``lscpu``), both flags a run with both;
+``--checkpointing`` one with ``train.gradient_checkpointing`` (compare its peak RSS). Every run's
 median step time is printed over the step's FLOP floor (its FLOPs at this machine's best float32
 matrix-product rate), with a summary table at the end; target with ``--compile`` at seq 256:
 <= 1.8x the floor.
@@ -186,7 +188,7 @@ class Timers:
         return hook
 
 
-VARIANTS = ("eager", "compile", "bf16", "bf16+compile")
+VARIANTS = ("eager", "compile", "bf16", "bf16+compile", "checkpointing")
 
 
 def run_child(
@@ -204,8 +206,10 @@ def run_child(
     import torch
     from torch.nn import functional as F
 
+    from pipeline.device import keep_freed_memory
     from pipeline.train.loop import build_optimizer
 
+    keep_freed_memory()  # as the stages do (python -m stages)
     torch.set_num_threads(threads)
     model, batch = build(SETTINGS[name], solver, ot_mode)
     model.train()
@@ -213,7 +217,7 @@ def run_child(
     compiled = "compile" in variant
     # Module hooks would be traced into a compiled graph: time components in eager runs only.
     timers = Timers(model) if profile and not compiled else None
-    flops = count_flops(model, batch)
+    model.encoder.gradient_checkpointing = variant == "checkpointing"
     forward = torch.compile(model, dynamic=False) if compiled else model
     precision = (
         (lambda: torch.autocast("cpu", dtype=torch.bfloat16))
@@ -244,6 +248,10 @@ def run_child(
     breakdown = {k: v / steps for k, v in phases.items()}
     if timers is not None:
         breakdown.update({k: v / steps for k, v in timers.total.items()})
+    # After the steps (it takes an unchecked step's memory), without checkpointing's
+    # recomputation: every variant's floor is the same step's FLOPs.
+    model.encoder.gradient_checkpointing = False
+    flops = count_flops(model, batch)
     return {
         "setting": name,
         "variant": variant,
@@ -314,6 +322,11 @@ def main() -> None:
         "--compile", action="store_true", help="also run each setting under torch.compile"
     )
     parser.add_argument("--bf16", action="store_true", help="also run each under bf16 autocast")
+    parser.add_argument(
+        "--checkpointing",
+        action="store_true",
+        help="also run each with train.gradient_checkpointing (eager): its peak RSS against eager's",
+    )
     parser.add_argument("--variant", default="eager", help=argparse.SUPPRESS)  # a child's
     parser.add_argument("--quick", action="store_true", help="1 warm-up step + 2 timed steps")
     parser.add_argument("--no-profile", action="store_true", help="skip the per-component timers")
@@ -340,6 +353,7 @@ def main() -> None:
     variants += ["compile"] if args.compile else []
     variants += ["bf16"] if args.bf16 else []
     variants += ["bf16+compile"] if args.compile and args.bf16 else []
+    variants += ["checkpointing"] if args.checkpointing else []
     print(
         f"threads={args.threads} steps={args.steps} warmup={args.warmup} "
         f"model.ot.solver={args.ot_solver} model.ot.mode={','.join(modes)} "
@@ -373,13 +387,17 @@ def print_summary(results: list[dict]) -> None:
         return
     best = max(r["gemm_gflops"] for r in results)
     print(f"\nFLOP floors at {best:.0f} GFLOP/s, the best matrix-product rate of these runs")
-    print("| setting | model.ot.mode | variant | median s/step | first step s | floor s | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| setting | model.ot.mode | variant | median s/step | first step s | floor s | ratio | "
+        "peak RSS GB |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
         floor = r["gflop"] / best
         print(
             f"| {r['setting']} | {r['ot_mode']} | {r['variant']} | {r['median_s']:.2f} | "
-            f"{r['first_step_s']:.1f} | {floor:.2f} | {r['median_s'] / floor:.2f} |"
+            f"{r['first_step_s']:.1f} | {floor:.2f} | {r['median_s'] / floor:.2f} | "
+            f"{r['peak_rss_gb']:.2f} |"
         )
 
 

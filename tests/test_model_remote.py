@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from pipeline.config import default_params
 from pipeline.model.config import RemoteConfig
 from pipeline.model.example import random_batch
+from pipeline.model.regime import record_regime, regime_summary
 from pipeline.model.remote import RemoteModel, build_model
 from pipeline.text import load_tokenizer
 
@@ -277,36 +278,58 @@ def test_tiny_model_overfits_a_small_batch(tokenizer):
     assert accuracy == 1.0, f"train accuracy {accuracy} after {steps} steps"
 
 
-@pytest.mark.parametrize("ot_mode", ["transport", "uniform"])
-def test_gradient_checkpointing_gives_the_unchecked_gradients(tokenizer, ot_mode):
-    """train.gradient_checkpointing recomputes each layer pair in the backward pass (dropout
-    replayed from the saved RNG state): the same loss and the same gradient, tensor for tensor."""
-    model = make_model(tokenizer, **{"model.dropout": 0.1, "model.ot.mode": ot_mode}).train()
+@pytest.mark.parametrize(
+    ("ot_mode", "solver", "kept"),
+    [("transport", "fused", 0.1), ("transport", "log_sinkhorn", 0.1), ("uniform", "fused", 0.3)],
+)
+def test_gradient_checkpointing_gives_the_unchecked_gradients(tokenizer, ot_mode, solver, kept):
+    """train.gradient_checkpointing recomputes each layer (its pair and its OT step) in the
+    backward pass (dropout replayed from the saved RNG state): the same loss, the same gradient
+    tensor for tensor, and the OT regime monitor counts each batch once."""
+    overrides = {"model.dropout": 0.1, "model.ot.mode": ot_mode, "model.ot.solver": solver}
+    if solver == "log_sinkhorn":
+        overrides["model.ot.kernel_floor"] = 0.0
+    model = make_model(tokenizer, **overrides).train()
     batch = make_batch(tokenizer, [8, 9, 12])
-    grads, losses = [], []
+    grads, losses, regimes = [], [], []
     for checkpointed in (False, True):
         model.encoder.gradient_checkpointing = checkpointed
         model.zero_grad(set_to_none=True)
         torch.manual_seed(7)  # the same dropout masks in both runs
-        loss = F.cross_entropy(model(batch), batch["labels"])
-        loss.backward()
+        with record_regime(model) as regime:
+            loss = F.cross_entropy(model(batch), batch["labels"])
+            loss.backward()
+        regimes.append(regime_summary(regime))
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert torch.equal(losses[0], losses[1])
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 50
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
-    # It does checkpoint: fewer activations are kept for the backward pass.
+    assert regimes[0] == regimes[1] and regimes[0]
+    # It does checkpoint: of the encoder's activations, only the layers' inputs are kept for the
+    # backward pass, OT included (the uniform mode's running sums stay outside the layers).
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    inside: list[bool] = []  # non-empty during the encoder's forward
+    hooks = [
+        model.encoder.register_forward_pre_hook(lambda *_: inside.append(True)),
+        model.encoder.register_forward_hook(lambda *_: inside.clear()),
+    ]
     saved = []
     for checkpointed in (False, True):
         model.encoder.gradient_checkpointing = checkpointed
-        kept: list[int] = []
+        sizes: dict[int, int] = {}  # storages the encoder's forward keeps, weights left out
 
-        def pack(t: torch.Tensor, kept: list[int] = kept) -> torch.Tensor:
-            kept.append(t.numel())
+        def pack(t: torch.Tensor, sizes: dict[int, int] = sizes) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if inside and storage.data_ptr() not in weights:
+                sizes[storage.data_ptr()] = storage.nbytes()
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             model(batch)
-        saved.append(sum(kept))
-    assert saved[1] < 0.75 * saved[0]  # tiny model: the OT steps outside the pairs stay
+        saved.append(sum(sizes.values()))
+    for hook in hooks:
+        hook.remove()
+    print(f"saved activations with / without checkpointing: {saved[1] / saved[0]:.3f}")
+    assert saved[1] < kept * saved[0]

@@ -15,6 +15,7 @@ forward passes, so pretrained weights load unchanged.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from torch.utils.checkpoint import checkpoint
 from pipeline.config import OTParams
 from pipeline.model.embeddings import ObjectPooling
 from pipeline.model.ot import MultilevelTransport, UniformTransport, token_sum
+from pipeline.model.regime import regime_paused
 
 __all__ = ["TextLayer", "VisionLayer", "DualStreamEncoder", "EncoderStates"]
 
@@ -152,6 +154,18 @@ class _UniformSources:
         return total / count
 
 
+def _recompute_unmonitored(encoder: DualStreamEncoder) -> dict:
+    """``checkpoint``'s keyword arguments: while an OT regime monitor records (eager steps only),
+    the recomputation in the backward pass adds nothing to it (it saw the layer once already)."""
+    monitored = any(
+        getattr(module, "regime", None) is not None
+        for module in (*(encoder.text_transport or ()), *(encoder.vision_transport or ()))
+    )
+    if not monitored:
+        return {}  # a compiled graph takes only selective-checkpointing contexts
+    return {"context_fn": lambda: (contextlib.nullcontext(), regime_paused())}
+
+
 @dataclass
 class EncoderStates:
     """Per stream: the state at the start of every layer and the final output (``L + 1`` each)."""
@@ -189,9 +203,8 @@ class DualStreamEncoder(nn.Module):
             )
         self.pool_after_layer = pool_after_layer
         self.fusion_start_layer = fusion_start_layer
-        # train.gradient_checkpointing: recompute each layer pair's activations in the backward
-        # pass instead of keeping them (the OT step after it is kept: its monitor and the uniform
-        # sums must run once a step).
+        # train.gradient_checkpointing: keep only each layer's inputs and recompute the layer pair
+        # and its OT step in the backward pass (see :meth:`_layer`).
         self.gradient_checkpointing = False
         self.text_layers = nn.ModuleList(
             TextLayer(layer, fuse=i >= fusion_start_layer) for i, layer in enumerate(bert_layers)
@@ -245,6 +258,35 @@ class DualStreamEncoder(nn.Module):
         text, keys_values = self.text_layers[i](text, self_mask, vision if fuse else None)
         return text, vision, keys_values
 
+    def _layer(
+        self,
+        i: int,
+        text: torch.Tensor,
+        vision: torch.Tensor,
+        prefix: tuple[torch.Tensor, torch.Tensor] | None,
+        prefix_mask: torch.Tensor | None,
+        self_mask: torch.Tensor | None,
+        boxes: torch.Tensor | None,
+        pad_mask: torch.Tensor | None,
+        earlier_text: tuple[torch.Tensor, ...],
+        earlier_vision: tuple[torch.Tensor, ...],
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Layer ``i``: its pair (:meth:`_layer_pair`), then each stream's transport from its
+        earlier states ``0 .. i-1`` (``model.ot.mode: transport``; the uniform mode's running sums
+        are the caller's): the unit of gradient checkpointing. Checkpointed, what it keeps for the
+        backward pass is its inputs; the OT's projections of every earlier state (``[B, i T, D]``
+        each, the largest activations at paper sizes) are recomputed with the pair."""
+        text, vision, keys_values = self._layer_pair(
+            i, text, vision, prefix, prefix_mask, self_mask, boxes
+        )
+        if self.text_transport is not None and not self.uniform and i >= 1:
+            source_mask = None if pad_mask is None else pad_mask.repeat(1, i)
+            text = self.text_transport[i - 1](
+                text, torch.cat(earlier_text, dim=1), pad_mask, source_mask
+            )
+            vision = self.vision_transport[i - 1](vision, torch.cat(earlier_vision, dim=1))
+        return text, vision, keys_values
+
     def forward(
         self,
         text: torch.Tensor,
@@ -271,21 +313,18 @@ class DualStreamEncoder(nn.Module):
             if prefix is not None and pad_mask is not None:
                 vision_keys = pad_mask.new_ones(pad_mask.shape[0], vision.shape[1])
                 prefix_mask = torch.cat([pad_mask, vision_keys], dim=1)[:, None, None, :]
-            pair = (i, text, vision, prefix, prefix_mask, self_mask, boxes)
+            # The source of layer i's OT is states 0 .. i-1: its own input (state i) is left out.
+            earlier = (tuple(states.text[:i]), tuple(states.vision[:i]))
+            layer = (i, text, vision, prefix, prefix_mask, self_mask, boxes, pad_mask, *earlier)
             if self.gradient_checkpointing and torch.is_grad_enabled():
-                text, vision, keys_values = checkpoint(self._layer_pair, *pair, use_reentrant=False)
+                text, vision, keys_values = checkpoint(
+                    self._layer, *layer, use_reentrant=False, **_recompute_unmonitored(self)
+                )
             else:
-                text, vision, keys_values = self._layer_pair(*pair)
+                text, vision, keys_values = self._layer(*layer)
             prefix = keys_values if i + 1 >= self.fusion_start_layer else None
             if uniform is not None:
                 text, vision = uniform.step(i, text, vision)
-            elif self.text_transport is not None and i >= 1:
-                source_mask = None if pad_mask is None else pad_mask.repeat(1, i)
-                # The source is states 0 .. i-1: the current layer's input (state i) is left out.
-                text = self.text_transport[i - 1](
-                    text, torch.cat(states.text[:i], dim=1), pad_mask, source_mask
-                )
-                vision = self.vision_transport[i - 1](vision, torch.cat(states.vision[:i], dim=1))
             states.text.append(text)
             states.vision.append(vision)
         return states

@@ -30,6 +30,7 @@ __all__ = [
     "floor_threshold",
     "RegimeStats",
     "record_regime",
+    "regime_paused",
     "regime_summary",
     "flat_regime",
 ]
@@ -52,6 +53,21 @@ def floor_threshold(epsilon: float, kernel_floor: float) -> float:
     return epsilon * (math.log(1.0 / kernel_floor) + FLOAT32_BITS * math.log(2.0))
 
 
+_paused = False  # set by regime_paused
+
+
+@contextlib.contextmanager
+def regime_paused() -> Iterator[None]:
+    """Inside, :class:`RegimeStats` adds nothing: a checkpointed forward that the backward pass
+    recomputes has been counted once already."""
+    global _paused
+    before, _paused = _paused, True
+    try:
+        yield
+    finally:
+        _paused = before
+
+
 class RegimeStats:
     """What one transport module saw, merged over the batches it was called on.
 
@@ -72,6 +88,8 @@ class RegimeStats:
     @torch.no_grad()
     def add_cost(self, cost: torch.Tensor, valid: torch.Tensor | None) -> None:
         """``cost`` ``[B, n, m]``; ``valid`` ``[B, n, m]`` bool (True on real entries) or None."""
+        if _paused:
+            return
         values = cost.detach().float().reshape(-1)
         if valid is None:
             valid = torch.ones_like(values, dtype=torch.bool)
@@ -95,6 +113,8 @@ class RegimeStats:
     ) -> None:
         """``hidden`` (the transport's input) and ``update`` (``w Pi S``) ``[B, n, D]``;
         ``row_mask`` ``[B, n]`` bool or None."""
+        if _paused:
+            return
         hidden_sq = hidden.detach().float().square().sum(-1)
         update_sq = update.detach().float().square().sum(-1)
         if row_mask is not None:
