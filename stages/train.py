@@ -32,7 +32,9 @@ def _launch_processes(num_processes: int, argv: list[str]) -> int:
         f"--nproc_per_node={num_processes}", "-m", "stages", "train", *argv,
     ]  # fmt: skip
     log.info("launching %d processes: %s", num_processes, " ".join(cmd))
-    return subprocess.run(cmd, check=False).returncode
+    # The launched processes write under the locks this one holds (only they see the variable).
+    env = {**os.environ, LOCKS_HELD_ENV: "1"}
+    return subprocess.run(cmd, check=False, env=env).returncode
 
 
 def main(
@@ -61,7 +63,6 @@ def main(
         argv = ["--params", str(params), "--features", str(features), "--dataset", str(dataset)]
         argv += ["--out", str(out), "--live", str(live)]
         with reported_errors(), writing_outputs(out, live):
-            os.environ[LOCKS_HELD_ENV] = "1"  # the launched processes write under these locks
             code = _launch_processes(p.train.num_processes, argv)
         raise typer.Exit(code)
 

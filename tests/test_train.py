@@ -575,17 +575,25 @@ def test_train_stage_relaunches_itself_for_several_processes(tmp_path, monkeypat
     params_file.write_text(
         yaml.safe_dump(params_to_dict(small_params(**{"train.num_processes": 3})))
     )
+    from stages.common import LOCKS_HELD_ENV
+
     launched = []
     monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv(LOCKS_HELD_ENV, raising=False)
+    monkeypatch.chdir(tmp_path)  # the locks beside m/ and l/
     monkeypatch.setattr(
-        sp, "run", lambda cmd, check: launched.append(cmd) or sp.CompletedProcess(cmd, 0)
+        sp,
+        "run",
+        lambda cmd, check, env: launched.append((cmd, env)) or sp.CompletedProcess(cmd, 0),
     )
     paths = ["--features", "f", "--dataset", "d", "--out", "m", "--live", "l"]
     result = CliRunner().invoke(app, ["train", "--params", str(params_file), *paths])
     assert result.exit_code == 0, result.output
-    (cmd,) = launched
+    ((cmd, env),) = launched
     assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m"]
     assert cmd[6:] == ["stages", "train", "--params", str(params_file), *paths]
+    # The launched processes write under this one's locks; this process's environment is as it was.
+    assert env[LOCKS_HELD_ENV] == "1" and LOCKS_HELD_ENV not in os.environ
 
 
 def test_originals_protocol_freezes_the_head_and_reports_test_each_epoch(
