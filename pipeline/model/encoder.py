@@ -238,26 +238,6 @@ class DualStreamEncoder(nn.Module):
                 MultilevelTransport(hidden, **settings) for _ in range(num_layers - 1)
             )
 
-    def _layer_pair(
-        self,
-        i: int,
-        text: torch.Tensor,
-        vision: torch.Tensor,
-        prefix: tuple[torch.Tensor, torch.Tensor] | None,
-        prefix_mask: torch.Tensor | None,
-        self_mask: torch.Tensor | None,
-        boxes: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Vision layer ``i`` (with the previous text layer's keys/values as prefix), the object
-        pooling after ``pool_after_layer``, then text layer ``i`` (fused with the vision states
-        from ``fusion_start_layer`` on): the unit of gradient checkpointing."""
-        vision = self.vision_layers[i](vision, prefix, prefix_mask)
-        if i == self.pool_after_layer:
-            vision = self.pooling(vision, boxes)
-        fuse = i >= self.fusion_start_layer
-        text, keys_values = self.text_layers[i](text, self_mask, vision if fuse else None)
-        return text, vision, keys_values
-
     def _layer(
         self,
         i: int,
@@ -271,14 +251,18 @@ class DualStreamEncoder(nn.Module):
         earlier_text: tuple[torch.Tensor, ...],
         earlier_vision: tuple[torch.Tensor, ...],
     ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Layer ``i``: its pair (:meth:`_layer_pair`), then each stream's transport from its
+        """Layer ``i``: vision layer ``i`` (with the previous text layer's keys/values as
+        prefix), the object pooling after ``pool_after_layer``, text layer ``i`` (fused with the
+        vision states from ``fusion_start_layer`` on), then each stream's transport from its
         earlier states ``0 .. i-1`` (``model.ot.mode: transport``; the uniform mode's running sums
         are the caller's): the unit of gradient checkpointing. Checkpointed, what it keeps for the
         backward pass is its inputs; the OT's projections of every earlier state (``[B, i T, D]``
-        each, the largest activations at paper sizes) are recomputed with the pair."""
-        text, vision, keys_values = self._layer_pair(
-            i, text, vision, prefix, prefix_mask, self_mask, boxes
-        )
+        each, the largest activations at paper sizes) are recomputed with the rest."""
+        vision = self.vision_layers[i](vision, prefix, prefix_mask)
+        if i == self.pool_after_layer:
+            vision = self.pooling(vision, boxes)
+        fuse = i >= self.fusion_start_layer
+        text, keys_values = self.text_layers[i](text, self_mask, vision if fuse else None)
         if self.text_transport is not None and not self.uniform and i >= 1:
             source_mask = None if pad_mask is None else pad_mask.repeat(1, i)
             text = self.text_transport[i - 1](

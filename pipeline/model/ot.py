@@ -142,6 +142,25 @@ def _fused_forward(
             _fused_solve(kernel[c], row_mass[c], column_mass[c], iterations, clamp)
             for c in _fused_chunks(kernel)
         ]
+    return _merge_chunks(parts)
+
+
+def _solve_outputs(problems: torch.Tensor, iterations: int):
+    """What a Sinkhorn operator returns, as empty tensors (its fake, for compilation): the plan
+    ``[b, n, m]``, then four stacks of vectors, ``[T, b, n]``, ``[T + 1, b, m]``, ``[T, b, n]``,
+    ``[T, b, m]``."""
+    batch, rows, columns = problems.shape
+    return (
+        problems.new_empty(batch, rows, columns),
+        problems.new_empty(iterations, batch, rows),
+        problems.new_empty(iterations + 1, batch, columns),
+        problems.new_empty(iterations, batch, rows),
+        problems.new_empty(iterations, batch, columns),
+    )
+
+
+def _merge_chunks(parts: list[tuple[torch.Tensor, ...]]):
+    """Batch chunks' ``(plan, *vector stacks)`` as one: plans along dim 0, stacks along dim 1."""
     if len(parts) == 1:
         return parts[0]
     plan, *vectors = zip(*parts, strict=True)
@@ -150,14 +169,7 @@ def _fused_forward(
 
 @_fused_forward.register_fake
 def _(kernel, row_mass, column_mass, iterations, clamp):
-    batch, rows, columns = kernel.shape
-    return (
-        kernel.new_empty(batch, rows, columns),
-        kernel.new_empty(iterations, batch, rows),
-        kernel.new_empty(iterations + 1, batch, columns),
-        kernel.new_empty(iterations, batch, rows),
-        kernel.new_empty(iterations, batch, columns),
-    )
+    return _solve_outputs(kernel, iterations)
 
 
 @torch.library.custom_op("remote::fused_sinkhorn_backward", mutates_args=())
@@ -292,22 +304,12 @@ def _log_forward(
             )
             for c in _batch_chunks(cost, CHUNK_ELEMENTS)
         ]
-    if len(parts) == 1:
-        return parts[0]
-    plan, *vectors = zip(*parts, strict=True)
-    return torch.cat(plan), *(torch.cat(v, dim=1) for v in vectors)
+    return _merge_chunks(parts)
 
 
 @_log_forward.register_fake
 def _(cost, row_mass, column_mass, epsilon, iterations, clamp):
-    batch, rows, columns = cost.shape
-    return (
-        cost.new_empty(batch, rows, columns),
-        cost.new_empty(iterations, batch, rows),
-        cost.new_empty(iterations + 1, batch, columns),
-        cost.new_empty(iterations, batch, rows),
-        cost.new_empty(iterations, batch, columns),
-    )
+    return _solve_outputs(cost, iterations)
 
 
 @torch.library.custom_op("remote::log_sinkhorn_backward", mutates_args=())
