@@ -230,11 +230,27 @@ def fused_sinkhorn_plan(
     (as ``torch.clamp``). Zero-mass rows and columns (padding) get zero plan and zero gradient.
     The marginals are constants (no gradient).
     """
-    if row_mass.requires_grad or column_mass.requires_grad:
-        raise ValueError("fused Sinkhorn: the marginals are constants (no gradient)")
-    dtype = torch.promote_types(kernel.dtype, torch.float32)
-    kernel, row_mass, column_mass = (t.to(dtype) for t in (kernel, row_mass, column_mass))
+    kernel, row_mass, column_mass = _operator_inputs("fused", kernel, row_mass, column_mass)
     return _fused_forward(kernel, row_mass, column_mass, iterations, clamp)[0]
+
+
+def _operator_inputs(solver: str, problems, row_mass, column_mass):
+    """A Sinkhorn operator's ``(problems, row_mass, column_mass)`` in float32 at least (the
+    iterations stay there under mixed precision); the marginals must be constants."""
+    if row_mass.requires_grad or column_mass.requires_grad:
+        raise ValueError(f"{solver} Sinkhorn: the marginals are constants (no gradient)")
+    dtype = torch.promote_types(problems.dtype, torch.float32)
+    return tuple(t.to(dtype) for t in (problems, row_mass, column_mass))
+
+
+def _default_masses(problems, row_mass, column_mass):
+    """The masses, uniform (``1/n`` per row, ``1/m`` per column) where None, as POT's default."""
+    batch, rows, columns = problems.shape
+    if row_mass is None:
+        row_mass = problems.new_full((batch, rows), 1.0 / rows)
+    if column_mass is None:
+        column_mass = problems.new_full((batch, columns), 1.0 / columns)
+    return row_mass, column_mass
 
 
 # The log-domain solver (model.ot.solver: log_sinkhorn, the paper preset's) as an operator too:
@@ -372,15 +388,8 @@ def log_sinkhorn_plan(
     iteration's softmax from the kept potentials, so it keeps vectors instead of a ``[b, n, m]``
     tensor per iteration and needs no second solve. The marginals are constants (no gradient);
     zero-mass rows and columns (padding) get zero plan and zero gradient."""
-    batch, rows, columns = cost.shape
-    if row_mass is None:
-        row_mass = cost.new_full((batch, rows), 1.0 / rows)
-    if column_mass is None:
-        column_mass = cost.new_full((batch, columns), 1.0 / columns)
-    if row_mass.requires_grad or column_mass.requires_grad:
-        raise ValueError("log-domain Sinkhorn: the marginals are constants (no gradient)")
-    dtype = torch.promote_types(cost.dtype, torch.float32)
-    cost, row_mass, column_mass = (t.to(dtype) for t in (cost, row_mass, column_mass))
+    row_mass, column_mass = _default_masses(cost, row_mass, column_mass)
+    cost, row_mass, column_mass = _operator_inputs("log-domain", cost, row_mass, column_mass)
     return _log_forward(cost, row_mass, column_mass, epsilon, iterations, clamp)[0]
 
 
@@ -407,11 +416,8 @@ def clamped_sinkhorn_plan(
     """POT's batched ``sinkhorn`` / ``log_sinkhorn`` iterations (same start, same order), with every
     denominator clamped from below at ``clamp`` as the original does (``torch.clamp(min=1e-8)``;
     in the log domain ``max(logsumexp, log clamp)``), under plain autograd."""
-    batch, rows, columns = cost.shape
-    if row_mass is None:
-        row_mass = cost.new_full((batch, rows), 1.0 / rows)
-    if column_mass is None:
-        column_mass = cost.new_full((batch, columns), 1.0 / columns)
+    batch, _, columns = cost.shape
+    row_mass, column_mass = _default_masses(cost, row_mass, column_mass)
     if solver == "log_sinkhorn":
         log_kernel = cost / -epsilon
         log_rows, log_columns = row_mass.log(), column_mass.log()
@@ -571,7 +577,7 @@ class MultilevelTransport(nn.Module):
         if self.solver == "fused":
             plan = self._fused_plan(distance, hidden_mask, source_mask)
         else:
-            plan = self._pot_plan(distance, hidden_mask, source_mask)
+            plan = self._cost_plan(distance, hidden_mask, source_mask)
         if self.barycentric:
             # Rows sum to their mass (1/n); rescale them to 1. Padded rows have no mass: keep 0.
             total = plan.sum(dim=-1, keepdim=True)
@@ -589,7 +595,9 @@ class MultilevelTransport(nn.Module):
         kernel = torch.exp(distance / -self.epsilon) + self.kernel_floor
         return fused_sinkhorn_plan(kernel, row_mass, column_mass, self.iterations, self.clamp)
 
-    def _pot_plan(self, distance, hidden_mask, source_mask) -> torch.Tensor:
+    def _cost_plan(self, distance, hidden_mask, source_mask) -> torch.Tensor:
+        """``log_sinkhorn`` and ``sinkhorn``: the plan from the floored cost, padded columns
+        priced out."""
         cost = floored_cost(distance, self.epsilon, self.kernel_floor)
         row_mass = column_mass = None
         if hidden_mask is not None:
