@@ -148,7 +148,9 @@ def gpu_tests(smoke: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         xml = Path(tmp) / "gpu.xml"
         command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
-        command += [f"--junitxml={xml}", "tests"]
+        # A test module that cannot be imported there (a package the GPU image lacks) is
+        # reported as an error, and the GPU tests still run.
+        command += ["--continue-on-collection-errors", f"--junitxml={xml}", "tests"]
         out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
         if not xml.is_file():
             raise RuntimeError(

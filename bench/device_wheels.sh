@@ -4,7 +4,7 @@
 #   dvclive + its import-time closure: accelerate's dvclive tracker; dvclive.live imports dvc at
 #     module level and Live() opens a dvc Repo even with save_dvc_exp=False, dvcyaml=False.
 #   pot: pipeline/model/ot.py, tests/test_model_ot.py.  grimp: tests/test_dvc_yaml.py (pytest
-#     imports every test module, so a missing one stops `pytest -m gpu` at collection).
+#     imports every test module; bench.device reports one that fails to import as an error).
 # Left out on purpose: gdown (downloads only), dvc's unused requirements (celery, kombu, dvc-task,
 # hydra-core, omegaconf, gto, pygit2, gitpython, asyncssh, ...), orjson and wcwidth (optional).
 # On the GPU machine, from the repo root (carry .whl):
