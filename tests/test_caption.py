@@ -463,3 +463,25 @@ def test_cli_runs_the_stage_and_checks_shard_options(dataset, tmp_path):
     assert bad.exit_code == 2 and "--shard 2" in bad.output
     wrong_backend = runner.invoke(app, [*args, "--out", str(tmp_path / "o3"), "--num-shards", "2"])
     assert wrong_backend.exit_code == 1 and "mllm only" in wrong_backend.output
+
+
+def test_place_captioner_casts_the_parameters_and_keeps_float32_buffers():
+    """On a GPU in bfloat16 the weights are cast, the rotary inverse frequencies stay float32
+    (as from_pretrained(dtype=bfloat16) leaves them), and the parameters stay the same objects."""
+    import torch
+
+    from pipeline.caption.captioner import build_tiny_captioner, place_captioner
+
+    _, model = build_tiny_captioner()
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    identities = [id(p) for p in model.parameters()]
+    assert buffers and any("inv_freq" in name for name in buffers)
+    placed = place_captioner(model, torch.device("cpu"), torch.bfloat16)
+    for name, p in placed.named_parameters():
+        assert p.dtype == torch.bfloat16
+        assert torch.equal(p, weights[name].to(torch.bfloat16)), name
+    for name, b in placed.named_buffers():
+        assert b.dtype == buffers[name].dtype and torch.equal(b, buffers[name]), name
+    # the same Parameter objects, cast in place: shared (tied) weights stay shared
+    assert [id(p) for p in placed.parameters()] == identities

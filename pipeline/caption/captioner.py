@@ -60,6 +60,19 @@ _TINY_CHAT_TEMPLATE = (
 )
 
 
+def place_captioner(model: Any, device: torch.device, dtype: torch.dtype) -> Any:
+    """``model`` on ``device`` with its floating-point parameters in ``dtype``; floating-point
+    buffers keep their precision, as ``from_pretrained(dtype=...)`` leaves them: the rotary
+    inverse frequencies stay float32 (``model.to(dtype)`` would round them to bfloat16, a phase
+    error of tenths of a radian a few hundred positions in)."""
+    model = model.to(device)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.is_floating_point() and parameter.dtype != dtype:
+                parameter.data = parameter.data.to(dtype)
+    return model
+
+
 def build_tiny_captioner() -> tuple[Any, Any]:
     """A tiny Qwen2.5-VL (random weights, seeded) with a byte-level tokenizer and an image
     processor, built offline; returns ``(processor, model)``, the same on every machine."""
@@ -84,7 +97,11 @@ def build_tiny_captioner() -> tuple[Any, Any]:
     )
     ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _TINY_SPECIALS}
     processor = Qwen2_5_VLProcessor(
-        image_processor=Qwen2VLImageProcessor(min_pixels=28 * 28 * 4, max_pixels=56 * 56),
+        # A size of its own: transformers 5.17 writes min_pixels/max_pixels into the class's
+        # default size, which every later Qwen2VLImageProcessor() of the process would get.
+        image_processor=Qwen2VLImageProcessor(
+            size={"shortest_edge": 28 * 28 * 4, "longest_edge": 56 * 56}
+        ),
         tokenizer=tokenizer,
         video_processor=Qwen2VLVideoProcessor(),
         chat_template=_TINY_CHAT_TEMPLATE,
@@ -163,7 +180,7 @@ class Captioner:
         self.device = torch.device(device) if device is not None else select_device()
         self.dtype = effective_dtype(dtype, self.device)
         self.max_new_tokens = max_new_tokens
-        self.model = model.to(self.device, torch_dtype(self.dtype)).eval()
+        self.model = place_captioner(model, self.device, torch_dtype(self.dtype)).eval()
         pad = self.tokenizer.pad_token_id
         eos = model.generation_config.eos_token_id
         if pad is None:
@@ -186,10 +203,14 @@ class Captioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         where = str(source.path or source.name)
-        load_dtype = torch_dtype(effective_dtype(dtype, select_device()))
+        device = select_device()
+        load_dtype = torch_dtype(effective_dtype(dtype, device))
         try:
             processor = AutoProcessor.from_pretrained(where)
-            model = AutoModelForImageTextToText.from_pretrained(where, dtype=load_dtype)
+            # Straight onto the device: a 7B model's 16 GB never pass through host memory.
+            model = AutoModelForImageTextToText.from_pretrained(
+                where, dtype=load_dtype, device_map=str(device)
+            )
         except OSError as exc:
             raise OSError(
                 f"could not load captioner {name!r} ({exc}); offline, set caption.model to a "
