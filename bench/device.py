@@ -36,6 +36,7 @@ import json
 import math
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -307,25 +308,36 @@ def depth(smoke: bool) -> dict[str, Any]:
     return {"model_parameters": parameters, "device": str(device), "runs": runs}
 
 
+def caption_setting(smoke: bool, device: str):
+    """``(processor, model, image size)`` of the caption section: the tiny captioner, or for
+    the GPU a Qwen2.5-VL-7B-shaped model with the real image processor's sizes (one token per
+    28x28 pixels: a 448x336 image gives 192 image tokens, as a photo or an object crop does for
+    the 7B model)."""
+    from pipeline.caption.captioner import build_tiny_captioner
+
+    processor, model = build_tiny_captioner()
+    if not sizes(smoke)["caption"]["seven_b"]:
+        return processor, model, (64, 48)
+    from transformers import Qwen2VLImageProcessor
+
+    # Qwen2.5-VL-7B-Instruct's preprocessor_config.json; a size of its own (transformers 5.17
+    # edits the class's default size in place).
+    processor.image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": 56 * 56, "longest_edge": 12845056}
+    )
+    return processor, _qwen_7b_shaped(processor.tokenizer, device), (448, 336)
+
+
 def caption(smoke: bool) -> dict[str, Any]:
     """Items/s and generated tokens/s of the caption stage's ``Captioner.describe``."""
     import torch
     from PIL import Image
 
-    from pipeline.caption.captioner import Captioner, build_tiny_captioner
+    from pipeline.caption.captioner import Captioner
 
     size = sizes(smoke)["caption"]
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    processor, model = build_tiny_captioner()
-    image_size = (64, 48)
-    if size["seven_b"]:
-        from transformers import Qwen2VLImageProcessor
-
-        # The real image processor's defaults (one token per 28x28 pixels): a 448x336 image
-        # gives 192 image tokens, as a photo or an object crop does for the 7B model.
-        processor.image_processor = Qwen2VLImageProcessor()
-        image_size = (448, 336)
-        model = _qwen_7b_shaped(processor.tokenizer, device)
+    processor, model, image_size = caption_setting(smoke, device)
     # Random weights stop at a random end token; every item generates the same count here.
     model.generation_config.min_new_tokens = size["new_tokens"]
     dtype = "bfloat16" if device == "cuda" else "float32"
@@ -359,11 +371,28 @@ def caption(smoke: bool) -> dict[str, Any]:
                 "items": count,
                 "items_per_s": count / seconds,
                 "new_tokens_per_s": count * size["new_tokens"] / seconds,
-                "answered": sum(bool(a) for a in answers),
+                # one per item (the 7B-shaped model's random token ids mostly lie outside the
+                # tiny tokenizer's vocabulary and decode to nothing)
+                "answers": len(answers),
             }
         )
     parameters = sum(p.numel() for p in model.parameters())
-    return {"model_parameters": parameters, "dtype": dtype, "device": device, "runs": runs}
+    return {
+        "model_parameters": parameters,
+        "image_tokens_per_item": image_tokens(processor, images[0]),
+        "dtype": dtype,
+        "device": device,
+        "runs": runs,
+    }
+
+
+def image_tokens(processor: Any, image: Any) -> int:
+    """The image placeholder tokens the processor gives ``image`` in a prompt: the image's share
+    of the model's prefill."""
+    token = "<|image_pad|>"
+    text = f"<|vision_start|>{token}<|vision_end|>Describe it."
+    ids = processor(text=[text], images=[image], return_tensors="pt")["input_ids"]
+    return int((ids == processor.tokenizer.convert_tokens_to_ids(token)).sum())
 
 
 def _qwen_7b_shaped(tokenizer: Any, device: str):
@@ -372,7 +401,9 @@ def _qwen_7b_shaped(tokenizer: Any, device: str):
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in tokenizer.additional_special_tokens}
+    from pipeline.caption.captioner import _TINY_SPECIALS
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _TINY_SPECIALS}
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": 152064,
@@ -617,30 +648,51 @@ def _run_child(name: str, smoke: bool, limit: float) -> dict[str, Any]:
         command = [sys.executable, "-m", "bench.device", "--child", name, "--out", str(result_path)]
         command += ["--smoke"] if smoke else []
         begin = time.perf_counter()
-        try:
-            out = subprocess.run(
-                command, cwd=ROOT, capture_output=True, text=True, timeout=limit, env=_child_env()
-            )
-        except subprocess.TimeoutExpired as exc:
-            log = (exc.stderr or b"")[-2000:]
-            log = log.decode(errors="replace") if isinstance(log, bytes) else log
+        returncode, stderr = run_group(command, limit, cwd=ROOT, env=_child_env())
+        if returncode is None:
             return {
                 "status": f"timeout after {limit:.0f} s",
                 "seconds": time.perf_counter() - begin,
-                "log": log,
+                "log": stderr[-2000:],
             }
         seconds = time.perf_counter() - begin
-        if out.returncode or not result_path.is_file():
+        if returncode or not result_path.is_file():
             return {
-                "status": f"failed (exit {out.returncode})",
+                "status": f"failed (exit {returncode})",
                 "seconds": seconds,
-                "log": out.stderr[-4000:],
+                "log": stderr[-4000:],
             }
         return {
             "status": "ok",
             "seconds": seconds,
             "result": json.loads(result_path.read_text()),
         }
+
+
+def run_group(command: list[str], limit: float, **popen: Any) -> tuple[int | None, str]:
+    """Run ``command`` in a process session of its own: ``(exit code, stderr)``. Past ``limit``
+    seconds the whole group is killed (the gpu_tests section's pytest and the stage commands it
+    starts too, so nothing left over shares the GPU with the sections after it) and the exit
+    code is None."""
+    child = subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        **popen,
+    )
+    try:
+        _, stderr = child.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(child.pid, signal.SIGKILL)
+        try:
+            _, stderr = child.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a process outside the group holds the pipe
+            stderr = ""
+        return None, stderr or ""
+    return child.returncode, stderr
 
 
 def _child_env() -> dict[str, str]:

@@ -60,7 +60,7 @@ def test_smoke_run_writes_a_complete_report(tmp_path):
         assert [r["batch_size"] for r in runs] == [1, 4]
         assert all(r[unit] > 0 and r[count] > 0 for r in runs)
     assert all(r["finite"] for r in sections["depth"]["result"]["runs"])
-    assert all(r["answered"] == r["items"] for r in sections["caption"]["result"]["runs"])
+    assert all(r["answers"] == r["items"] for r in sections["caption"]["result"]["runs"])
 
     assert report["table"] in result.stdout
     assert "| max_seq | bf16 + compile | True |" in report["table"]
@@ -111,3 +111,56 @@ def test_targets_are_read_from_the_report():
     assert targets["whole check, seconds"]["holds"] is True
     text = table(report)
     assert "| depth images/s, batch 16 / batch 1 (fp16) | >= 3 | 2.5 | False |" in text
+
+
+def test_the_gpu_caption_setting_has_the_7b_shapes():
+    """The caption section's GPU setting, built on the meta device (its code runs nowhere else
+    before a GPU does): Qwen2.5-VL-7B's 8.29 B parameters in bfloat16, and 192 image tokens per
+    448x336 image, also after the tiny captioner's processor was built in the same process."""
+    import torch
+    from PIL import Image
+
+    from bench.device import caption_setting, image_tokens
+
+    processor, model, image_size = caption_setting(smoke=False, device="meta")
+    parameters = sum(p.numel() for p in model.parameters())
+    assert 8.25e9 < parameters < 8.35e9, parameters
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert image_size == (448, 336)
+    assert image_tokens(processor, Image.new("RGB", image_size)) == (448 // 28) * (336 // 28)
+    tiny, _, tiny_size = caption_setting(smoke=True, device="cpu")
+    assert image_tokens(tiny, Image.new("RGB", tiny_size)) == 4  # at most 56x56 pixels
+
+
+def test_a_section_past_its_limit_is_killed_with_its_children(tmp_path):
+    """The time limit ends the section's whole process group: a grandchild (as the gpu_tests
+    section's pytest and its stage commands) does not run on beside the next section."""
+    import os
+    import time
+
+    from bench.device import run_group
+
+    pid_file = tmp_path / "grandchild.pid"
+    script = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('started', file=sys.stderr, flush=True)\n"
+        "time.sleep(60)\n"
+    )
+    begin = time.perf_counter()
+    returncode, stderr = run_group([sys.executable, "-c", script], limit=3)
+    assert returncode is None and "started" in stderr
+    assert time.perf_counter() - begin < 30
+    grandchild = int(pid_file.read_text())
+    for _ in range(50):  # killed; gone once its parent (init) reaps it
+        try:
+            os.kill(grandchild, 0)
+        except ProcessLookupError:
+            break
+        if Path(f"/proc/{grandchild}/stat").read_text().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the grandchild {grandchild} still runs")
+    assert run_group([sys.executable, "-c", "import sys; sys.exit(3)"], limit=30) == (3, "")
