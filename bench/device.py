@@ -10,7 +10,8 @@ after every section, so a killed run keeps what it measured):
 
 - ``environment``: GPU name, memory, driver, CUDA, library versions, the commit;
 - ``gpu_tests``: ``pytest -m gpu`` (CUDA against CPU, the fused Sinkhorn against POT, bf16 steps,
-  the depth, caption and train stages on CUDA, two processes where there are two GPUs);
+  the depth, caption and train stages on CUDA, two processes where there are two GPUs), each
+  test's outcome logged as it ends (``bench.pytest_log``), so one past the limit keeps the rest;
 - ``train_step:*``: REMOTE training steps at the paper's sizes (BERT-base + ViT-B/32 shapes,
   random weights, 12 objects with depth, 28 labels, batch 32; texts padded to ``max_seq`` 256 as
   ``data.pad_to_max`` does, or per batch at realistic lengths; the paper preset's OT solver):
@@ -42,7 +43,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -144,37 +144,34 @@ def environment(smoke: bool) -> dict[str, Any]:
     return info
 
 
-def gpu_tests(smoke: bool) -> dict[str, Any]:
-    """``pytest -m gpu`` in a subprocess, read back from its JUnit XML."""
+def gpu_tests(smoke: bool, limit: float) -> dict[str, Any]:
+    """``pytest -m gpu``, ended 15 s before the section's ``limit`` so that what it finished is
+    reported."""
+    # A test module that cannot be imported there (a package the GPU image lacks) is reported
+    # as an error, and the GPU tests still run.
+    args = ["-m", "gpu", "--continue-on-collection-errors", "tests"]
+    return run_pytest(args, max(10.0, limit - 15))
+
+
+def run_pytest(args: list[str], limit: float, cwd: Path = ROOT) -> dict[str, Any]:
+    """``pytest args`` in a process group of its own, killed after ``limit`` seconds; each
+    test's outcome as it was logged (``bench.pytest_log``), so a killed run keeps the tests it
+    finished; ``exit_code`` None and ``timed_out`` then."""
+    from bench.pytest_log import LOG_ENV
+
     with tempfile.TemporaryDirectory() as tmp:
-        xml = Path(tmp) / "gpu.xml"
-        command = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
-        # A test module that cannot be imported there (a package the GPU image lacks) is
-        # reported as an error, and the GPU tests still run.
-        command += ["--continue-on-collection-errors", f"--junitxml={xml}", "tests"]
-        out = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
-        if not xml.is_file():
-            raise RuntimeError(
-                f"pytest wrote no report (exit {out.returncode}): {out.stdout[-2000:]}"
-            )
-        tests = []
-        for case in ET.parse(xml).getroot().iter("testcase"):
-            outcome, message = "passed", ""
-            for tag in ("failure", "error", "skipped"):
-                found = case.find(tag)
-                if found is not None:
-                    outcome = "failed" if tag in ("failure", "error") else "skipped"
-                    message = (found.get("message") or "")[:300]
-            tests.append(
-                {
-                    "test": f"{case.get('classname')}::{case.get('name')}",
-                    "outcome": outcome,
-                    "seconds": round(float(case.get("time") or 0), 2),
-                    "message": message,
-                }
-            )
+        log = Path(tmp) / "tests.jsonl"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        command += ["-p", "bench.pytest_log", *args]
+        env = _child_env() | {LOG_ENV: str(log)}
+        returncode, output = run_group(command, limit, merge_stdout=True, cwd=cwd, env=env)
+        lines = log.read_text().splitlines() if log.is_file() else []
+    tests = [json.loads(line) for line in lines]
     counts = {k: sum(t["outcome"] == k for t in tests) for k in ("passed", "failed", "skipped")}
-    return {"exit_code": out.returncode, **counts, "tests": tests}
+    result = {"exit_code": returncode, "timed_out": returncode is None, **counts, "tests": tests}
+    if returncode not in (0, 5) and not tests:  # 5: no test selected
+        result["log"] = output[-2000:]
+    return result
 
 
 def train_step(smoke: bool, padding: str, mode: str) -> dict[str, Any]:
@@ -448,11 +445,11 @@ def _qwen_7b_shaped(tokenizer: Any, device: str):
     return model.eval()
 
 
-def run_section(name: str, smoke: bool) -> dict[str, Any]:
+def run_section(name: str, smoke: bool, limit: float) -> dict[str, Any]:
     if name == "environment":
         return environment(smoke)
     if name == "gpu_tests":
-        return gpu_tests(smoke)
+        return gpu_tests(smoke, limit)
     if name == "depth":
         return depth(smoke)
     if name == "caption":
@@ -540,6 +537,7 @@ def table(report: dict[str, Any]) -> str:
         if name == "gpu_tests" and status == "ok":
             r = section["result"]
             status = f"{r['passed']} passed, {r['failed']} failed, {r['skipped']} skipped"
+            status += " (pytest stopped at its time limit)" if r.get("timed_out") else ""
         lines.append(f"| {name} | {status} | {section.get('seconds', 0):.0f} |")
     lines += [
         "",
@@ -592,12 +590,13 @@ def main() -> None:
         "--sections", default=",".join(SECTIONS), help="comma-separated, of: " + ", ".join(SECTIONS)
     )
     parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--limit", type=float, help=argparse.SUPPRESS)  # the child's
     args = parser.parse_args()
     if args.child:
         from pipeline.device import keep_freed_memory
 
         keep_freed_memory()  # as the stages do
-        result = run_section(args.child, args.smoke)
+        result = run_section(args.child, args.smoke, args.limit or SECTIONS[args.child])
         write_report(args.out, result)
         return
 
@@ -646,7 +645,7 @@ def _run_child(name: str, smoke: bool, limit: float) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         result_path = Path(tmp) / "result.json"
         command = [sys.executable, "-m", "bench.device", "--child", name, "--out", str(result_path)]
-        command += ["--smoke"] if smoke else []
+        command += ["--limit", str(limit), *(["--smoke"] if smoke else [])]
         begin = time.perf_counter()
         returncode, stderr = run_group(command, limit, cwd=ROOT, env=_child_env())
         if returncode is None:
@@ -669,30 +668,32 @@ def _run_child(name: str, smoke: bool, limit: float) -> dict[str, Any]:
         }
 
 
-def run_group(command: list[str], limit: float, **popen: Any) -> tuple[int | None, str]:
-    """Run ``command`` in a process session of its own: ``(exit code, stderr)``. Past ``limit``
-    seconds the whole group is killed (the gpu_tests section's pytest and the stage commands it
-    starts too, so nothing left over shares the GPU with the sections after it) and the exit
-    code is None."""
+def run_group(
+    command: list[str], limit: float, merge_stdout: bool = False, **popen: Any
+) -> tuple[int | None, str]:
+    """Run ``command`` in a process session of its own: ``(exit code, stderr)`` (with stdout
+    in it for ``merge_stdout``, else stdout is dropped). Past ``limit`` seconds the whole group
+    is killed (the gpu_tests section's pytest and the stage commands it starts too, so nothing
+    left over shares the GPU with the sections after it) and the exit code is None."""
     child = subprocess.Popen(
         command,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE if merge_stdout else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if merge_stdout else subprocess.PIPE,
         text=True,
         start_new_session=True,
         **popen,
     )
     try:
-        _, stderr = child.communicate(timeout=limit)
+        out, err = child.communicate(timeout=limit)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(child.pid, signal.SIGKILL)
         try:
-            _, stderr = child.communicate(timeout=10)
+            out, err = child.communicate(timeout=10)
         except subprocess.TimeoutExpired:  # a process outside the group holds the pipe
-            stderr = ""
-        return None, stderr or ""
-    return child.returncode, stderr
+            out, err = "", ""
+        return None, (out if merge_stdout else err) or ""
+    return child.returncode, (out if merge_stdout else err) or ""
 
 
 def _child_env() -> dict[str, str]:

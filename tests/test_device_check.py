@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -136,7 +137,6 @@ def test_a_section_past_its_limit_is_killed_with_its_children(tmp_path):
     """The time limit ends the section's whole process group: a grandchild (as the gpu_tests
     section's pytest and its stage commands) does not run on beside the next section."""
     import os
-    import time
 
     from bench.device import run_group
 
@@ -164,3 +164,45 @@ def test_a_section_past_its_limit_is_killed_with_its_children(tmp_path):
     else:
         pytest.fail(f"the grandchild {grandchild} still runs")
     assert run_group([sys.executable, "-c", "import sys; sys.exit(3)"], limit=30) == (3, "")
+
+
+def test_pytest_results_are_kept_as_they_come_and_survive_the_time_limit(tmp_path):
+    """The gpu_tests section's pytest: every outcome (a setup error, a skip, a module that cannot
+    be imported) logged the moment it is known, so a run killed at its limit keeps the tests it
+    finished."""
+    from bench.device import run_pytest
+
+    (tmp_path / "test_mixed.py").write_text(
+        "import time\n"
+        "import pytest\n"
+        "@pytest.fixture\n"
+        "def broken():\n"
+        "    raise RuntimeError('no fixture')\n"
+        "def test_a_passes():\n"
+        "    pass\n"
+        "def test_b_fails():\n"
+        "    assert 1 == 2\n"
+        "@pytest.mark.skip(reason='needs a CUDA GPU')\n"
+        "def test_c_skips():\n"
+        "    pass\n"
+        "def test_d_setup_errors(broken):\n"
+        "    pass\n"
+        "def test_e_hangs():\n"
+        "    time.sleep(120)\n"
+    )
+    (tmp_path / "test_unimportable.py").write_text("import not_a_package_anywhere\n")
+    begin = time.perf_counter()
+    result = run_pytest(["--continue-on-collection-errors", "."], limit=20, cwd=tmp_path)
+    assert time.perf_counter() - begin < 60
+    assert result["timed_out"] is True and result["exit_code"] is None
+    outcomes = {t["test"]: (t["outcome"], t["message"]) for t in result["tests"]}
+    assert outcomes["test_mixed.py::test_a_passes"] == ("passed", "")
+    assert outcomes["test_mixed.py::test_b_fails"][0] == "failed"
+    assert "assert 1 == 2" in outcomes["test_mixed.py::test_b_fails"][1]
+    assert outcomes["test_mixed.py::test_c_skips"] == ("skipped", "needs a CUDA GPU")
+    assert outcomes["test_mixed.py::test_d_setup_errors"][0] == "failed"
+    assert "no fixture" in outcomes["test_mixed.py::test_d_setup_errors"][1]
+    unimportable = outcomes["test_unimportable.py"]
+    assert unimportable[0] == "failed" and "not_a_package_anywhere" in unimportable[1]
+    assert "test_mixed.py::test_e_hangs" not in outcomes  # killed while it ran
+    assert (result["passed"], result["failed"], result["skipped"]) == (1, 3, 1)
