@@ -65,18 +65,30 @@ class LiveBytes(TorchDispatchMode):
         return out
 
 
-def to_fake(model: torch.nn.Module, batch: dict[str, Any], mode) -> dict[str, Any]:
-    """Replace ``model``'s parameters and buffers by fake tensors (in place) and return the batch
-    with fake tensors."""
+def to_fake(
+    model: torch.nn.Module,
+    batch: dict[str, Any],
+    mode,
+    device: torch.device | None = None,
+) -> dict[str, Any]:
+    """Replace ``model``'s parameters and buffers by fake tensors (in place; on ``device`` if
+    given, what ``model.to(device)`` would move, strides kept) and return the batch with fake
+    tensors (on ``device`` too)."""
+
+    def fake(tensor: torch.Tensor) -> torch.Tensor:
+        tensor = mode.from_tensor(tensor.detach())
+        return tensor if device is None else tensor.to(device, non_blocking=True)
+
     for module in model.modules():
         for name, parameter in list(module._parameters.items()):
             if parameter is not None:
-                fake = mode.from_tensor(parameter.detach())
-                module._parameters[name] = torch.nn.Parameter(fake, parameter.requires_grad)
+                module._parameters[name] = torch.nn.Parameter(
+                    fake(parameter), parameter.requires_grad
+                )
         for name, buffer in list(module._buffers.items()):
             if buffer is not None:
-                module._buffers[name] = mode.from_tensor(buffer)
-    return {k: mode.from_tensor(v) if torch.is_tensor(v) else v for k, v in batch.items()}
+                module._buffers[name] = fake(buffer)
+    return {k: fake(v) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def step_memory(
@@ -126,24 +138,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--unit", choices=["GiB", "MiB"], default="GiB")
     args = parser.parse_args(argv)
     scale = {"GiB": 1, "MiB": 1024}[args.unit]
+    model, batch = build_model_and_batch(
+        batch=args.batch,
+        hidden=args.hidden,
+        layers=args.layers,
+        objects=args.objects,
+        pad_to=None if args.per_batch else args.max_seq,
+        solver=args.solver,
+        iterations=args.iterations,
+    )
+    tokens = list(batch["input_ids"].shape)
     rows = []
-    for bf16 in (False, True):
-        for checkpointing in (False, True):
-            # a fresh model per setting: the fake tensors of one run do not meet another's
-            model, batch = build_model_and_batch(
-                batch=args.batch,
-                hidden=args.hidden,
-                layers=args.layers,
-                objects=args.objects,
-                pad_to=None if args.per_batch else args.max_seq,
-                solver=args.solver,
-                iterations=args.iterations,
-            )
-            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
-                fake = to_fake(model, batch, mode)
+    # One fake model for every setting: a run leaves no gradients (set to None) and no
+    # optimizer state (a new optimizer each) behind.
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake = to_fake(model, batch, mode)
+        for bf16 in (False, True):
+            for checkpointing in (False, True):
                 memory = step_memory(model, fake, checkpointing=checkpointing, bf16=bf16)
-            rows.append(("bf16" if bf16 else "fp32", checkpointing, memory))
-            tokens = list(batch["input_ids"].shape)
+                rows.append(("bf16" if bf16 else "fp32", checkpointing, memory))
     print(
         f"batch {args.batch}, tokens {tokens}, hidden {args.hidden}, {args.layers} layers, "
         f"{args.objects} objects, model.ot.solver {args.solver}; {args.unit} of tensor storage"

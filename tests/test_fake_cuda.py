@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
+from bench.memory import to_fake
 from pipeline.config import default_params
 from pipeline.model.example import random_batch
 from pipeline.model.regime import record_regime
@@ -44,20 +45,6 @@ def fake_cuda() -> Iterator[FakeTensorMode]:
         yield mode
 
 
-def on_fake_cuda(mode: FakeTensorMode, module: nn.Module) -> dict[str, torch.Tensor]:
-    """``module``'s parameters and buffers as fake CUDA tensors, by name, for
-    :func:`torch.func.functional_call` (what ``module.to("cuda")`` moves; nothing else)."""
-    state = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    return {name: mode.from_tensor(t).to(CUDA) for name, t in state.items()}
-
-
-def batch_on_fake_cuda(mode: FakeTensorMode, batch: dict) -> dict:
-    return {
-        k: mode.from_tensor(v).to(CUDA, non_blocking=True) if torch.is_tensor(v) else v
-        for k, v in batch.items()
-    }
-
-
 @pytest.fixture(scope="module")
 def tokenizer():
     return load_tokenizer("tiny")
@@ -76,10 +63,10 @@ def test_a_tensor_left_on_the_cpu_is_caught():
 
     module = Leaky()
     with fake_cuda() as mode:
-        x = mode.from_tensor(torch.zeros(2, 4)).to(CUDA)
+        x = to_fake(module, {"x": torch.zeros(2, 4)}, mode, CUDA)["x"]
         # FakeTensorDeviceMismatchError in recent torch, a plain RuntimeError before 2.12
         with pytest.raises(RuntimeError, match=r"two .*devices.*cuda:0.*cpu"):
-            torch.func.functional_call(module, on_fake_cuda(mode, module), (x,))
+            module(x)
 
 
 @pytest.mark.parametrize(
@@ -108,10 +95,10 @@ def test_the_training_forward_runs_on_cuda(tokenizer, overrides, precision, chec
     batch = random_batch(tokenizer, [8, 9, 12], max_objects=SLOTS, pad_to=pad_to, seed=0)
     batch["text_padded"] = True
     with fake_cuda() as mode:
-        state, inputs = on_fake_cuda(mode, model), batch_on_fake_cuda(mode, batch)
+        inputs = to_fake(model, batch, mode, CUDA)
         bf16 = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bf16")
         with record_regime(model) as regime, bf16:
-            logits = torch.func.functional_call(model, state, (inputs,))
+            logits = model(inputs)
     assert logits.device == CUDA
     assert logits.shape == (3, 28)
     assert logits.dtype == (torch.bfloat16 if precision == "bf16" else torch.float32)
@@ -132,8 +119,7 @@ def test_the_evaluation_forward_runs_on_cuda(tokenizer):
     batch = random_batch(tokenizer, [10, 10], max_objects=SLOTS, seed=1)
     batch["text_padded"] = False
     with fake_cuda() as mode, torch.inference_mode():
-        state, inputs = on_fake_cuda(mode, model), batch_on_fake_cuda(mode, batch)
-        logits = torch.func.functional_call(model, state, (inputs,))
+        logits = model(to_fake(model, batch, mode, CUDA))
     assert logits.device == CUDA and logits.shape == (2, 28)
 
 
@@ -143,19 +129,21 @@ def test_the_depth_forward_runs_on_cuda(dtype):
     (``prepare_batch``), channels-last input and weights, autocast."""
     from pipeline.depth.model import input_settings, prepare_batch, tiny_depth_model
 
-    model = tiny_depth_model()
+    # what place_depth_model does on a GPU: channels-last weights, then the move
+    model = tiny_depth_model().to(memory_format=torch.channels_last)
     lower_bound, multiple = input_settings(model)
     images = [torch.randint(0, 256, (3, 48, 64), dtype=torch.uint8) for _ in range(2)]
-    with fake_cuda() as mode, torch.inference_mode():
-        state = {
-            name: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
-            for name, t in on_fake_cuda(mode, model).items()
-        }
-        fake_images = [mode.from_tensor(image) for image in images]
-        batch = prepare_batch(fake_images, lower_bound, multiple, CUDA)
-        batch = batch.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cuda", dtype=dtype):
-            depth = torch.func.functional_call(model, state, (), {"pixel_values": batch})
+    with fake_cuda() as mode:
+        to_fake(model, {}, mode, CUDA)
+        fake_images = [mode.from_tensor(image) for image in images]  # on the CPU, as read
+        convolutions = [p for p in model.parameters() if p.dim() == 4]
+        assert convolutions and all(p.device == CUDA for p in model.parameters())
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+        with torch.inference_mode():
+            batch = prepare_batch(fake_images, lower_bound, multiple, CUDA)
+            batch = batch.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=dtype):
+                depth = model(pixel_values=batch)
     assert batch.device == CUDA and batch.dtype == torch.float32
     assert depth.predicted_depth.device == CUDA
     assert depth.predicted_depth.shape[0] == 2
