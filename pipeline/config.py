@@ -39,6 +39,7 @@ __all__ = [
     "flatten",
     "apply_overrides",
     "section_hash",
+    "pipeline_problems",
 ]
 
 
@@ -451,3 +452,30 @@ def section_hash(*sections: Any) -> str:
         sort_keys=True,
     )
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def pipeline_problems(params: Params) -> list[str]:
+    """Settings that each load but cannot run together, as ``key: problem; remedy`` lines (the
+    ``check`` stage reports them before any other stage runs)."""
+    data, problems = params.data, []
+    mnre = data.source == "mnre" or (data.source == "local" and data.local.format == "mnre")
+    if params.depth.source == "dataset" and data.source != "synthetic":
+        problems.append(
+            f"depth.source: 'dataset' reads the depth maps a dataset ships, and only "
+            f"data.source 'synthetic' ships them (data.source is {data.source!r}); set "
+            "depth.source: model (Depth-Anything-V2, depth.model)"
+        )
+    caption = params.caption
+    if caption.backend == "file" and not caption.file and mnre:
+        problems.append(
+            "caption.backend: 'file' with caption.file '' reads the dataset's own captions, and "
+            "MNRE ships none; set caption.backend: mllm or none, or caption.file"
+        )
+    ot = params.model.ot
+    plain_domain = ot.solver in ("sinkhorn", "fused")
+    if ot.enabled and ot.mode == "transport" and plain_domain and ot.kernel_floor <= 0:
+        problems.append(
+            f"model.ot.kernel_floor: the plain-domain solver {ot.solver!r} needs a floor above 0 "
+            "(exp(-C/eps) underflows to 0); use model.ot.solver: log_sinkhorn for pure entropic OT"
+        )
+    return problems

@@ -1,4 +1,5 @@
-"""One Typer command per pipeline stage, plus `predict`, `preset` and `compare`.
+"""One Typer command per pipeline stage (the first, `check`, validates the params), plus
+`predict`, `preset` and `compare`.
 
 Each stage module keeps heavy imports (torch, transformers) inside its function, so `--help` is fast.
 """
@@ -9,6 +10,7 @@ import typer
 
 from stages import (
     caption,
+    check,
     compare,
     depth,
     download,
@@ -22,7 +24,7 @@ from stages import (
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
-    help="REMOTE pipeline stages: download -> depth -> caption -> features -> train -> evaluate.",
+    help="REMOTE pipeline stages: check -> download -> depth -> caption -> features -> train -> evaluate.",
 )
 
 
@@ -35,6 +37,7 @@ def _process_setup() -> None:
     keep_freed_memory()
 
 
+app.command("check")(check.main)
 app.command("download")(download.main)
 app.command("depth")(depth.main)
 app.command("caption")(caption.main)

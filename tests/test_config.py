@@ -16,6 +16,7 @@ from pipeline.config import (
     load_params,
     params_from_dict,
     params_to_dict,
+    pipeline_problems,
     section_hash,
 )
 
@@ -190,3 +191,69 @@ def test_a_key_given_twice_is_an_error_with_both_lines(tmp_path):
     assert str(info.value) == (
         f"{path}:{second}: not valid YAML: duplicate key 'train' (first given on line {first})"
     )
+
+
+def test_the_shipped_setups_have_no_pipeline_problems():
+    from pipeline.presets import apply_preset, available_presets
+
+    params = default_params()
+    assert pipeline_problems(params) == []
+    for name in available_presets():
+        assert pipeline_problems(apply_preset(params, name)) == [], name
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "remedy"),
+    [
+        ({"data.source": "umre"}, "depth.source", "set depth.source: model"),
+        ({"data.source": "local"}, "depth.source", "set depth.source: model"),
+        (
+            {"data.source": "mnre", "depth.source": "model"},
+            "caption.backend",
+            "set caption.backend: mllm or none",
+        ),
+        (
+            {"data.source": "local", "data.local.format": "mnre", "depth.source": "model"},
+            "caption.backend",
+            "set caption.backend: mllm or none",
+        ),
+        (
+            {"model.ot.kernel_floor": 0.0},
+            "model.ot.kernel_floor",
+            "use model.ot.solver: log_sinkhorn",
+        ),
+        (
+            {"model.ot.kernel_floor": 0.0, "model.ot.solver": "sinkhorn"},
+            "model.ot.kernel_floor",
+            "'sinkhorn' needs a floor above 0",
+        ),
+    ],
+)
+def test_settings_that_cannot_run_together_are_named_with_a_remedy(overrides, key, remedy):
+    (problem,) = pipeline_problems(default_params(overrides))
+    assert problem.startswith(f"{key}: ") and remedy in problem
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"data.source": "umre", "depth.source": "model"},  # UMRE ships captions: file is fine
+        {"data.source": "mnre", "depth.source": "model", "caption.backend": "none"},
+        {"data.source": "mnre", "depth.source": "model", "caption.file": "caps.json"},
+        {"model.ot.kernel_floor": 0.0, "model.ot.solver": "log_sinkhorn"},
+        {"model.ot.kernel_floor": 0.0, "model.ot.mode": "uniform"},  # no solver runs
+        {"model.ot.kernel_floor": 0.0, "model.ot.enabled": False},
+    ],
+)
+def test_settings_that_run_together_pass(overrides):
+    assert pipeline_problems(default_params(overrides)) == []
+
+
+def test_every_problem_is_reported_at_once():
+    params = default_params({"data.source": "mnre", "model.ot.kernel_floor": 0.0})
+    problems = pipeline_problems(params)
+    assert [p.split(":")[0] for p in problems] == [
+        "depth.source",
+        "caption.backend",
+        "model.ot.kernel_floor",
+    ]

@@ -4,7 +4,8 @@ Runs `dvc repro` on the embedded default at the smallest sizes (with the tiny de
 tiny captioner, so those code paths run too), then `dvc exp run -S train.epochs=1`, and checks that
 re-runs are cheap: nothing re-runs when nothing changed, `train.lr` re-runs only train and evaluate,
 `caption.*` does not re-run depth, a comment in the features builder leaves train up to date and
-an edit of the metric code invalidates train and evaluate. Select with `pytest -m pipeline`.
+an edit of the metric code invalidates train and evaluate, and a bad param stops `dvc exp run` at
+the first stage, `check`. Select with `pytest -m pipeline`.
 """
 
 from __future__ import annotations
@@ -127,12 +128,28 @@ def test_only_train_and_evaluate_depend_on_lr(repo):
         params = yaml.safe_load(original)
         params["train"]["lr"] = params["train"]["lr"] * 2
         params_path.write_text(yaml.safe_dump(params, sort_keys=False))
-        assert ran_stages(dvc(repo, "repro")) == {"train", "evaluate"}
+        assert ran_stages(dvc(repo, "repro")) == {"check", "train", "evaluate"}
     finally:
         params_path.write_text(original)
     # Back to the original lr: train runs again (its persisted checkpoint opts it out of the
-    # run-cache); evaluate may come back from the run-cache instead of running. Nothing upstream.
-    assert ran_stages(dvc(repo, "repro")) <= {"train", "evaluate"}
+    # run-cache); check and evaluate may come back from the run-cache instead of running.
+    assert ran_stages(dvc(repo, "repro")) <= {"check", "train", "evaluate"}
+    assert changed_stages(repo) == set()
+
+
+def test_a_bad_param_stops_exp_run_before_any_other_stage(repo):
+    # No stage lists evaluate.batch_size (a throughput knob): only `check` stands between this
+    # value and an experiment that "succeeds" on the old outputs.
+    env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ['PATH']}", DVC_NO_ANALYTICS="1")
+    args = [str(BIN / "dvc"), "exp", "run", "-S", "evaluate.batch_size=0", "-S", "train.lr=0.5"]
+    try:
+        proc = subprocess.run(args, cwd=repo, env=env, capture_output=True, text=True)
+    finally:
+        run(["git", "checkout", "--", "params.yaml"], repo)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0, output
+    assert "evaluate.batch_size: expected a number at least 1, found 0" in output
+    assert ran_stages(output) == {"check"}  # train.lr changed too, yet train did not start
     assert changed_stages(repo) == set()
 
 

@@ -77,3 +77,33 @@ def test_an_unwritable_output_folder_fails_before_any_work(tmp_path, monkeypatch
 def test_every_writing_stage_takes_its_output_lock(stage):
     source = (REPO / "stages" / f"{stage}.py").read_text()
     assert "writing_outputs(" in source
+
+
+def _check(tmp_path: Path, tree: dict):
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tree))
+    return CliRunner().invoke(app, ["check", "--params", str(params)]), params
+
+
+def test_check_passes_the_shipped_params(tmp_path):
+    result, params = _check(tmp_path, params_to_dict(default_params()))
+    assert result.exit_code == 0, result.output
+    assert f"{params}: valid" in result.output
+
+
+def test_check_refuses_a_key_no_stage_lists(tmp_path):
+    # A typo that no stage's params list holds: only `check` sees it before `dvc exp run` succeeds.
+    tree = params_to_dict(default_params())
+    tree["train"]["epoch"] = 3
+    result, params = _check(tmp_path, tree)
+    assert result.exit_code == 2
+    assert f"error: {params}: train.epoch: unknown key" in result.output
+
+
+def test_check_reports_each_setting_that_cannot_run_with_the_others(tmp_path):
+    tree = params_to_dict(default_params({"data.source": "umre", "model.ot.kernel_floor": 0.0}))
+    result, params = _check(tmp_path, tree)
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert [e.split(": ")[2] for e in errors] == ["depth.source", "model.ot.kernel_floor"]
+    assert all(e.startswith(f"error: {params}: ") for e in errors)
