@@ -235,6 +235,16 @@ def test_dataset_source_reproduces_shipped_maps(dataset, tmp_path):
     assert [s["path"] for s in DepthStore(tmp_path / "d2").skipped] == ["depth/img_05.npy"]
 
 
+def test_dataset_source_without_shipped_maps_says_to_use_the_model(dataset, tmp_path):
+    shutil.copytree(dataset.root, tmp_path / "ds")
+    shutil.rmtree(tmp_path / "ds" / "depth")  # as UMRE, MNRE and local datasets are
+    bare = Dataset(tmp_path / "ds")
+    message = rf"^{bare.depth_dir}: not found: .* ships none; set depth.source: model "
+    with pytest.raises(DataError, match=message):
+        run_depth(bare, tmp_path / "d", params(source="dataset"), on_error="raise")
+    assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
+
 def test_synthetic_dataset_every_image(tmp_path):
     synthetic = replace(DEFAULTS.data.synthetic, seed=5, train=6, valid=3, test=3, image_size=48)
     generate_synthetic(tmp_path / "syn", synthetic, max_objects=4)

@@ -252,9 +252,14 @@ class Dataset:
         ids = {r.image_id for split in SPLITS for r in self.records(split)}
         return sorted(ids)
 
+    @property
+    def depth_dir(self) -> Path:
+        """The depth maps shipped with the dataset (synthetic only; absent elsewhere)."""
+        return self.root / "depth"
+
     def depth_path(self, image_id: str) -> Path:
         """Ground-truth depth map shipped with the dataset (synthetic only)."""
-        return self.root / "depth" / (Path(image_id).stem + ".npy")
+        return self.depth_dir / (Path(image_id).stem + ".npy")
 
     @property
     def captions_path(self) -> Path:

@@ -161,6 +161,12 @@ def run_depth(
         raise ValueError(f"shard must be in [0, {num_shards}), found {shard}")
     if depth.shard_size < 1 or depth.batch_size < 1:
         raise ValueError("depth.shard_size and depth.batch_size must be at least 1")
+    if depth.source == "dataset" and not dataset.depth_dir.is_dir():
+        raise DataError(
+            f"{dataset.depth_dir}: not found: depth.source 'dataset' reads the depth maps a "
+            f"dataset ships, and this one ({dataset.manifest.get('source')}) ships none; set "
+            "depth.source: model (Depth-Anything-V2, depth.model)"
+        )
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     image_ids = dataset.image_ids()
