@@ -252,3 +252,23 @@ def test_predict_command(model, tmp_path):
     result = CliRunner().invoke(app, [*args, "--input", str(bad)])
     assert result.exit_code == 1
     assert f"{bad}:2: head.span" in result.output
+
+
+def test_a_mistyped_model_folder_is_named_before_the_hub_error(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(repo_id, **_):
+        raise LocalEntryNotFoundError(f"Got: ConnectError for {repo_id}\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    message = (
+        r"^models/bset: no such model folder, and fetching it as a Hub model failed "
+        r"\(LocalEntryNotFoundError: Got: ConnectError for models/bset\)$"
+    )
+    with pytest.raises(FileNotFoundError, match=message):
+        load_trained("models/bset")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a trained model folder"):
+        load_trained("empty")

@@ -100,7 +100,15 @@ def _local_folder(name: str | Path) -> Path:
         return folder
     from huggingface_hub import snapshot_download  # a Hub id: one download, then cached
 
-    return Path(snapshot_download(str(name)))
+    try:
+        return Path(snapshot_download(str(name)))
+    except (OSError, ValueError) as exc:  # offline, no such repository, not a valid id
+        # `models/bset` (a typo) is a well-formed Hub id too: name the missing folder first.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(
+            f"{name}: no such model folder, and fetching it as a Hub model failed "
+            f"({type(exc).__name__}: {reason})"
+        ) from exc
 
 
 def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
