@@ -21,6 +21,7 @@ import pandas as pd
 
 __all__ = [
     "finished_runs",
+    "left_out_states",
     "param_values",
     "saved_rows",
     "seed_summary",
@@ -86,6 +87,22 @@ def _metric(value: Any) -> float:
         return math.nan
 
 
+def _unfinished(row: dict[str, Any]) -> bool:
+    """Queued, running or failed: exp_show gives finished experiments "Success", commits no
+    state."""
+    return row.get("State") not in (None, "", "Success")
+
+
+def left_out_states(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """How many experiments :func:`finished_runs` leaves out for their state, by state
+    (``{"Queued": 2, "Running": 1}``), in the order the states first appear."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if _unfinished(row):
+            counts[row["State"]] = counts.get(row["State"], 0) + 1
+    return counts
+
+
 def finished_runs(
     rows: list[dict[str, Any]], params: list[str] | dict[str, Any], metrics: list[str]
 ) -> pd.DataFrame:
@@ -102,7 +119,7 @@ def finished_runs(
         baseline = row.get("typ") == "baseline"
         if baseline and row.get("rev") == "workspace":
             continue
-        if row.get("State") not in (None, "", "Success"):
+        if _unfinished(row):
             continue
         values = {
             key: _param(row.get(_column(columns, PARAMS_FILE, key)), like.get(key))

@@ -40,13 +40,14 @@ def main(
 ) -> None:
     """Mean ± std of test metrics per configuration over the experiments of HEAD.
 
-    Queue each configuration with a few seeds first, e.g.
-    dvc exp run --queue -S train.seed=1 -S data.use_depth=false; dvc queue start -j 2
+    Queue each configuration with a few seeds first and run the queue to the end, e.g.
+    dvc exp run --queue -S train.seed=1 -S data.use_depth=false; dvc exp run --run-all -j 2
     """
     import yaml
 
     from pipeline.experiments import (
         finished_runs,
+        left_out_states,
         param_values,
         saved_rows,
         seed_summary,
@@ -57,7 +58,8 @@ def main(
     try:
         keys = param_values(yaml.safe_load(params.read_text()) or {})
         rows = _exp_show() if from_file is None else saved_rows(from_file)
-        summary = seed_summary(finished_runs(rows, keys, metrics), metrics, seed_key)
+        runs = finished_runs(rows, keys, metrics)
+        summary = seed_summary(runs, metrics, seed_key)
     except (OSError, ValueError, yaml.YAMLError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
@@ -65,6 +67,21 @@ def main(
         typer.echo("error: no commits or finished experiments with params found", err=True)
         raise typer.Exit(1)
     typer.echo(summary_markdown(summary, metrics))
+    for name in metrics:
+        if runs["metrics", name].isna().all():
+            typer.echo(
+                f"warning: no run reports the metric {name!r} (a key of metrics/test.json, "
+                f"e.g. {DEFAULT_METRICS[0]!r} or {DEFAULT_METRICS[1]!r})",
+                err=True,
+            )
+    left_out = left_out_states(rows)
+    if left_out:
+        counts = ", ".join(f"{n} {state.lower()}" for state, n in left_out.items())
+        typer.echo(
+            f"note: left out {counts} experiment(s); only finished ones count "
+            "(`dvc queue status` shows what is still running)",
+            err=True,
+        )
 
 
 def _exp_show() -> list[dict]:

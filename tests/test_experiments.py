@@ -236,3 +236,18 @@ def test_compare_prints_the_table_of_saved_rows_and_one_line_errors(tmp_path):
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
     (line,) = result.output.strip().splitlines()
     assert line.startswith("error: dvc exp show: you are not inside of a DVC repository")
+
+
+def test_compare_names_what_it_left_out_and_metrics_no_run_reports(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: {seed: 1, lr: 0.002}\ndata: {use_depth: true}\n")
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS))
+    result = _compare(["--from-file", "rows.json", "-m", "micro_f1", "-m", "micro_f11"], tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "warning: no run reports the metric 'micro_f11'" in lines[-2]
+    assert lines[-1].startswith("note: left out 1 running, 1 queued, 1 failed experiment(s)")
+    # Every finished run and a known metric: the table alone.
+    finished = [r for r in ROWS if r["State"] in (None, "Success")]
+    (tmp_path / "rows.json").write_text(json.dumps(finished))
+    result = _compare(["--from-file", "rows.json", "-m", "micro_f1"], tmp_path)
+    assert result.exit_code == 0 and result.output.splitlines()[-1].startswith("| `")
