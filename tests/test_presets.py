@@ -134,3 +134,54 @@ def test_cli_prints_flags_and_applies(tmp_path):
     assert "-S data.source=umre" in out and "-S train.lr=1.0e-05" in out
     subprocess.run([*cmd, "--apply"], cwd=ROOT, capture_output=True, text=True, check=True)
     assert load_params(target).data.source == "umre"
+
+
+def _model_folder(tmp_path: Path, params) -> Path:
+    """A model folder as far as `preset` reads it: trained.json (no weights)."""
+    import json
+
+    from pipeline.config import params_to_dict
+    from pipeline.model.saved import FORMAT_VERSION, TRAINED_FILE
+
+    folder = tmp_path / "model"
+    folder.mkdir()
+    meta = {"format": FORMAT_VERSION, "params": params_to_dict(params)}
+    (folder / TRAINED_FILE).write_text(json.dumps(meta))
+    return folder
+
+
+def test_a_model_folder_gives_the_flags_that_retrain_it(params, tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.config import apply_overrides
+    from stages.cli import app
+
+    changed = {"model.ot.mode": "uniform", "train.epochs": 1, "train.num_processes": 2}
+    trained = apply_overrides(params, changed)
+    folder = _model_folder(tmp_path, trained)
+    target = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", target)
+    result = CliRunner().invoke(app, ["preset", str(folder), "--params", str(target)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == as_exp_flags(changed)  # only what differs, in schema order
+    result = CliRunner().invoke(app, ["preset", str(folder), "--params", str(target), "--apply"])
+    assert result.exit_code == 0, result.output
+    assert load_params(target) == trained
+    result = CliRunner().invoke(app, ["preset", str(folder), "--params", str(target)])
+    assert result.exit_code == 0 and result.stdout.strip() == ""  # nothing left to change
+
+
+def test_a_model_folder_with_params_of_another_schema_is_refused(params, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    folder = _model_folder(tmp_path, params)
+    meta = json.loads((folder / "trained.json").read_text())
+    meta["params"]["train"]["old_knob"] = 1
+    (folder / "trained.json").write_text(json.dumps(meta))
+    result = CliRunner().invoke(app, ["preset", str(folder), "--params", str(ROOT / "params.yaml")])
+    assert result.exit_code == 2
+    assert f"error: {folder / 'trained.json'}: params: train.old_knob: unknown key" in result.output

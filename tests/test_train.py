@@ -304,6 +304,8 @@ def test_published_folder_loads_with_from_pretrained_and_its_card_names_the_metr
     assert file_sha256(world["raw"] / "manifest.json") in card.text
     assert "| `train.max_grad_norm` | `1.0` | `0.0` ≠ |" in card.text  # a switch off the preset
     assert "| `model.init` | `original` | `original` |" in card.text
+    assert "| `train.num_processes` | `1` |" in card.text  # with batch size: the effective batch
+    assert "dvc exp run $(.venv/bin/python -m stages preset path/to/model)" in card.text
     # The dev-selected folder's card has no test metrics yet.
     assert "Not scored on test yet" in (source / "README.md").read_text()
 

@@ -13,8 +13,8 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCardData
 
-from pipeline.config import Params, default_params, flatten, params_to_dict
-from pipeline.presets import apply_preset, as_exp_flags
+from pipeline.config import Params, flatten, params_to_dict
+from pipeline.presets import apply_preset
 
 __all__ = ["CARD_FILE", "KEY_PARAMS", "FIDELITY_SWITCHES", "model_card"]
 
@@ -25,7 +25,7 @@ KEY_PARAMS = (
     "data.max_seq", "data.max_objects", "data.use_depth", "data.use_box", "data.use_caption",
     "caption.backend", "depth.source", "model.ot.enabled", "model.ot.epsilon",
     "model.ot.iterations", "model.moe.enabled", "train.seed", "train.epochs",
-    "train.batch_size", "train.lr", "train.threads",
+    "train.batch_size", "train.num_processes", "train.grad_accum", "train.lr", "train.threads",
 )  # fmt: skip
 # The README's fidelity table: each deliberate deviation from the original code is one of these.
 FIDELITY_SWITCHES = (
@@ -159,11 +159,13 @@ def model_card(
         "",
         "## Reproduce",
         "",
-        "In a clone of remote-pipeline at the commit that trained it:",
+        "`trained.json` holds every param. In a clone of remote-pipeline, with this folder at",
+        "`path/to/model`, `preset` turns them into the flags that differ from the clone's",
+        "`params.yaml`, and the experiment retrains the model (same code, machine kind, threads",
+        "and library versions: the same weights):",
         "",
         "```bash",
-        "make setup && "
-        + " ".join(["dvc exp run", *_flags(flat, flatten(params_to_dict(default_params())))]),
+        "make setup && dvc exp run $(.venv/bin/python -m stages preset path/to/model)",
         "```",
         "",
         "## Use",
@@ -178,8 +180,3 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
-
-
-def _flags(flat: dict[str, Any], defaults: dict[str, Any]) -> list[str]:
-    changed = {k: v for k, v in flat.items() if defaults.get(k) != v}
-    return as_exp_flags(changed)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import Params, params_from_dict, params_to_dict
+from pipeline.config import Params, ParamsError, params_from_dict, params_to_dict
 from pipeline.data.records import label_list
 from pipeline.io import write_json
 from pipeline.model.card import CARD_FILE
@@ -43,6 +43,7 @@ __all__ = [
     "write_trained",
     "copy_trained",
     "load_trained",
+    "read_trained_params",
 ]
 
 TRAINED_FILE = "trained.json"
@@ -111,12 +112,7 @@ def _local_folder(name: str | Path) -> Path:
         ) from exc
 
 
-def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
-    """A model folder (or a Hub id) loaded back through ``RemoteModel.from_pretrained``, in eval
-    mode, with its params, labels and tokenizer."""
-    from transformers import AutoTokenizer
-
-    folder = _local_folder(folder)
+def _read_meta(folder: Path) -> dict[str, Any]:
     meta_path = folder / TRAINED_FILE
     if not meta_path.is_file():
         raise FileNotFoundError(f"{folder}: not a trained model folder (no {TRAINED_FILE})")
@@ -126,6 +122,26 @@ def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> Trai
             f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_VERSION} (a folder "
             "written by an older version: retrain, or rerun `dvc repro evaluate` after training)"
         )
+    return meta
+
+
+def read_trained_params(folder: str | Path) -> Params:
+    """The params a model folder was trained with (its ``trained.json``), validated against
+    this version's schema; no weights are read."""
+    meta_path = Path(folder) / TRAINED_FILE
+    try:
+        return params_from_dict(_read_meta(Path(folder))["params"])
+    except ParamsError as exc:
+        raise ParamsError(f"{meta_path}: params: {exc}") from exc
+
+
+def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
+    """A model folder (or a Hub id) loaded back through ``RemoteModel.from_pretrained``, in eval
+    mode, with its params, labels and tokenizer."""
+    from transformers import AutoTokenizer
+
+    folder = _local_folder(folder)
+    meta = _read_meta(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / meta["tokenizer"]["path"]))
     model = RemoteModel.from_pretrained(folder, map_location=str(device))
     model.check_tokenizer(tokenizer)
