@@ -561,6 +561,25 @@ def test_local_archive_and_missing_files(tmp_path, umre_tree):
         prepare_dataset(params, tmp_path / "out4", tmp_path / "cache")
 
 
+@pytest.mark.parametrize(
+    ("name", "cut", "message"),
+    [
+        # A zip cut short loses its central directory: zipfile no longer knows it for a zip.
+        ("mine.zip", 0.5, "corrupt or truncated archive"),
+        ("download", 0.5, "corrupt or truncated archive"),  # a zip by its first bytes
+        ("notes.txt", None, "not a folder, zip or tar archive"),
+    ],
+)
+def test_a_local_path_that_is_no_readable_archive_says_which(tmp_path, name, cut, message):
+    whole = _zip(tmp_path / "whole.zip", {"x/a.txt": b"hello" * 100}).read_bytes()
+    path = tmp_path / name
+    path.write_bytes(whole[: int(len(whole) * cut)] if cut else b"just some notes")
+    params = _params(**{"data.source": "local", "data.local.path": str(path)})
+    with pytest.raises(DataError, match=re.escape(f"{path}: {message}")):
+        prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+    assert not (tmp_path / "out").exists()
+
+
 def test_stage_command_writes_the_synthetic_dataset(tmp_path):
     import yaml
 

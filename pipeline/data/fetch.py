@@ -64,6 +64,19 @@ def is_archive(path: Path) -> bool:
     return Path(path).is_file() and (zipfile.is_zipfile(path) or tarfile.is_tarfile(path))
 
 
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz")
+
+
+def looks_like_archive(path: Path) -> bool:
+    """Named like an archive, or starting as a zip does: a file that claims to be an archive
+    (one that :func:`is_archive` refuses is then damaged, not something else)."""
+    path = Path(path)
+    if path.name.lower().endswith(ARCHIVE_SUFFIXES):
+        return True
+    with path.open("rb") as file:
+        return file.read(4) == b"PK\x03\x04"
+
+
 def _check_name(archive: Path, name: str) -> None:
     norm = name.replace("\\", "/")
     if norm.startswith("/") or re.match(r"^[A-Za-z]:", norm):

@@ -1,4 +1,4 @@
-"""From a `data.source` to a normalized dataset folder (DESIGN.md §2).
+"""From a `data.source` to a normalized dataset folder.
 
 ``synthetic`` is generated; ``umre`` and ``mnre`` are downloaded from their published archives,
 checked, unpacked safely and converted; ``local`` converts an archive or folder in either format.
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import DataParams, Params
-from pipeline.data.fetch import Download, Downloader, is_archive, url_join
+from pipeline.data.fetch import Download, Downloader, is_archive, looks_like_archive, url_join
 from pipeline.data.formats import (
     MNRE_RELATIONS,
     ImageIndex,
@@ -340,6 +340,11 @@ def _prepare_local(data: DataParams, out_dir: Path, dl: Downloader) -> dict[str,
     elif is_archive(path):
         archive = Download(str(path), path, file_sha256(path), pinned=False)
         root, extra = dl.extract(archive), _provenance({"archive": archive})
+    elif path.is_file() and looks_like_archive(path):
+        raise DataError(
+            f"{path}: corrupt or truncated archive (neither zip nor tar can open it; "
+            "data.local.path)"
+        )
     elif path.exists():
         raise DataError(f"{path}: not a folder, zip or tar archive (data.local.path)")
     else:
