@@ -1,4 +1,4 @@
-"""Relation-extraction metrics (DESIGN.md §4): pure functions of label ids, no files, no torch.
+"""Relation-extraction metrics: pure functions of label ids, no files, no torch.
 
 Training selects its checkpoint with :func:`score` on dev; ``evaluate`` reports it on test.
 

@@ -13,7 +13,7 @@ from pipeline.hub import resolve
 
 __all__ = ["MARKERS", "load_tokenizer", "tiny_vocab"]
 
-# Entity markers (DESIGN.md §3): <s1>/<s2> around text head/tail in the sentence; <k1>/<k2> around a
+# Entity markers: <s1>/<s2> around text head/tail in the sentence; <k1>/<k2> around a
 # text entity's caption and <o1>/<o2> around an object's caption in the second segment.
 MARKERS = (
     "<s1>", "</s1>", "<s2>", "</s2>",

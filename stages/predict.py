@@ -11,7 +11,7 @@ from stages.common import reported_errors, setup_logging, writing_outputs
 
 
 def main(
-    input: Annotated[Path, typer.Option("--input", help="Input JSONL (see below).")],
+    input: Annotated[Path, typer.Option("--input", help="Input JSONL (its format: above).")],
     output: Annotated[Path, typer.Option(help="Output JSONL, one line per input line.")],
     model: Annotated[Path, typer.Option(help="Trained model folder, e.g. models/best.")],
     batch_size: Annotated[int, typer.Option(help="Samples per forward pass.")] = 64,

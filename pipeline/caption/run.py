@@ -1,4 +1,4 @@
-"""The caption stage: a short description of every text entity and visual object (DESIGN.md §2).
+"""The caption stage: a short description of every text entity and visual object.
 
 Three backends (``caption.backend``):
 

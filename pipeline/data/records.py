@@ -1,4 +1,4 @@
-"""The normalized dataset layout (DESIGN.md §2) and its reader.
+"""The normalized dataset layout and its reader.
 
 Every source (synthetic, UMRE, MNRE, local) is converted to this layout, so later stages never care
 where the data came from::

@@ -1,4 +1,4 @@
-"""Vision-side embeddings (DESIGN.md §3): object crops (+ depth channel) to patch tokens, and the
+"""Vision-side embeddings: object crops (+ depth channel) to patch tokens, and the
 pooling of each object's tokens into one object token (+ its box).
 
 The text side uses the BERT tower's own ``BertEmbeddings`` unchanged.

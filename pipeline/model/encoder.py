@@ -1,4 +1,4 @@
-"""The dual-stream encoder (DESIGN.md §3): BERT layer ``i`` beside ViT layer ``i``.
+"""The dual-stream encoder: BERT layer ``i`` beside ViT layer ``i``.
 
 Per layer ``i``, in this order:
 

@@ -1,4 +1,4 @@
-"""Layer-wise mixture-of-experts aggregation (DESIGN.md §3).
+"""Layer-wise mixture-of-experts aggregation.
 
 One direction (e.g. vision -> text): every recorded state ``V_j`` of the other stream (detached) is read
 by its own cross-attention with this stream's tokens as queries, giving ``A_j``. A per-token router

@@ -1,4 +1,4 @@
-"""Multilevel optimal transport (DESIGN.md §3, step 4), solved by POT's batched Sinkhorn iterations.
+"""Multilevel optimal transport, solved by POT's batched Sinkhorn iterations.
 
 At layer ``i >= 1`` of a stream, the layer's output ``Q`` attends, through an entropic transport plan,
 to the states recorded before it (``S`` = states ``0 .. i-1`` along the sequence):

@@ -1,4 +1,4 @@
-"""REMOTE (DESIGN.md §3): embeddings -> dual-stream encoder (+ multilevel OT) -> layer-wise MoE ->
+"""REMOTE: embeddings -> dual-stream encoder (+ multilevel OT) -> layer-wise MoE ->
 entity head -> relation logits.
 
 ``build_model(params, num_labels, tokenizer)`` builds it from params (pretrained towers when asked);

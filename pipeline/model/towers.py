@@ -1,4 +1,4 @@
-"""The two pre-trained towers, chosen by name (DESIGN.md §3): a BERT text tower and a timm ViT.
+"""The two pre-trained towers, chosen by name: a BERT text tower and a timm ViT.
 
 Names resolve through :func:`pipeline.hub.resolve`:
 
