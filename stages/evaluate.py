@@ -19,9 +19,7 @@ from stages.common import (
 def main(
     params: ParamsOption,
     features: Annotated[Path, typer.Option(help="Feature cache (features stage output).")],
-    model: Annotated[
-        Path, typer.Option(help="The dev-selected model folder (models/checkpoint/best).")
-    ],
+    model: Annotated[Path, typer.Option(help="The dev-selected model folder (models/selected).")],
     metrics: Annotated[Path, typer.Option(help="Folder for metrics files.")],
     plots: Annotated[Path, typer.Option(help="Folder for plot data and pictures.")],
     live: Annotated[

@@ -1,4 +1,4 @@
-"""The `train` stage: train REMOTE, select on dev, keep models/best and a resumable checkpoint."""
+"""The `train` stage: train REMOTE, select on dev, keep models/selected and a resumable checkpoint."""
 
 from __future__ import annotations
 
@@ -44,12 +44,16 @@ def main(
         Path, typer.Option(help="Normalized dataset (download's output), for relations.json.")
     ],
     out: Annotated[
-        Path, typer.Option(help="<out>/checkpoint, with the dev-selected model in its best/.")
+        Path,
+        typer.Option(
+            help="<out>/selected (the dev-selected model) and <out>/checkpoint (the resumable "
+            "state)."
+        ),
     ],
     live: Annotated[Path, typer.Option(help="dvclive log folder.")],
 ) -> None:
     """Train on the train split, score dev every epoch, keep the best-dev model in
-    <out>/checkpoint/best (evaluate publishes it as models/best).
+    <out>/selected (evaluate publishes it as models/best).
 
     train.num_processes > 1 relaunches this command with torchrun on this machine. For several
     machines, start it yourself on each, e.g. `accelerate launch --num_machines 2 --machine_rank R

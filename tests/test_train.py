@@ -202,6 +202,17 @@ def test_training_lowers_the_loss_and_beats_the_majority_baseline(world, trained
     assert "best dev micro-F1" in trained["output"]
 
 
+def test_the_stage_output_is_a_copy_of_the_checkpoints_dev_selected_model(trained):
+    # models/selected is what DVC caches (and restores on checkout); checkpoint/ stays uncached.
+    best, selected = trained["out"] / "checkpoint" / "best", trained["out"] / "selected"
+    files = sorted(p.relative_to(best) for p in best.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(selected) for p in selected.rglob("*") if p.is_file())
+    for name in files:
+        assert (selected / name).read_bytes() == (best / name).read_bytes(), name
+        assert (selected / name).stat().st_ino != (best / name).stat().st_ino  # a copy, no link
+    assert f"wrote {selected}" in trained["output"]
+
+
 def test_model_folder_is_self_contained_and_pickle_free(trained):
     best = trained["out"] / "checkpoint" / "best"
     assert sorted(p.name for p in best.iterdir()) == [
@@ -357,6 +368,7 @@ def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
     # 240 samples / 16 = 15 micro-batches -> 8 optimizer steps an epoch; stop inside epoch 2.
     with pytest.raises(TrainingInterrupted):
         train(*args, tmp_path / "b", tmp_path / "b_live", stop_after_step=11)
+    assert not (tmp_path / "b" / "selected").exists()  # written only when training ends
     meta = json.loads((tmp_path / "b" / "checkpoint" / "meta.json").read_text())
     assert (meta["epoch"], meta["global_step"]) == (1, 8)
     resumed = train(*args, tmp_path / "b", tmp_path / "b_live")

@@ -11,8 +11,9 @@ back from a folder or a Hub id. Layout::
     tokenizer/          the text tokenizer, markers included
     README.md           the model card (:mod:`pipeline.model.card`)
 
-``train`` keeps the dev-selected folder in ``models/checkpoint/best``; ``evaluate`` scores it on
-test and writes ``models/best``: the same files with the card's test metrics.
+``train`` keeps the dev-selected folder in ``models/checkpoint/best`` and copies it to
+``models/selected`` when it ends; ``evaluate`` scores that on test and writes ``models/best``: the
+same files with the card's test metrics.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What the training loop writes: the resumable checkpoint, with the dev-selected model in it.
+"""What the training loop writes: the resumable checkpoint, with the dev-selected model in it, and
+a copy of that model as the train stage's output.
 
 Layout of ``checkpoint/`` (under the train stage's ``out_dir``, ``models/``)::
 
@@ -13,6 +14,11 @@ Layout of ``checkpoint/`` (under the train stage's ``out_dir``, ``models/``)::
 The folder is written into a temp folder and swapped in (:func:`pipeline.io.staging_dir`), so a
 kill never leaves half a checkpoint that a rerun would trust. The data order needs no state: it is
 a function of the seed and the epoch (``DistributedSampler.set_epoch``).
+
+``selected/`` (beside ``checkpoint/``) is a copy of ``checkpoint/best`` made when training ends:
+the stage's DVC output, cached, so that ``dvc checkout`` and ``dvc exp apply`` restore a trained
+model without the optimizer state. ``checkpoint/`` is no DVC output: DVC neither caches it nor
+clears it before a rerun, and its fingerprint says which run it belongs to.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ from pipeline.io import link_or_copy, recover_swap, staging_dir, tree_sha256, wr
 __all__ = [
     "CHECKPOINT_META",
     "BEST_DIR",
+    "SELECTED_DIR",
     "Progress",
     "CorruptCheckpointError",
     "run_fingerprint",
@@ -44,12 +51,14 @@ __all__ = [
     "load_checkpoint",
     "restore_logs",
     "recover_outputs",
+    "publish_selected",
 ]
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_META = "meta.json"
 BEST_DIR = "best"
+SELECTED_DIR = "selected"  # beside checkpoint/: the stage's output
 LOGS_DIR = "logs"
 CHECKPOINT_FORMAT = 2  # 2: accelerate's save_state files, the best model inside
 
@@ -157,6 +166,16 @@ def load_checkpoint(accelerator: Any, folder: Path) -> None:
 def recover_outputs(ckpt_dir: Path) -> None:
     """Finish a folder swap a kill cut short (main process only: no other writer exists)."""
     recover_swap(ckpt_dir)
+
+
+def publish_selected(ckpt_dir: Path) -> Path:
+    """Copy the checkpoint's dev-selected model to ``selected/`` beside it, atomically (main
+    process only). Plain copies: DVC caches these files, and a hard link would tie the cache's
+    copy to the checkpoint's."""
+    selected = ckpt_dir.parent / SELECTED_DIR
+    with staging_dir(selected) as tmp:
+        shutil.copytree(ckpt_dir / BEST_DIR, tmp, dirs_exist_ok=True)
+    return selected
 
 
 def restore_logs(ckpt_dir: Path, logs: list[Path]) -> None:

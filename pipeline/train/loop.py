@@ -8,7 +8,9 @@ from :mod:`accelerate`; only the main process writes files and logs.
 Layout written under ``out_dir`` (``models/``)::
 
     checkpoint/    the resumable state after the last finished epoch, with ``best/``, the
-                   dev-selected model (:mod:`.checkpoint`; ``evaluate`` publishes it)
+                   dev-selected model (:mod:`.checkpoint`)
+    selected/      a copy of ``checkpoint/best`` made when training ends: the stage's DVC
+                   output, which ``evaluate`` scores and publishes
 
 Results depend on the number of processes: each process draws ``batch_size`` samples per micro-step,
 so the effective batch is ``batch_size * processes * grad_accum`` and the number of optimizer steps
@@ -52,9 +54,10 @@ from pipeline.model.remote import build_model
 from pipeline.model.saved import write_trained
 from pipeline.text import load_tokenizer
 from pipeline.train.checkpoint import (
-    BEST_DIR,
+    SELECTED_DIR,
     Progress,
     load_checkpoint,
+    publish_selected,
     read_checkpoint,
     recover_outputs,
     restore_logs,
@@ -168,7 +171,7 @@ def train(
     stop_after_step: int | None = None,
 ) -> TrainResult:
     """Train REMOTE on the train split, select on dev micro-F1, keep ``checkpoint/`` with the
-    dev-selected model in ``checkpoint/best``.
+    dev-selected model in ``checkpoint/best``, and copy that model to ``selected/`` at the end.
 
     Re-running with the same params, labels and features continues from ``checkpoint/``.
     ``stop_after_step`` (tests) raises :class:`TrainingInterrupted` after that optimizer step.
@@ -348,7 +351,10 @@ def train(
             logs=[live_dir],
         )
 
-    accelerator.end_training()
+    if main:
+        publish_selected(ckpt_dir)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()  # destroys the process group: after the last barrier
     return TrainResult(
         best_epoch=progress.best_epoch,
         best_score=progress.best_score,
@@ -357,7 +363,7 @@ def train(
         stopped_early=progress.stopped_early,
         history=progress.history,
         model=unwrapped,
-        best_dir=ckpt_dir / BEST_DIR,
+        best_dir=out_dir / SELECTED_DIR,
     )
 
 
