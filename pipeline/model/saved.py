@@ -126,14 +126,17 @@ def _read_meta(folder: Path) -> dict[str, Any]:
     return meta
 
 
+def _meta_params(folder: Path, meta: dict[str, Any]) -> Params:
+    try:
+        return params_from_dict(meta["params"])
+    except ParamsError as exc:
+        raise ParamsError(f"{folder / TRAINED_FILE}: params: {exc}") from exc
+
+
 def read_trained_params(folder: str | Path) -> Params:
     """The params a model folder was trained with (its ``trained.json``), validated against
     this version's schema; no weights are read."""
-    meta_path = Path(folder) / TRAINED_FILE
-    try:
-        return params_from_dict(_read_meta(Path(folder))["params"])
-    except ParamsError as exc:
-        raise ParamsError(f"{meta_path}: params: {exc}") from exc
+    return _meta_params(Path(folder), _read_meta(Path(folder)))
 
 
 def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
@@ -148,7 +151,7 @@ def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> Trai
     model.check_tokenizer(tokenizer)
     return TrainedModel(
         model=model,
-        params=params_from_dict(meta["params"]),
+        params=_meta_params(folder, meta),
         labels=label_list(meta["labels"]),
         tokenizer=tokenizer,
         info=meta.get("info", {}),
