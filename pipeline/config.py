@@ -40,6 +40,7 @@ __all__ = [
     "apply_overrides",
     "section_hash",
     "pipeline_problems",
+    "floor_problem",
 ]
 
 
@@ -472,10 +473,19 @@ def pipeline_problems(params: Params) -> list[str]:
             "MNRE ships none; set caption.backend: mllm or none, or caption.file"
         )
     ot = params.model.ot
-    plain_domain = ot.solver in ("sinkhorn", "fused")
-    if ot.enabled and ot.mode == "transport" and plain_domain and ot.kernel_floor <= 0:
-        problems.append(
-            f"model.ot.kernel_floor: the plain-domain solver {ot.solver!r} needs a floor above 0 "
-            "(exp(-C/eps) underflows to 0); use model.ot.solver: log_sinkhorn for pure entropic OT"
-        )
+    problem = floor_problem(ot.solver, ot.kernel_floor)
+    if ot.enabled and ot.mode == "transport" and problem:
+        problems.append(problem)
     return problems
+
+
+def floor_problem(solver: str, kernel_floor: float) -> str | None:
+    """Why ``solver`` cannot run with ``kernel_floor``, or None: in the plain domain,
+    ``exp(-C/eps)`` underflows to 0 for costs above ~50 eps and the scalings divide by it."""
+    if solver in ("sinkhorn", "fused") and kernel_floor <= 0:
+        return (
+            f"model.ot.kernel_floor: the plain-domain solver {solver!r} needs a floor above 0 "
+            "(model.ot.kernel_floor > 0: exp(-C/eps) underflows to 0); use model.ot.solver: "
+            "log_sinkhorn for pure entropic OT"
+        )
+    return None

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import OT_SOLVERS
+from pipeline.config import OT_SOLVERS, floor_problem
 from pipeline.model.regime import RegimeStats, floor_threshold
 
 __all__ = [
@@ -536,12 +536,9 @@ class MultilevelTransport(nn.Module):
             raise ValueError(f"model.ot.clamp must be >= 0, found {clamp}")
         if solver not in OT_SOLVERS:
             raise ValueError(f"model.ot.solver {solver!r}: expected one of {OT_SOLVERS}")
-        if solver in ("sinkhorn", "fused") and kernel_floor <= 0:
-            # exp(-C/eps) underflows to 0 for costs above ~50 eps: plain-domain scalings divide by 0.
-            raise ValueError(
-                f"model.ot.solver {solver!r} (plain domain) needs model.ot.kernel_floor > 0; "
-                "use 'log_sinkhorn' for pure entropic OT"
-            )
+        problem = floor_problem(solver, kernel_floor)
+        if problem:
+            raise ValueError(problem)
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)
         self.query_norm = nn.LayerNorm(hidden)
