@@ -168,14 +168,12 @@ def recover_outputs(ckpt_dir: Path) -> None:
     recover_swap(ckpt_dir)
 
 
-def publish_selected(ckpt_dir: Path) -> Path:
+def publish_selected(ckpt_dir: Path) -> None:
     """Copy the checkpoint's dev-selected model to ``selected/`` beside it, atomically (main
     process only). Plain copies: DVC caches these files, and a hard link would tie the cache's
     copy to the checkpoint's."""
-    selected = ckpt_dir.parent / SELECTED_DIR
-    with staging_dir(selected) as tmp:
+    with staging_dir(ckpt_dir.parent / SELECTED_DIR) as tmp:
         shutil.copytree(ckpt_dir / BEST_DIR, tmp, dirs_exist_ok=True)
-    return selected
 
 
 def restore_logs(ckpt_dir: Path, logs: list[Path]) -> None:
