@@ -29,7 +29,6 @@ def main(
     dvc exp run $(python -m stages preset path/to/model) retrains a model with its params
     (the flags: those that differ from the params file).
     """
-    from pipeline.config import ParamsError
     from pipeline.presets import apply_preset, as_exp_flags, load_preset, write_into_params
 
     try:
@@ -39,7 +38,7 @@ def main(
         else:
             apply_preset(current, name)  # validate before printing or writing anything
             overrides = load_preset(name)
-    except (ParamsError, OSError) as exc:
+    except (ValueError, OSError) as exc:  # ParamsError is a ValueError
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     if apply:

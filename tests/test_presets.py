@@ -185,3 +185,19 @@ def test_a_model_folder_with_params_of_another_schema_is_refused(params, tmp_pat
     result = CliRunner().invoke(app, ["preset", str(folder), "--params", str(ROOT / "params.yaml")])
     assert result.exit_code == 2
     assert f"error: {folder / 'trained.json'}: params: train.old_knob: unknown key" in result.output
+
+
+def test_a_model_folder_of_another_format_is_refused_in_one_line(params, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    folder = _model_folder(tmp_path, params)
+    meta = json.loads((folder / "trained.json").read_text())
+    meta["format"] = 1
+    (folder / "trained.json").write_text(json.dumps(meta))
+    result = CliRunner().invoke(app, ["preset", str(folder), "--params", str(ROOT / "params.yaml")])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert f"error: {folder / 'trained.json'}: format 1, expected 2" in result.output
