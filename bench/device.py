@@ -398,9 +398,9 @@ def _qwen_7b_shaped(tokenizer: Any, device: str):
     import torch
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    from pipeline.caption.captioner import _TINY_SPECIALS
+    from pipeline.caption.captioner import qwen_special_ids
 
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in _TINY_SPECIALS}
+    ids = qwen_special_ids(tokenizer)
     config = Qwen2_5_VLConfig(
         text_config={
             "vocab_size": 152064,

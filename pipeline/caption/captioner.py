@@ -45,10 +45,17 @@ def crop_box(image: Image.Image, box: Sequence[float]) -> Image.Image:
     return image.crop((left, top, right, bottom))
 
 
-_TINY_SPECIALS = (
+QWEN_SPECIALS = (
     "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
     "<|video_pad|>",
 )  # fmt: skip
+
+
+def qwen_special_ids(tokenizer: Any) -> dict[str, int]:
+    """The ids ``tokenizer`` gives Qwen2.5-VL's chat and vision special tokens (``QWEN_SPECIALS``):
+    the token ids a Qwen2.5-VL config built for that tokenizer must name."""
+    return {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIALS}
+
 
 # A small chat template in the Qwen style (messages of text and image parts), for the tiny model.
 _TINY_CHAT_TEMPLATE = (
@@ -93,9 +100,9 @@ def build_tiny_captioner() -> tuple[Any, Any]:
     for left, right in merges:
         vocab[left + right] = len(vocab)
     tokenizer = Qwen2Tokenizer(
-        vocab=vocab, merges=merges, additional_special_tokens=list(_TINY_SPECIALS)
+        vocab=vocab, merges=merges, additional_special_tokens=list(QWEN_SPECIALS)
     )
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in _TINY_SPECIALS}
+    ids = qwen_special_ids(tokenizer)
     processor = Qwen2_5_VLProcessor(
         # A size of its own: transformers 5.17 writes min_pixels/max_pixels into the class's
         # default size, which every later Qwen2VLImageProcessor() of the process would get.
