@@ -179,3 +179,49 @@ def test_training_plot_reads_dvclive_logs(tmp_path):
         assert image.format == "PNG" and image.size[0] > image.size[1] > 100
     with pytest.raises(FileNotFoundError, match="dev/nothing"):
         plots.read_live_metric(live_dir, "dev/nothing")
+
+
+def test_cell_labels_contrast_with_their_cell():
+    plt = plots._pyplot()
+    # viridis runs from dark purple (0) to light yellow (1); Blues from near-white to dark blue.
+    assert plots._label_color(plt, "viridis", 1.0) == "black"
+    assert plots._label_color(plt, "viridis", 0.0) == "white"
+    assert plots._label_color(plt, "Blues", 0.0) == "black"
+    assert plots._label_color(plt, "Blues", 1.0) == "white"
+    assert plots._label_color(plt, "magma", float("nan")) == "black"  # blank cell
+    assert plots._label_color(plt, "cividis", 7.0) == plots._label_color(plt, "cividis", 1.0)
+
+
+def test_ot_regime_plot_labels_every_cell_readably(tmp_path, monkeypatch):
+    plt = plots._pyplot()
+    regime = {
+        "mode": "transport",
+        "threshold_cost": 22.1,
+        "text": {
+            "layer_01": {"share_above_floor": 1.0, "median_cost": 11.0, "relative_update": 0.02},
+            "layer_02": {"share_above_floor": 0.25, "median_cost": 9.0, "relative_update": 0.03},
+        },
+        "vision": {
+            "layer_01": {"share_above_floor": 0.0, "median_cost": 13.0, "relative_update": 0.06},
+            "layer_02": {"share_above_floor": 1.0, "median_cost": 10.0},
+        },
+    }
+    figures = []
+    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: figures.append(fig))
+    plots.plot_ot_regime(tmp_path / "ot_regime.png", regime)
+    (fig,) = figures
+    labels = {
+        ax.get_title(): {text.get_text(): text.get_color() for text in ax.texts} for ax in fig.axes
+    }
+    share = labels["share of kernel entries above the floor"]
+    assert share == {"1": "black", "0.25": "white", "0": "white"}  # viridis: yellow 1, purple 0
+    cost = labels["median cost"]
+    assert (
+        cost["13"] == "black" and cost["9"] == "white"
+    )  # magma over 9..13: light top, black bottom
+    update = labels["relative OT update ||w Pi S|| / ||h||"]
+    assert update["nan"] == "black"  # the missing value: a blank cell
+    assert len(fig.axes) == 3 and "22.10" in fig._suptitle.get_text()
+    plt.close(fig)
+    plots.plot_ot_regime(tmp_path / "none.png", {"mode": "transport"})
+    assert "no OT" in figures[-1].axes[0].texts[0].get_text()

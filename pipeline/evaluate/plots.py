@@ -35,6 +35,16 @@ def _pyplot() -> Any:
     return plt
 
 
+def _label_color(plt: Any, cmap: str, fraction: float) -> str:
+    """Black or white, whichever reads better on ``cmap``'s colour at ``fraction`` (0..1) of its
+    range: black on light cells, white on dark ones (relative luminance, ITU-R BT.709). A missing
+    value (NaN) leaves its cell blank, so it gets black."""
+    if not np.isfinite(fraction):
+        return "black"
+    red, green, blue, _ = plt.get_cmap(cmap)(float(np.clip(fraction, 0.0, 1.0)))
+    return "black" if 0.2126 * red + 0.7152 * green + 0.0722 * blue > 0.45 else "white"
+
+
 def plot_confusion(
     path: str | Path,
     gold: Sequence[int] | np.ndarray,
@@ -49,15 +59,16 @@ def plot_confusion(
     names = [labels[i] for i in seen]
     size = max(4.0, 0.45 * len(names) + 2.5)
     fig, ax = plt.subplots(figsize=(size, size))
-    ax.imshow(np.log1p(matrix), cmap="Blues")  # log scale: `none` would otherwise wash out the rest
+    shade = np.log1p(matrix)  # log scale: `none` would otherwise wash out the rest
+    ax.imshow(shade, cmap="Blues")
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
     ax.set_xlabel("predicted")
     ax.set_ylabel("actual")
-    threshold = np.log1p(matrix.max()) / 2 if matrix.size else 0
+    top = shade.max() if shade.size else 0.0
     for (row, col), count in np.ndenumerate(matrix):
         if count:
-            color = "white" if np.log1p(count) > threshold else "black"
+            color = _label_color(plt, "Blues", shade[row, col] / top)
             ax.text(col, row, str(count), ha="center", va="center", fontsize=6, color=color)
     ax.set_title(f"Confusion matrix ({int(matrix.sum())} samples)")
     _save_figure(fig, path)
@@ -138,14 +149,19 @@ def plot_ot_regime(path: str | Path, regime: dict[str, Any]) -> None:
         p for p in REGIME_PANELS if any(p[0] in regime[s][lay] for s in streams for lay in layers)
     ]
     fig, axes = plt.subplots(
-        1, len(panels), figsize=(3.4 * len(panels), 0.45 * len(layers) + 1.8), squeeze=False
+        1,
+        len(panels),
+        figsize=(3.4 * len(panels), 0.45 * len(layers) + 1.8),
+        squeeze=False,
+        layout="constrained",  # room for the suptitle above the panels' titles
     )
     for ax, (stat, title, cmap, limits) in zip(axes[0], panels, strict=True):
         values = np.array(
             [[regime[s][lay].get(stat, np.nan) for s in streams] for lay in layers], dtype=float
         )
         low, high = limits or (np.nanmin(values), np.nanmax(values))
-        ax.imshow(values, cmap=cmap, vmin=low, vmax=high if high > low else low + 1, aspect="auto")
+        high = high if high > low else low + 1
+        ax.imshow(values, cmap=cmap, vmin=low, vmax=high, aspect="auto")
         ax.set_xticks(range(len(streams)), streams)
         ax.set_yticks(
             range(len(layers)), [lay.removeprefix("layer_").lstrip("0") for lay in layers]
@@ -153,7 +169,8 @@ def plot_ot_regime(path: str | Path, regime: dict[str, Any]) -> None:
         ax.set_ylabel("layer")
         ax.set_title(title, fontsize=9)
         for (row, col), value in np.ndenumerate(values):
-            ax.text(col, row, f"{value:.3g}", ha="center", va="center", fontsize=7, color="grey")
+            color = _label_color(plt, cmap, (value - low) / (high - low))
+            ax.text(col, row, f"{value:.3g}", ha="center", va="center", fontsize=8, color=color)
     threshold = regime.get("threshold_cost")
     if threshold is not None:
         fig.suptitle(
