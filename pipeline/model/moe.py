@@ -26,8 +26,9 @@ class CrossAttention(nn.Module):
 
     A key bias would shift every score of a query by the same amount, so there is none. The key and
     value projections are folded into the (few) queries instead of applied to the (many) state tokens:
-    ``q_h . (W_k^h s) = (W_k^h^T q_h) . s`` and ``sum_s p_s W_v^h s = W_v^h sum_s p_s s``, which is
-    the same attention at a fraction of the cost when queries are fewer than keys.
+    ``q_h . (W_k^h s) = (W_k^h^T q_h) . s`` and ``sum_s p_s (W_v^h s + b_v^h) = W_v^h sum_s p_s s +
+    (sum_s p_s) b_v^h``, which is the same attention (attention dropout included) at a fraction of
+    the cost when queries are fewer than keys.
     """
 
     def __init__(self, hidden: int, num_heads: int, attention_dropout: float) -> None:
@@ -58,8 +59,12 @@ class CrossAttention(nn.Module):
         probabilities = self.dropout(scores.softmax(dim=-1))
         mixed = torch.bmm(probabilities, state).reshape(batch, heads, count, hidden)
         value_weight = self.value.weight.reshape(heads, head_dim, hidden)
-        context = torch.einsum("bhnc,hdc->bnhd", mixed, value_weight).reshape(batch, count, hidden)
-        return self.norm(self.output(context + self.value.bias))
+        context = torch.einsum("bhnc,hdc->bnhd", mixed, value_weight)
+        # The value bias enters as sum_s p_s b_v: b_v itself in eval mode, but scaled by the kept
+        # (rescaled) probability mass when attention dropout is on.
+        mass = probabilities.sum(dim=-1).reshape(batch, heads, count)
+        bias = torch.einsum("bhn,hd->bnhd", mass, self.value.bias.reshape(heads, head_dim))
+        return self.norm(self.output((context + bias).reshape(batch, count, hidden)))
 
 
 class LayerwiseMoE(nn.Module):

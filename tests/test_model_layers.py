@@ -1,0 +1,196 @@
+"""The encoder's layers, the object pooling and the MoE cross-attention against references written
+here: plain multi-head attention on explicit weight matrices, per-object loops, float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from pipeline.model.embeddings import ObjectPooling
+from pipeline.model.encoder import TextLayer, VisionLayer
+from pipeline.model.moe import CrossAttention
+
+HIDDEN, HEADS = 32, 4
+
+
+def attention(q, k, v, heads, mask=None, keep=None):
+    """Plain multi-head attention on ``[B, L, D]`` projections: per batch item and head, a loop.
+    ``mask`` ``[B, Lk]`` (True attends); ``keep`` ``[B, H, Lq, Lk]`` multiplies the probabilities
+    (a dropout mask, already rescaled). Returns the context ``[B, Lq, D]`` and probabilities."""
+    batch, length, hidden = q.shape
+    size = hidden // heads
+    context = torch.zeros_like(q)
+    probs = torch.zeros(batch, heads, length, k.shape[1], dtype=q.dtype)
+    for b in range(batch):
+        for h in range(heads):
+            part = slice(h * size, (h + 1) * size)
+            scores = q[b, :, part] @ k[b, :, part].T / math.sqrt(size)
+            if mask is not None:
+                scores = scores.masked_fill(~mask[b], float("-inf"))
+            p = scores.softmax(dim=-1)
+            if keep is not None:
+                p = p * keep[b, h]
+            probs[b, h] = p
+            context[b, :, part] = p @ v[b, :, part]
+    return context, probs
+
+
+def linear(x, module):
+    return x @ module.weight.T + (module.bias if module.bias is not None else 0)
+
+
+def layer_norm(x, module):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + module.eps) * module.weight + module.bias
+
+
+def randomize(module, seed):
+    """Random weights everywhere, LayerNorm gains and biases included, so no term hides at 0 or 1."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in module.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    return module
+
+
+@pytest.fixture
+def bert_layer():
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    config = BertConfig(hidden_size=HIDDEN, num_attention_heads=HEADS, intermediate_size=2 * HIDDEN)
+    torch.manual_seed(0)
+    return BertLayer(config)
+
+
+@pytest.mark.parametrize("fuse", [False, True])
+def test_text_layer_is_bert_attention_plus_the_fusion(bert_layer, fuse):
+    layer = randomize(TextLayer(bert_layer, fuse=fuse), seed=1).double().eval()
+    torch.manual_seed(2)
+    hidden = torch.randn(2, 7, HIDDEN, dtype=torch.float64)
+    objects = torch.randn(2, 3, HIDDEN, dtype=torch.float64)
+    text_mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
+    out, (keys, values) = layer(hidden, text_mask[:, None, None, :], objects if fuse else None)
+
+    own = bert_layer.attention.self
+    q, k, v = linear(hidden, own.query), linear(hidden, own.key), linear(hidden, own.value)
+    context, _ = attention(q, k, v, HEADS, mask=text_mask)
+    attended = layer_norm(
+        linear(context, bert_layer.attention.output.dense) + hidden,
+        bert_layer.attention.output.LayerNorm,
+    )
+    inner = linear(attended, bert_layer.intermediate.dense)
+    if fuse:
+        # the context before the output projection reads the objects: softmax(ctx V^T) V, unscaled
+        for b in range(2):
+            weights = (context[b] @ objects[b].T).softmax(dim=-1)
+            inner[b] = inner[b] + linear(weights @ objects[b], layer.fusion)
+    inner = F.gelu(inner)
+    expected = layer_norm(
+        linear(inner, bert_layer.output.dense) + attended, bert_layer.output.LayerNorm
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(keys, k, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(values, v, rtol=1e-12, atol=1e-12)
+    if not fuse:  # the unfused layer is the tower's own BERT layer
+        own_out = bert_layer(hidden, attention_mask=(~text_mask[:, None, None, :]) * -1e9)
+        real = text_mask[:, :, None].expand_as(out)
+        torch.testing.assert_close(out[real], own_out[real], rtol=1e-10, atol=1e-10)
+
+
+@pytest.fixture
+def vit_block():
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    return Block(HIDDEN, HEADS, mlp_ratio=2.0, qkv_bias=True)
+
+
+@pytest.mark.parametrize("with_prefix", [False, True])
+def test_vision_layer_is_the_vit_block_with_prefix_keys_and_values(vit_block, with_prefix):
+    layer = randomize(VisionLayer(vit_block), seed=3).double().eval()
+    torch.manual_seed(4)
+    hidden = torch.randn(2, 6, HIDDEN, dtype=torch.float64)
+    prefix = mask = None
+    if with_prefix:
+        prefix = (
+            torch.randn(2, 5, HIDDEN, dtype=torch.float64),
+            torch.randn(2, 5, HIDDEN, dtype=torch.float64),
+        )
+        text_real = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+        mask = torch.cat([text_real, torch.ones(2, 6, dtype=torch.bool)], dim=1)
+    out = layer(hidden, prefix, None if mask is None else mask[:, None, None, :])
+
+    block = vit_block
+    x = layer_norm(hidden, block.norm1)
+    qkv = linear(x, block.attn.qkv)
+    q, k, v = qkv[..., :HIDDEN], qkv[..., HIDDEN : 2 * HIDDEN], qkv[..., 2 * HIDDEN :]
+    if with_prefix:  # the text layer's keys and values come first, per head
+        k, v = torch.cat([prefix[0], k], dim=1), torch.cat([prefix[1], v], dim=1)
+    context, _ = attention(q, k, v, HEADS, mask=mask)
+    hidden2 = hidden + linear(context, block.attn.proj)
+    mlp = block.mlp
+    expected = hidden2 + linear(F.gelu(linear(layer_norm(hidden2, block.norm2), mlp.fc1)), mlp.fc2)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    if not with_prefix:  # without a prefix it is timm's own block
+        torch.testing.assert_close(out, block(hidden), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("use_box", [False, True])
+def test_object_pooling_is_the_mean_plus_the_box_then_layer_norm(use_box):
+    pooling = randomize(ObjectPooling(HIDDEN, 8, use_box=use_box, dropout=0.1), seed=5)
+    pooling = pooling.double().eval()
+    torch.manual_seed(6)
+    tokens = torch.randn(2, 3 * 8, HIDDEN, dtype=torch.float64)
+    boxes = torch.rand(2, 3, 5, dtype=torch.float64)
+    out = pooling(tokens, boxes if use_box else None)
+    expected = torch.empty(2, 3, HIDDEN, dtype=torch.float64)
+    for b in range(2):
+        for slot in range(3):
+            vector = tokens[b, 8 * slot : 8 * slot + 8].sum(dim=0) / 8
+            if use_box:
+                vector = vector + pooling.box.weight @ boxes[b, slot] + pooling.box.bias
+            centred = vector - vector.mean()
+            scale = torch.sqrt((centred**2).mean() + 1e-12)
+            expected[b, slot] = centred / scale * pooling.norm.weight + pooling.norm.bias
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+class FixedDropout(nn.Module):
+    """Multiplies by a given mask (rescaled like dropout's): the same mask for the module and the
+    reference."""
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        super().__init__()
+        self.keep = keep
+
+    def forward(self, x):
+        return x * self.keep.reshape(x.shape)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_moe_cross_attention_is_plain_attention_with_dropout_on_the_probabilities(training):
+    cross = randomize(CrossAttention(HIDDEN, HEADS, attention_dropout=0.5), seed=7).double()
+    torch.manual_seed(8)
+    queries = torch.randn(2, 3, HIDDEN, dtype=torch.float64)
+    state = torch.randn(2, 9, HIDDEN, dtype=torch.float64)
+    state_mask = torch.tensor([[True] * 9, [True] * 6 + [False] * 3])
+    keep = None
+    if training:
+        # probabilities are [B, H * N, M]: head-major, as the reference's [B, H, N, M]
+        keep = (torch.rand(2, HEADS, 3, 9) > 0.5).double() / 0.5
+        cross.dropout = FixedDropout(keep)
+    cross.train(training)
+    out = cross(queries, state, state_mask)
+
+    q = linear(queries, cross.query)
+    k = state @ cross.key.weight.T  # a key bias would shift each query's scores alike: none
+    v = linear(state, cross.value)
+    context, _ = attention(q, k, v, HEADS, mask=state_mask, keep=keep)
+    expected = layer_norm(linear(context, cross.output), cross.norm)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
