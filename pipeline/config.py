@@ -208,6 +208,12 @@ class Params:
     train: TrainParams
     evaluate: EvaluateParams
 
+    @property
+    def use_captions(self) -> bool:
+        """Whether captions reach the model: ``data.use_caption`` and a caption backend other than
+        ``none``. Either switch turns them off, with the same features and the same head."""
+        return self.data.use_caption and self.caption.backend != "none"
+
 
 @dataclass(frozen=True)
 class Range:

@@ -292,7 +292,7 @@ def predict_inputs(
     params = trained.params
     image_ids = [f"input-{index:07d}" for index in range(len(inputs))]  # captions are per line
     captions = None
-    if params.data.use_caption and params.caption.backend != "none":
+    if params.use_captions:
         captions = _LineCaptions(
             params.caption.backend,
             {

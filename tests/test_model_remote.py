@@ -219,6 +219,11 @@ def test_only_used_modules_are_built(tokenizer):
         tokenizer, **{"data.use_caption": False, "model.head.project_without_caption": False}
     )
     assert raw.head.entity is None and make_model(tokenizer).head.entity is not None
+    # Captions are off with either switch, and the default (the original) then has no M.
+    assert make_model(tokenizer, **{"caption.backend": "none"}).head.entity is None
+    assert make_model(tokenizer, **{"data.use_caption": False}).head.entity is None
+    projected = {"caption.backend": "none", "model.head.project_without_caption": True}
+    assert make_model(tokenizer, **projected).head.entity is not None
 
 
 def test_object_tokens_per_layer_follow_the_config(tokenizer):

@@ -136,7 +136,7 @@ def build_features(
     encoder = TextEncoder(tokenizer, data.max_seq)
     settings = cache_settings(params)
     normalization = pixel_normalization(params.model.vision_model)
-    use_captions = data.use_caption and captions is not None and captions.backend != "none"
+    use_captions = params.use_captions and captions is not None and captions.backend != "none"
     image_shard_size = features.image_shard_size
 
     recover_swap(out_dir)

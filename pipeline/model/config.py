@@ -50,7 +50,7 @@ class RemoteConfig:
             max_objects=params.data.max_objects,
             use_depth=params.data.use_depth,
             use_box=params.data.use_box,
-            use_caption=params.data.use_caption,
+            use_caption=params.use_captions,
             mask_padding=not params.data.pad_to_max,
             init=params.model.init,
             pool_after_layer=params.model.pool_after_layer,
