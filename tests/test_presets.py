@@ -10,7 +10,7 @@ import timm
 import yaml
 
 from pipeline import hub
-from pipeline.config import ParamsError, load_params
+from pipeline.config import ParamsError, flatten, load_params, params_to_dict
 from pipeline.presets import (
     apply_preset,
     as_exp_flags,
@@ -201,3 +201,49 @@ def test_a_model_folder_of_another_format_is_refused_in_one_line(params, tmp_pat
     result = CliRunner().invoke(app, ["preset", str(folder), "--params", str(ROOT / "params.yaml")])
     assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
     assert f"error: {folder / 'trained.json'}: format 1, expected 2" in result.output
+
+
+# Each switch of the README's fidelity table and the original's value; the last two are the rows
+# where the paper preset keeps the better practice instead (README, below the table).
+ORIGINAL = {
+    "model.ot.kernel_floor": 1e-12,
+    "model.ot.barycentric": False,
+    "model.ot.mode": "transport",
+    "model.ot.clamp": 1e-8,
+    "model.init": "original",
+    "features.crop_resize": "clip",
+    "features.depth_scale": "raw",
+    "data.pad_to_max": True,
+    "model.head.project_without_caption": False,
+    "train.decay_norms_and_biases": True,
+    "train.max_grad_norm": 0,
+    "train.mixed_precision": "no",
+    "train.tf32": False,
+}
+BETTER_PRACTICE = {"train.optimize": "all", "train.report_test_each_epoch": False}
+
+
+def readme_fidelity_switches() -> list[str]:
+    """The params of the README's table of the original's quirks, in order."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| param | original"))
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.split("|")[1].strip().strip("`"))
+    return rows
+
+
+@pytest.mark.parametrize("name", ["paper", "paper-mllm"])
+def test_paper_preset_sets_every_switch_of_the_fidelity_table(params, name):
+    switches = readme_fidelity_switches()
+    assert switches[-2:] == list(BETTER_PRACTICE)
+    assert set(switches) == set(ORIGINAL) | set(BETTER_PRACTICE)
+    overrides = load_preset(name)
+    flat = flatten(params_to_dict(apply_preset(params, name)))
+    for key, value in {**ORIGINAL, **BETTER_PRACTICE}.items():
+        assert key in overrides, f"preset {name} leaves {key} to params.yaml"
+        assert flat[key] == value, key
+    # Depth runs in float32, as the original; float16 is a speed option, not the paper's.
+    assert flat["depth.dtype"] == "float32"
