@@ -535,6 +535,36 @@ def test_links_out_of_the_source_folder_are_refused(tmp_path, umre_tree, on_erro
         prepare_dataset(params, tmp_path / "out2", tmp_path / "cache")
 
 
+def test_several_files_for_one_image_id(tmp_path, umre_tree):
+    from PIL import Image
+
+    tree = umre_tree(tmp_path / "tree")
+    images = tree / "UMKE_IMG"
+    original = images / "img_a.jpg"
+    for folder in ("a", "b"):
+        (images / folder).mkdir()
+    params = _params(**{"data.source": "local", "data.local.path": str(tree)})
+    # Identical copies are one image, wherever they are.
+    (images / "a" / "img_a.jpg").write_bytes(original.read_bytes())
+    (images / "b" / "img_a.jpg").write_bytes(original.read_bytes())
+    manifest = prepare_dataset(params, tmp_path / "out1", tmp_path / "cache")
+    assert manifest["hygiene"]["image_ids_chosen_among_different_files"] == 0
+    # A different file deeper down: the rule (shallowest) picks the top one, and it is counted.
+    Image.new("RGB", (200, 100), (255, 0, 0)).save(images / "b" / "img_a.jpg")
+    manifest = prepare_dataset(params, tmp_path / "out2", tmp_path / "cache")
+    assert manifest["hygiene"]["image_ids_chosen_among_different_files"] == 1
+    assert (tmp_path / "out2" / "images" / "img_a.jpg").read_bytes() == original.read_bytes()
+    # Two different files the rule cannot choose between: the record's line says which.
+    original.rename(images / "a" / "img_a.jpg")
+    expected = (
+        "train_set.json:1: ambiguous image (found 2 different files for img_id 'img_a.jpg': "
+        f"{images / 'a' / 'img_a.jpg'}, {images / 'b' / 'img_a.jpg'}; expected one"
+    )
+    with pytest.raises(DataError, match=re.escape(expected)):
+        prepare_dataset(params, tmp_path / "out3", tmp_path / "cache")
+    assert not (tmp_path / "out3").exists()
+
+
 def test_local_archive_and_missing_files(tmp_path, umre_tree):
     tree = umre_tree(tmp_path / "tree")
     archive = _pack(tree, tmp_path / "mine.tar.gz", "release-v1")
@@ -652,6 +682,7 @@ def test_hygiene_is_counted_in_the_manifest_and_long_values_are_cut(tmp_path, um
         "record_boxes_disagreeing_with_objects_file": 1,
         "duplicate_keys_in_objects_file": 1,
         "image_ids_resolved_by_file_name_only": 1,
+        "image_ids_chosen_among_different_files": 0,
     }
     # A huge field is cut in the report (and in the error), never echoed whole.
     huge = {**train[0], "relation": "x" * 1_000_000}

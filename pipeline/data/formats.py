@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ast
 import csv
+import filecmp
 import io
 import json
 import os
@@ -143,6 +144,11 @@ class ImageIndex:
         # smuggle files from elsewhere on this machine into the dataset).
         self.refused: dict[str, str] = {}
         self.resolved_by_name_only: set[str] = set()
+        # id -> the files the preference rule cannot choose between, whose contents differ
+        self.ambiguous: dict[str, list[Path]] = {}
+        # ids with files of other contents that the rule ranked lower (used, and counted)
+        self.chosen_among_different: set[str] = set()
+        self._found: dict[str, Path | None] = {}
         for root in self.roots:
             for folder, dirs, files in os.walk(root):
                 dirs.sort()
@@ -160,7 +166,12 @@ class ImageIndex:
         return len(self._by_name)
 
     def find(self, image_id: str) -> Path | None:
-        """The file for ``image_id``: a preferred folder first, then the shallowest."""
+        """The file for ``image_id``: a preferred folder first, then the shallowest. Copies with
+        the same bytes are one image; files of other contents that tie with the chosen one are
+        recorded in ``ambiguous`` (the id cannot be used), lower-ranked ones in
+        ``chosen_among_different``."""
+        if image_id in self._found:
+            return self._found[image_id]
         paths = self._by_name.get(Path(image_id).name)
         if not paths:
             return None
@@ -168,8 +179,20 @@ class ImageIndex:
         exact = [p for p in paths if p.parts[-len(suffix) :] == suffix]
         if not exact:  # "a/x.jpg" found only as "b/x.jpg": used, and counted
             self.resolved_by_name_only.add(image_id)
-        exact = exact or paths
-        return min(exact, key=lambda p: (not self._prefer & set(p.parts), len(p.parts), str(p)))
+
+        def rank(path: Path) -> tuple[bool, int]:
+            return not self._prefer & set(path.parts), len(path.parts)
+
+        ranked = sorted(exact or paths, key=lambda p: (*rank(p), str(p)))
+        best = ranked[0]
+        different = [p for p in ranked[1:] if not filecmp.cmp(best, p, shallow=False)]
+        tied = [p for p in different if rank(p) == rank(best)]
+        if tied:
+            self.ambiguous[image_id] = [best, *tied]
+        elif different:
+            self.chosen_among_different.add(image_id)
+        self._found[image_id] = best
+        return best
 
     def size(self, image_id: str) -> tuple[int, int]:
         """(width, height), read from the file header only."""
@@ -406,6 +429,12 @@ class SourceReader:
                 return None, f"image refused ({refused})"
             roots = ", ".join(str(r) for r in self.images.roots)
             return None, f"missing image (found no file {image_id!r}, expected one under {roots})"
+        if image_id in self.images.ambiguous:
+            files = ", ".join(str(p) for p in self.images.ambiguous[image_id])
+            return None, (
+                f"ambiguous image (found {len(self.images.ambiguous[image_id])} different files "
+                f"for img_id {image_id!r}: {files}; expected one: remove or rename the others)"
+            )
         entities = []
         for key in ("h", "t"):
             entity, reason = self._entity(raw[key], key, len(tokens), image_id)

@@ -150,6 +150,7 @@ def _convert(
     image_ids = {r.image_id for recs in splits.values() for r in recs}
     hygiene = {**_duplicates(splits), **reader.hygiene}
     hygiene["image_ids_resolved_by_file_name_only"] = len(images.resolved_by_name_only)
+    hygiene["image_ids_chosen_among_different_files"] = len(images.chosen_among_different)
     objects = reader.objects(image_ids)
     captions = _read_captions(captions_file, image_ids, problems) if captions_file else None
     files = {s: str(p) for s, p in split_files.items()}
