@@ -166,9 +166,9 @@ def _parse_line(obj: Any, where: str, line: int, base: Path, max_objects: int) -
     image = None
     if obj.get("image") is not None:
         image = base / _optional_str(obj, "image", where)
-    if boxes:
-        if image is None:
-            raise DataError(f"{where}: 'image' is required when boxes are given")
+    if boxes and image is None:
+        raise DataError(f"{where}: 'image' is required when boxes are given")
+    if image is not None:  # checked whether or not boxes use it: a bad file is a bad line
         if not image.is_file():
             raise DataError(f"{where}: image {image}: file not found")
         try:
@@ -180,6 +180,10 @@ def _parse_line(obj: Any, where: str, line: int, base: Path, max_objects: int) -
         depth = base / _optional_str(obj, "depth", where)
         if not depth.is_file():
             raise DataError(f"{where}: depth map {depth}: file not found")
+        try:  # checked whether or not boxes use it, as the image
+            load_shipped_depth(depth)
+        except DataError as exc:
+            raise DataError(f"{where}: depth map {exc}") from exc
     sample_id = obj.get("id")
     return PredictInput(
         where=where,
@@ -253,11 +257,7 @@ def _depth_maps(inputs: Sequence[PredictInput], image_ids: list[str], params: An
         if not item.boxes:
             continue
         if item.depth is not None:
-            try:
-                depth_map = load_shipped_depth(item.depth)
-            except DataError as exc:
-                raise DataError(f"{item.where}: depth map {exc}") from exc
-            maps[image_id] = store_rounding(depth_map)
+            maps[image_id] = store_rounding(load_shipped_depth(item.depth))  # read_inputs checked it
         elif params.depth.source == "model":
             by_model.append((item, image_id))
         else:
@@ -306,6 +306,13 @@ def predict_inputs(
                 }
                 for item, image_id in zip(inputs, image_ids, strict=True)
             },
+        )
+    unused = sum(item.image is not None and not item.boxes for item in inputs)
+    if unused:
+        log.warning(
+            "%d input lines give an image but no objects: the model sees an image only through "
+            "its object boxes, so these lines are predicted from their text",
+            unused,
         )
     depth = _LineDepth(_depth_maps(inputs, image_ids, params)) if params.data.use_depth else None
     encoder = TextEncoder(trained.tokenizer, params.data.max_seq)

@@ -151,6 +151,11 @@ GOOD = {"text_tokens": ["a", "b", "c"], "head": {"span": [0, 1]}, "tail": {"span
         ({**GOOD, "tail": {"box": [0.1, 0.1, 0.2, 0.9]}}, "'image' is required"),
         ({**GOOD, "image": "nope.jpg", "objects": [[0, 0, 1, 1]]}, "nope.jpg: file not found"),
         ({**GOOD, "image": "in.jsonl", "objects": [[0, 0, 1, 1]]}, "in.jsonl: cannot decode it"),
+        # checked even where no box uses them
+        ({**GOOD, "image": "nope.jpg"}, "nope.jpg: file not found"),
+        ({**GOOD, "image": "in.jsonl"}, "in.jsonl: cannot decode it"),
+        ({**GOOD, "depth": "nope.npy"}, "nope.npy: file not found"),
+        ({**GOOD, "depth": "in.jsonl"}, "depth map "),
         (
             {**GOOD, "objects": [[0, 0, 0.5, 0.5]] * 7, "image": "x"},
             "7 objects, but the model has 6",
@@ -187,10 +192,20 @@ def test_damaged_images_depth_maps_and_bytes_name_their_line(model, tmp_path):
     with pytest.raises(DataError, match=rf"^{path}:2: not UTF-8 \(found byte 0xe9 at column 14"):
         read_inputs(path, max_objects=6)
     np.save(tmp_path / "nan.npy", np.full((48, 64), np.nan, dtype=np.float32))
-    path = write_jsonl(tmp_path / "nan.jsonl", [{**box, "image": "whole.jpg", "depth": "nan.npy"}])
+    for line in ({**box, "image": "whole.jpg"}, GOOD):  # with objects, and without any
+        path = write_jsonl(tmp_path / "nan.jsonl", [{**line, "depth": "nan.npy"}])
+        with pytest.raises(DataError, match=rf"^{path}:1: depth map .*nan.npy: 3072 of 3072 depth"):
+            read_inputs(path, 6)
+
+
+def test_an_image_without_objects_is_checked_and_its_disuse_said(model, tmp_path, caplog):
+    Image.new("RGB", (64, 48), (10, 200, 30)).save(tmp_path / "whole.jpg")
+    path = write_jsonl(tmp_path / "in.jsonl", [{**GOOD, "image": "whole.jpg"}, GOOD])
     trained = load_trained(model["best"])
-    with pytest.raises(DataError, match=rf"^{path}:1: depth map .*nan.npy: 3072 of 3072 depth"):
-        predict_inputs(trained, read_inputs(path, 6), 8)
+    with caplog.at_level(logging.WARNING, logger="pipeline.predict"):
+        results = predict_inputs(trained, read_inputs(path, 6), 8)
+    assert "1 input lines give an image but no objects" in caplog.text
+    assert results[0]["probabilities"] == results[1]["probabilities"]  # the image played no part
 
 
 def test_a_line_whose_markers_fell_to_truncation_is_flagged(model, tmp_path, caplog):
