@@ -257,7 +257,9 @@ def _depth_maps(inputs: Sequence[PredictInput], image_ids: list[str], params: An
         if not item.boxes:
             continue
         if item.depth is not None:
-            maps[image_id] = store_rounding(load_shipped_depth(item.depth))  # read_inputs checked it
+            maps[image_id] = store_rounding(
+                load_shipped_depth(item.depth)
+            )  # read_inputs checked it
         elif params.depth.source == "model":
             by_model.append((item, image_id))
         else:

@@ -45,12 +45,15 @@ def main(
     from pipeline.features.build import build_features
 
     with reported_errors(), writing_outputs(out):
+        table = CaptionTable(captions) if p.data.use_caption else None
+        if table is not None:
+            table.check_made_with(p.caption)
         report = build_features(
             Dataset(dataset),
             out,
             p,
             DepthStore(depth) if p.data.use_depth else None,
-            CaptionTable(captions) if p.data.use_caption else None,
+            table,
             input_paths=[
                 depth if p.data.use_depth else None,
                 captions if p.data.use_caption else None,

@@ -388,6 +388,31 @@ def test_bad_caption_file_names_image_and_key(dataset, tmp_path):
         run_caption(dataset, tmp_path / "out", params)
 
 
+def test_a_killed_run_over_an_earlier_output_leaves_it_unreadable(dataset, captioner, tmp_path):
+    out = tmp_path / "captions"
+    run_caption(dataset, out, DEFAULTS.caption)  # a complete file-backend output
+    assert CaptionTable(out).backend == "file"
+    with pytest.raises(Killed):
+        run_caption(
+            dataset, out, MLLM, captioner=captioner, progress=False, after_batch=kill_at_once
+        )
+    # Its rows are the new run's; the old manifest no longer vouches for them.
+    with pytest.raises(DataError, match="not a caption stage output"):
+        CaptionTable(out)
+
+
+def test_captions_of_other_settings_are_refused_by_name(dataset, reference, tmp_path):
+    table = CaptionTable(reference)
+    table.check_made_with(MLLM)  # what made them: fine
+    with pytest.raises(
+        DataError, match=r"made by caption.backend 'mllm', but the params say 'file'"
+    ):
+        table.check_made_with(DEFAULTS.caption)
+    other = replace(MLLM, model="Qwen/Qwen2.5-VL-7B-Instruct")
+    with pytest.raises(DataError, match=r"caption.model 'tiny', but the params say 'Qwen/"):
+        table.check_made_with(other)
+
+
 def test_none_backend_writes_an_empty_table(dataset, reference, tmp_path):
     out = tmp_path / "captions"
     shutil.copytree(reference, out)  # a previous mllm output must not leak through

@@ -866,6 +866,14 @@ def test_stage_runs_on_the_synthetic_dataset_with_the_real_readers(tmp_path):
     ]
     for name in ("depth", "captions", "out"):
         args += [f"--{name}", str(tmp_path / name)]
+    mllm = {
+        **params_to_dict(params),
+        "caption": {**params_to_dict(params)["caption"], "backend": "mllm"},
+    }
+    (tmp_path / "mllm.yaml").write_text(yaml.safe_dump(mllm))
+    result = CliRunner().invoke(app, [*args[:2], str(tmp_path / "mllm.yaml"), *args[3:]])
+    assert result.exit_code == 1 and "captions made by caption.backend 'file'" in result.output
+    assert not (tmp_path / "out").exists()
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "out" / "report.json").read_text())

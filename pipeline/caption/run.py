@@ -298,6 +298,9 @@ def run_caption(
     """Run the caption stage into ``out``; returns the manifest (a summary for a shard run)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    # Unfinished until this run writes its manifest: a killed run leaves no earlier run's
+    # manifest beside its own rows, which readers would take for a complete output.
+    (out / MANIFEST_JSON).unlink(missing_ok=True)
     if params.backend == "mllm":
         return _run_mllm(dataset, out, params, shard, num_shards, progress, captioner, after_batch)
     if num_shards != 1:

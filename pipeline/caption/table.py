@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pipeline.config import CaptionParams
 from pipeline.data.records import SPLITS, Dataset
 from pipeline.io import DataError, read_json
 
@@ -163,6 +164,21 @@ class CaptionTable:
     @property
     def prompt_version(self) -> str | None:
         return self.manifest.get("prompt_version")
+
+    def check_made_with(self, params: CaptionParams) -> None:
+        """Refuse captions from another backend, or another captioning model, than ``params``
+        ask for (a caption folder from an earlier run with other settings): ``DataError``."""
+        rerun = "; rerun the caption stage with these params (dvc repro caption)"
+        if self.backend != params.backend:
+            raise DataError(
+                f"{self.path}: captions made by caption.backend {self.backend!r}, but the params "
+                f"say {params.backend!r}{rerun}"
+            )
+        if self.backend == "mllm" and self.model != params.model:
+            raise DataError(
+                f"{self.path}: captions made by caption.model {self.model!r}, but the params say "
+                f"{params.model!r}{rerun}"
+            )
 
     def get(self, image_id: str, key: str) -> str | None:
         """The caption of a text entity (by name) or an object ("[OBJk]") in an image, or None."""
