@@ -73,8 +73,16 @@ def main(
     from pipeline.device import process_state
     from pipeline.train.loop import train
 
-    with reported_errors(), writing_outputs(out, live):
-        result = train(p, features, dataset, out, live)
+    try:
+        with reported_errors(), writing_outputs(out, live):
+            result = train(p, features, dataset, out, live)
+    except KeyboardInterrupt:
+        typer.echo(
+            f"train: interrupted; rerun the same command (or dvc repro) to resume after the last "
+            f"finished epoch, saved in {out / 'checkpoint'}",
+            err=True,
+        )
+        raise typer.Exit(130) from None
     if process_state().is_main_process:
         how = " (early stop)" if result.stopped_early else ""
         resumed = (

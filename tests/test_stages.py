@@ -107,3 +107,21 @@ def test_check_reports_each_setting_that_cannot_run_with_the_others(tmp_path):
     errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
     assert [e.split(": ")[2] for e in errors] == ["depth.source", "model.ot.kernel_floor"]
     assert all(e.startswith(f"error: {params}: ") for e in errors)
+
+
+def test_an_interrupted_train_says_how_to_resume(tmp_path, monkeypatch):
+    import pipeline.train.loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline.train.loop, "train", interrupted)
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(params_to_dict(default_params(TINY))))
+    out = tmp_path / "models"
+    args = ["train", "--params", str(params), "--features", str(tmp_path / "f")]
+    args += ["--dataset", str(tmp_path / "raw"), "--out", str(out), "--live", str(tmp_path / "l")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 130
+    assert "train: interrupted; rerun the same command (or dvc repro) to resume" in result.output
+    assert str(out / "checkpoint") in result.output
