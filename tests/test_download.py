@@ -669,6 +669,8 @@ def test_hygiene_is_counted_in_the_manifest_and_long_values_are_cut(tmp_path, um
     train = records["train_set.json"]
     moved = {**train[1], "t": {"name": "[OBJ1]", "pos": [30, 10, 120, 90]}}  # objects file: 20
     records["train_set.json"] = [*train, train[0], moved, {**train[0], "img_id": "sub/img_a.jpg"}]
+    misnamed = {**train[0], "h": {"name": "Bill Cosby", "pos": [0, 2]}}  # the span: "RT Bill"
+    records["train_set.json"] += [misnamed, {**train[0], "t": train[0]["h"]}]
     records["test_set.json"] = [*records["test_set.json"], train[2]]
     tree = umre_tree(tmp_path / "tree", records=records)
     objects_file = tree / "umke_partner" / "pos_umke.json"
@@ -683,6 +685,8 @@ def test_hygiene_is_counted_in_the_manifest_and_long_values_are_cut(tmp_path, um
         "duplicate_keys_in_objects_file": 1,
         "image_ids_resolved_by_file_name_only": 1,
         "image_ids_chosen_among_different_files": 0,
+        "text_entity_names_differing_from_their_span": 1,
+        "pairs_whose_head_is_their_tail": 1,
     }
     # A huge field is cut in the report (and in the error), never echoed whole.
     huge = {**train[0], "relation": "x" * 1_000_000}

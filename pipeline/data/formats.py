@@ -264,7 +264,12 @@ class SourceReader:
         self._object_units: BoxUnits = "normalized"
         # Not fatal, counted in the manifest: what a careful user wants to know about a dataset.
         self.hygiene: Counter[str] = Counter(
-            {"record_boxes_disagreeing_with_objects_file": 0, "duplicate_keys_in_objects_file": 0}
+            {
+                "record_boxes_disagreeing_with_objects_file": 0,
+                "duplicate_keys_in_objects_file": 0,
+                "text_entity_names_differing_from_their_span": 0,
+                "pairs_whose_head_is_their_tail": 0,
+            }
         )
         self._record_units: BoxUnits = "normalized"  # of the record file being read
         if objects_file is not None:
@@ -437,14 +442,16 @@ class SourceReader:
             )
         entities = []
         for key in ("h", "t"):
-            entity, reason = self._entity(raw[key], key, len(tokens), image_id)
+            entity, reason = self._entity(raw[key], key, tokens, image_id)
             if entity is None:
                 return None, reason
             entities.append(entity)
+        if entities[0] == entities[1]:  # kept, as the original would; counted
+            self.hygiene["pairs_whose_head_is_their_tail"] += 1
         return Record(record_id, tuple(tokens), image_id, entities[0], entities[1], label), ""
 
     def _entity(
-        self, raw: Any, key: str, n_tokens: int, image_id: str
+        self, raw: Any, key: str, tokens: list[str], image_id: str
     ) -> tuple[Entity | None, str]:
         if not (isinstance(raw, dict) and "name" in raw and "pos" in raw):
             return None, f"malformed line (found {key}={raw!r:.60}, expected {{'name', 'pos'}})"
@@ -455,11 +462,14 @@ class SourceReader:
             if not (all(isinstance(v, int) and not isinstance(v, bool) for v in pos)):
                 return None, f"malformed line (found {key} pos {pos!r}, expected 2 ints)"
             start, end = pos
-            if not 0 <= start < end <= n_tokens:
+            if not 0 <= start < end <= len(tokens):
                 return None, (
                     f"span outside the tokens (found {key} pos [{start}, {end}), expected "
-                    f"0 <= start < end <= {n_tokens})"
+                    f"0 <= start < end <= {len(tokens)})"
                 )
+            # The span is what the model reads; a name that is other words is counted, not fatal.
+            if "".join(str(name).split()).lower() != "".join(tokens[start:end]).lower():
+                self.hygiene["text_entity_names_differing_from_their_span"] += 1
             return Entity("text", str(name), (start, end)), ""
         slot, reason = _parse_object_name(name, self.max_objects)
         if slot is None:
