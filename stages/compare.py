@@ -30,6 +30,14 @@ def main(
     params: Annotated[
         Path, typer.Option("--params", help="Params file whose keys make a configuration.")
     ] = Path("params.yaml"),
+    rev: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--rev",
+            help="Commit (or branch, tag) whose experiments to compare, repeatable; default HEAD. "
+            "Experiments belong to the commit they were queued from: name it after committing.",
+        ),
+    ] = None,
     from_file: Annotated[
         Path | None,
         typer.Option(
@@ -38,7 +46,7 @@ def main(
         ),
     ] = None,
 ) -> None:
-    """Mean ± std of test metrics per configuration over the experiments of HEAD.
+    """Mean ± std of test metrics per configuration over the experiments of HEAD (or --rev).
 
     Queue each configuration with a few seeds first and run the queue to the end, e.g.
     dvc exp run --queue -S train.seed=1 -S data.use_depth=false; dvc exp run --run-all -j 2
@@ -57,7 +65,7 @@ def main(
     metrics = metric or DEFAULT_METRICS
     try:
         keys = param_values(yaml.safe_load(params.read_text()) or {})
-        rows = _exp_show() if from_file is None else saved_rows(from_file)
+        rows = _exp_show(rev) if from_file is None else saved_rows(from_file)
         runs = finished_runs(rows, keys, metrics)
         summary = seed_summary(runs, metrics, seed_key)
     except (OSError, ValueError, yaml.YAMLError) as exc:
@@ -84,14 +92,15 @@ def main(
         )
 
 
-def _exp_show() -> list[dict]:
-    """``dvc.api.exp_show()`` of the repo around the working directory, its errors as ValueError."""
+def _exp_show(revs: list[str] | None = None) -> list[dict]:
+    """``dvc.api.exp_show()`` of the repo around the working directory, from ``revs`` (default
+    HEAD), its errors as ValueError."""
     import dvc.api
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
     try:
         # Outside a repo exp_show would take the directory for a URL and try to clone it.
-        return dvc.api.exp_show(repo=Repo.find_root())
+        return dvc.api.exp_show(repo=Repo.find_root(), revs=revs or None)
     except DvcException as exc:
         raise ValueError(f"dvc exp show: {exc}") from exc

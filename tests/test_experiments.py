@@ -251,3 +251,22 @@ def test_compare_names_what_it_left_out_and_metrics_no_run_reports(tmp_path):
     (tmp_path / "rows.json").write_text(json.dumps(finished))
     result = _compare(["--from-file", "rows.json", "-m", "micro_f1"], tmp_path)
     assert result.exit_code == 0 and result.output.splitlines()[-1].startswith("| `")
+
+
+def test_compare_reads_the_experiments_of_the_commits_it_is_given(tmp_path, monkeypatch):
+    import dvc.api
+    from dvc.repo import Repo
+
+    (tmp_path / "params.yaml").write_text("train: {seed: 1, lr: 0.002}\ndata: {use_depth: true}\n")
+    asked = []
+
+    def exp_show(repo=None, revs=None, **kwargs):
+        asked.append(revs)
+        return ROWS
+
+    monkeypatch.setattr(dvc.api, "exp_show", exp_show)
+    monkeypatch.setattr(Repo, "find_root", staticmethod(lambda: str(tmp_path)))
+    assert _compare(["-m", "micro_f1"], tmp_path).exit_code == 0
+    result = _compare(["-m", "micro_f1", "--rev", "abc123", "--rev", "main"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert asked == [None, ["abc123", "main"]]  # None: dvc's default, HEAD
