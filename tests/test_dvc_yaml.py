@@ -10,7 +10,7 @@ import grimp
 import pytest
 import yaml
 
-from pipeline.config import default_params, params_to_dict
+from pipeline.config import default_params, flatten, params_to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())
@@ -101,3 +101,25 @@ def test_throughput_knobs_rerun_nothing():
     knobs = ("train.num_workers", "train.eval_batch_size", "evaluate.batch_size")
     for knob in (*knobs, "train.gradient_checkpointing"):
         assert knob not in listed and knob.split(".")[0] not in listed
+
+
+# Params no result stage tracks, on purpose: they change how fast or where a run logs, never its
+# outputs (a test above checks that the throughput knobs re-run nothing). A new param that changes
+# a result must be listed by its stage in dvc.yaml, or `dvc exp run -S` would re-run only `check`
+# and report the old metrics.
+UNTRACKED = {
+    "depth.batch_size": "images per forward pass of the depth model",
+    "caption.batch_size": "items per generate call",
+    "train.eval_batch_size": "dev scoring batch",
+    "train.num_workers": "loader processes",
+    "train.log_with": "extra trackers (tensorboard, wandb)",
+    "train.gradient_checkpointing": "recomputes activations, same gradients (tested)",
+    "evaluate.batch_size": "test scoring batch",
+}
+
+
+def test_every_param_that_changes_a_result_is_tracked_by_a_stage():
+    leaves = set(flatten(params_to_dict(default_params())))
+    listed = {key for stage in RESULT_STAGES for key in DVC["stages"][stage].get("params", [])}
+    covered = {key for key in leaves if any(key == x or key.startswith(x + ".") for x in listed)}
+    assert leaves - covered == set(UNTRACKED)

@@ -1,4 +1,5 @@
-"""Readers for the published record formats (UMRE, MNRE, MORE), with validation.
+"""Readers for the published record formats (UMRE, MNRE; MORE once in UMRE's layout), with
+validation.
 
 A record file has one Python dict literal per line (parsed with ``ast.literal_eval``)::
 
