@@ -284,6 +284,10 @@ def _base_manifest(backend: str) -> dict[str, Any]:
     }
 
 
+# The backends run_caption runs (tests/test_caption.py: the same names params accept).
+BACKENDS = ("mllm", "file", "none")
+
+
 def run_caption(
     dataset: Dataset,
     out: str | Path,
@@ -310,7 +314,9 @@ def run_caption(
         manifest = _base_manifest("none")
         _write_output(out, items, [], manifest)
         return json.loads((out / MANIFEST_JSON).read_text())
-    return _run_file(dataset, out, params, items)
+    if params.backend == "file":
+        return _run_file(dataset, out, params, items)
+    raise ValueError(f"caption.backend {params.backend!r}: this code implements {BACKENDS}")
 
 
 def _run_mllm(

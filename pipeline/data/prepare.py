@@ -43,6 +43,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = "1"
+# The layouts data.source=local reads (tests/test_download.py: the same names params accept).
+LOCAL_FORMATS = ("umre", "mnre")
 # Split -> the accepted file names, in the order they are looked for.
 UMRE_FILES = {"train": ("train_set.json",), "valid": ("val_set.json",), "test": ("test_set.json",)}
 UMRE_OBJECTS = "pos_umke.json"
@@ -352,4 +354,6 @@ def _prepare_local(data: DataParams, out_dir: Path, dl: Downloader) -> dict[str,
         raise DataError(f"{path}: not found (data.local.path)")
     if data.local.format == "umre":
         return convert_umre([root], out_dir, data, source="local", extra=extra)
-    return convert_mnre([root], [root], out_dir, data, source="local", extra=extra)
+    if data.local.format == "mnre":
+        return convert_mnre([root], [root], out_dir, data, source="local", extra=extra)
+    raise ValueError(f"data.local.format {data.local.format!r}: this code reads {LOCAL_FORMATS}")

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from pipeline.config import OT_SOLVERS, floor_problem
+from pipeline.config import floor_problem
 from pipeline.model.regime import RegimeStats, floor_threshold
 
 __all__ = [
@@ -518,6 +518,10 @@ def _uniform_mass(mask: torch.Tensor) -> torch.Tensor:
     return mass / mass.sum(dim=-1, keepdim=True)
 
 
+# The solvers MultilevelTransport runs (tests/test_model_ot.py: the same names params accept).
+SOLVERS = ("fused", "sinkhorn", "log_sinkhorn")
+
+
 class MultilevelTransport(nn.Module):
     """One layer's transport from its output to the earlier states of the same stream."""
 
@@ -534,8 +538,8 @@ class MultilevelTransport(nn.Module):
         super().__init__()
         if clamp < 0:
             raise ValueError(f"model.ot.clamp must be >= 0, found {clamp}")
-        if solver not in OT_SOLVERS:
-            raise ValueError(f"model.ot.solver {solver!r}: expected one of {OT_SOLVERS}")
+        if solver not in SOLVERS:  # a name params accept but no code here runs: refused
+            raise ValueError(f"model.ot.solver {solver!r}: this code implements {SOLVERS}")
         problem = floor_problem(solver, kernel_floor)
         if problem:
             raise ValueError(problem)
