@@ -22,6 +22,8 @@ import yaml
 
 __all__ = [
     "ParamsError",
+    "ADDED_PARAMS",
+    "with_added_params",
     "Params",
     "DataParams",
     "DepthParams",
@@ -362,6 +364,31 @@ def _build(cls: type, raw: dict[str, Any], path: str) -> Any:
         if allowed is not None and not (value == value and allowed.admits(value)):
             raise ParamsError(f"{prefix}{key}: expected a number {allowed}, found {value!r}")
     return cls(**values)
+
+
+# Params added after models were saved, each with the value that reproduces what the code did
+# before the key existed: a saved model folder (trained.json, config.json) without the key reads
+# as if it had this value. Adding a param that changes behaviour? Add it here too, or every
+# existing model folder stops loading ("missing key").
+ADDED_PARAMS: dict[str, Any] = {}
+
+
+def with_added_params(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``raw`` (the nested params of a saved model, or its section at dotted ``prefix``) with the
+    keys of :data:`ADDED_PARAMS` it lacks filled in; a section it lacks stays absent."""
+    out = dict(raw)
+    for dotted, value in ADDED_PARAMS.items():
+        if not dotted.startswith(prefix):
+            continue
+        *path, key = dotted[len(prefix) :].split(".")
+        node = out
+        for part in path:
+            if not isinstance(node.get(part), dict):
+                break
+            node[part] = node = dict(node[part])
+        else:
+            node.setdefault(key, value)
+    return out
 
 
 def params_from_dict(raw: dict[str, Any]) -> Params:

@@ -26,7 +26,7 @@ from pipeline.config import Params, apply_overrides, load_params, params_to_dict
 from pipeline.data.records import Dataset, label_list
 from pipeline.evaluate.plots import read_live_metric
 from pipeline.inference import predict_dataset
-from pipeline.model.saved import load_trained
+from pipeline.model.saved import load_trained, read_trained_params
 from pipeline.train.loop import TrainingInterrupted, build_optimizer, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,6 +231,38 @@ def test_model_folder_is_self_contained_and_pickle_free(trained):
     ids = loaded.tokenizer.convert_tokens_to_ids(["<s1>", "</o2>"])
     assert loaded.tokenizer.unk_token_id not in ids
     assert not loaded.model.training
+
+
+def test_a_folder_saved_before_a_param_existed_loads_through_added_params(
+    trained, tmp_path, monkeypatch
+):
+    import shutil
+
+    import pipeline.config
+
+    folder = tmp_path / "old"
+    shutil.copytree(trained["out"] / "checkpoint" / "best", folder)
+    for name, head in (("trained.json", ("params", "model", "head")), ("config.json", ("head",))):
+        raw = json.loads((folder / name).read_text())
+        section = raw
+        for key in head:
+            section = section[key]
+        del section["project_without_caption"]  # as if saved before the param was added
+        (folder / name).write_text(json.dumps(raw))
+    with pytest.raises(
+        ValueError, match=r"project_without_caption.*pipeline\.config\.ADDED_PARAMS"
+    ):
+        load_trained(folder)
+    with pytest.raises(
+        ValueError, match=r"head\.project_without_caption: missing key.*ADDED_PARAMS"
+    ):
+        read_trained_params(folder)
+    monkeypatch.setattr(
+        pipeline.config, "ADDED_PARAMS", {"model.head.project_without_caption": True}
+    )
+    loaded = load_trained(folder)
+    assert loaded.params.model.head.project_without_caption is True
+    assert loaded.model.config.head.project_without_caption is True
 
 
 def test_evaluate_stage_writes_metrics_tables_and_plots(world, trained, tmp_path):

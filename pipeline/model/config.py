@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import HeadParams, MoEParams, OTParams, Params
+from pipeline.config import HeadParams, MoEParams, OTParams, Params, with_added_params
 
 __all__ = ["CONFIG_FORMAT", "RemoteConfig"]
 
@@ -77,4 +77,12 @@ class RemoteConfig:
         if raw["format"] == 2:  # before ot.mode: every model transported
             fields["ot"] = {**fields["ot"], "mode": "transport"}
         sections = {"ot": OTParams, "moe": MoEParams, "head": HeadParams}
-        return cls(**{k: sections[k](**v) if k in sections else v for k, v in fields.items()})
+        # model params added since the folder was saved, at the values that reproduce it
+        fields = with_added_params(fields, prefix="model.")
+        try:
+            return cls(**{k: sections[k](**v) if k in sections else v for k, v in fields.items()})
+        except TypeError as exc:  # a field missing (or unknown): name it, as params loading does
+            raise ValueError(
+                f"model config: {exc} (a folder saved before that param existed: its "
+                "old-behaviour value belongs in pipeline.config.ADDED_PARAMS)"
+            ) from exc

@@ -27,7 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.config import Params, ParamsError, params_from_dict, params_to_dict
+from pipeline.config import (
+    Params,
+    ParamsError,
+    params_from_dict,
+    params_to_dict,
+    with_added_params,
+)
 from pipeline.data.records import label_list
 from pipeline.io import write_json
 from pipeline.model.card import CARD_FILE
@@ -128,9 +134,15 @@ def _read_meta(folder: Path) -> dict[str, Any]:
 
 def _meta_params(folder: Path, meta: dict[str, Any]) -> Params:
     try:
-        return params_from_dict(meta["params"])
+        return params_from_dict(with_added_params(meta["params"]))
     except ParamsError as exc:
-        raise ParamsError(f"{folder / TRAINED_FILE}: params: {exc}") from exc
+        hint = ""
+        if "missing key" in str(exc):
+            hint = (
+                " (a folder saved before that param existed: its old-behaviour value belongs in "
+                "pipeline.config.ADDED_PARAMS)"
+            )
+        raise ParamsError(f"{folder / TRAINED_FILE}: params: {exc}{hint}") from exc
 
 
 def read_trained_params(folder: str | Path) -> Params:
