@@ -95,11 +95,12 @@ def file_sha256(path: str | Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
-def tree_sha256(root: str | Path) -> str:
-    """One sha256 over every file under ``root``: relative paths and contents, in sorted order."""
+def tree_sha256(root: str | Path, pattern: str = "*") -> str:
+    """One sha256 over every file under ``root`` whose name matches ``pattern``: relative paths and
+    contents, in sorted order."""
     root = Path(root)
     digest = hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+    for path in sorted(p for p in root.rglob(pattern) if p.is_file()):
         digest.update(str(path.relative_to(root)).encode() + b"\0")
         with path.open("rb") as fh:
             digest.update(hashlib.file_digest(fh, "sha256").digest())

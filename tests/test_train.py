@@ -424,6 +424,31 @@ def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
     assert (fresh.resumed_from_epoch, fresh.epochs_run) == (0, 1)
 
 
+def test_a_change_of_the_library_code_is_a_new_run(world, tmp_path, monkeypatch):
+    from pipeline.train import checkpoint
+
+    code = tmp_path / "code"
+    (code / "model").mkdir(parents=True)
+    (code / "model" / "moe.py").write_text("x = 1\n")
+    print_of = lambda: checkpoint.run_fingerprint(  # noqa: E731
+        small_params(), world["features"], ["none", "a"], code_dir=code
+    )
+    before = print_of()
+    (code / "model" / "__pycache__").mkdir()
+    (code / "model" / "__pycache__" / "moe.cpython-311.pyc").write_bytes(b"compiled")
+    assert print_of() == before  # only the sources count
+    (code / "model" / "moe.py").write_text("x = 2\n")
+    assert print_of() != before
+    # A finished run, then the code changes: train trains again instead of resuming it.
+    params = small_params(**{"train.epochs": 1})
+    args = (params, world["features"], world["raw"], tmp_path / "m", tmp_path / "live")
+    assert train(*args).epochs_run == 1
+    assert (train(*args).resumed_from_epoch, train(*args).epochs_run) == (1, 0)
+    monkeypatch.setattr(checkpoint, "CODE_DIR", code)  # as if the library had been edited
+    again = train(*args)
+    assert (again.resumed_from_epoch, again.epochs_run) == (0, 1)
+
+
 # What waits for the device: reading a tensor's value on the host (bool(), int(), float(), .item()).
 HOST_READS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}
 

@@ -81,10 +81,20 @@ class Progress:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def run_fingerprint(params: Params, features_dir: Path, labels: list[str]) -> str:
-    """What a checkpoint must match to be resumed: all params, the label map and the bytes of the
-    feature cache (hashed: a second or two per GB, once per run)."""
-    return section_hash(params, labels, tree_sha256(features_dir))
+# The library whose code trains: its Python sources are part of a run's fingerprint.
+CODE_DIR = Path(__file__).resolve().parents[1]
+
+
+def run_fingerprint(
+    params: Params, features_dir: Path, labels: list[str], code_dir: Path | None = None
+) -> str:
+    """What a checkpoint must match to be resumed: all params, the label map, the bytes of the
+    feature cache (hashed: a second or two per GB, once per run) and the library's Python sources
+    (``code_dir``, default :data:`CODE_DIR`). Without the code, a model change followed by
+    ``dvc repro`` (which reruns train for it) would "resume" the finished checkpoint of the old
+    code and train nothing."""
+    code = tree_sha256(code_dir or CODE_DIR, "*.py")
+    return section_hash(params, labels, tree_sha256(features_dir), code)
 
 
 def save_checkpoint(
@@ -131,7 +141,9 @@ def read_checkpoint(folder: Path, fingerprint: str) -> Progress | None:
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _unreadable(meta_path, exc) from exc
     if meta.get("format") != CHECKPOINT_FORMAT or meta.get("fingerprint") != fingerprint:
-        log.warning("%s: ignoring the checkpoint (params, labels or features changed)", folder)
+        log.warning(
+            "%s: ignoring the checkpoint (params, labels, features or code changed)", folder
+        )
         return None
     meta.pop("format")
     meta.pop("fingerprint")
