@@ -284,7 +284,7 @@ def _base_manifest(backend: str) -> dict[str, Any]:
     }
 
 
-# The backends run_caption runs (tests/test_caption.py: the same names params accept).
+# The backends run_caption runs (tests/test_config.py: the same names params accept).
 BACKENDS = ("mllm", "file", "none")
 
 

@@ -43,7 +43,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CONVERTER_VERSION = "1"
-# The layouts data.source=local reads (tests/test_download.py: the same names params accept).
+# The layouts data.source=local reads (tests/test_config.py: the same names params accept).
 LOCAL_FORMATS = ("umre", "mnre")
 # Split -> the accepted file names, in the order they are looked for.
 UMRE_FILES = {"train": ("train_set.json",), "valid": ("val_set.json",), "test": ("test_set.json",)}

@@ -518,7 +518,7 @@ def _uniform_mass(mask: torch.Tensor) -> torch.Tensor:
     return mass / mass.sum(dim=-1, keepdim=True)
 
 
-# The solvers MultilevelTransport runs (tests/test_model_ot.py: the same names params accept).
+# The solvers MultilevelTransport runs (tests/test_config.py: the same names params accept).
 SOLVERS = ("fused", "sinkhorn", "log_sinkhorn")
 
 
