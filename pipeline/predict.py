@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +91,7 @@ class PredictInput:
     head_caption: str | None
     tail_caption: str | None
     depth: Path | None
+    depth_map: np.ndarray | None = field(default=None, repr=False, compare=False)  # read, checked
 
 
 def _box(value: Any, where: str, what: str) -> tuple[float, float, float, float]:
@@ -175,13 +176,13 @@ def _parse_line(obj: Any, where: str, line: int, base: Path, max_objects: int) -
             open_image(image)  # decoded as training decoded it: truncated files and bombs fail
         except DataError as exc:
             raise DataError(f"{where}: image {image}: cannot decode it ({exc})") from exc
-    depth = None
+    depth = depth_map = None
     if obj.get("depth") is not None:
         depth = base / _optional_str(obj, "depth", where)
         if not depth.is_file():
             raise DataError(f"{where}: depth map {depth}: file not found")
         try:  # checked whether or not boxes use it, as the image
-            load_shipped_depth(depth)
+            depth_map = load_shipped_depth(depth)
         except DataError as exc:
             raise DataError(f"{where}: depth map {exc}") from exc
     sample_id = obj.get("id")
@@ -197,6 +198,7 @@ def _parse_line(obj: Any, where: str, line: int, base: Path, max_objects: int) -
         head_caption=_optional_str(obj, "head_caption", where),
         tail_caption=_optional_str(obj, "tail_caption", where),
         depth=depth,
+        depth_map=depth_map,
     )
 
 
@@ -256,10 +258,8 @@ def _depth_maps(inputs: Sequence[PredictInput], image_ids: list[str], params: An
     for item, image_id in zip(inputs, image_ids, strict=True):
         if not item.boxes:
             continue
-        if item.depth is not None:
-            maps[image_id] = store_rounding(
-                load_shipped_depth(item.depth)
-            )  # read_inputs checked it
+        if item.depth_map is not None:
+            maps[image_id] = store_rounding(item.depth_map)
         elif params.depth.source == "model":
             by_model.append((item, image_id))
         else:
