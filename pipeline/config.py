@@ -23,6 +23,7 @@ import yaml
 __all__ = [
     "ParamsError",
     "ADDED_PARAMS",
+    "ADDED_PARAMS_HINT",
     "with_added_params",
     "Params",
     "DataParams",
@@ -371,6 +372,11 @@ def _build(cls: type, raw: dict[str, Any], path: str) -> Any:
 # as if it had this value. Adding a param that changes behaviour? Add it here too, or every
 # existing model folder stops loading ("missing key").
 ADDED_PARAMS: dict[str, Any] = {}
+# What a saved folder's missing-key error adds, in trained.json and in config.json alike.
+ADDED_PARAMS_HINT = (
+    "a folder saved before that param existed: its old-behaviour value belongs in "
+    "pipeline.config.ADDED_PARAMS"
+)
 
 
 def with_added_params(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:

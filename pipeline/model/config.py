@@ -11,7 +11,14 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import HeadParams, MoEParams, OTParams, Params, with_added_params
+from pipeline.config import (
+    ADDED_PARAMS_HINT,
+    HeadParams,
+    MoEParams,
+    OTParams,
+    Params,
+    with_added_params,
+)
 
 __all__ = ["CONFIG_FORMAT", "RemoteConfig"]
 
@@ -82,7 +89,4 @@ class RemoteConfig:
         try:
             return cls(**{k: sections[k](**v) if k in sections else v for k, v in fields.items()})
         except TypeError as exc:  # a field missing (or unknown): name it, as params loading does
-            raise ValueError(
-                f"model config: {exc} (a folder saved before that param existed: its "
-                "old-behaviour value belongs in pipeline.config.ADDED_PARAMS)"
-            ) from exc
+            raise ValueError(f"model config: {exc} ({ADDED_PARAMS_HINT})") from exc

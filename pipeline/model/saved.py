@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from pipeline.config import (
+    ADDED_PARAMS_HINT,
     Params,
     ParamsError,
     params_from_dict,
@@ -136,12 +137,7 @@ def _meta_params(folder: Path, meta: dict[str, Any]) -> Params:
     try:
         return params_from_dict(with_added_params(meta["params"]))
     except ParamsError as exc:
-        hint = ""
-        if "missing key" in str(exc):
-            hint = (
-                " (a folder saved before that param existed: its old-behaviour value belongs in "
-                "pipeline.config.ADDED_PARAMS)"
-            )
+        hint = f" ({ADDED_PARAMS_HINT})" if "missing key" in str(exc) else ""
         raise ParamsError(f"{folder / TRAINED_FILE}: params: {exc}{hint}") from exc
 
 
