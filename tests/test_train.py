@@ -373,6 +373,50 @@ def test_tensorboard_logs_the_loss_curve_dvclive_logs(world, tmp_path):
               world["raw"], tmp_path / "m2", tmp_path / "live2")  # fmt: skip
 
 
+def wandb_records(path: Path) -> list[Any]:
+    """The records of a W&B run file (``run-*.wandb``), decoded.
+
+    The file is a LevelDB-style log: a 7-byte header (``:W&B``, magic, version), then 32 KiB
+    blocks of chunks, each with a 7-byte header (CRC, length, type) before its bytes. A record
+    that crosses a block boundary is split into FIRST/MIDDLE/LAST chunks, and a block's tail of
+    under 7 bytes is padding. So a logged value is not always contiguous in the raw bytes: the
+    records are put back together before they are read.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    data = path.read_bytes()
+    assert data[:4] == b":W&B", f"{path}: not a W&B run file"
+    block, header = 32768, 7
+    full, first, last = 1, 2, 4
+    pos, pending, out = header, b"", []
+    while pos + header <= len(data):
+        left = block - pos % block
+        if left < header:
+            pos += left
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos : pos + header])
+        chunk = data[pos + header : pos + header + length]
+        pos += header + length
+        pending = chunk if kind in (full, first) else pending + chunk
+        if kind in (full, last):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(pending)
+            out.append(record)
+    return out
+
+
+def wandb_history(records: list[Any]) -> list[dict[str, Any]]:
+    """The history rows (one per ``log`` call) of decoded W&B records, as key -> value."""
+    rows = []
+    for record in records:
+        if record.WhichOneof("record_type") == "history":
+            items = record.history.item
+            rows.append({i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in items})
+    return rows
+
+
 def test_wandb_logs_offline_the_values_dvclive_logs(world, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -380,12 +424,19 @@ def test_wandb_logs_offline_the_values_dvclive_logs(world, tmp_path, monkeypatch
     live = tmp_path / "live"
     train(params, world["features"], world["raw"], tmp_path / "m", live)
     (run,) = (live / "wandb").glob("offline-run-*/run-*.wandb")
-    # The run file is W&B's binary record log; each logged value is in it as its JSON text.
-    records = run.read_bytes()
-    _, loss = read_live_metric(live, "train/loss")
-    assert len(loss) == 15
-    assert all(json.dumps(float(value)).encode() in records for value in loss)
-    assert b"dev/micro_f1" in records and b"train.seed" in records
+    records = wandb_records(run)
+    kinds = [record.WhichOneof("record_type") for record in records]
+    assert kinds[-1] == "exit", f"{run}: W&B had not finished writing when train returned"
+    rows = wandb_history(records)
+    # Every value dvclive logged, W&B logged too, at the same step and to the float.
+    for name, count in (("train/loss", 15), ("dev/micro_f1", 1)):
+        steps, values = read_live_metric(live, name)
+        assert len(values) == count
+        logged = [(row["_step"], row[name]) for row in rows if name in row]
+        assert logged == [(int(s), float(v)) for s, v in zip(steps, values, strict=True)], name
+    (config,) = [r.config for r in records if r.WhichOneof("record_type") == "config"]
+    logged_params = {item.key: json.loads(item.value_json) for item in config.update}
+    assert logged_params["train.seed"] == params.train.seed
 
 
 # ---------------------------------------------------------------------------------------------
