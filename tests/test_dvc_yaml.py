@@ -123,3 +123,18 @@ def test_every_param_that_changes_a_result_is_tracked_by_a_stage():
     listed = {key for stage in RESULT_STAGES for key in DVC["stages"][stage].get("params", [])}
     covered = {key for key in leaves if any(key == x or key.startswith(x + ".") for x in listed)}
     assert leaves - covered == set(UNTRACKED)
+
+
+def test_every_param_of_the_features_stage_is_in_the_cache_key_or_its_layout():
+    # The loader refuses a cache built with other `cache_settings` (a row's bytes); a killed build
+    # resumes only with the same `layout_settings` too. A param the stage gains must go in one of
+    # them, or a cache built with another value would be trusted.
+    from pipeline.features.dataset import cache_settings, layout_settings
+
+    params = default_params()
+    leaves = set(flatten(params_to_dict(params)))
+    listed = DVC["stages"]["features"]["params"]
+    tracked = {key for key in leaves if any(key == x or key.startswith(x + ".") for x in listed)}
+    in_key, in_layout = set(cache_settings(params)), set(layout_settings(params))
+    assert not in_key & in_layout
+    assert tracked == in_key | in_layout

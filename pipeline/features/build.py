@@ -24,7 +24,12 @@ import pyarrow.parquet as pq
 
 from pipeline.config import Params, section_hash
 from pipeline.data.records import SPLITS, Dataset, Record, label_list, label_map_hash
-from pipeline.features.dataset import METADATA_KEY, SCHEMA_VERSION, cache_settings
+from pipeline.features.dataset import (
+    METADATA_KEY,
+    SCHEMA_VERSION,
+    cache_settings,
+    layout_settings,
+)
 from pipeline.features.featurize import (
     CaptionReader,
     DepthReader,
@@ -141,8 +146,7 @@ def build_features(
 
     recover_swap(out_dir)
     partial = out_dir.with_name(out_dir.name + ".partial")
-    # everything that changes an image shard's bytes, beyond the settings the loader checks
-    layout = {"shards": [features.shard_size, image_shard_size], "on_error": data.on_error}
+    layout = layout_settings(params)
     fingerprint = _inputs_fingerprint({**settings, **layout}, [dataset.root, *input_paths])
     stamp = partial / ".inputs"
     if not (stamp.is_file() and stamp.read_text() == fingerprint):

@@ -47,6 +47,7 @@ __all__ = [
     "SAMPLES_SCHEMA",
     "images_schema",
     "cache_settings",
+    "layout_settings",
     "FeatureDataset",
     "make_loader",
 ]
@@ -103,6 +104,17 @@ def cache_settings(params: Params) -> dict[str, Any]:
         "features.depth_scale": params.features.depth_scale,
         "model.text_model": params.model.text_model,
         "model.vision_model": params.model.vision_model,
+    }
+
+
+def layout_settings(params: Params) -> dict[str, Any]:
+    """The features stage's other params, by dotted name: they decide how rows are split into
+    files and whether a bad image stops the build, not a row's bytes, so the loader does not
+    check them; a killed build resumes only when they, too, are unchanged."""
+    return {
+        "features.shard_size": params.features.shard_size,
+        "features.image_shard_size": params.features.image_shard_size,
+        "data.on_error": params.data.on_error,
     }
 
 
