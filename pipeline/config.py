@@ -80,6 +80,7 @@ class MnreParams:
 class LocalParams:
     path: str
     format: Literal["umre", "mnre"]
+    labels: str
 
 
 @dataclass(frozen=True)
@@ -371,7 +372,7 @@ def _build(cls: type, raw: dict[str, Any], path: str) -> Any:
 # before the key existed: a saved model folder (trained.json, config.json) without the key reads
 # as if it had this value. Adding a param that changes behaviour? Add it here too, or every
 # existing model folder stops loading ("missing key").
-ADDED_PARAMS: dict[str, Any] = {}
+ADDED_PARAMS: dict[str, Any] = {"data.local.labels": ""}
 # What a saved folder's missing-key error adds, in trained.json and in config.json alike.
 ADDED_PARAMS_HINT = (
     "a folder saved before that param existed: its old-behaviour value belongs in "
@@ -504,6 +505,12 @@ def pipeline_problems(params: Params) -> list[str]:
             f"depth.source: 'dataset' reads the depth maps a dataset ships, and only "
             f"data.source 'synthetic' ships them (data.source is {data.source!r}); set "
             "depth.source: model (Depth-Anything-V2, depth.model)"
+        )
+    if data.local.labels and data.source != "local":
+        problems.append(
+            f"data.local.labels: {data.local.labels!r} is read only with data.source 'local' "
+            f"(data.source is {data.source!r}, which has its own relations); set "
+            "data.source: local with data.local.path, or data.local.labels: ''"
         )
     caption = params.caption
     if caption.backend == "file" and not caption.file and mnre:

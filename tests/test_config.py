@@ -218,6 +218,11 @@ def test_the_shipped_setups_have_no_pipeline_problems():
             "set caption.backend: mllm or none",
         ),
         (
+            {"data.local.labels": "rel2id.json"},
+            "data.local.labels",
+            "set data.source: local with data.local.path, or data.local.labels: ''",
+        ),
+        (
             {"model.ot.kernel_floor": 0.0},
             "model.ot.kernel_floor",
             "use model.ot.solver: log_sinkhorn",
@@ -243,6 +248,7 @@ def test_settings_that_cannot_run_together_are_named_with_a_remedy(overrides, ke
         {"model.ot.kernel_floor": 0.0, "model.ot.solver": "log_sinkhorn"},
         {"model.ot.kernel_floor": 0.0, "model.ot.mode": "uniform"},  # no solver runs
         {"model.ot.kernel_floor": 0.0, "model.ot.enabled": False},
+        {"data.source": "local", "depth.source": "model", "data.local.labels": "rel2id.json"},
     ],
 )
 def test_settings_that_run_together_pass(overrides):

@@ -28,7 +28,7 @@ from pipeline.data.fetch import (
     url_join,
 )
 from pipeline.data.prepare import prepare_dataset
-from pipeline.data.records import UMRE_RELATIONS, Dataset
+from pipeline.data.records import UMRE_RELATIONS, Dataset, label_list
 from pipeline.io import DataError
 
 
@@ -768,3 +768,54 @@ def test_fuzzed_records_and_images_never_crash_download(tmp_path, umre_tree):
     clean = {n for n in range(1, 301) if n not in touched and names[n % 10] not in damaged_images}
     assert clean <= kept
     assert len(skipped) > 100  # the corruption did bite
+
+
+def test_a_local_dataset_with_its_own_relations(tmp_path, umre_tree, monkeypatch):
+    # The dataset's own relation names, its records as JSON lines (double quotes, a `true`).
+    own = {"/per/misc/present_in": "appears_at", "/per/per/self": "same_person"}
+    own["/loc/loc/contain"] = "contains"
+    records = {
+        name: [
+            json.dumps({**r, "relation": own.get(r["relation"], r["relation"]), "checked": True})
+            for r in recs
+        ]
+        for name, recs in source_records().items()
+    }
+    tree = umre_tree(tmp_path / "tree", records=records)
+    labels_file = tree / "relations.txt"
+    labels_file.write_text("NA\nappears_at\n\ncontains\nsame_person\nunused\n")
+    local = {"data.source": "local", "data.local.path": str(tree)}
+    params = _params(**local, **{"data.local.labels": "relations.txt"})
+    manifest = prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+    ds = Dataset(tmp_path / "out")
+    assert ds.relations == {
+        "none": 0, "appears_at": 1, "contains": 2, "same_person": 3, "unused": 4
+    }  # fmt: skip
+    assert [r.relation for r in ds.records("train")] == ["appears_at", "same_person", "contains"]
+    assert [r.relation for r in ds.records("valid")] == ["none"]  # "None" in the record
+    assert manifest["labels_file"] == {"path": str(labels_file), "sha256": _sha(labels_file)}
+
+    # Without the file, UMRE's set applies: the first own name is an unknown relation at its line.
+    with pytest.raises(DataError, match=r"train_set.json:1: unknown relation \(found 'appears_at'"):
+        prepare_dataset(_params(**local), tmp_path / "out2", tmp_path / "cache")
+    # With it, a record outside the file's set is one too.
+    labels_file.write_text("None\nappears_at\nsame_person\n")
+    with pytest.raises(DataError, match=r"train_set.json:3: unknown relation \(found 'contains'"):
+        prepare_dataset(params, tmp_path / "out2", tmp_path / "cache")
+
+    # A rel2id object (ids out of file order), found relative to the working directory.
+    monkeypatch.chdir(tmp_path)
+    rel2id = {"contains": 2, "None": 0, "same_person": 3, "appears_at": 1}
+    (tmp_path / "rel2id.json").write_text(json.dumps(rel2id, indent=1))
+    params = _params(**local, **{"data.local.labels": "rel2id.json"})
+    prepare_dataset(params, tmp_path / "out3", tmp_path / "cache")
+    assert label_list(Dataset(tmp_path / "out3").relations) == [
+        "none", "appears_at", "contains", "same_person"
+    ]  # fmt: skip
+    params = _params(**local, **{"data.local.labels": "nowhere.txt"})
+    expected = (
+        f"nowhere.txt: label file not found (data.local.labels; looked for {tree / 'nowhere.txt'}, "
+        f"{tmp_path / 'nowhere.txt'})"
+    )
+    with pytest.raises(DataError, match=re.escape(expected)):
+        prepare_dataset(params, tmp_path / "out4", tmp_path / "cache")

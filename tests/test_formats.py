@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 from conftest import TOKENS, source_objects, source_records, write_images, write_lines
 
-from pipeline.data.formats import MNRE_RELATIONS, ImageIndex, Problems, SourceReader, json_key_lines
+from pipeline.data.formats import (
+    MNRE_RELATIONS,
+    ImageIndex,
+    Problems,
+    SourceReader,
+    json_key_lines,
+    read_label_file,
+)
 from pipeline.data.records import UMRE_RELATIONS
 from pipeline.io import DataError
 
@@ -225,3 +232,54 @@ def test_image_index_prefers_the_named_folder_then_the_shallowest(tmp_path):
 def test_json_key_lines_finds_each_top_level_key():
     text = '{\n  "a.jpg": {"[OBJ0]": [1, 2, 3, 4]},\n\n  "b.jpg": {},\n  "c.jpg": {}\n}\n'
     assert json_key_lines(text, json.loads(text)) == {"a.jpg": 2, "b.jpg": 4, "c.jpg": 5}
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("r.txt", "none\na\n\nb\na\n", "r.txt:5: relation 'a' listed twice (first at line 2)"),
+        ("r.txt", "none\nNA\n", "r.txt:2: relation 'NA' listed twice (first at line 1)"),
+        ("r.txt", "\na\nNone\n", "r.txt:2: the first relation is 'a'; the no-relation label"),
+        ("r.txt", "a\nb\n", "r.txt:1: the first relation is 'a'; the no-relation label"),
+        ("r.txt", "none\n", "r.txt: 1 relations (expected at least 2, 'none' first)"),
+        ("r.json", '{"None": 0,\n "a": 2}', "r.json:1: relation ids must be 0..1 once each"),
+        ("r.json", '{"None": 0,\n "a": "1"}', "r.json:2: relation 'a' has id '1' (expected an"),
+        ("r.json", '{"None": 0,\n "a": true}', "r.json:2: relation 'a' has id True (expected"),
+        ("r.json", '["none", "a", 3]', "r.json:1: bad relation name (found 3, expected text)"),
+        ("r.json", '["none",\n "a",]', "r.json:2: malformed JSON (Expecting value)"),
+        ("r.json", '"none"', "r.json:1: found str (expected a list of relation names or a rel2id"),
+    ],
+)
+def test_label_file_problems_name_the_file_and_line(tmp_path, name, text, message):
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError) as caught:
+        read_label_file(path)
+    assert str(caught.value).startswith(f"{tmp_path}/{message}")
+
+
+def test_label_files_give_the_relations_in_id_order(tmp_path):
+    text = tmp_path / "relations.txt"
+    text.write_text("None\n b \n\na\n")  # blank lines skipped, names stripped
+    listed = tmp_path / "relations.json"
+    listed.write_text('["NA", "b", "a"]')
+    rel2id = tmp_path / "rel2id.json"
+    rel2id.write_text('{"a": 2, "none": 0, "b": 1}')
+    for path in (text, listed, rel2id):
+        assert read_label_file(path) == ("none", "b", "a"), path
+    # MNRE's own rel2id file gives MNRE's set, in its order.
+    rel2id.write_text(
+        json.dumps({"None" if n == "none" else n: i for i, n in enumerate(MNRE_RELATIONS)})
+    )
+    assert read_label_file(rel2id) == MNRE_RELATIONS
+
+
+def test_a_record_line_may_be_a_json_object(tmp_path):
+    reader = _reader(tmp_path)
+    as_json = json.dumps({**GOOD, "checked": True, "note": None})
+    path = write_lines(tmp_path / "train.json", [as_json, json.dumps({**GOOD, "h": None})])
+    reader.problems = Problems("skip")
+    (record,) = reader.read_split(path, "train")
+    assert record.relation == GOOD["relation"] and record.image_id == GOOD["img_id"]
+    (problem,) = reader.problems.items
+    assert problem.line == 2 and "null" not in problem.reason

@@ -1,7 +1,8 @@
 """Readers for the published record formats (UMRE, MNRE; MORE once in UMRE's layout), with
 validation.
 
-A record file has one Python dict literal per line (parsed with ``ast.literal_eval``)::
+A record file has one dict per line: a Python literal (parsed with ``ast.literal_eval``), as the
+published files have it, or a JSON object::
 
     {'token': [...], 'h': {'name': ..., 'pos': [3, 5]},
      't': {'name': '[OBJ1]', 'pos': [x1, y1, x2, y2]}, 'img_id': '....jpg', 'relation': ...}
@@ -51,6 +52,7 @@ __all__ = [
     "ImageIndex",
     "SourceReader",
     "normalize_label",
+    "read_label_file",
     "json_key_lines",
 ]
 
@@ -87,6 +89,75 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 def normalize_label(label: str) -> str:
     """MNRE and MORE spell the empty relation "None"; the normalized layout uses "none"."""
     return NONE_LABEL if label in ("None", "NA", NONE_LABEL) else label
+
+
+NONE_SPELLINGS = ("none", "None", "NA")
+
+
+def read_label_file(path: Path) -> tuple[str, ...]:
+    """A dataset's own relation set, in id order, from ``path``:
+
+    - ``.json``: a list of names, or a ``rel2id`` object (name -> id, the ids 0..n-1), as MNRE
+      ships ``ours_rel2id.json``;
+    - any other file: one name per line (blank lines are ignored).
+
+    The no-relation label (spelled ``none``, ``None`` or ``NA``; it becomes ``none``) must have
+    id 0: micro-F1 leaves it out. Every problem names the file and line.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the label file ({exc})") from exc
+    if path.suffix == ".json":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
+        if isinstance(raw, dict):
+            lines = json_key_lines(text, raw)
+            for name, rel_id in raw.items():
+                if not isinstance(rel_id, int) or isinstance(rel_id, bool):
+                    raise DataError(
+                        f"{path}:{lines[name]}: relation {name!r} has id {rel_id!r} "
+                        "(expected an integer)"
+                    )
+            ids = sorted(raw.values())
+            if ids != list(range(len(raw))):
+                raise DataError(
+                    f"{path}:1: relation ids must be 0..{len(raw) - 1} once each (found {ids})"
+                )
+            entries = [(lines[n], n) for n, _ in sorted(raw.items(), key=lambda kv: kv[1])]
+        elif isinstance(raw, list):
+            entries = [(1, name) for name in raw]
+        else:
+            raise DataError(
+                f"{path}:1: found {type(raw).__name__} "
+                "(expected a list of relation names or a rel2id object)"
+            )
+    else:
+        entries = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    labels: list[str] = []
+    seen: dict[str, int] = {}
+    for line, name in entries:
+        if not isinstance(name, str) or not name.strip():
+            raise DataError(f"{path}:{line}: bad relation name (found {name!r}, expected text)")
+        label = normalize_label(name.strip())
+        if label in seen:
+            raise DataError(
+                f"{path}:{line}: relation {name!r} listed twice (first at line {seen[label]})"
+            )
+        seen[label] = line
+        labels.append(label)
+    if len(labels) < 2:
+        raise DataError(f"{path}: {len(labels)} relations (expected at least 2, 'none' first)")
+    if labels[0] != NONE_LABEL:
+        where = f"found at line {seen[NONE_LABEL]}" if NONE_LABEL in seen else "not found"
+        raise DataError(
+            f"{path}:{entries[0][0]}: the first relation is {entries[0][1]!r}; the no-relation "
+            f"label ({' / '.join(NONE_SPELLINGS)}) must come first, with id 0 ({where})"
+        )
+    return tuple(labels)
 
 
 @dataclass(frozen=True)
@@ -494,7 +565,7 @@ class SourceReader:
         return Entity("object", name), ""
 
 
-_EXPECTED_RECORD = "expected a dict literal with token, h, t, img_id, relation"
+_EXPECTED_RECORD = "expected a dict literal or JSON object with token, h, t, img_id, relation"
 _LITERAL_NODES = (
     ast.Expression, ast.Constant, ast.Dict, ast.List, ast.Tuple, ast.Set, ast.Load,
     ast.UnaryOp, ast.UAdd, ast.USub, ast.BinOp, ast.Add, ast.Sub,
@@ -509,6 +580,10 @@ def _literal(line: str) -> tuple[Any, str]:
     try:
         return ast.literal_eval(text), ""
     except ValueError:
+        try:  # a JSON line: true, false and null are not Python literals
+            return json.loads(text), ""
+        except json.JSONDecodeError:
+            pass
         try:
             tree = ast.parse(text, mode="eval")
         except SyntaxError:  # literal_eval parsed it: not expected

@@ -25,6 +25,7 @@ from pipeline.data.formats import (
     json_key_lines,
     link_outside,
     outside_root,
+    read_label_file,
 )
 from pipeline.data.images import open_image
 from pipeline.data.records import SPLITS, UMRE_RELATIONS, Record, write_dataset
@@ -251,9 +252,11 @@ def convert_umre(
     *,
     source: str = "umre",
     extra: Mapping[str, Any] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Convert a UMRE-layout tree (split files, pos_umke.json, captions, UMKE_IMG/) found under
-    ``roots``; the objects and captions files are optional."""
+    ``roots``; the objects and captions files are optional. ``labels``: the relation set, in id
+    order (default UMRE's)."""
     split_files = {s: _require(roots, names) for s, names in UMRE_FILES.items()}
     objects_file = find_files(roots, (UMRE_OBJECTS,))
     captions_file = find_files(roots, (UMRE_CAPTIONS,))
@@ -264,7 +267,7 @@ def convert_umre(
         data,
         source=source,
         split_files=split_files,
-        labels=UMRE_RELATIONS,
+        labels=UMRE_RELATIONS if labels is None else labels,
         images=ImageIndex(roots, prefer=(UMRE_IMAGE_FOLDER,)),
         objects_file=objects_file,
         captions_file=captions_file,
@@ -280,16 +283,18 @@ def convert_mnre(
     *,
     source: str = "mnre",
     extra: Mapping[str, Any] | None = None,
+    labels: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Convert MNRE text files (``mnre_train.txt``, ``mnre_val .txt``, ``mnre_test.txt``) and
-    images; MNRE has no boxes, so each image gets zero objects."""
+    images; MNRE has no boxes, so each image gets zero objects. ``labels``: the relation set,
+    in id order (default MNRE's)."""
     split_files = {s: _require(text_roots, names) for s, names in MNRE_FILES.items()}
     return _convert(
         out_dir,
         data,
         source=source,
         split_files=split_files,
-        labels=MNRE_RELATIONS,
+        labels=MNRE_RELATIONS if labels is None else labels,
         images=ImageIndex(image_roots, prefer=("img_org",)),
         objects_file=None,
         captions_file=None,
@@ -352,8 +357,30 @@ def _prepare_local(data: DataParams, out_dir: Path, dl: Downloader) -> dict[str,
         raise DataError(f"{path}: not a folder, zip or tar archive (data.local.path)")
     else:
         raise DataError(f"{path}: not found (data.local.path)")
+    labels = None
+    if data.local.labels:
+        labels_file = _local_labels_file(data.local.labels, root)
+        labels = read_label_file(labels_file)
+        extra = {
+            **extra,
+            "labels_file": {"path": str(labels_file), "sha256": file_sha256(labels_file)},
+        }
     if data.local.format == "umre":
-        return convert_umre([root], out_dir, data, source="local", extra=extra)
+        return convert_umre([root], out_dir, data, source="local", extra=extra, labels=labels)
     if data.local.format == "mnre":
-        return convert_mnre([root], [root], out_dir, data, source="local", extra=extra)
+        return convert_mnre(
+            [root], [root], out_dir, data, source="local", extra=extra, labels=labels
+        )
     raise ValueError(f"data.local.format {data.local.format!r}: this code reads {LOCAL_FORMATS}")
+
+
+def _local_labels_file(name: str, root: Path) -> Path:
+    """``data.local.labels``: an absolute path, or one relative to the dataset's folder (or
+    archive) and then to the working directory."""
+    path = Path(name).expanduser()
+    candidates = [path] if path.is_absolute() else [root / path, Path.cwd() / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    looked = ", ".join(str(c) for c in candidates)
+    raise DataError(f"{name}: label file not found (data.local.labels; looked for {looked})")
