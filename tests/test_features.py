@@ -1,6 +1,7 @@
 """The feature cache and its loader: markers, captions, truncation, crops, depth, batches."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -545,7 +546,7 @@ def test_reruns_are_byte_identical_and_sharded(world, cache):
     assert not (world["root"] / "again.partial").exists()
 
 
-def test_a_killed_run_resumes_from_finished_image_shards(world, cache, monkeypatch):
+def test_a_killed_run_resumes_from_finished_image_shards(world, cache, monkeypatch, caplog):
     real = build_module._images_table
     calls = []
 
@@ -564,8 +565,15 @@ def test_a_killed_run_resumes_from_finished_image_shards(world, cache, monkeypat
     monkeypatch.setattr(
         build_module, "_images_table", lambda *a, **k: calls.append(a[1]) or real(*a, **k)
     )
+    caplog.set_level(logging.INFO, logger="pipeline.features")
     out, _ = build(world, "resumed")
     assert calls == [["a.png"]]  # only test's shard: train's 2 and valid's 1 were kept
+    partial = world["root"] / "resumed.partial"
+    reuse = [r.getMessage() for r in caplog.records if "reused" in r.getMessage()]
+    assert reuse == [
+        f"train: 2 of 2 image shards reused from {partial} (same params and inputs)",
+        f"valid: 1 of 1 image shards reused from {partial} (same params and inputs)",
+    ]
     for f in cache[0].rglob("*.parquet"):
         assert (out / f.relative_to(cache[0])).read_bytes() == f.read_bytes()
     # a leftover built with other settings is discarded, not reused
@@ -577,8 +585,12 @@ def test_a_killed_run_resumes_from_finished_image_shards(world, cache, monkeypat
     monkeypatch.setattr(
         build_module, "_images_table", lambda *a, **k: calls.append(a[1]) or real(*a, **k)
     )
+    caplog.clear()
     build(world, "other", apply_overrides(world["params"], {"data.use_box": False}))
     assert len(calls) == 4
+    other = world["root"] / "other.partial"
+    assert f"{other}: left by a run with other params or inputs: discarded" in caplog.messages
+    assert not [m for m in caplog.messages if "reused" in m]
 
 
 def test_crop_columns_are_tensors_whose_type_holds_dtype_and_shape(world, cache):

@@ -150,6 +150,8 @@ def build_features(
     fingerprint = _inputs_fingerprint({**settings, **layout}, [dataset.root, *input_paths])
     stamp = partial / ".inputs"
     if not (stamp.is_file() and stamp.read_text() == fingerprint):
+        if partial.exists():
+            log.info("%s: left by a run with other params or inputs: discarded", partial)
         shutil.rmtree(partial, ignore_errors=True)
         partial.mkdir(parents=True)
         stamp.write_text(fingerprint)
@@ -170,12 +172,23 @@ def build_features(
         image_ids = sorted({r.image_id for r in records})
         image_index = {image_id: i for i, image_id in enumerate(image_ids)}
         meta = _metadata("images", split, settings, tokenizer, labels, normalization)
-        for k, start in enumerate(range(0, max(len(image_ids), 1), image_shard_size)):
+        starts = range(0, max(len(image_ids), 1), image_shard_size)
+        reused = 0
+        for k, start in enumerate(starts):
             path = split_dir / f"images-{k:05d}.parquet"
             if path.is_file():  # finished by a killed run with the same inputs
+                reused += 1
                 continue
             chunk = image_ids[start : start + image_shard_size]
             _write_parquet(_images_table(dataset, chunk, objects, depth, params), path, meta)
+        if reused:
+            log.info(
+                "%s: %d of %d image shards reused from %s (same params and inputs)",
+                split,
+                reused,
+                len(starts),
+                partial,
+            )
         problems = [
             (image_id, problem)
             for path in sorted(split_dir.glob("images-*.parquet"))
