@@ -497,6 +497,26 @@ def test_minmax_depth_scales_each_map_first_and_cuts_keep_a_pixel():
     assert not normalize_depth(np.full((3, 2), 7.0)).any()  # flat map: zeros
 
 
+def test_depth_cuts_truncate_fractional_box_edges_as_the_original():
+    # Random boxes put edges at every fraction of a pixel (x W = 8.7 is row 8, not 9): the cut
+    # truncates with int() like the original, where the RGB crop rounds (box_to_pixels).
+    rng = np.random.default_rng(11)
+    depth_map = rng.random((7, 11)).astype(np.float32)
+    width, height = 37, 23
+    boxes = np.sort(rng.random((200, 2, 2)), axis=1).reshape(200, 4)[:, [0, 2, 1, 3]]
+    keep = [
+        int(height * y1) < int(height * y2) and int(width * x1) < int(width * x2)
+        for x1, y1, x2, y2 in boxes
+    ]  # the original's cut is empty under a pixel; ours keeps one (tested above)
+    boxes = boxes[keep]
+    fractions = np.concatenate([(boxes[:, [0, 2]] * width) % 1, (boxes[:, [1, 3]] * height) % 1])
+    assert len(boxes) > 30 and (fractions > 0.5).any() and (fractions < 0.5).any()
+    crops = crop_depth(depth_map, boxes, np.ones(len(boxes), bool), 9, (width, height))
+    for crop, box in zip(crops, boxes, strict=True):
+        expected = original_depth_crop(depth_map, box, width, height, 9)
+        np.testing.assert_allclose(crop, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_samples_match_the_records(world, cache):
     for split, records in RECORDS.items():
         ds = FeatureDataset.load(cache[0], split, world["params"], RELATIONS)
