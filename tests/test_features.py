@@ -22,6 +22,7 @@ from pipeline.data.records import PAIR_KINDS, Dataset, Entity, Record, label_lis
 from pipeline.features import build as build_module
 from pipeline.features.build import build_features
 from pipeline.features.dataset import FeatureDataset, make_loader
+from pipeline.features.featurize import featurize_image
 from pipeline.features.images import crop_depth, crop_objects, normalize_depth, object_layout
 from pipeline.features.text import TextEncoder
 from pipeline.io import DataError, StaleCacheError, write_json
@@ -515,6 +516,51 @@ def test_depth_cuts_truncate_fractional_box_edges_as_the_original():
     for crop, box in zip(crops, boxes, strict=True):
         expected = original_depth_crop(depth_map, box, width, height, 9)
         np.testing.assert_allclose(crop, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("image_id", ["a.png", "b.jpg"])
+def test_featurize_image_follows_crop_resize_and_depth_scale(world, image_id):
+    # The features stage and predict both go through featurize_image: its settings must reach the
+    # crops. References: PIL's bicubic resize of the float-box crop to S x S (stretch), and the
+    # original's depth crop of the map min-max scaled with numpy first (minmax).
+    params = apply_overrides(
+        world["params"], {"features.crop_resize": "stretch", "features.depth_scale": "minmax"}
+    )
+    depth_map = world["depth"].get(image_id).astype(np.float64)
+    scaled = (depth_map - depth_map.min()) / (depth_map.max() - depth_map.min())
+    path = world["dataset"].image_path(image_id)
+    got = featurize_image(image_id, path, OBJECTS[image_id], world["depth"], params)
+    image = Image.open(path).convert("RGB")
+    w, h = image.size
+    for slot in range(4):
+        box = OBJECTS[image_id].get(f"[OBJ{slot}]")
+        if box is None:
+            assert not got.object_crops[slot].any() and not got.depth_crops[slot].any()
+            continue
+        crop = image.crop((box[0] * w, box[1] * h, box[2] * w, box[3] * h))
+        stretched = np.asarray(crop.resize((16, 16), Image.Resampling.BICUBIC))
+        np.testing.assert_array_equal(got.object_crops[slot], stretched.transpose(2, 0, 1))
+        expected = original_depth_crop(scaled, box, w, h, 16)
+        np.testing.assert_allclose(got.depth_crops[slot], expected, rtol=0, atol=1e-3)
+    assert got.depth_crops.min() >= 0 and got.depth_crops.max() <= 1
+
+
+def test_caption_segments_hold_the_head_caption_then_the_tail_caption(world, cache):
+    # Each cached sample's token-type-1 tokens, rebuilt from CAPTIONS by entity name.
+    for split, records in RECORDS.items():
+        batch = FeatureDataset.load(cache[0], split, world["params"], RELATIONS).batch(
+            range(len(records))
+        )
+        for b, record in enumerate(records):
+            expected = []
+            for n, entity in ((1, record.head), (2, record.tail)):
+                letter = "k" if entity.kind == "text" else "o"
+                caption = CAPTIONS.get(record.image_id, {}).get(entity.name)
+                words = world["tokenizer"].tokenize(caption) if caption else []
+                expected += [f"<{letter}{n}>", *words, f"</{letter}{n}>"]
+            types = batch["token_type_ids"][b].tolist()
+            segment = [i for i, t in zip(batch["input_ids"][b].tolist(), types, strict=True) if t]
+            assert tokens(world, segment) == [*expected, "[SEP]"], record.id
 
 
 def test_samples_match_the_records(world, cache):
