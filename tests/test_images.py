@@ -10,6 +10,7 @@ from PIL import Image
 from pipeline.data.images import (
     BOX_TOLERANCE,
     box_numbers,
+    box_units,
     checked_box,
     clip_box,
     image_size,
@@ -33,6 +34,23 @@ def test_clip_box_tolerates_one_percent_and_clips_it():
     assert clip_box([0.0, 0.0, edge + 1e-6, 1.0]) is None
     assert clip_box([0.5, 0.1, 0.2, 0.9]) is None  # x2 < x1
     assert clip_box([0.1, 0.3, 0.2, 0.3]) is None  # empty height
+
+
+def test_clip_box_refuses_a_zero_width_or_height_and_overshoot_beyond_one_percent():
+    assert clip_box([0.3, 0.1, 0.3, 0.9]) is None  # x2 == x1: an empty side
+    assert clip_box([0.1, 0.4, 0.9, 0.4]) is None  # y2 == y1
+    # The tolerance is 1% of a side, written out (not read from BOX_TOLERANCE).
+    assert clip_box([0.0, -0.0099, 1.0099, 1.0]) == [0.0, 0.0, 1.0, 1.0]
+    assert clip_box([0.0, 0.0, 1.011, 1.0]) is None
+    assert clip_box([-0.011, 0.0, 0.5, 1.0]) is None
+
+
+def test_box_units_follow_the_majority_and_an_empty_file_is_normalized():
+    pixel, unit = [10, 20, 120, 90], [0.1, 0.2, 0.6, 0.9]
+    assert box_units([]) == "normalized"
+    assert box_units([pixel, pixel, unit]) == "pixel"
+    assert box_units([pixel, unit, unit]) == "normalized"
+    assert box_units([[0, 0, 1, 1], [0.5, 0.5, 1.01, 1.0]]) == "normalized"
 
 
 def test_checked_box_names_where_and_what(tmp_path):
