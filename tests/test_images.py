@@ -43,6 +43,9 @@ def test_clip_box_refuses_a_zero_width_or_height_and_overshoot_beyond_one_percen
     assert clip_box([0.0, -0.0099, 1.0099, 1.0]) == [0.0, 0.0, 1.0, 1.0]
     assert clip_box([0.0, 0.0, 1.011, 1.0]) is None
     assert clip_box([-0.011, 0.0, 0.5, 1.0]) is None
+    # A box wholly in the tolerance band beyond an edge clips to an empty side.
+    assert clip_box([1.002, 0.0, 1.008, 1.0]) is None
+    assert clip_box([0.1, -0.009, 0.9, -0.001]) is None
 
 
 def test_box_units_follow_the_majority_and_an_empty_file_is_normalized():

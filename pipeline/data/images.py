@@ -121,10 +121,14 @@ def box_units(boxes: Iterable[Sequence[float]]) -> BoxUnits:
 def clip_box(coords: Sequence[float]) -> list[float] | None:
     """A ``[0, 1]`` box clipped to the image, or None when a side is empty or a coordinate lies
     more than :data:`BOX_TOLERANCE` outside ``[0, 1]``."""
-    x1, y1, x2, y2 = coords
-    if not fits_unit_square(coords) or x2 <= x1 or y2 <= y1:
+    if not fits_unit_square(coords):
         return None
-    return [min(max(v, 0.0), 1.0) for v in coords]
+    # Sides are checked after clipping: a box wholly inside the tolerance band beyond an edge
+    # (x1 = 1.002, x2 = 1.008) clips to an empty side.
+    x1, y1, x2, y2 = clipped = [min(max(v, 0.0), 1.0) for v in coords]
+    if x2 <= x1 or y2 <= y1:
+        return None
+    return clipped
 
 
 def checked_box(values: Any, where: str) -> list[float]:
