@@ -171,6 +171,13 @@ def test_depth_input_keeps_aspect_with_both_sides_at_least_518(
     assert min(expected) >= 518
 
 
+@pytest.mark.parametrize("width, height", [(20, 20), (30, 21), (21, 40), (50, 20)])
+def test_depth_input_rounds_up_where_rounding_falls_below_the_lower_bound(width, height):
+    # A lower bound that is not a multiple (20 with 14): 20 rounds to 14 < 20, so it goes up to 28.
+    assert input_size(width, height, 20, 14) == original_input_size(width, height, 20, 14)
+    assert min(input_size(width, height, 20, 14)) == 28
+
+
 def test_depth_input_resize_and_normalize_on_the_device():
     # A flat colour survives bicubic resizing exactly: the output is ((c / 255) - mean) / std.
     colour = np.array([200, 30, 90], dtype=np.uint8)
@@ -211,6 +218,14 @@ def test_encoding_keeps_float16_precision_at_any_magnitude():
         assert np.log2(scale) == int(np.log2(scale)) and np.abs(values).max() <= 1
         back = decode_depth(5, 7, scale, values)
         np.testing.assert_allclose(back, depth, rtol=F16_EPS, atol=magnitude * 2.0**-24)
+        # Negative values (a shipped map may have them): the scale follows the largest magnitude.
+        for signed in (-depth, depth - 0.75 * magnitude):
+            scale, values = encode_depth(signed)
+            assert scale >= np.abs(signed).max() and np.abs(values).max() <= 1
+            back = decode_depth(5, 7, scale, values)
+            np.testing.assert_allclose(back, signed, rtol=F16_EPS, atol=magnitude * 2.0**-24)
+    scale, values = encode_depth(np.zeros((2, 3), np.float32))  # an all-zero map stays zeros
+    assert scale == 1.0 and np.array_equal(decode_depth(2, 3, scale, values), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="NaN or infinite"):
         encode_depth(np.array([[1.0, np.nan]]))
 
