@@ -227,6 +227,15 @@ def test_touching_spans_follow_the_original_marker_order(world, head, tail, expe
     assert tokens(world, encoder.encode(record, None).input_ids)[1:-1] == names
 
 
+def test_encoder_refuses_a_span_past_the_sentence_and_a_max_seq_under_six(world):
+    with pytest.raises(ValueError, match="at least 6, found 5"):
+        TextEncoder(world["tokenizer"], max_seq=5)
+    encoder = TextEncoder(world["tokenizer"], max_seq=6)  # [CLS] [SEP] and two marker pairs
+    record = Record("x", SENT_A, "a.png", text("Paris", 3, 6), obj(0), "none")  # 5 words
+    with pytest.raises(DataError, match=r"'Paris' span \[3, 6\) is outside its 5 tokens"):
+        encoder.encode(record, None)
+
+
 def test_object_entities_get_no_sentence_markers(world):
     encoder = TextEncoder(world["tokenizer"], max_seq=40)
     got = encoder.encode(RECORDS["train"][3], None)  # object-object
