@@ -182,6 +182,19 @@ def test_bad_box_in_objects_file_names_image_and_object(tmp_path):
         reader.objects(["img_c.png"])
 
 
+def test_a_box_that_rounding_would_make_empty_is_a_bad_box(tmp_path):
+    # Boxes are stored to 6 decimals: a side under 5e-7 of the image would be written empty and
+    # refused later, by the features stage; it is refused here, at its line.
+    objects = source_objects()
+    objects["img_c.png"]["[OBJ0]"] = [10, 20, 10.00001, 180]
+    reader = _reader(tmp_path, objects=objects)
+    with pytest.raises(DataError, match=r"pos_umke.json:\d+: image img_c.png, \[OBJ0\]: bad box"):
+        reader.objects(["img_c.png"])
+    objects["img_c.png"]["[OBJ0]"] = [10, 20, 10.001, 180]  # 1e-5 of the width: kept
+    (box,) = _reader(tmp_path, objects=objects).objects(["img_c.png"])["img_c.png"].values()
+    assert box[2] > box[0]
+
+
 def test_skip_mode_keeps_good_records_and_writes_the_report(tmp_path):
     objects = source_objects()
     objects["img_b.jpg"] = {f"[OBJ{k}]": [0, 0, 32, 32] for k in range(13)}

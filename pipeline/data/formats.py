@@ -400,10 +400,12 @@ class SourceReader:
                 )
             coords = [coords[0] / width, coords[1] / height, coords[2] / width, coords[3] / height]
         clipped = clip_box(coords)
+        if clipped is not None:  # stored to 6 decimals: a side under 5e-7 would round to empty
+            clipped = clip_box([round(v, 6) for v in clipped])
         if clipped is None:
             shown = [round(v, 4) for v in coords]
             return None, f"bad box (found {list(box)}, normalized {shown}, {BOX_RANGE})"
-        return [round(v, 6) for v in clipped], ""
+        return clipped, ""
 
     def _image_objects(self, image_id: str) -> dict[str, list[float]]:
         """The image's valid objects from the objects file (problems reported once per image)."""
