@@ -86,12 +86,12 @@ MNRE_RELATIONS = (
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp")
 
 
+NONE_SPELLINGS = (NONE_LABEL, "None", "NA")
+
+
 def normalize_label(label: str) -> str:
     """MNRE and MORE spell the empty relation "None"; the normalized layout uses "none"."""
-    return NONE_LABEL if label in ("None", "NA", NONE_LABEL) else label
-
-
-NONE_SPELLINGS = ("none", "None", "NA")
+    return NONE_LABEL if label in NONE_SPELLINGS else label
 
 
 def read_label_file(path: Path) -> tuple[str, ...]:
