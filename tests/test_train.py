@@ -619,6 +619,35 @@ def test_a_change_of_the_library_code_is_a_new_run(world, tmp_path, monkeypatch)
     assert (again.resumed_from_epoch, again.epochs_run) == (0, 1)
 
 
+def test_the_run_fingerprint_changes_with_params_labels_feature_bytes_and_code(tmp_path):
+    """What a checkpoint must match to be resumed: a run with other labels or other feature bytes
+    is a new run (an unchanged label map and cache give the same fingerprint)."""
+    from pipeline.train.checkpoint import run_fingerprint
+
+    features, code = tmp_path / "features", tmp_path / "code"
+    (features / "train").mkdir(parents=True)
+    code.mkdir()
+    shard = features / "train" / "samples.parquet"
+    shard.write_bytes(b"cache v1")
+    (code / "loop.py").write_text("x = 1\n")
+    labels = ["none", "a", "b"]
+
+    def fingerprint(params: Params | None = None, labels: list[str] = labels) -> str:
+        return run_fingerprint(params or small_params(), features, labels, code_dir=code)
+
+    base = fingerprint()
+    assert fingerprint() == base
+    assert fingerprint(labels=["none", "b", "a"]) != base  # the same names, other ids
+    assert fingerprint(labels=["none", "a"]) != base
+    assert fingerprint(small_params(**{"train.seed": 1})) != base
+    shard.write_bytes(b"cache v2")
+    assert fingerprint() != base
+    shard.write_bytes(b"cache v1")
+    assert fingerprint() == base
+    (code / "loop.py").write_text("x = 2\n")
+    assert fingerprint() != base
+
+
 # What waits for the device: reading a tensor's value on the host (bool(), int(), float(), .item()).
 HOST_READS = {"aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"}
 
