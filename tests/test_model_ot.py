@@ -164,6 +164,33 @@ def test_padding_has_zero_mass_and_does_not_change_the_real_plan(solver, floor):
     assert torch.equal(out[1, 4:], hidden[1, 4:])
 
 
+@pytest.mark.parametrize(
+    ("solver", "floor"), [("log_sinkhorn", 0.0), ("sinkhorn", 1e-12), ("fused", 1e-12)]
+)
+def test_padding_gives_the_unpadded_iterates_before_convergence(solver, floor):
+    # Two iterations are far from converged, so how the first half-iteration treats padded
+    # columns (priced out, or zeroed from g_0) shows: the real block must be exactly the
+    # two-iteration plan of the unpadded problem, written out in the plain domain.
+    layer = module(8, floor, iterations=2, solver=solver)
+    torch.manual_seed(12)
+    hidden, source = torch.randn(1, 5, 8), torch.randn(1, 11, 8)
+    # Padded columns whose cost is close to the real ones: they would take a visible share of a
+    # half-iteration that counted them.
+    with torch.no_grad():
+        source[0, 6:] = source[0, :5] + 0.05 * torch.randn(5, 8)
+    hidden_mask = torch.tensor([[True] * 4 + [False]])
+    source_mask = torch.tensor([[True] * 6 + [False] * 5])
+    with torch.no_grad():
+        plan = layer.plan(hidden, source, hidden_mask, source_mask)[0]
+    costs = reference_costs(layer, hidden[:, :4], source[:, :6])[0]
+    rows, cols = torch.full((4,), 1 / 4).double(), torch.full((6,), 1 / 6).double()
+    reference = plain_sinkhorn(costs, EPS, 2, floor, rows, cols)
+    assert rel_err(plan[:4, :6], reference) <= 1e-5
+    assert plan[4:].abs().max() == 0 and plan[:, 6:].abs().max() == 0
+    # Not converged: a 50-iteration plan is measurably different.
+    assert rel_err(plain_sinkhorn(costs, EPS, 50, floor, rows, cols), reference) > 1e-3
+
+
 def test_barycentric_rows_sum_to_one_and_padded_rows_stay_zero():
     layer = module(8, 1e-12, barycentric=True)
     torch.manual_seed(6)
