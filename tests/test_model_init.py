@@ -159,6 +159,22 @@ def test_expert_computation_is_the_originals_formula(tokenizer):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("direction", ["text_moe", "object_moe"])
+def test_the_moe_reads_the_other_streams_states_detached(tokenizer, direction):
+    # The original detaches every recorded state V_j before its cross-attention: the relation loss
+    # reaches the other stream through the encoder only, never back through the MoE.
+    moe = getattr(make_model(tokenizer), direction).eval()
+    torch.manual_seed(7)
+    tokens = torch.randn(2, 3, 64, requires_grad=True)
+    states = [torch.randn(2, 5, 64, requires_grad=True) for _ in range(5)]
+    out = moe(tokens, states)
+    (out * torch.randn_like(out)).sum().backward()
+    assert all(state.grad is None for state in states)
+    assert tokens.grad.abs().max() > 0 and moe.up.grad.abs().max() > 0
+    # The values are those of the undetached computation: only the gradient's path differs.
+    torch.testing.assert_close(out, moe(tokens, [s.detach() for s in states]))
+
+
 def added_linears(model):
     return [
         m for module in model.added_modules() for m in module.modules() if isinstance(m, nn.Linear)
@@ -184,7 +200,24 @@ def test_original_init_keeps_pytorch_defaults_and_normal_init_is_bert_style(toke
             assert abs(linear.weight.std().item() - 0.02) < 0.002
         if linear.bias is not None:
             assert not linear.bias.any()
-    assert abs(normal.text_moe.up.std().item() - 0.02) < 0.002
+    for moe in (normal.text_moe, normal.object_moe):
+        for weight in (moe.up, moe.down):
+            assert abs(weight.std().item() - 0.02) < 0.002 and abs(weight.mean().item()) < 0.002
+            # Normal, not uniform: 4.6% of N(0, 0.02) lies beyond 0.04; no Xavier-uniform draw
+            # of these shapes does (bound sqrt(3) * 0.021 = 0.037).
+            assert 0.035 < (weight.abs() > 0.04).float().mean().item() < 0.056
+    # LayerNorms of the added modules: gain 1 and bias 0 in both modes (PyTorch's default).
+    for model in (original, normal):
+        norms = [
+            m
+            for module in model.added_modules()
+            for m in module.modules()
+            if isinstance(m, nn.LayerNorm)
+        ]
+        assert norms
+        for norm in norms:
+            assert torch.equal(norm.weight, torch.ones_like(norm.weight))
+            assert torch.equal(norm.bias, torch.zeros_like(norm.bias))
     assert abs(
         original.text_moe.up.std().item() - xavier_std(original.text_moe.up.shape)
     ) < 0.1 * xavier_std(original.text_moe.up.shape)
