@@ -220,6 +220,33 @@ def reference_training(
     return losses, rates, clipped
 
 
+def test_batched_prediction_equals_one_sample_at_a_time(world):
+    """predict_dataset on a shard in batches of 3 (the last one short): each row is the sample it
+    names, its gold label and pair kind, the softmax of the eval-mode logits and their argmax;
+    the model's mode is restored."""
+    from pipeline.features.dataset import FeatureDataset
+
+    labels = label_list(Dataset(world["raw"]).relations)
+    dev = FeatureDataset.load(world["features"], "valid", small_params(), labels)
+    torch.manual_seed(0)
+    model = LinearOnBoxes(5 * SMALL["data.max_objects"], len(labels))
+    model.linear = torch.nn.Sequential(torch.nn.Dropout(0.5), model.linear)  # acts if not eval
+    shard = [7, 3, 12, 0, 59, 31, 8]
+    out = predict_dataset(model.train(), dev, 3, "cpu", shard)
+    assert model.training
+    assert out["index"].tolist() == shard
+    model.eval()
+    for row, i in enumerate(shard):
+        with torch.no_grad():
+            logits = model(dev.batch([i]))[0].double().tolist()
+        exp = [math.exp(x - max(logits)) for x in logits]
+        probs = [e / sum(exp) for e in exp]
+        np.testing.assert_allclose(out["probs"][row], probs, rtol=1e-5, atol=1e-7)
+        assert out["pred"][row] == max(range(len(labels)), key=logits.__getitem__)
+        assert out["gold"][row] == dev.labels[i] and out["pair_kind"][row] == dev.pair_kinds[i]
+    assert len(set(out["pred"].tolist())) > 1  # not a constant prediction
+
+
 @pytest.mark.parametrize(
     ("grad_accum", "max_grad_norm"), [(2, 0.0), (1, 1.5)], ids=["accumulated", "clipped"]
 )
