@@ -247,6 +247,26 @@ def test_batched_prediction_equals_one_sample_at_a_time(world):
     assert len(set(out["pred"].tolist())) > 1  # not a constant prediction
 
 
+def test_a_run_whose_dev_f1_stays_zero_keeps_its_first_epoch(world, tmp_path, monkeypatch):
+    """A model that predicts none everywhere scores dev micro-F1 0: epoch 1 is still the best
+    so far (no epoch is better than none), so checkpoint/best and selected/ exist."""
+    from pipeline.train import loop
+
+    labels = label_list(Dataset(world["raw"]).relations)
+    model = LinearOnBoxes(5 * SMALL["data.max_objects"], len(labels))
+    with torch.no_grad():
+        model.linear.weight.zero_()
+        model.linear.bias.copy_(torch.eye(len(labels))[0])  # "none" wins every sample
+    monkeypatch.setattr(loop, "build_model", lambda *_: model)
+    monkeypatch.setattr(loop, "model_card", lambda *_: "")
+    monkeypatch.setattr(loop, "write_trained", lambda folder, *_: folder.mkdir(parents=True))
+    params = small_params(**{"train.lr": 0.0, "train.epochs": 2})
+    result = loop.train(params, world["features"], world["raw"], tmp_path / "m", tmp_path / "l")
+    assert [h["dev_micro_f1"] for h in result.history] == [0.0, 0.0]
+    assert (result.best_epoch, result.best_score) == (1, 0.0)
+    assert (tmp_path / "m" / "checkpoint" / "best").is_dir() and result.best_dir.is_dir()
+
+
 @pytest.mark.parametrize(
     ("grad_accum", "max_grad_norm"), [(2, 0.0), (1, 1.5)], ids=["accumulated", "clipped"]
 )
