@@ -175,7 +175,7 @@ def reference_training(
     clipped to max_grad_norm (scale max / (norm + 1e-6) when above it); AdamW (betas 0.9, 0.999,
     eps 1e-8, decoupled decay on every parameter) at a rate warming up linearly from 0 over
     ceil(warmup_ratio * steps) steps, then falling linearly to 0 at the last step. Returns each
-    step's loss, the rate in force after it, and the number of clipped steps."""
+    step's loss, the rate its update ran at, and the number of clipped steps."""
     params = list(model.parameters())
     exp_avg = [torch.zeros_like(p) for p in params]
     exp_sq = [torch.zeros_like(p) for p in params]
@@ -216,7 +216,7 @@ def reference_training(
                     p.sub_(lr * (m1 / (1 - 0.9**t)) / denom)
             step += 1
             losses.append(step_loss)
-            rates.append(rate(step))
+            rates.append(lr)
     return losses, rates, clipped
 
 

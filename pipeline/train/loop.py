@@ -285,10 +285,13 @@ def train(
         # reads it in one transfer: the host never waits for the device inside a step.
         unread: list[StepRecord] = []
         for record in steps:
+            # the rate this step's update ran at (warm-up's first update: 0), read before the
+            # schedule moves on to the next step's
+            record.lr = scheduler.get_last_lr()[0]
             if not accelerator.optimizer_step_was_skipped:  # fp16 overflow: keep the schedule
                 scheduler.step()
             progress.global_step += 1
-            record.step, record.lr = progress.global_step, scheduler.get_last_lr()[0]
+            record.step = progress.global_step
             unread.append(record)
             if tp.log_every > 0 and progress.global_step % tp.log_every == 0:
                 step_losses += _read_steps(accelerator, unread, bar)
