@@ -362,7 +362,12 @@ def test_training_lowers_the_loss_and_beats_the_majority_baseline(world, trained
     best = int(np.argmax(dev_f1))
     assert model.info["epoch"] == best + 1
     out = predict_dataset(model.model, dev, 64, "cpu")
-    assert metrics.micro_prf(out["gold"], out["pred"])[2] == pytest.approx(dev_f1[best])
+    precision, recall, f1 = metrics.micro_prf(out["gold"], out["pred"])
+    assert f1 == pytest.approx(dev_f1[best])
+    # ... and its logged precision and recall (they differ here: a swap would show).
+    assert abs(precision - recall) > 1e-3
+    for name, value in (("micro_precision", precision), ("micro_recall", recall)):
+        assert read_live_metric(trained["live"], f"dev/{name}")[1][best] == pytest.approx(value)
     summary = json.loads((trained["live"] / "metrics.json").read_text())
     assert summary["best"] == {"dev_micro_f1": pytest.approx(dev_f1[best]), "epoch": best + 1}
     assert "best dev micro-F1" in trained["output"]
