@@ -225,3 +225,17 @@ def test_ot_regime_plot_labels_every_cell_readably(tmp_path, monkeypatch):
     plt.close(fig)
     plots.plot_ot_regime(tmp_path / "none.png", {"mode": "transport"})
     assert "no OT" in figures[-1].axes[0].texts[0].get_text()
+
+
+def test_selected_on_test_keeps_the_later_of_equal_epochs(tmp_path):
+    # The original picked on test with `>=`: among equal maxima, the last epoch.
+    metrics_dir = tmp_path / "plots" / "metrics"
+    (metrics_dir / "test").mkdir(parents=True)
+    rows = [(38, 1, 0.5), (76, 2, 0.75), (114, 3, 0.625), (152, 4, 0.75), (190, 5, 0.25)]
+    (metrics_dir / "test" / "micro_f1.tsv").write_text(
+        "step\tmicro_f1\n" + "".join(f"{s}\t{f}\n" for s, _, f in rows)
+    )
+    (metrics_dir / "epoch.tsv").write_text(
+        "step\tepoch\n" + "".join(f"{s}\t{e}\n" for s, e, _ in rows)
+    )
+    assert report.selected_on_test(tmp_path) == {"micro_f1": 0.75, "epoch": 4}

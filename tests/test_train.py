@@ -174,7 +174,8 @@ def reference_training(
     may be shorter: its loss is the mean over its own micro-batches); the total gradient norm
     clipped to max_grad_norm (scale max / (norm + 1e-6) when above it); AdamW (betas 0.9, 0.999,
     eps 1e-8, decoupled decay on every parameter) at a rate warming up linearly from 0 over
-    ceil(warmup_ratio * steps) steps, then falling linearly to 0 at the last step. Returns each
+    warmup_ratio * steps steps, not rounded (the original's float), then falling linearly to 0 at
+    the last step. Returns each
     step's loss, the rate its update ran at, and the number of clipped steps."""
     params = list(model.parameters())
     exp_avg = [torch.zeros_like(p) for p in params]
@@ -182,7 +183,8 @@ def reference_training(
     micro = math.ceil(len(data) / tp.batch_size)
     groups = [list(range(s, min(s + tp.grad_accum, micro))) for s in range(0, micro, tp.grad_accum)]
     total = len(groups) * tp.epochs
-    warmup = math.ceil(tp.warmup_ratio * total)
+    warmup = tp.warmup_ratio * total
+    assert warmup != int(warmup) and warmup > 1  # a fractional warm-up: rounding it would show
 
     def rate(step: int) -> float:  # the rate of update number step + 1
         if step < warmup:
@@ -247,9 +249,11 @@ def test_batched_prediction_equals_one_sample_at_a_time(world):
     assert len(set(out["pred"].tolist())) > 1  # not a constant prediction
 
 
-def test_a_run_whose_dev_f1_stays_zero_keeps_its_first_epoch(world, tmp_path, monkeypatch):
+def test_a_run_whose_dev_f1_stays_zero_keeps_its_last_epoch(world, tmp_path, monkeypatch):
     """A model that predicts none everywhere scores dev micro-F1 0: epoch 1 is still the best
-    so far (no epoch is better than none), so checkpoint/best and selected/ exist."""
+    so far (no epoch is better than none), so checkpoint/best and selected/ exist; epoch 2 ties
+    it and, as in the original (its `>=`), the later epoch is kept. A tie is no gain: patience 1
+    stops the run after it."""
     from pipeline.train import loop
 
     labels = label_list(Dataset(world["raw"]).relations)
@@ -260,10 +264,12 @@ def test_a_run_whose_dev_f1_stays_zero_keeps_its_first_epoch(world, tmp_path, mo
     monkeypatch.setattr(loop, "build_model", lambda *_: model)
     monkeypatch.setattr(loop, "model_card", lambda *_: "")
     monkeypatch.setattr(loop, "write_trained", lambda folder, *_: folder.mkdir(parents=True))
-    params = small_params(**{"train.lr": 0.0, "train.epochs": 2})
+    params = small_params(**{"train.lr": 0.0, "train.epochs": 3, "train.patience": 1})
     result = loop.train(params, world["features"], world["raw"], tmp_path / "m", tmp_path / "l")
     assert [h["dev_micro_f1"] for h in result.history] == [0.0, 0.0]
-    assert (result.best_epoch, result.best_score) == (1, 0.0)
+    assert (result.best_epoch, result.best_score, result.stopped_early) == (2, 0.0, True)
+    best = json.loads((tmp_path / "m" / "checkpoint" / "meta.json").read_text())
+    assert (best["best_epoch"], best["epochs_since_best"]) == (2, 1)
     assert (tmp_path / "m" / "checkpoint" / "best").is_dir() and result.best_dir.is_dir()
 
 
@@ -273,7 +279,7 @@ def test_a_run_whose_dev_f1_stays_zero_keeps_its_first_epoch(world, tmp_path, mo
 def test_the_loop_takes_the_steps_of_the_written_out_recipe(
     world, tmp_path, monkeypatch, grad_accum, max_grad_norm
 ):
-    """Schedule (linear warm-up over ceil(ratio * steps), linear decay), gradient accumulation
+    """Schedule (linear warm-up over ratio * steps, not rounded; linear decay), gradient accumulation
     (a short last group averaged over its own size), clipping, AdamW and the data order, against
     a plain loop on a deterministic stand-in model: same weights, same logged losses and rates."""
     from pipeline.train import loop
@@ -283,7 +289,7 @@ def test_the_loop_takes_the_steps_of_the_written_out_recipe(
             "train.epochs": 3,
             "train.grad_accum": grad_accum,
             "train.max_grad_norm": max_grad_norm,
-            "train.warmup_ratio": 0.3,  # ceil: 24 steps -> 8 warm-up steps (rounding gives 7)
+            "train.warmup_ratio": 0.3,  # 7.2 or 13.5 warm-up steps: fractional, as the original
             "train.weight_decay": 0.1,
             "train.log_every": 0,
         }
@@ -831,10 +837,11 @@ def test_a_corrupt_checkpoint_says_how_to_restart(world, tmp_path):
 
 
 def test_early_stopping_after_patience_epochs_without_gain(world, tmp_path):
-    # lr 0: dev F1 never changes, so the best stays epoch 1 and patience 2 stops after epoch 3.
+    # lr 0: dev F1 never changes, so it never rises after epoch 1 and patience 2 stops after
+    # epoch 3; every epoch ties, and the selection keeps the last (the original's `>=`).
     params = small_params(**{"train.lr": 0.0, "train.epochs": 10, "train.patience": 2})
     result = train(params, world["features"], world["raw"], tmp_path / "m", tmp_path / "live")
-    assert result.stopped_early and result.best_epoch == 1
+    assert result.stopped_early and result.best_epoch == 3
     assert [h["epoch"] for h in result.history] == [1, 2, 3]
     assert json.loads((tmp_path / "m" / "checkpoint" / "meta.json").read_text())["finished"]
 

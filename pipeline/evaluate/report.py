@@ -73,12 +73,13 @@ def write_confusion_json(path: str | Path, records: list[dict[str, str]]) -> Non
 def selected_on_test(live_dir: str | Path) -> dict[str, float]:
     """The optimistic figure of ``train.report_test_each_epoch``: the best per-epoch test micro-F1
     and its epoch, i.e. the number a run reports when it picks its checkpoint on test (as the
-    original did). Reported beside the dev-selected figure, never instead of it."""
+    original did, keeping the later epoch on a tie). Reported beside the dev-selected figure,
+    never instead of it."""
     steps, test_f1 = read_live_metric(live_dir, "test/micro_f1")
     epoch_steps, epochs = read_live_metric(live_dir, "epoch")
     if not test_f1.size:
         raise ValueError(f"{live_dir}: no test/micro_f1 logged")
-    best = int(np.argmax(test_f1))
+    best = len(test_f1) - 1 - int(np.argmax(test_f1[::-1]))  # the last of equal maxima
     epoch_of_step = dict(zip(epoch_steps.tolist(), epochs.tolist(), strict=True))
     return {"micro_f1": float(test_f1[best]), "epoch": int(epoch_of_step[int(steps[best])])}
 

@@ -75,7 +75,7 @@ class Progress:
     global_step: int = 0  # optimizer steps taken
     best_score: float = -1.0
     best_epoch: int = 0
-    epochs_since_best: int = 0
+    epochs_since_best: int = 0  # epochs since dev F1 last rose (patience; a tie is no rise)
     finished: bool = False
     stopped_early: bool = False
     history: list[dict[str, float]] = field(default_factory=list)

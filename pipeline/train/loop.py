@@ -237,8 +237,10 @@ def train(
     optimizer = build_optimizer(model, tp.lr, tp.weight_decay, tp.decay_norms_and_biases)
     steps_per_epoch = math.ceil(len(train_loader) / tp.grad_accum)
     total_steps = steps_per_epoch * tp.epochs
+    # The warm-up length is not rounded: the original passed warmup_ratio * steps, a float, and
+    # transformers' schedule is step / warm-up below it, then linear to 0 at the last step.
     scheduler = get_linear_schedule_with_warmup(
-        optimizer, math.ceil(tp.warmup_ratio * total_steps), total_steps
+        optimizer, tp.warmup_ratio * total_steps, total_steps
     )
     model, optimizer = accelerator.prepare(model, optimizer)
     if tp.compile:
@@ -303,11 +305,13 @@ def train(
 
         dev_scores = _split_scores(accelerator, unwrapped, dev_set, dev_shard, params, labels)
         score = dev_scores["micro_f1"]
-        improved = score > progress.best_score
-        if improved:
-            progress.best_score, progress.best_epoch, progress.epochs_since_best = score, epoch, 0
-        else:
-            progress.epochs_since_best += 1
+        # The original kept the later epoch on a tie (its `>=`): so does the selection. Patience
+        # waits for a strict gain.
+        selected = score >= progress.best_score
+        gained = score > progress.best_score
+        progress.epochs_since_best = 0 if gained else progress.epochs_since_best + 1
+        if selected:
+            progress.best_score, progress.best_epoch = score, epoch
         progress.epoch = epoch
         epoch_loss = float(np.mean(step_losses))
         entry = {"epoch": epoch, "loss": epoch_loss, "dev_micro_f1": score}
@@ -327,7 +331,7 @@ def train(
         if main:
             log.info(
                 "epoch %d: loss %.4f, dev micro-F1 %.4f%s",
-                epoch, epoch_loss, score, " (best)" if improved else "",
+                epoch, epoch_loss, score, " (best)" if selected else "",
             )  # fmt: skip
             if progress.stopped_early:
                 log.info("early stop: no dev improvement for %d epochs", tp.patience)
@@ -350,7 +354,7 @@ def train(
             ckpt_dir,
             fingerprint=fingerprint,
             progress=progress,
-            write_best=write_best if improved else None,
+            write_best=write_best if selected else None,
             logs=[live_dir],
         )
 
