@@ -37,7 +37,7 @@ lock:
 	$(LOCK_VENV)/bin/uv pip compile --quiet $(UV_FLAGS) --python-version $(LOCK_PYTHON) --python-platform $(LOCK_PLATFORM) pyproject.toml --extra dev -c constraints.txt -o requirements.lock
 
 # The 6-seed standard deviation of the embedded default's test micro-F1 (README, Results).
-SEED_SPREAD := 0.005
+SEED_SPREAD := 0.008
 
 demo: setup
 	test -d .dvc || $(BIN)/dvc init -q
@@ -45,8 +45,8 @@ demo: setup
 	@echo "Your run (workspace) beside the committed one (HEAD):"
 	@$(BIN)/dvc metrics diff HEAD --all --precision 4 --targets metrics/test.json
 	@echo "Expected: no change on the CPU kind that made the committed run (AMD EPYC Zen 4, AVX-512; README, Results)."
-	@echo "Elsewhere a run differs like a new seed: micro_f1 within about 0.01 of HEAD (6-seed std $(SEED_SPREAD)),"
-	@echo "per pair kind within about 0.03 (6-seed std up to 0.016)."
+	@echo "Elsewhere a run differs like a new seed: micro_f1 within about 0.02 of HEAD (6-seed std $(SEED_SPREAD)),"
+	@echo "per pair kind within about 0.04 (6-seed std up to 0.021)."
 
 test: setup
 	$(BIN)/python -m pytest -q
