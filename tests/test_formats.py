@@ -174,23 +174,28 @@ def test_box_units_are_decided_per_file_and_slight_overshoot_is_clipped(tmp_path
         reader.read_split(path, "train")
 
 
-def test_bad_box_in_objects_file_names_image_and_object(tmp_path):
+@pytest.mark.parametrize(
+    ("name", "box"),
+    [
+        ("[OBJ1]", [90, 10, 20, 50]),  # x2 < x1
+        # Boxes are stored to 6 decimals: a side under 5e-7 of the image would be written empty
+        # and refused later, by the features stage; it is refused here, at its line.
+        ("[OBJ0]", [10, 20, 10.00001, 180]),
+    ],
+    ids=["reversed", "rounds-to-empty"],
+)
+def test_bad_box_in_objects_file_names_image_and_object(tmp_path, name, box):
     objects = source_objects()
-    objects["img_c.png"]["[OBJ1]"] = [90, 10, 20, 50]
+    objects["img_c.png"][name] = box
     reader = _reader(tmp_path, objects=objects)
-    with pytest.raises(DataError, match=r"pos_umke.json:\d+: image img_c.png, \[OBJ1\]: bad box"):
+    expected = rf"pos_umke.json:\d+: image img_c.png, {re.escape(name)}: bad box"
+    with pytest.raises(DataError, match=expected):
         reader.objects(["img_c.png"])
 
 
-def test_a_box_that_rounding_would_make_empty_is_a_bad_box(tmp_path):
-    # Boxes are stored to 6 decimals: a side under 5e-7 of the image would be written empty and
-    # refused later, by the features stage; it is refused here, at its line.
+def test_a_narrow_box_that_survives_rounding_is_kept(tmp_path):
     objects = source_objects()
-    objects["img_c.png"]["[OBJ0]"] = [10, 20, 10.00001, 180]
-    reader = _reader(tmp_path, objects=objects)
-    with pytest.raises(DataError, match=r"pos_umke.json:\d+: image img_c.png, \[OBJ0\]: bad box"):
-        reader.objects(["img_c.png"])
-    objects["img_c.png"]["[OBJ0]"] = [10, 20, 10.001, 180]  # 1e-5 of the width: kept
+    objects["img_c.png"]["[OBJ0]"] = [10, 20, 10.001, 180]  # 1e-5 of the width
     (box,) = _reader(tmp_path, objects=objects).objects(["img_c.png"])["img_c.png"].values()
     assert box[2] > box[0]
 
