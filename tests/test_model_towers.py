@@ -65,6 +65,7 @@ def test_tiny_presets(tokenizer):
     assert isinstance(vision.blocks[0].mlp.act, timm.layers.QuickGELU)
     # The specs rebuild the same architectures.
     assert text_tower_from_spec(text_spec).config.to_dict() == config.to_dict()
+    assert not {"id2label", "label2id"} & set(text_spec["bert_config"])
     rebuilt = vision_tower_from_spec(vision_spec)
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {
         k: v.shape for k, v in vision.state_dict().items()
@@ -152,6 +153,20 @@ def test_hub_names_and_local_folders_share_one_loader(tmp_path, tokenizer, monke
     hub_state, local_state = (m.state_dict() for m in models)
     assert hub_state.keys() == local_state.keys()
     assert all(torch.equal(hub_state[k], local_state[k]) for k in hub_state)
+
+
+def test_the_text_spec_keeps_no_head_labels_of_its_checkpoint(tmp_path, tokenizer):
+    """A checkpoint fine-tuned for classification carries its head's labels; the tower has no head,
+    so a saved model's config.json must not show them beside the model's own labels."""
+    save_text(tmp_path / "bert", len(tokenizer), id2label={0: "negative", 1: "neutral", 2: "pos"})
+    text, spec = load_text_tower(str(tmp_path / "bert"), True, len(tokenizer))
+    assert text.config.id2label[2] == "pos"  # the checkpoint's config, as loaded
+    assert "id2label" not in spec["bert_config"] and "label2id" not in spec["bert_config"]
+    rebuilt = text_tower_from_spec(spec).config.to_dict()
+    loaded = text.config.to_dict()
+    for config in (rebuilt, loaded):
+        del config["id2label"], config["label2id"]
+    assert rebuilt == loaded
 
 
 def test_unequal_hidden_sizes_fail_clearly(tmp_path, tokenizer):

@@ -29,6 +29,7 @@ __all__ = [
     "TINY_VISION_ARCHITECTURE",
     "TINY_VISION_ARGS",
     "load_text_tower",
+    "text_spec",
     "text_tower_from_spec",
     "load_vision_tower",
     "vision_tower_from_spec",
@@ -74,7 +75,17 @@ def load_text_tower(name: str, pretrained: bool, vocab_size: int) -> tuple[nn.Mo
             model = AutoModel.from_config(config, add_pooling_layer=False)
     if model.get_input_embeddings().num_embeddings != vocab_size:
         _resize_embeddings(model, vocab_size)
-    return model, {"bert_config": model.config.to_dict()}
+    return model, text_spec(model)
+
+
+def text_spec(model: nn.Module) -> dict:
+    """The rebuild spec of a ``BertModel``: its whole config, less the label maps of a
+    classification head it does not have (BERT's default ``LABEL_0``/``LABEL_1`` would sit in a
+    saved ``config.json`` beside the model's own labels)."""
+    config = model.config.to_dict()
+    for key in ("id2label", "label2id"):
+        config.pop(key, None)
+    return {"bert_config": config}
 
 
 def _resize_embeddings(model: nn.Module, vocab_size: int) -> None:
