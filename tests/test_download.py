@@ -162,6 +162,42 @@ def test_size_limit_and_non_archives(tmp_path):
         safe_extract(text, tmp_path / "t2")
 
 
+def test_the_size_limit_holds_for_tar_archives_too(tmp_path):
+    archive = _tar(tmp_path / "big.tar.gz", {"a.bin": b"0" * 6000, "d/b.bin": b"1" * 4000})
+    with pytest.raises(
+        UnsafeArchiveError, match=r"unpacks to 10000 bytes \(expected at most 9999\)"
+    ):
+        safe_extract(archive, tmp_path / "t", max_bytes=9999)
+    assert not (tmp_path / "t").exists()
+    safe_extract(archive, tmp_path / "t", max_bytes=10000)
+    assert (tmp_path / "t" / "d" / "b.bin").read_bytes() == b"1" * 4000
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar"])
+def test_backslash_paths_that_climb_out_are_refused(tmp_path, kind):
+    # Written on Windows, "ok\..\..\evil.txt" climbs two folders up once unpacked there.
+    name = "ok\\..\\..\\evil.txt"
+    make = _zip if kind == "zip" else _tar
+    archive = make(tmp_path / f"bad.{kind}", {"ok/good.txt": b"fine", name: b"evil"})
+    with pytest.raises(UnsafeArchiveError, match="points outside the target") as info:
+        safe_extract(archive, tmp_path / "out")
+    assert repr(name) in str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_special_files_in_a_tar_are_refused_by_name(tmp_path):
+    for kind, label in ((tarfile.FIFOTYPE, "fifo"), (tarfile.CHRTYPE, "dev")):
+        archive = tmp_path / f"{label}.tar"
+        with tarfile.open(archive, "w") as tf:
+            info = tarfile.TarInfo(f"a/{label}")
+            info.type = kind
+            tf.addfile(info)
+        expected = f"{archive}: entry 'a/{label}' is a special file (expected files and folders)"
+        with pytest.raises(UnsafeArchiveError, match=re.escape(expected)):
+            safe_extract(archive, tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
 # --- downloads ----------------------------------------------------------------------------------
 class _RangeHandler(http.server.BaseHTTPRequestHandler):
     payload = b""
