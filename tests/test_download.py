@@ -203,13 +203,23 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
     payload = b""
     honour_range = True
     seen_ranges: list = []
+    # "ok"; "wrong-range": a 206 that starts at 0 whatever was asked; "short": the connection
+    # closes after half the declared Content-Length; "416": every Range request is refused.
+    mode = "ok"
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         rng = self.headers.get("Range")
         type(self).seen_ranges.append(rng)
+        if rng and self.mode == "416":
+            self.send_response(416)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         data, status = self.payload, 200
         if rng and self.honour_range:
             start = int(rng.removeprefix("bytes=").rstrip("-"))
+            if self.mode == "wrong-range":
+                start = 0
             data, status = self.payload[start:], 206
         self.send_response(status)
         if status == 206:
@@ -218,7 +228,7 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
             )
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
-        self.wfile.write(data)
+        self.wfile.write(data[: len(data) // 2] if self.mode == "short" else data)
 
     def log_message(self, *args):
         pass
@@ -228,6 +238,7 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
 def http_server():
     _RangeHandler.payload = bytes(range(256)) * 400
     _RangeHandler.seen_ranges = []
+    _RangeHandler.mode = "ok"
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _RangeHandler)
     thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
     thread.start()
@@ -249,6 +260,48 @@ def test_http_download_resumes_a_partial_file(tmp_path, http_server, honour_rang
     assert (
         _RangeHandler.seen_ranges[-1] is None and (tmp_path / "again.bin").read_bytes() == payload
     )
+
+
+def test_a_206_for_another_range_than_asked_is_not_appended(tmp_path, http_server, monkeypatch):
+    monkeypatch.setattr(_RangeHandler, "mode", "wrong-range")
+    payload = _RangeHandler.payload
+    (tmp_path / "file.bin.part").write_bytes(payload[:30000])
+    download_url(http_server, tmp_path / "file.bin")
+    assert _RangeHandler.seen_ranges == ["bytes=30000-"]
+    assert (tmp_path / "file.bin").read_bytes() == payload  # written from the start
+
+
+def test_a_cut_download_stays_partial_and_the_next_run_resumes_it(
+    tmp_path, http_server, monkeypatch
+):
+    payload = _RangeHandler.payload
+    dest = tmp_path / "file.bin"
+    monkeypatch.setattr(_RangeHandler, "mode", "short")
+    half = len(payload) // 2
+    expected = (
+        f"{http_server}: incomplete download (found {half} bytes, expected {len(payload)}); "
+        "rerun to resume"
+    )
+    with pytest.raises(DataError, match=re.escape(expected)):
+        download_url(http_server, dest)
+    assert not dest.exists()
+    assert (tmp_path / "file.bin.part").read_bytes() == payload[:half]
+    monkeypatch.setattr(_RangeHandler, "mode", "ok")
+    download_url(http_server, dest)
+    assert _RangeHandler.seen_ranges == [None, f"bytes={half}-"]
+    assert dest.read_bytes() == payload and not (tmp_path / "file.bin.part").exists()
+
+
+def test_a_partial_file_the_server_cannot_resume_is_downloaded_again(
+    tmp_path, http_server, monkeypatch
+):
+    # A .part as long as the file or longer (stale): the server answers 416 to the Range.
+    monkeypatch.setattr(_RangeHandler, "mode", "416")
+    payload = _RangeHandler.payload
+    (tmp_path / "file.bin.part").write_bytes(b"stale" * 20000)
+    download_url(http_server, tmp_path / "file.bin")
+    assert _RangeHandler.seen_ranges == ["bytes=100000-", None]
+    assert (tmp_path / "file.bin").read_bytes() == payload
 
 
 def test_local_paths_and_file_urls_use_the_same_code(tmp_path):
@@ -279,6 +332,31 @@ def test_checksum_mismatch_names_file_expected_and_found(tmp_path):
     assert dl.fetch(str(src), "archive.zip", sha256=_sha(src).upper()).pinned
 
 
+def test_a_cached_file_that_no_longer_matches_its_pin_is_downloaded_again(tmp_path):
+    src = tmp_path / "data.bin"
+    src.write_bytes(b"version 1")
+    dl = Downloader(tmp_path / "cache")
+    first = dl.fetch(str(src), "data.bin")
+    assert first.path.read_bytes() == b"version 1" and not first.pinned
+    src.write_bytes(b"version 2")  # the source moved on; the pin is the new file's
+    second = dl.fetch(str(src), "data.bin", sha256=_sha(src))
+    assert second.path == first.path and second.path.read_bytes() == b"version 2"
+    assert second.sha256 == _sha(src) and second.pinned
+    assert sorted(p.name for p in first.path.parent.iterdir()) == ["data.bin"]
+
+
+def test_extractions_are_cached_by_checksum_not_by_name(tmp_path):
+    dl = Downloader(tmp_path / "cache")
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = _zip(tmp_path / "one" / "data.zip", {"x.txt": b"one"})
+    two = _zip(tmp_path / "two" / "data.zip", {"x.txt": b"two"})
+    first = dl.extract(dl.fetch(str(one), "data.zip"))
+    second = dl.extract(dl.fetch(str(two), "data.zip"))
+    assert (first / "x.txt").read_bytes() == b"one" and (second / "x.txt").read_bytes() == b"two"
+    assert second == tmp_path / "cache" / "extracted" / _sha(two)[:16]
+
+
 def test_drive_sources_go_through_gdown(tmp_path, monkeypatch):
     calls = []
 
@@ -294,6 +372,17 @@ def test_drive_sources_go_through_gdown(tmp_path, monkeypatch):
     assert len(calls) == 1
     Downloader(tmp_path).fetch("gdrive:OTHER", "x.bin")  # another id never reuses that file
     assert calls[-1] == ("OTHER", True)
+
+
+def test_a_drive_download_that_leaves_no_file_is_an_error(tmp_path, monkeypatch):
+    def fake_download(id, output, quiet, resume):  # noqa: A002 (gdown's keyword)
+        return None  # what gdown returns when it gives up (quota, permissions)
+
+    monkeypatch.setitem(sys.modules, "gdown", types.SimpleNamespace(download=fake_download))
+    dest = tmp_path / "downloads" / hashlib.sha256(b"gdrive:ABC").hexdigest()[:12] / "x.bin"
+    expected = f"Google Drive file ABC: download failed (found no file at {dest}; expected a public"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        Downloader(tmp_path).fetch("gdrive:ABC", "x.bin")
 
 
 # --- end to end ---------------------------------------------------------------------------------
