@@ -204,12 +204,19 @@ class _RangeHandler(http.server.BaseHTTPRequestHandler):
     honour_range = True
     seen_ranges: list = []
     # "ok"; "wrong-range": a 206 that starts at 0 whatever was asked; "short": the connection
-    # closes after half the declared Content-Length; "416": every Range request is refused.
+    # closes after half the declared Content-Length; "416": every Range request is refused;
+    # "chunked-cut": a chunked response whose connection drops mid-chunk.
     mode = "ok"
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
         rng = self.headers.get("Range")
         type(self).seen_ranges.append(rng)
+        if self.mode == "chunked-cut":  # the connection drops inside the second chunk
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            self.wfile.write(b"%x\r\n%s\r\n%x\r\n%s" % (5000, self.payload[:5000], 5000, b"x" * 10))
+            return
         if rng and self.mode == "416":
             self.send_response(416)
             self.send_header("Content-Length", "0")
@@ -290,6 +297,18 @@ def test_a_cut_download_stays_partial_and_the_next_run_resumes_it(
     download_url(http_server, dest)
     assert _RangeHandler.seen_ranges == [None, f"bytes={half}-"]
     assert dest.read_bytes() == payload and not (tmp_path / "file.bin.part").exists()
+
+
+def test_a_connection_dropped_mid_chunk_is_a_named_error(tmp_path, http_server, monkeypatch):
+    # http.client raises IncompleteRead (no OSError): it must not escape as a traceback.
+    monkeypatch.setattr(_RangeHandler, "mode", "chunked-cut")
+    dest = tmp_path / "file.bin"
+    with pytest.raises(DataError, match=re.escape(f"{http_server}: download interrupted (found ")):
+        download_url(http_server, dest)
+    assert not dest.exists()
+    monkeypatch.setattr(_RangeHandler, "mode", "ok")
+    download_url(http_server, dest)
+    assert dest.read_bytes() == _RangeHandler.payload
 
 
 def test_a_partial_file_the_server_cannot_resume_is_downloaded_again(

@@ -9,6 +9,7 @@ serve crafted archives without a network; :class:`Downloader` ``redirect`` maps 
 from __future__ import annotations
 
 import hashlib
+import http.client
 import logging
 import os
 import posixpath
@@ -196,10 +197,19 @@ def download_url(url: str, dest: Path, timeout: float = 60.0) -> Path:
             offset = 0
         length = response.headers.get("Content-Length")
         total = offset + int(length) if length and length.isdigit() else None
-        with part.open("ab" if resumed else "wb") as fh, _progress(total, offset, dest.name) as bar:
-            for block in iter(lambda: response.read(_CHUNK), b""):
-                fh.write(block)
-                bar.update(len(block))
+        try:
+            with (
+                part.open("ab" if resumed else "wb") as fh,
+                _progress(total, offset, dest.name) as bar,
+            ):
+                for block in iter(lambda: response.read(_CHUNK), b""):
+                    fh.write(block)
+                    bar.update(len(block))
+        except (http.client.HTTPException, OSError) as exc:
+            # A connection cut mid-body: IncompleteRead (chunked responses) is no OSError.
+            raise DataError(
+                f"{url}: download interrupted (found {type(exc).__name__}: {exc}); rerun to resume"
+            ) from exc
     size = part.stat().st_size
     if total is not None and size != total:
         raise DataError(
