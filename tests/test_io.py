@@ -93,3 +93,70 @@ def test_hashes_match_hashlib_and_see_names_and_contents(tmp_path):
     os.rename(tmp_path / "t" / "d" / "b", tmp_path / "t" / "d" / "c")
     assert tree_sha256(tmp_path / "t") != before
     json.dumps(before)  # a plain string, storable in checkpoint metadata
+
+
+def test_the_temp_file_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.fstat(fd).st_ino))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", str(src), str(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    atomic_write_text(tmp_path / "a.txt", "data")
+    tmp, final = str(tmp_path / ".a.txt.tmp"), tmp_path / "a.txt"
+    # The file synced is the one renamed (the inode that is now a.txt), and before the rename.
+    assert events == [("fsync", final.stat().st_ino), ("replace", tmp, str(final))]
+
+
+def test_an_interrupted_write_leaves_no_temp(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("old")
+    with pytest.raises(KeyboardInterrupt), atomic_path(path) as tmp:
+        tmp.write_text("half")
+        raise KeyboardInterrupt
+    assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["a.txt"]
+
+
+def test_tree_hash_takes_files_in_sorted_order_whatever_the_folder_order(tmp_path):
+    names = [f"f{k:02d}" for k in range(40)] + [f"d/g{k:02d}" for k in range(10)]
+    for name in names[1::2] + names[::2]:  # neither sorted nor reversed
+        (tmp_path / "t" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "t" / name).write_bytes(name.encode())
+    expected = hashlib.sha256()
+    for name in sorted(names):
+        expected.update(name.encode() + b"\0" + hashlib.sha256(name.encode()).digest())
+    assert tree_sha256(tmp_path / "t") == expected.hexdigest()
+
+
+def test_a_swap_cut_after_its_second_rename_keeps_the_new_folder(tmp_path):
+    final, old = tmp_path / "best", tmp_path / ".best.old"
+    for folder, text in ((final, "new"), (old, "old")):
+        folder.mkdir()
+        (folder / "v").write_text(text)
+    recover_swap(final)  # the kill came before the old folder was removed
+    assert (final / "v").read_text() == "new" and sorted(os.listdir(tmp_path)) == ["best"]
+
+
+def test_staging_dir_removes_leftovers_and_recovers_a_cut_swap_first(tmp_path):
+    out = tmp_path / "out"
+    (tmp_path / ".out.x1y2.partial" / "sub").mkdir(parents=True)  # left by a killed run
+    (tmp_path / ".out.old").mkdir()  # a swap cut between its renames: out is gone
+    (tmp_path / ".out.old" / "f").write_text("previous")
+    with pytest.raises(KeyError), staging_dir(out) as tmp:
+        # Before any work: the previous version is back and the leftover is gone.
+        assert sorted(os.listdir(tmp_path)) == sorted(["out", tmp.name])
+        raise KeyError("failed")
+    assert (out / "f").read_text() == "previous" and sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_a_staged_folder_gets_the_usual_mode(tmp_path):
+    with staging_dir(tmp_path / "out") as tmp:
+        (tmp / "f").write_text("1")
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
