@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
@@ -64,6 +65,21 @@ def test_mnre_none_spelling_and_label_list(tmp_path):
     assert len(set(MNRE_RELATIONS)) == 23 and "/per/per/self" not in MNRE_RELATIONS
 
 
+def test_mnre_relations_have_the_ids_of_mnre_rel2id():
+    # MNRE v2's rel2id as published with the dataset (its "None" spelled "none" here): a label
+    # id is what a trained model's output means, so the order is part of the format.
+    rel2id = {
+        "None": 0, "/per/per/parent": 1, "/per/per/siblings": 2, "/per/per/couple": 3,
+        "/per/per/neighbor": 4, "/per/per/peer": 5, "/per/per/charges": 6, "/per/per/alumi": 7,
+        "/per/per/alternate_names": 8, "/per/org/member_of": 9, "/per/loc/place_of_residence": 10,
+        "/per/loc/place_of_birth": 11, "/org/org/alternate_names": 12, "/org/org/subsidiary": 13,
+        "/org/loc/locate_at": 14, "/loc/loc/contain": 15, "/per/misc/present_in": 16,
+        "/per/misc/awarded": 17, "/per/misc/race": 18, "/per/misc/religion": 19,
+        "/per/misc/nationality": 20, "/misc/misc/part_of": 21, "/misc/loc/held_on": 22,
+    }  # fmt: skip
+    assert {("None" if n == "none" else n): i for i, n in enumerate(MNRE_RELATIONS)} == rel2id
+
+
 def _bad(**changes) -> dict:
     return {**GOOD, **changes}
 
@@ -106,6 +122,18 @@ BAD_LINES = [
     (
         _bad(t={"name": "car", "pos": [0.1, 0.1, 0.2, 0.2]}),
         r"t: bad object name \(found 'car', expected '\[OBJk\]'\)",
+    ),
+    (
+        _bad(h={"name": "Bill", "pos": [3, 3]}),
+        r"span outside the tokens \(found h pos \[3, 3\), expected 0 <= start < end <= 9\)",
+    ),
+    (
+        _bad(t={"name": "RT", "pos": [-1, 1]}),
+        r"span outside the tokens \(found t pos \[-1, 1\), expected 0 <= start < end <= 9\)",
+    ),
+    (
+        _bad(h={"name": "Bill", "pos": [True, 3]}),
+        r"malformed line \(found h pos \[True, 3\], expected 2 ints\)",
     ),
     (_bad(img_id="nope.jpg"), r"missing image \(found no file 'nope.jpg', expected one under "),
     (
@@ -247,9 +275,57 @@ def test_image_index_prefers_the_named_folder_then_the_shallowest(tmp_path):
     assert ImageIndex([tmp_path]).size("img_c.png") == (100, 200)
 
 
+def test_same_size_files_of_other_contents_are_told_apart_by_their_bytes(tmp_path):
+    # Unpacked from one archive, two files may share size and mtime: only the bytes tell.
+    for folder, data in (("a", b"AAAA"), ("b", b"BBBB"), ("c/deep", b"CCCC"), ("d", b"AAAA")):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "x.jpg").write_bytes(data)
+        os.utime(tmp_path / folder / "x.jpg", (1_700_000_000, 1_700_000_000))
+    index = ImageIndex([tmp_path])
+    assert index.find("x.jpg") == tmp_path / "a" / "x.jpg"
+    assert index.ambiguous == {"x.jpg": [tmp_path / "a" / "x.jpg", tmp_path / "b" / "x.jpg"]}
+    (tmp_path / "b" / "x.jpg").unlink()  # now only a deeper file differs: chosen, and counted
+    index = ImageIndex([tmp_path])
+    assert index.find("x.jpg") == tmp_path / "a" / "x.jpg"
+    assert index.ambiguous == {} and index.chosen_among_different == {"x.jpg"}
+
+
+def test_a_span_may_end_at_the_last_token(tmp_path):
+    reader = _reader(tmp_path)
+    whole = _bad(h={"name": " ".join(TOKENS), "pos": [0, len(TOKENS)]})
+    path = write_lines(tmp_path / "train.txt", [whole])
+    (record,) = reader.read_split(path, "train")
+    assert record.head.span == (0, 9)
+
+
+def test_names_that_differ_from_their_span_only_in_case_and_spaces_are_not_counted(tmp_path):
+    reader = _reader(tmp_path)
+    lines = [
+        _bad(h={"name": "bill  COSBY", "pos": [1, 3]}),  # the same words
+        _bad(h={"name": "Bill", "pos": [1, 3]}),  # other words: counted
+        _bad(h={"name": "RT Bill", "pos": [0, 2]}, t={"name": "rtbill", "pos": [0, 2]}),
+    ]
+    reader.read_split(write_lines(tmp_path / "train.txt", lines), "train")
+    assert reader.hygiene["text_entity_names_differing_from_their_span"] == 1
+
+
+def test_without_objects_file_the_first_box_of_an_object_is_kept(tmp_path):
+    write_images(tmp_path / "imgs")
+    reader = SourceReader(
+        labels=UMRE_RELATIONS, images=ImageIndex([tmp_path]), problems=Problems("raise")
+    )
+    first = _bad(t={"name": "[OBJ0]", "pos": [20, 10, 120, 90]})
+    second = _bad(t={"name": "[OBJ0]", "pos": [0, 0, 100, 50]})
+    reader.read_split(write_lines(tmp_path / "train.txt", [first, second]), "train")
+    assert reader.objects(["img_a.jpg"]) == {"img_a.jpg": {"[OBJ0]": [0.1, 0.1, 0.6, 0.9]}}
+
+
 def test_json_key_lines_finds_each_top_level_key():
     text = '{\n  "a.jpg": {"[OBJ0]": [1, 2, 3, 4]},\n\n  "b.jpg": {},\n  "c.jpg": {}\n}\n'
     assert json_key_lines(text, json.loads(text)) == {"a.jpg": 2, "b.jpg": 4, "c.jpg": 5}
+    # A key's text inside an earlier entry is not the key: the scan goes on from the last key.
+    text = '{\n  "a.jpg": {"note": "c.jpg"},\n  "b.jpg": {},\n  "c.jpg": {}\n}\n'
+    assert json_key_lines(text, json.loads(text)) == {"a.jpg": 2, "b.jpg": 3, "c.jpg": 4}
 
 
 @pytest.mark.parametrize(
