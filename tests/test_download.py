@@ -15,7 +15,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from conftest import source_records
+from conftest import source_objects, source_records
 from typer.testing import CliRunner
 
 from pipeline.config import Params, default_params, params_to_dict
@@ -27,7 +27,7 @@ from pipeline.data.fetch import (
     safe_extract,
     url_join,
 )
-from pipeline.data.prepare import prepare_dataset
+from pipeline.data.prepare import MNRE_FILES, find_files, prepare_dataset
 from pipeline.data.records import UMRE_RELATIONS, Dataset, label_list
 from pipeline.io import DataError
 
@@ -733,6 +733,46 @@ def test_local_archive_and_missing_files(tmp_path, umre_tree):
     )
     with pytest.raises(DataError, match=expected):
         prepare_dataset(params, tmp_path / "out4", tmp_path / "cache")
+
+
+def test_find_files_takes_the_shallowest_then_the_earlier_name(tmp_path):
+    for rel, text in [("a/train_set.json", "1"), ("b/c/d/train_set.json", "2")]:
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(text)
+    # Other contents deeper down: not a rival of the shallowest.
+    assert find_files([tmp_path], ("train_set.json",)) == tmp_path / "a" / "train_set.json"
+    # MNRE's two spellings of its dev file side by side: the first listed wins, no ambiguity.
+    for name, text in [("mnre_val.txt", "plain"), ("mnre_val .txt", "spaced")]:
+        (tmp_path / "x" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "x" / name).write_text(text)
+    assert find_files([tmp_path], MNRE_FILES["valid"]) == tmp_path / "x" / "mnre_val .txt"
+    assert find_files([tmp_path], ("missing.txt",)) is None
+
+
+def test_a_repeat_within_a_later_split_is_counted_once_as_leakage(tmp_path, umre_tree):
+    records = source_records()
+    train0 = records["train_set.json"][0]
+    records["val_set.json"] = [*records["val_set.json"], train0, train0]
+    tree = umre_tree(tmp_path / "tree", records=records)
+    params = _params(**{"data.source": "local", "data.local.path": str(tree)})
+    hygiene = prepare_dataset(params, tmp_path / "out", tmp_path / "cache")["hygiene"]
+    # The first copy in valid repeats train (leakage); the second repeats valid's own.
+    assert hygiene["records_repeated_in_a_later_split"] == 1
+    assert hygiene["duplicate_records"] == 1
+
+
+def test_skip_counts_records_and_problems_apart(tmp_path, umre_tree):
+    # Too many objects for one image is a problem of the objects file: no record is left out.
+    objects = source_objects()
+    objects["img_b.jpg"] = {f"[OBJ{k}]": [0, 0, 32, 32] for k in range(13)}
+    tree = umre_tree(tmp_path / "tree", objects=objects)
+    skip = _params(
+        **{"data.source": "local", "data.local.path": str(tree), "data.on_error": "skip"}
+    )
+    manifest = prepare_dataset(skip, tmp_path / "out", tmp_path / "cache")
+    assert manifest["skipped"] == {"records": 0, "problems": 1, "report": "skipped.tsv"}
+    assert [manifest["splits"][s]["samples"] for s in ("train", "valid", "test")] == [3, 1, 1]
+    assert len(Dataset(tmp_path / "out").objects["img_b.jpg"]) == 12
 
 
 @pytest.mark.parametrize(
