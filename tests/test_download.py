@@ -311,6 +311,25 @@ def test_a_connection_dropped_mid_chunk_is_a_named_error(tmp_path, http_server, 
     assert dest.read_bytes() == _RangeHandler.payload
 
 
+def test_a_reply_that_is_not_http_is_a_named_error(tmp_path):
+    import socketserver
+
+    class NotHttp(socketserver.StreamRequestHandler):
+        def handle(self):
+            self.rfile.readline()
+            self.wfile.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")  # e.g. a wrong port
+
+    with socketserver.ThreadingTCPServer(("127.0.0.1", 0), NotHttp) as server:
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+        url = f"http://127.0.0.1:{server.server_address[1]}/file.bin"
+        try:
+            with pytest.raises(DataError, match=re.escape(f"{url}: download failed (found ")):
+                download_url(url, tmp_path / "file.bin")
+        finally:
+            server.shutdown()
+    assert not (tmp_path / "file.bin").exists()
+
+
 def test_a_partial_file_the_server_cannot_resume_is_downloaded_again(
     tmp_path, http_server, monkeypatch
 ):

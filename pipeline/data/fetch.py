@@ -186,6 +186,10 @@ def download_url(url: str, dest: Path, timeout: float = 60.0) -> Path:
         raise DataError(f"{url}: download failed (found HTTP {exc.code} {exc.reason})") from exc
     except (urllib.error.URLError, OSError) as exc:
         raise DataError(f"{url}: download failed ({exc})") from exc
+    except http.client.HTTPException as exc:  # e.g. BadStatusLine: a reply that is not HTTP
+        raise DataError(
+            f"{url}: download failed (found {type(exc).__name__}: {exc}, expected an HTTP reply)"
+        ) from exc
     with response:
         resumed = (
             offset > 0
