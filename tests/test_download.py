@@ -885,6 +885,7 @@ def test_hygiene_is_counted_in_the_manifest_and_long_values_are_cut(tmp_path, um
         "duplicate_records": 2,  # train[0] twice; `moved` is train[1] once its box is the file's
         "records_repeated_in_a_later_split": 1,
         "record_boxes_disagreeing_with_objects_file": 1,
+        "record_boxes_disagreeing_with_an_earlier_record": 0,  # the objects file's boxes rule
         "duplicate_keys_in_objects_file": 1,
         "image_ids_resolved_by_file_name_only": 1,
         "image_ids_chosen_among_different_files": 0,

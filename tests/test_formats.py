@@ -316,8 +316,12 @@ def test_without_objects_file_the_first_box_of_an_object_is_kept(tmp_path):
     )
     first = _bad(t={"name": "[OBJ0]", "pos": [20, 10, 120, 90]})
     second = _bad(t={"name": "[OBJ0]", "pos": [0, 0, 100, 50]})
-    reader.read_split(write_lines(tmp_path / "train.txt", [first, second]), "train")
+    again = _bad(t={"name": "[OBJ0]", "pos": [20.1, 10, 120, 90]})  # within 1e-3 of the first
+    reader.read_split(write_lines(tmp_path / "train.txt", [first, second, again]), "train")
     assert reader.objects(["img_a.jpg"]) == {"img_a.jpg": {"[OBJ0]": [0.1, 0.1, 0.6, 0.9]}}
+    # The later, other box is not used, and counted: only `second` differs from the first.
+    assert reader.hygiene["record_boxes_disagreeing_with_an_earlier_record"] == 1
+    assert reader.hygiene["record_boxes_disagreeing_with_objects_file"] == 0
 
 
 def test_json_key_lines_finds_each_top_level_key():

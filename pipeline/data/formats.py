@@ -338,6 +338,7 @@ class SourceReader:
         self.hygiene: Counter[str] = Counter(
             {
                 "record_boxes_disagreeing_with_objects_file": 0,
+                "record_boxes_disagreeing_with_an_earlier_record": 0,
                 "duplicate_keys_in_objects_file": 0,
                 "text_entity_names_differing_from_their_span": 0,
                 "pairs_whose_head_is_their_tail": 0,
@@ -553,7 +554,9 @@ class SourceReader:
             return None, f"{key} {name}: {reason}"
         objects = self._image_objects(image_id)
         if self._raw_objects is None:
-            objects.setdefault(name, box)  # no objects file: the records' boxes are the objects
+            # No objects file: the records' boxes are the objects, the first record's box kept.
+            if _boxes_differ(objects.setdefault(name, box), box):
+                self.hygiene["record_boxes_disagreeing_with_an_earlier_record"] += 1
         elif name not in objects:
             listed = self._raw_objects.get(image_id)
             found = ", ".join(listed) if isinstance(listed, dict) and listed else "no objects"
@@ -561,10 +564,15 @@ class SourceReader:
                 f"object {name} missing from {Path(self.objects_file).name} for image "
                 f"{image_id} (found {found}, expected {name} with a valid box)"
             )
-        elif max(abs(a - b) for a, b in zip(box, objects[name], strict=True)) > 1e-3:
+        elif _boxes_differ(box, objects[name]):
             # The objects file's box is the one used (as the original did); counted, not fatal.
             self.hygiene["record_boxes_disagreeing_with_objects_file"] += 1
         return Entity("object", name), ""
+
+
+def _boxes_differ(a: Sequence[float], b: Sequence[float]) -> bool:
+    """Two normalized boxes that are not the same box (a coordinate apart by over 1e-3)."""
+    return max(abs(x - y) for x, y in zip(a, b, strict=True)) > 1e-3
 
 
 _EXPECTED_RECORD = "expected a dict literal or JSON object with token, h, t, img_id, relation"
