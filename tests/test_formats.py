@@ -324,12 +324,31 @@ def test_without_objects_file_the_first_box_of_an_object_is_kept(tmp_path):
     assert reader.hygiene["record_boxes_disagreeing_with_objects_file"] == 0
 
 
-def test_json_key_lines_finds_each_top_level_key():
-    text = '{\n  "a.jpg": {"[OBJ0]": [1, 2, 3, 4]},\n\n  "b.jpg": {},\n  "c.jpg": {}\n}\n'
-    assert json_key_lines(text, json.loads(text)) == {"a.jpg": 2, "b.jpg": 4, "c.jpg": 5}
-    # A key's text inside an earlier entry is not the key: the scan goes on from the last key.
-    text = '{\n  "a.jpg": {"note": "c.jpg"},\n  "b.jpg": {},\n  "c.jpg": {}\n}\n'
-    assert json_key_lines(text, json.loads(text)) == {"a.jpg": 2, "b.jpg": 3, "c.jpg": 4}
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            '{\n  "a.jpg": {"[OBJ0]": [1, 2, 3, 4]},\n\n  "b.jpg": {},\n  "c.jpg": {}\n}\n',
+            [2, 4, 5],
+        ),
+        # A key's text inside an earlier value, even the one just before it, is not the key.
+        ('{\n  "a.jpg": {"note": "c.jpg"},\n  "b.jpg": {},\n  "c.jpg": {}\n}\n', [2, 3, 4]),
+        ('{\n  "a.jpg": {"b.jpg": "c.jpg"},\n  "b.jpg": "\\"c.jpg\\"",\n  "c.jpg": 1}', [2, 3, 4]),
+        # Keys written with escapes, and values over several lines.
+        ('{"a.jpg": [1,\n 2],\n "\\u00e9.jpg": {\n "x": "}"},\n\t"\\/c.jpg" : null}', [1, 3, 5]),
+        ("\n\n { }", []),
+    ],
+)
+def test_json_key_lines_finds_each_top_level_key(text, expected):
+    keys = list(json.loads(text))
+    assert json_key_lines(text) == dict(zip(keys, expected, strict=True))
+
+
+def test_json_key_lines_gives_a_repeated_key_the_line_whose_value_is_kept():
+    text = '{\n "a.jpg": 1,\n "b.jpg": 2,\n "a.jpg": 3\n}'
+    assert json.loads(text)["a.jpg"] == 3
+    assert json_key_lines(text) == {"a.jpg": 4, "b.jpg": 3}
+    assert json_key_lines("[1, 2]") == {} and json_key_lines('"a"') == {}
 
 
 @pytest.mark.parametrize(

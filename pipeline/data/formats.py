@@ -115,7 +115,7 @@ def read_label_file(path: Path) -> tuple[str, ...]:
         except json.JSONDecodeError as exc:
             raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
         if isinstance(raw, dict):
-            lines = json_key_lines(text, raw)
+            lines = json_key_lines(text)
             for name, rel_id in raw.items():
                 if not isinstance(rel_id, int) or isinstance(rel_id, bool):
                     raise DataError(
@@ -285,19 +285,37 @@ def link_outside(path: Path, root: Path) -> str:
     return f"{path} is a link to {path.resolve()}, outside the source folder {root}: refused"
 
 
-def json_key_lines(text: str, keys: Iterable[str]) -> dict[str, int]:
-    """Line numbers of a JSON object's top-level keys, scanning the text once (keys in order)."""
+def json_key_lines(text: str) -> dict[str, int]:
+    """Line numbers of the top-level keys of the JSON object ``text`` (already known to parse).
+
+    A scan of the object itself, value by value, so a key's text inside an earlier value, or a key
+    written with other escapes, is never taken for the key. A key given twice gets the line of its
+    last occurrence, whose value ``json.loads`` keeps. Not an object: no keys.
+    """
+    decoder = json.JSONDecoder()
+    pos = _skip_json_space(text, 0)
+    if not text.startswith("{", pos):
+        return {}
     lines: dict[str, int] = {}
-    pos, line = 0, 1
-    for key in keys:
-        for quoted in (json.dumps(key), json.dumps(key, ensure_ascii=False)):
-            found = text.find(quoted, pos)
-            if found >= 0:
-                line += text.count("\n", pos, found)
-                pos = found
-                break
+    line, counted = 1, 0
+    pos = _skip_json_space(text, pos + 1)
+    while text.startswith('"', pos):
+        line += text.count("\n", counted, pos)
+        counted = pos
+        key, pos = json.decoder.scanstring(text, pos + 1)
         lines[key] = line
+        pos = _skip_json_space(text, _skip_json_space(text, pos) + 1)  # past the ':'
+        _, pos = decoder.raw_decode(text, pos)
+        pos = _skip_json_space(text, pos)
+        if text.startswith(",", pos):
+            pos = _skip_json_space(text, pos + 1)
     return lines
+
+
+def _skip_json_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\n\r":
+        pos += 1
+    return pos
 
 
 def _parse_object_name(name: Any, max_objects: int) -> tuple[int | None, str]:
@@ -360,7 +378,7 @@ class SourceReader:
                     "expected an object: image -> {'[OBJk]': box})"
                 )
             self._raw_objects = raw
-            self._object_lines = json_key_lines(text, raw)
+            self._object_lines = json_key_lines(text)
             self._object_units = box_units(
                 coords
                 for entry in raw.values()

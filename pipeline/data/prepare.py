@@ -107,7 +107,7 @@ def _read_captions(path: Path, image_ids: set[str], problems: Problems) -> dict[
             "expected image -> {entity or '[OBJk]': caption})"
         )
     captions: dict[str, Any] = {}
-    lines = json_key_lines(text, raw)
+    lines = json_key_lines(text)
     for image_id in sorted(image_ids & set(raw)):
         entry = raw[image_id]
         if isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values()):
