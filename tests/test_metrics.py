@@ -239,3 +239,153 @@ def test_selected_on_test_keeps_the_later_of_equal_epochs(tmp_path):
         "step\tepoch\n" + "".join(f"{s}\t{e}\n" for s, e, _ in rows)
     )
     assert report.selected_on_test(tmp_path) == {"micro_f1": 0.75, "epoch": 4}
+
+
+class _TestSplit:
+    """What evaluate_model reads of a feature split: its name, size and sample ids."""
+
+    split = "test"
+
+    def __init__(self, sample_ids: list[str]):
+        self.sample_ids = sample_ids
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+
+def _stub_evaluation(monkeypatch, gold, pred, kinds, *, ot_floor: float = 1e-12) -> dict:
+    """evaluate_model's model, feature split and predictions replaced by fixed label ids (the
+    probabilities put 0.7 on ``pred``), so that its files can be checked against literals."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.config import default_params
+
+    params = default_params({"model.ot.kernel_floor": ot_floor})
+    trained = SimpleNamespace(model=torch.nn.Linear(1, 1), params=params, labels=LABELS)
+    split = _TestSplit([f"s{i}" for i in range(len(gold))])
+    probs = np.full((len(gold), len(LABELS)), 0.3 / (len(LABELS) - 1), dtype=np.float32)
+    probs[np.arange(len(gold)), pred] = 0.7
+    out = {
+        "index": np.arange(len(gold)),
+        "gold": np.asarray(gold),
+        "pred": np.asarray(pred),
+        "pair_kind": np.asarray(kinds),
+        "probs": probs,
+    }
+    seen = {}
+    monkeypatch.setattr(report, "load_for_inference", lambda model_dir: trained)
+    monkeypatch.setattr(report.FeatureDataset, "load", staticmethod(lambda *a, **k: split))
+    monkeypatch.setattr(report, "predict_dataset", lambda *a, **k: out)
+    monkeypatch.setattr(
+        report, "plot_confusion", lambda path, g, p, labels: seen.update(gold=g, pred=p)
+    )
+    return seen
+
+
+def test_evaluate_writes_each_sample_and_relation_as_computed_by_hand(tmp_path, monkeypatch):
+    seen = _stub_evaluation(monkeypatch, GOLD, PRED, KINDS)
+    result = report.evaluate_model("m", "f", tmp_path / "metrics", tmp_path / "plots", None, 8)
+
+    lines = (tmp_path / "metrics" / "predictions.jsonl").read_text().splitlines()
+    kind_names = ["text-text", "text-text", "text-object", "text-object"]
+    kind_names += ["object-object", "object-object"]
+    expected = [
+        {"id": f"s{i}", "pair_kind": kind_names[i], "gold": LABELS[g], "predicted": LABELS[p]}
+        | {"confidence": 0.7}
+        for i, (g, p) in enumerate(zip(GOLD, PRED, strict=True))
+    ]
+    assert [json.loads(line) for line in lines] == expected
+    # One row per relation seen (none left out): precision = hits / predicted, recall = hits /
+    # gold, support = gold count. member_of: predicted at 0, 1, 5, gold at 1, 2, hit at 1;
+    # contain: predicted at 3, gold at 3, 5, hit at 3.
+    assert (tmp_path / "metrics" / "per_relation.csv").read_text().splitlines() == [
+        "label,precision,recall,f1,support",
+        "/per/org/member_of,0.3333,0.5000,0.4000,2",
+        "/loc/loc/contain,1.0000,0.5000,0.6667,2",
+    ]
+    written = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    assert written == json.loads(json.dumps(result))
+    assert written["by_pair_kind"] == {
+        "text-text": {"micro_f1": pytest.approx(2 / 3), "support": 2},
+        "text-object": {"micro_f1": pytest.approx(2 / 3), "support": 2},
+        "object-object": {"micro_f1": 0.0, "support": 2},
+    }
+    confusion = json.loads((tmp_path / "plots" / "confusion.json").read_text())["confusion"]
+    assert confusion == [{"actual": e["gold"], "predicted": e["predicted"]} for e in expected]
+    # The picture is drawn from the same pairs, gold as the rows.
+    assert seen["gold"].tolist() == GOLD.tolist() and seen["pred"].tolist() == PRED.tolist()
+
+
+def test_evaluate_refuses_an_empty_test_split(tmp_path, monkeypatch):
+    empty = np.zeros(0, dtype=np.int64)
+    _stub_evaluation(monkeypatch, empty, empty, empty)
+    with pytest.raises(report.DataError, match="test: no samples to score"):
+        report.evaluate_model("m", "f", tmp_path / "metrics", tmp_path / "plots", None, 8)
+    assert not (tmp_path / "metrics").exists()
+
+
+def test_ot_regime_without_a_floor_is_valid_json(tmp_path, monkeypatch):
+    # Pure entropic OT (kernel_floor 0) loses no entry in a floor: no threshold, written as null
+    # (an infinite number would make the file unreadable as JSON for dvc metrics).
+    _stub_evaluation(monkeypatch, GOLD, PRED, KINDS, ot_floor=0.0)
+    report.evaluate_model("m", "f", tmp_path / "metrics", tmp_path / "plots", None, 8)
+
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    text = (tmp_path / "metrics" / "ot_regime.json").read_text()
+    regime = json.loads(text, parse_constant=refuse)
+    assert regime["enabled"] is True and regime["threshold_cost"] is None
+
+
+def _captured_figures(monkeypatch) -> list:
+    figures = []
+    monkeypatch.setattr(plots, "_save_figure", lambda fig, path: figures.append(fig))
+    return figures
+
+
+def test_confusion_picture_puts_gold_on_rows_and_keeps_labels_never_predicted(monkeypatch):
+    labels = [*LABELS, "/per/per/self"]
+    # /per/per/self is gold once and never predicted: it still gets its row.
+    gold = np.array([0, 1, 1, 2, 3, 3])
+    pred = np.array([0, 1, 2, 2, 0, 1])
+    figures = _captured_figures(monkeypatch)
+    plots.plot_confusion("unused.png", gold, pred, labels)
+    (fig,) = figures
+    (ax,) = fig.axes
+    rows = [tick.get_text() for tick in ax.get_yticklabels()]
+    cols = [tick.get_text() for tick in ax.get_xticklabels()]
+    assert rows == cols == labels
+    assert (ax.get_ylabel(), ax.get_xlabel()) == ("actual", "predicted")
+    cells = {
+        (round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts
+    }
+    # (row = gold, column = predicted): count, counted by hand.
+    assert cells == {(0, 0): "1", (1, 1): "1", (1, 2): "1", (2, 2): "1", (3, 0): "1", (3, 1): "1"}
+    plots._pyplot().close(fig)
+
+
+def test_training_picture_marks_the_best_dev_epoch(tmp_path, monkeypatch):
+    metrics_dir = tmp_path / "plots" / "metrics"
+    (metrics_dir / "train").mkdir(parents=True)
+    (metrics_dir / "dev").mkdir()
+    epochs = [(4, 1, 0.5), (8, 2, 0.75), (12, 3, 0.25)]  # step, epoch, dev micro-F1
+    (metrics_dir / "epoch.tsv").write_text(
+        "step\tepoch\n" + "".join(f"{s}\t{e}\n" for s, e, _ in epochs)
+    )
+    (metrics_dir / "dev" / "micro_f1.tsv").write_text(
+        "step\tmicro_f1\n" + "".join(f"{s}\t{f}\n" for s, _, f in epochs)
+    )
+    (metrics_dir / "train" / "epoch_loss.tsv").write_text(
+        "step\tepoch_loss\n4\t1\n8\t0.5\n12\t0.4\n"
+    )
+    (metrics_dir / "train" / "loss.tsv").write_text(
+        "step\tloss\n" + "".join(f"{s}\t{1 / s}\n" for s in range(1, 13))
+    )
+    figures = _captured_figures(monkeypatch)
+    plots.plot_training(tmp_path, "unused.png")
+    (fig,) = figures
+    assert fig.axes[1].get_title() == "best dev micro-F1 0.7500 (epoch 2)"
+    plots._pyplot().close(fig)
