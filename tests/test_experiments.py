@@ -270,3 +270,55 @@ def test_compare_reads_the_experiments_of_the_commits_it_is_given(tmp_path, monk
     result = _compare(["-m", "micro_f1", "--rev", "abc123", "--rev", "main"], tmp_path)
     assert result.exit_code == 0, result.output
     assert asked == [None, ["abc123", "main"]]  # None: dvc's default, HEAD
+
+
+def test_configurations_keep_the_order_they_first_appear():
+    # Queued as lr first, then depth: the table follows that order, not the labels' alphabet.
+    rows = [
+        _row(None, 1, True, 0.8, rev="main", typ="baseline"),
+        {**_row("lr", 1, True, 0.7), "train.lr": 0.001},
+        _row("no-depth", 1, False, 0.6),
+        {**_row("lr-seed2", 2, True, 0.5), "train.lr": 0.001},
+    ]
+    summary = _summary(rows, ["micro_f1"])
+    assert [r["configuration"] for r in summary] == [
+        "baseline",
+        "train.lr=0.001",
+        "data.use_depth=False",
+    ]
+    assert [r["runs"] for r in summary] == [["main"], ["lr", "lr-seed2"], ["no-depth"]]
+    assert summary[1]["micro_f1"][:2] == (pytest.approx(0.6), pytest.approx(0.1414, abs=1e-4))
+    assert summary[2]["paired"]["micro_f1"][:1] == (pytest.approx(-0.2),)
+
+
+def test_a_run_without_one_param_is_its_own_configuration_not_dropped():
+    # An experiment from before data.use_depth existed: exp_show has no value for it.
+    rows = [_row(None, 1, True, 0.8, rev="main", typ="baseline"), _row("old", 1, True, 0.7)]
+    rows[1]["data.use_depth"] = None
+    summary = _summary(rows, ["micro_f1"])
+    assert [(r["configuration"], r["runs"]) for r in summary] == [
+        ("baseline", ["main"]),
+        ("data.use_depth=None", ["old"]),
+    ]
+
+
+def test_a_boolean_metric_cell_is_no_number():
+    rows = [_row(None, 1, True, 0.8, rev="main", typ="baseline")]
+    rows[0]["micro_f1"] = True
+    assert math.isnan(finished_runs(rows, PARAMS, ["micro_f1"])["metrics", "micro_f1"].iloc[0])
+
+
+def test_compare_warns_only_for_metrics_no_run_reports_and_fails_on_nothing(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: {seed: 1, lr: 0.002}\ndata: {use_depth: true}\n")
+    finished = [r for r in ROWS if r["State"] in (None, "Success")]
+    finished[1] = {**finished[1], "micro_f1": None}  # one run lacks it: still a reported metric
+    (tmp_path / "rows.json").write_text(json.dumps(finished))
+    result = _compare(["--from-file", "rows.json", "-m", "micro_f1"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert "warning" not in result.output
+    # Only unfinished experiments: nothing to summarize is an error, not an empty table.
+    unfinished = [r for r in ROWS if r["State"] not in (None, "Success")]
+    (tmp_path / "rows.json").write_text(json.dumps(unfinished))
+    result = _compare(["--from-file", "rows.json"], tmp_path)
+    assert result.exit_code == 1
+    assert "error: no commits or finished experiments with params found" in result.output
