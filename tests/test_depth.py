@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 import shutil
 import signal
@@ -486,3 +487,100 @@ def test_help_explains_sharding_and_accelerate():
     assert proc.returncode == 0, proc.stderr
     for needle in ("--num-shards", "--shard", "--dataset", "--out", "accelerate launch", "RANK"):
         assert needle in proc.stdout
+
+
+def test_a_replaced_input_redoes_only_its_shard(dataset, tmp_path):
+    shutil.copytree(dataset.root, tmp_path / "ds")
+    copy = Dataset(tmp_path / "ds")
+    out = tmp_path / "depth"
+    shipped = params(source="dataset")
+    run_depth(copy, out, shipped, on_error="raise")
+    before = store_bytes(out)
+    # Shards hold 3 images each in sorted order: img_04 is in shard 1. Its map is replaced.
+    new = np.full((10, 20), 4.0, dtype=np.float32)
+    np.save(copy.depth_path("img_04.png"), new)
+    # A file past the store's last shard (left by a run with smaller shards) is not kept.
+    (out / "shard-00003.parquet").write_bytes(b"not a shard")
+    result = run_depth(copy, out, shipped, on_error="raise")
+    assert (result.shards_computed, result.images_computed) == ([1], 3)
+    np.testing.assert_array_equal(DepthStore(out).get("img_04.png"), new)
+    after = store_bytes(out)
+    assert sorted(p.name for p in out.glob("shard-*")) == [
+        f"shard-{k:05d}.parquet" for k in range(3)
+    ]
+    for name in ("shard-00000.parquet", "shard-00002.parquet"):
+        assert after[name] == before[name]
+
+
+def test_skipped_images_are_not_counted_as_computed(dataset, tmp_path):
+    shutil.copytree(dataset.root, tmp_path / "ds")
+    copy = Dataset(tmp_path / "ds")
+    copy.depth_path("img_07.png").write_bytes(b"not a numpy file")
+    result = run_depth(copy, tmp_path / "depth", params(source="dataset"), on_error="skip")
+    assert result.complete and result.shards_computed == [0, 1, 2]
+    assert result.images_computed == len(IMAGES) - 1
+    assert [s["image_id"] for s in result.skipped] == ["img_07.png"]
+
+
+def test_the_reader_refuses_a_store_its_manifest_does_not_describe(dataset, tmp_path):
+    out = tmp_path / "depth"
+    run_depth(dataset, out, params(source="dataset"), on_error="raise")
+    manifest = json.loads((out / MANIFEST).read_text())
+
+    def write(changes: dict) -> None:
+        (out / MANIFEST).write_text(json.dumps(manifest | changes))
+
+    write({"format": "remote-depth-store/0"})
+    with pytest.raises(ValueError, match="expected format 'remote-depth-store/1'"):
+        DepthStore(out)
+    write({"count": len(IMAGES) + 1})
+    with pytest.raises(ValueError, match=f"lists {len(IMAGES) + 1} images but the shards hold 8"):
+        DepthStore(out)
+    # Shard files gathered by hand, one copied over another: its images would appear twice.
+    write({})
+    shutil.copy(out / "shard-00000.parquet", out / "shard-00001.parquet")
+    with pytest.raises(ValueError, match="image 'img_00.jpg' appears twice"):
+        DepthStore(out)
+
+
+def test_stage_command_passes_its_params_and_locks_only_its_shard(dataset, tmp_path, monkeypatch):
+    from filelock import FileLock, Timeout
+
+    import pipeline.depth.run
+    from pipeline.depth.run import DepthRunResult
+
+    out = tmp_path / "depth"
+    seen = {}
+
+    def fake_run(ds, out_dir, depth, on_error, shard, num_shards, progress):
+        locked = []
+        for name in (".depth.shard-1-of-2.lock", ".depth.shard-0-of-2.lock", ".depth.lock"):
+            lock = FileLock(out_dir.parent / name, timeout=0)
+            try:
+                lock.acquire()
+                lock.release()
+            except Timeout:
+                locked.append(name)
+        seen.update(source=depth.source, on_error=on_error, shard=(shard, num_shards))
+        seen["locked"] = locked
+        return DepthRunResult(3, shards_computed=[1], images_computed=3, complete=False)
+
+    monkeypatch.setattr(pipeline.depth.run, "run_depth", fake_run)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["depth"]["source"] = "model"
+    raw["data"]["on_error"] = "skip"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    args = ["--params", str(tmp_path / "params.yaml"), "--dataset", str(dataset.root)]
+    args += ["--out", str(out), "--shard", "1", "--num-shards", "2", "--no-progress"]
+    result = CliRunner().invoke(stage_app(), args)
+    assert result.exit_code == 0, result.output
+    assert seen == {
+        "source": "model",
+        "on_error": "skip",
+        "shard": (1, 2),
+        "locked": [".depth.shard-1-of-2.lock"],  # the other worker's part stays free
+    }
+    assert (
+        f"computed 3 images in 1 of 3 shards, skipped 0; store {out} incomplete (other "
+        "workers' shards missing)"
+    ) in result.output
