@@ -247,3 +247,20 @@ def test_paper_preset_sets_every_switch_of_the_fidelity_table(params, name):
         assert flat[key] == value, key
     # Depth runs in float32, as the original; float16 is a speed option, not the paper's.
     assert flat["depth.dtype"] == "float32"
+
+
+def test_cli_refuses_a_bad_preset_before_printing_or_writing(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    import pipeline.presets as presets
+    from stages.cli import app
+
+    (tmp_path / "bad.yaml").write_text("model.ot.epsilonn: 0.5\n")
+    monkeypatch.setattr(presets, "PRESETS_DIR", tmp_path)
+    target = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", target)
+    for extra in ([], ["--apply"]):
+        result = CliRunner().invoke(app, ["preset", "bad", "--params", str(target), *extra])
+        assert result.exit_code == 2 and result.stdout == ""
+        assert "model.ot.epsilonn: unknown key" in result.output
+    assert target.read_text() == (ROOT / "params.yaml").read_text()

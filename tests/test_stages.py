@@ -31,8 +31,8 @@ def _download(tmp_path: Path, out: Path):
     return CliRunner().invoke(app, args)
 
 
-def test_a_second_writer_is_refused_and_told_who_holds_the_output(tmp_path):
-    out = tmp_path / "raw"
+def _hold(out: Path) -> subprocess.Popen:
+    """Another process holding ``out``'s lock until killed."""
     holder = subprocess.Popen(
         [
             sys.executable, "-c",
@@ -42,8 +42,17 @@ def test_a_second_writer_is_refused_and_told_who_holds_the_output(tmp_path):
         ],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    if holder.stdout.readline().strip() != "held":
+        holder.kill()
+        holder.wait()
+        raise AssertionError(f"the lock holder exited with {holder.returncode} before holding")
+    return holder
+
+
+def test_a_second_writer_is_refused_and_told_who_holds_the_output(tmp_path):
+    out = tmp_path / "raw"
+    holder = _hold(out)
     try:
-        assert holder.stdout.readline().strip() == "held"
         result = _download(tmp_path, out)
         assert result.exit_code == 1
         assert f"{out}: another run (pid {holder.pid}) is writing it" in result.output
@@ -125,3 +134,80 @@ def test_an_interrupted_train_says_how_to_resume(tmp_path, monkeypatch):
     assert result.exit_code == 130
     assert "train: interrupted; rerun the same command (or dvc repro) to resume" in result.output
     assert str(out / "checkpoint") in result.output
+
+
+def test_processes_a_stage_launched_write_under_its_locks(tmp_path, monkeypatch):
+    from stages.common import LOCKS_HELD_ENV, OutputBusyError, writing_outputs
+
+    out = tmp_path / "models"
+    holder = _hold(out)
+    try:
+        with pytest.raises(OutputBusyError), writing_outputs(out):
+            pass
+        # What train's torchrun children see: their parent holds the locks for them.
+        monkeypatch.setenv(LOCKS_HELD_ENV, "1")
+        with writing_outputs(out):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_evaluate_passes_its_params_and_locks_every_output(tmp_path, monkeypatch):
+    from filelock import FileLock, Timeout
+
+    import pipeline.device
+    import pipeline.evaluate.report
+
+    tree = params_to_dict(default_params(TINY))
+    tree["evaluate"]["batch_size"] = 7
+    tree["train"]["threads"] = 3
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tree))
+    seen = {}
+
+    def fake_evaluate(model, features, metrics, plots, live, batch_size, **kwargs):
+        locked = []
+        for out in (metrics, plots, kwargs["release_dir"]):
+            lock = FileLock(out.parent / f".{out.name}.lock", timeout=0)
+            try:
+                lock.acquire()
+                lock.release()
+            except Timeout:
+                locked.append(out.name)
+        seen.update(batch_size=batch_size, locked=locked, dataset=kwargs["dataset_dir"])
+        return {
+            "micro_f1": 0.5,
+            "micro_precision": 0.25,
+            "micro_recall": 1.0,
+            "accuracy": 0.75,
+            "macro_f1": None,
+            "by_pair_kind": {
+                "text-text": {"micro_f1": 0.5, "support": 4},
+                "object-object": {"micro_f1": None, "support": 0},
+            },
+        }
+
+    monkeypatch.setattr(pipeline.evaluate.report, "evaluate_model", fake_evaluate)
+    monkeypatch.setattr(pipeline.device, "set_tf32", lambda enabled: None)
+    monkeypatch.setattr(
+        pipeline.device,
+        "set_determinism",
+        lambda threads, deterministic: seen.update(threads=threads),
+    )
+    args = ["evaluate", "--params", str(params), "--features", str(tmp_path / "f")]
+    args += ["--model", str(tmp_path / "selected"), "--live", str(tmp_path / "live")]
+    for name in ("metrics", "plots", "release", "dataset"):
+        args += [f"--{name}", str(tmp_path / name)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert seen == {
+        "threads": 3,  # scored with the training run's threads
+        "batch_size": 7,
+        "locked": ["metrics", "plots", "release"],
+        "dataset": tmp_path / "dataset",
+    }
+    assert result.output.strip() == (
+        "evaluate: test micro-F1 0.5000 (P 0.2500, R 1.0000), accuracy 0.7500, macro-F1 n/a; "
+        "by pair kind: text-text 0.5000 (n=4), object-object n/a (n=0)"
+    )
