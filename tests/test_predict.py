@@ -287,3 +287,56 @@ def test_a_mistyped_model_folder_is_named_before_the_hub_error(tmp_path, monkeyp
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a trained model folder"):
         load_trained("empty")
+
+
+class _CountingSplit:
+    """A feature split as predict_dataset reads it: sample ``i`` has gold ``i % 3`` and pair
+    kind ``i % 2``; batches come from ``__getitems__``, as the feature reader's do."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitems__(self, indices: list[int]) -> dict:
+        import torch
+
+        index = torch.tensor(indices)
+        return {"index": index, "labels": index % 3, "pair_kind": index % 2}
+
+
+def test_predict_dataset_labels_each_sample_asked_for_and_keeps_the_models_mode():
+    import torch
+
+    class Scorer(torch.nn.Module):
+        """Logit 2 for class (2 * index) % 3, 0 for the others; dropout only when training."""
+
+        def __init__(self):
+            super().__init__()
+            self.dropout = torch.nn.Dropout(0.9)
+
+        def forward(self, batch):
+            hot = torch.nn.functional.one_hot((2 * batch["index"]) % 3, 3).float()
+            return self.dropout(2 * hot)
+
+    from pipeline.inference import predict_dataset
+
+    model = Scorer().eval()
+    asked = [7, 2, 5, 9, 0]
+    out = predict_dataset(model, _CountingSplit(10), 2, "cpu", indices=asked)
+    assert not model.training
+    assert out["index"].tolist() == asked
+    assert out["gold"].tolist() == [i % 3 for i in asked]
+    assert out["pair_kind"].tolist() == [i % 2 for i in asked]
+    assert out["pred"].tolist() == [(2 * i) % 3 for i in asked]
+    top = np.exp(2) / (np.exp(2) + 2)  # softmax of (2, 0, 0), by hand
+    expected = np.full((len(asked), 3), (1 - top) / 2)
+    expected[np.arange(len(asked)), out["pred"]] = top
+    np.testing.assert_allclose(out["probs"], expected, rtol=1e-6)
+    # A model that was training (dev scoring between epochs) is scored in eval mode and goes on
+    # training afterwards.
+    model.train()
+    again = predict_dataset(model, _CountingSplit(10), 3, "cpu", indices=asked)
+    assert model.training
+    np.testing.assert_allclose(again["probs"], expected, rtol=1e-6)
