@@ -512,6 +512,27 @@ def test_a_replaced_input_redoes_only_its_shard(dataset, tmp_path):
         assert after[name] == before[name]
 
 
+def test_a_store_missing_a_shard_is_unfinished_by_any_worker(dataset, tmp_path):
+    """A finished store whose shard of another worker went missing: this worker has nothing to
+    compute, yet the store is no longer finished, and readers must say so."""
+    out = tmp_path / "depth"
+    run_depth(dataset, out, params(source="dataset"), on_error="raise")
+    (out / "shard-00001.parquet").unlink()
+    result = run_depth(
+        dataset, out, params(source="dataset"), on_error="raise", shard=0, num_shards=2
+    )
+    assert (result.shards_computed, result.complete) == ([], False)
+    assert not (out / MANIFEST).exists()
+    with pytest.raises(FileNotFoundError, match="not a finished depth store"):
+        DepthStore(out)
+    # Its own worker redoes it, and the store is finished again.
+    result = run_depth(
+        dataset, out, params(source="dataset"), on_error="raise", shard=1, num_shards=2
+    )
+    assert (result.shards_computed, result.complete) == ([1], True)
+    assert len(DepthStore(out)) == len(IMAGES)
+
+
 def test_skipped_images_are_not_counted_as_computed(dataset, tmp_path):
     shutil.copytree(dataset.root, tmp_path / "ds")
     copy = Dataset(tmp_path / "ds")

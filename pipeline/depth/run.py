@@ -200,6 +200,7 @@ def run_depth(
         _write_manifest(dataset, out_dir, depth, plan, fingerprint)
         result.complete = True
     else:
+        _unfinish(out_dir)  # a shard of a finished store may have gone missing since
         log.info(
             "depth: %d of %d shards done; run the other workers, or rerun without --shard, "
             "to finish the store", len(done), len(plan),
