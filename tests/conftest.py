@@ -72,6 +72,23 @@ def write_lines(path: Path, records: list) -> Path:
     return path
 
 
+def held_locks(folder: Path, names: list[str]) -> list[str]:
+    """Which of the lock files ``folder/name`` someone holds now (each tried once, without
+    waiting): what a stage command's output locks look like from inside the stage."""
+    from filelock import FileLock, Timeout
+
+    held = []
+    for name in names:
+        lock = FileLock(folder / name, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            held.append(name)
+        else:
+            lock.release()
+    return held
+
+
 def write_images(folder: Path, sizes: dict[str, tuple[int, int]] = SOURCE_IMAGES) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, (name, size) in enumerate(sizes.items()):

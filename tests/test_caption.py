@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from conftest import held_locks
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -605,21 +606,13 @@ def test_an_images_post_text_is_that_of_its_first_record(tmp_path):
 
 
 def test_cli_locks_only_its_own_shard(dataset, tmp_path, monkeypatch):
-    from filelock import FileLock, Timeout
-
     import pipeline.caption.run
 
     seen = {}
 
     def fake_run(ds, out, params, *, shard, num_shards, progress):
-        locked = []
-        for name in (".out.shard-1-of-2.lock", ".out.shard-0-of-2.lock", ".out.lock"):
-            lock = FileLock(out.parent / name, timeout=0)
-            try:
-                lock.acquire()
-                lock.release()
-            except Timeout:
-                locked.append(name)
+        names = [".out.shard-1-of-2.lock", ".out.shard-0-of-2.lock", ".out.lock"]
+        locked = held_locks(out.parent, names)
         seen.update(backend=params.backend, shard=(shard, num_shards), locked=locked)
         return {"items": 5, "generated": 5, "missing": 3}
 

@@ -565,7 +565,7 @@ def test_the_reader_refuses_a_store_its_manifest_does_not_describe(dataset, tmp_
 
 
 def test_stage_command_passes_its_params_and_locks_only_its_shard(dataset, tmp_path, monkeypatch):
-    from filelock import FileLock, Timeout
+    from conftest import held_locks  # here: a subprocess imports this module without conftest
 
     import pipeline.depth.run
     from pipeline.depth.run import DepthRunResult
@@ -574,14 +574,8 @@ def test_stage_command_passes_its_params_and_locks_only_its_shard(dataset, tmp_p
     seen = {}
 
     def fake_run(ds, out_dir, depth, on_error, shard, num_shards, progress):
-        locked = []
-        for name in (".depth.shard-1-of-2.lock", ".depth.shard-0-of-2.lock", ".depth.lock"):
-            lock = FileLock(out_dir.parent / name, timeout=0)
-            try:
-                lock.acquire()
-                lock.release()
-            except Timeout:
-                locked.append(name)
+        names = [".depth.shard-1-of-2.lock", ".depth.shard-0-of-2.lock", ".depth.lock"]
+        locked = held_locks(out_dir.parent, names)
         seen.update(source=depth.source, on_error=on_error, shard=(shard, num_shards))
         seen["locked"] = locked
         return DepthRunResult(3, shards_computed=[1], images_computed=3, complete=False)

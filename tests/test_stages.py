@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import held_locks
 from typer.testing import CliRunner
 
 from pipeline.config import default_params, params_to_dict
@@ -154,8 +155,6 @@ def test_processes_a_stage_launched_write_under_its_locks(tmp_path, monkeypatch)
 
 
 def test_evaluate_passes_its_params_and_locks_every_output(tmp_path, monkeypatch):
-    from filelock import FileLock, Timeout
-
     import pipeline.device
     import pipeline.evaluate.report
 
@@ -167,14 +166,8 @@ def test_evaluate_passes_its_params_and_locks_every_output(tmp_path, monkeypatch
     seen = {}
 
     def fake_evaluate(model, features, metrics, plots, live, batch_size, **kwargs):
-        locked = []
-        for out in (metrics, plots, kwargs["release_dir"]):
-            lock = FileLock(out.parent / f".{out.name}.lock", timeout=0)
-            try:
-                lock.acquire()
-                lock.release()
-            except Timeout:
-                locked.append(out.name)
+        outs = (metrics, plots, kwargs["release_dir"])
+        locked = held_locks(tmp_path, [f".{out.name}.lock" for out in outs])
         seen.update(batch_size=batch_size, locked=locked, dataset=kwargs["dataset_dir"])
         return {
             "micro_f1": 0.5,
@@ -204,7 +197,7 @@ def test_evaluate_passes_its_params_and_locks_every_output(tmp_path, monkeypatch
     assert seen == {
         "threads": 3,  # scored with the training run's threads
         "batch_size": 7,
-        "locked": ["metrics", "plots", "release"],
+        "locked": [".metrics.lock", ".plots.lock", ".release.lock"],
         "dataset": tmp_path / "dataset",
     }
     assert result.output.strip() == (
