@@ -173,6 +173,9 @@ def run_depth(
     plan = [image_ids[i : i + depth.shard_size] for i in range(0, len(image_ids), depth.shard_size)]
     fingerprint = _fingerprint(depth, image_ids)
     _drop_stale(out_dir, fingerprint, len(plan))
+    # A manifest is written only once every shard is done, and workers never delete shards: a
+    # shard found missing later, by a worker with nothing to do, was lost since (see below).
+    was_finished = (out_dir / MANIFEST).is_file()
 
     def is_done(index: int) -> bool:
         info = read_shard_info(out_dir / shard_name(index))
@@ -200,7 +203,8 @@ def run_depth(
         _write_manifest(dataset, out_dir, depth, plan, fingerprint)
         result.complete = True
     else:
-        _unfinish(out_dir)  # a shard of a finished store may have gone missing since
+        if was_finished and not todo:
+            _unfinish(out_dir)  # a finished store that lost a shard (or its inputs) is no more
         log.info(
             "depth: %d of %d shards done; run the other workers, or rerun without --shard, "
             "to finish the store", len(done), len(plan),
