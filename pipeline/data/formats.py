@@ -293,29 +293,28 @@ def json_key_lines(text: str) -> dict[str, int]:
     last occurrence, whose value ``json.loads`` keeps. Not an object: no keys.
     """
     decoder = json.JSONDecoder()
-    pos = _skip_json_space(text, 0)
+    space = json.decoder.WHITESPACE  # the decoder's own whitespace rule
+
+    def skip(pos: int) -> int:
+        return space.match(text, pos).end()
+
+    pos = skip(0)
     if not text.startswith("{", pos):
         return {}
     lines: dict[str, int] = {}
     line, counted = 1, 0
-    pos = _skip_json_space(text, pos + 1)
+    pos = skip(pos + 1)
     while text.startswith('"', pos):
         line += text.count("\n", counted, pos)
         counted = pos
         key, pos = json.decoder.scanstring(text, pos + 1)
         lines[key] = line
-        pos = _skip_json_space(text, _skip_json_space(text, pos) + 1)  # past the ':'
+        pos = skip(skip(pos) + 1)  # past the ':'
         _, pos = decoder.raw_decode(text, pos)
-        pos = _skip_json_space(text, pos)
+        pos = skip(pos)
         if text.startswith(",", pos):
-            pos = _skip_json_space(text, pos + 1)
+            pos = skip(pos + 1)
     return lines
-
-
-def _skip_json_space(text: str, pos: int) -> int:
-    while pos < len(text) and text[pos] in " \t\n\r":
-        pos += 1
-    return pos
 
 
 def _parse_object_name(name: Any, max_objects: int) -> tuple[int | None, str]:
