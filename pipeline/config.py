@@ -162,6 +162,7 @@ class ModelParams:
     vision_model: str
     pretrained: bool
     init: Literal["original", "normal"]
+    depth_embedding: Literal["tokens", "channel"]
     pool_after_layer: int
     fusion_start_layer: int
     dropout: float
@@ -372,7 +373,7 @@ def _build(cls: type, raw: dict[str, Any], path: str) -> Any:
 # before the key existed: a saved model folder (trained.json, config.json) without the key reads
 # as if it had this value. Adding a param that changes behaviour? Add it here too, or every
 # existing model folder stops loading ("missing key").
-ADDED_PARAMS: dict[str, Any] = {"data.local.labels": ""}
+ADDED_PARAMS: dict[str, Any] = {"data.local.labels": "", "model.depth_embedding": "tokens"}
 # What a saved folder's missing-key error adds, in trained.json and in config.json alike.
 ADDED_PARAMS_HINT = (
     "a folder saved before that param existed: its old-behaviour value belongs in "

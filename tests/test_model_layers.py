@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from pipeline.model.embeddings import ObjectPooling
+from pipeline.model.embeddings import ObjectPatchEmbeddings, ObjectPooling
 from pipeline.model.encoder import TextLayer, VisionLayer
 from pipeline.model.moe import CrossAttention
 
@@ -159,6 +159,103 @@ def test_object_pooling_is_the_mean_plus_the_box_then_layer_norm(use_box):
             scale = torch.sqrt((centred**2).mean() + 1e-12)
             expected[b, slot] = centred / scale * pooling.norm.weight + pooling.norm.bias
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def small_vit(architecture: str):
+    """A timm ViT of ``architecture`` at 32 wide, patch 32: CLIP's has no patch bias and a
+    pre-LayerNorm, the plain ViT a patch bias and no pre-norm."""
+    import timm
+
+    vit = timm.create_model(
+        architecture, pretrained=False, num_classes=0, embed_dim=HIDDEN, depth=1, num_heads=4
+    )
+    return randomize(vit, seed=11).double()
+
+
+def patch_embeddings_reference(module, pixels, depth, depth_embedding):
+    """The tokens of ``[B, P, 3, 64, 64]`` crops and ``[B, P, 64, 64]`` depth, patch by patch: each
+    32x32 patch flattened times the flattened convolution weights, plus the bias and the patch's
+    position, then the pre-norm (a LayerNorm written out, or none)."""
+    rgb_w = module.rgb_patch.weight.reshape(HIDDEN, -1)
+    rgb_b = module.rgb_patch.bias
+    depth_w = depth_b = None
+    if depth is not None:
+        depth_w = module.depth_patch.weight.reshape(HIDDEN, -1)
+        depth_b = module.depth_patch.bias
+    batch, slots = pixels.shape[:2]
+    out = []
+    for b in range(batch):
+        for slot in range(slots):
+            rgb_tokens, depth_tokens = [], []
+            for k, (row, col) in enumerate([(0, 0), (0, 1), (1, 0), (1, 1)]):
+                cut = (slice(32 * row, 32 * row + 32), slice(32 * col, 32 * col + 32))
+                rgb = rgb_w @ pixels[b, slot][(slice(None), *cut)].reshape(-1)
+                rgb = rgb + (rgb_b if rgb_b is not None else 0)
+                position = module.position[0, k]
+                if depth is None:
+                    rgb_tokens.append(rgb + position)
+                    continue
+                dep = depth_w @ depth[b, slot][cut].reshape(-1)
+                dep = dep + (depth_b if depth_b is not None else 0)
+                if depth_embedding == "channel":
+                    rgb_tokens.append(rgb + dep + position)
+                else:
+                    rgb_tokens.append(rgb + position)
+                    depth_tokens.append(dep + position)
+            out += rgb_tokens + depth_tokens
+    tokens = torch.stack(out).reshape(batch, -1, HIDDEN)
+    if isinstance(module.pre_norm, nn.LayerNorm):
+        tokens = layer_norm(tokens, module.pre_norm)
+    return tokens
+
+
+ARCHITECTURES = ["vit_base_patch32_clip_quickgelu_224", "vit_base_patch32_224"]
+
+
+@pytest.mark.parametrize("architecture", ARCHITECTURES)
+@pytest.mark.parametrize("depth_embedding", ["tokens", "channel", None])
+def test_object_patch_embeddings_are_patch_products_plus_positions(architecture, depth_embedding):
+    vit = small_vit(architecture)
+    use_depth = depth_embedding is not None
+    module = ObjectPatchEmbeddings(vit, 64, use_depth, depth_embedding or "tokens").double()
+    assert isinstance(module.pre_norm, nn.LayerNorm) == ("clip" in architecture)
+    if use_depth:  # init: the RGB mean of the patch weights; one bias when depth is a channel
+        torch.testing.assert_close(
+            module.depth_patch.weight, vit.patch_embed.proj.weight.mean(dim=1, keepdim=True)
+        )
+        has_bias = vit.patch_embed.proj.bias is not None and depth_embedding == "tokens"
+        assert (module.depth_patch.bias is not None) == has_bias
+        if has_bias:
+            torch.testing.assert_close(module.depth_patch.bias, vit.patch_embed.proj.bias)
+        randomize(module.depth_patch, seed=12)  # trained weights: no longer the RGB mean
+    torch.manual_seed(13)
+    pixels = torch.randn(2, 3, 3, 64, 64, dtype=torch.float64)
+    depth = torch.rand(2, 3, 64, 64, dtype=torch.float64) * 10 if use_depth else None
+    out = module(pixels, depth)
+    per_object = {"tokens": 8, "channel": 4, None: 4}[depth_embedding]
+    assert module.tokens_per_object == per_object and out.shape == (2, 3 * per_object, HIDDEN)
+    expected = patch_embeddings_reference(module, pixels, depth, depth_embedding)
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+
+
+def test_own_depth_tokens_lose_a_flat_regions_depth_level_and_a_depth_channel_keeps_it():
+    """The original's quirk, in numbers: a constant-depth crop's own tokens are LayerNormed alone,
+    so once depth times the convolution outweighs the position embedding, the level is gone."""
+    generator = torch.Generator().manual_seed(1)
+    pixels = torch.randn(1, 2, 3, 64, 64, dtype=torch.float64, generator=generator)
+    flat = torch.ones(1, 2, 64, 64, dtype=torch.float64)
+    changes = {}
+    for depth_embedding in ("tokens", "channel"):
+        module = ObjectPatchEmbeddings(small_vit(ARCHITECTURES[0]), 64, True, depth_embedding)
+        module = module.double()
+        with torch.no_grad():
+            module.position.mul_(0.02 / module.position.std())  # an initial ViT's scale
+        near, far = module(pixels, flat * 10.0), module(pixels, flat * 1.5)
+        depth_part = slice(4, 8) if depth_embedding == "tokens" else slice(0, 4)
+        changes[depth_embedding] = (near - far)[:, depth_part].abs().max().item()
+        if depth_embedding == "tokens":  # the RGB tokens do not see depth at all
+            torch.testing.assert_close(near[:, :4], far[:, :4])
+    assert changes["tokens"] < 0.05 < changes["channel"]
 
 
 class FixedDropout(nn.Module):

@@ -156,6 +156,7 @@ ABLATIONS = {
     "uniform-ot-masked": {"model.ot.mode": "uniform", "data.pad_to_max": False},
     "no-moe": {"model.moe.enabled": False},
     "no-depth": {"data.use_depth": False},
+    "depth-channel": {"model.depth_embedding": "channel"},
     "no-box": {"data.use_box": False},
     "no-caption": {"data.use_caption": False},
     "no-caption-raw": {"data.use_caption": False, "model.head.project_without_caption": False},
@@ -226,18 +227,25 @@ def test_only_used_modules_are_built(tokenizer):
     assert make_model(tokenizer, **projected).head.entity is not None
 
 
-def test_object_tokens_per_layer_follow_the_config(tokenizer):
-    model = make_model(tokenizer, **{"model.pool_after_layer": 2}).eval()
+@pytest.mark.parametrize("depth_embedding", ["tokens", "channel"])
+def test_object_tokens_per_layer_follow_the_config(tokenizer, depth_embedding):
+    overrides = {"model.pool_after_layer": 2, "model.depth_embedding": depth_embedding}
+    model = make_model(tokenizer, **overrides).eval()
     batch = make_batch(tokenizer, [8, 9])
     with torch.no_grad():
         states = model.encode(batch)
-    # 4 slots x (2x2 RGB + 2x2 depth patches) until pooled after layer 2, then one token per slot.
-    assert [s.shape[1] for s in states.vision] == [32, 32, 32, SLOTS, SLOTS]
+    # 4 slots x (2x2 RGB + 2x2 depth patches, or 2x2 RGB-D patches) until pooled after layer 2,
+    # then one token per slot.
+    patches = SLOTS * (8 if depth_embedding == "tokens" else 4)
+    assert [s.shape[1] for s in states.vision] == [patches] * 3 + [SLOTS, SLOTS]
     assert [s.shape[1] for s in states.text] == [batch["input_ids"].shape[1]] * 5
 
 
-def test_model_config_rebuilds_the_same_model(tokenizer):
-    model = make_model(tokenizer, **{"data.use_box": False, "model.ot.barycentric": True}).eval()
+@pytest.mark.parametrize("depth_embedding", ["tokens", "channel"])
+def test_model_config_rebuilds_the_same_model(tokenizer, depth_embedding):
+    overrides = {"model.depth_embedding": depth_embedding}
+    overrides |= {"data.use_box": False, "model.ot.barycentric": True}
+    model = make_model(tokenizer, **overrides).eval()
     config = RemoteConfig.from_dict(json.loads(json.dumps(model.config.to_dict())))
     # JSON turns the BERT config's int label keys into strings; everything else round-trips.
     assert dataclasses.replace(config, text=model.config.text) == model.config

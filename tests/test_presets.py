@@ -211,6 +211,7 @@ ORIGINAL = {
     "model.ot.mode": "transport",
     "model.ot.clamp": 1e-8,
     "model.init": "original",
+    "model.depth_embedding": "tokens",
     "features.crop_resize": "clip",
     "features.depth_scale": "raw",
     "data.pad_to_max": True,

@@ -442,6 +442,30 @@ def test_a_folder_saved_before_a_param_existed_loads_through_added_params(
     assert loaded.model.config.head.project_without_caption is True
 
 
+def test_a_folder_saved_before_depth_embedding_existed_has_its_own_depth_tokens(trained, tmp_path):
+    import shutil
+
+    folder = tmp_path / "old"
+    shutil.copytree(trained["out"] / "checkpoint" / "best", folder)
+    for name, section in (("trained.json", ("params", "model")), ("config.json", ())):
+        raw = json.loads((folder / name).read_text())
+        node = raw
+        for key in section:
+            node = node[key]
+        assert node.pop("depth_embedding") == "tokens"
+        (folder / name).write_text(json.dumps(raw))
+    loaded = load_trained(folder)
+    assert loaded.params.model.depth_embedding == "tokens"
+    assert loaded.model.config.depth_embedding == "tokens"
+    current_model = load_trained(trained["out"] / "checkpoint" / "best").model
+    embeddings = loaded.model.object_embeddings
+    assert not embeddings.depth_as_channel
+    assert embeddings.tokens_per_object == current_model.object_embeddings.tokens_per_object
+    current, saved = current_model.state_dict(), loaded.model.state_dict()
+    assert saved.keys() == current.keys()
+    assert all(torch.equal(saved[k], current[k]) for k in saved)
+
+
 def test_evaluate_stage_writes_metrics_tables_and_plots(world, trained, tmp_path):
     from typer.testing import CliRunner
 

@@ -33,6 +33,7 @@ class RemoteConfig:
     crop_size: int
     max_objects: int
     use_depth: bool
+    depth_embedding: str  # model.depth_embedding: "tokens" | "channel"
     use_box: bool
     use_caption: bool
     mask_padding: bool  # not data.pad_to_max: padding is masked out of OT, fusion and prefixes
@@ -56,6 +57,7 @@ class RemoteConfig:
             crop_size=params.features.crop_size,
             max_objects=params.data.max_objects,
             use_depth=params.data.use_depth,
+            depth_embedding=params.model.depth_embedding,
             use_box=params.data.use_box,
             use_caption=params.use_captions,
             mask_padding=not params.data.pad_to_max,

@@ -13,16 +13,32 @@ __all__ = ["ObjectPatchEmbeddings", "ObjectPooling"]
 
 
 class ObjectPatchEmbeddings(nn.Module):
-    """Each object crop -> its RGB patch tokens, then (with depth) its depth patch tokens.
+    """Each object crop -> its patch tokens, RGB and (with depth) depth.
 
     The RGB patches go through the ViT's patch convolution; the depth channel through its own
-    1-channel convolution, initialized as the mean over RGB of the ViT's patch weights. Both get the
-    same patch position embeddings, resampled from the ViT's pre-trained grid (no class token), then
-    the ViT's pre-LayerNorm. Output ``[B, P * tokens_per_object, D]``, objects in slot order.
+    1-channel convolution, initialized as the mean over RGB of the ViT's patch weights. Then the
+    patch position embeddings, resampled from the ViT's pre-trained grid (no class token), and the
+    ViT's pre-LayerNorm. Output ``[B, P * tokens_per_object, D]``, objects in slot order.
+
+    ``depth_embedding`` places the depth patches:
+
+    - ``"tokens"`` (the original): their own tokens after the object's RGB tokens, each with the
+      position embeddings, so an object has twice the patches. The pre-LayerNorm normalizes each
+      token alone, which makes a patch of constant depth ``d`` give nearly the same token for every
+      ``d`` once ``d`` times the convolution outweighs the position embedding: the depth *level*
+      of flat regions is lost, only its pattern (edges, gradients) stays.
+    - ``"channel"``: a 4th input channel of the RGB patch convolution (the two convolutions summed),
+      one token per patch, so the depth level moves each token against its RGB part.
     """
 
-    def __init__(self, vit: nn.Module, crop_size: int, use_depth: bool) -> None:
+    def __init__(
+        self, vit: nn.Module, crop_size: int, use_depth: bool, depth_embedding: str = "tokens"
+    ) -> None:
         super().__init__()
+        if depth_embedding not in ("tokens", "channel"):
+            raise ValueError(
+                f"model.depth_embedding {depth_embedding!r}: expected 'tokens' or 'channel'"
+            )
         from timm.layers import resample_abs_pos_embed
 
         self.rgb_patch = vit.patch_embed.proj
@@ -34,11 +50,12 @@ class ObjectPatchEmbeddings(nn.Module):
                 f"{patch}"
             )
         grid = crop_size // patch
+        self.depth_as_channel = depth_embedding == "channel"
         self.depth_patch = None
         if use_depth:
-            self.depth_patch = nn.Conv2d(
-                1, self.rgb_patch.out_channels, patch, patch, bias=self.rgb_patch.bias is not None
-            )
+            # As a channel, the depth weights join the RGB convolution, whose bias is the only one.
+            bias = self.rgb_patch.bias is not None and not self.depth_as_channel
+            self.depth_patch = nn.Conv2d(1, self.rgb_patch.out_channels, patch, patch, bias=bias)
             with torch.no_grad():
                 self.depth_patch.weight.copy_(self.rgb_patch.weight.mean(dim=1, keepdim=True))
                 if self.depth_patch.bias is not None:
@@ -50,20 +67,26 @@ class ObjectPatchEmbeddings(nn.Module):
             resample_abs_pos_embed(grid_embed, [grid, grid], old_grid, num_prefix_tokens=0).clone()
         )
         self.pre_norm = vit.norm_pre
-        self.tokens_per_object = grid * grid * (2 if use_depth else 1)
+        own_tokens = use_depth and not self.depth_as_channel
+        self.tokens_per_object = grid * grid * (2 if own_tokens else 1)
 
-    def _patches(self, conv: nn.Conv2d, images: torch.Tensor) -> torch.Tensor:
-        tokens = conv(images).flatten(2).transpose(1, 2)  # [N, grid^2, D]
+    def _patches(self, patches: torch.Tensor) -> torch.Tensor:
+        tokens = patches.flatten(2).transpose(1, 2)  # [N, grid^2, D]
         return self.patch_norm(tokens) + self.position
 
     def forward(
         self, pixel_values: torch.Tensor, depth_values: torch.Tensor | None
     ) -> torch.Tensor:
         batch, slots, channels, size, _ = pixel_values.shape
-        tokens = self._patches(self.rgb_patch, pixel_values.reshape(-1, channels, size, size))
-        if self.depth_patch is not None:
-            depth = depth_values.reshape(-1, 1, size, size).to(pixel_values.dtype)
-            tokens = torch.cat([tokens, self._patches(self.depth_patch, depth)], dim=1)
+        rgb = self.rgb_patch(pixel_values.reshape(-1, channels, size, size))
+        if self.depth_patch is None:
+            tokens = self._patches(rgb)
+        else:
+            depth = self.depth_patch(depth_values.reshape(-1, 1, size, size).to(pixel_values.dtype))
+            if self.depth_as_channel:
+                tokens = self._patches(rgb + depth)
+            else:
+                tokens = torch.cat([self._patches(rgb), self._patches(depth)], dim=1)
         return self.pre_norm(tokens.reshape(batch, slots * self.tokens_per_object, -1))
 
 

@@ -116,7 +116,7 @@ class RemoteModel(
         self.use_box = config.use_box
         self.text_embeddings = text_tower.embeddings
         self.object_embeddings = ObjectPatchEmbeddings(
-            vision_tower, config.crop_size, config.use_depth
+            vision_tower, config.crop_size, config.use_depth, config.depth_embedding
         )
         pooling = ObjectPooling(
             hidden, self.object_embeddings.tokens_per_object, config.use_box, config.dropout
