@@ -1077,3 +1077,66 @@ def test_uniform_mode_trains_without_projections(world, tmp_path):
     assert (
         load_trained(out / "checkpoint" / "best").model.encoder.text_transport[0].weight.shape == ()
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostic: bench.depth_probe
+
+
+def test_ridge_r2_is_the_held_out_r2_of_a_least_squares_fit():
+    from bench.depth_probe import ridge_r2
+
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(200, 5))
+    y = x @ np.array([1.0, -2.0, 0.5, 0.0, 3.0]) + 0.7 + rng.normal(scale=0.5, size=200)
+    order = np.random.default_rng(9).permutation(200)
+    fit, held = order[:100], order[100:]
+    design = np.hstack([x, np.ones((200, 1))])
+    coef = np.linalg.lstsq(design[fit], y[fit], rcond=None)[0]
+    pred = design[held] @ coef
+    sse = sum((p - t) ** 2 for p, t in zip(pred, y[held], strict=True))
+    sst = sum((t - y[held].mean()) ** 2 for t in y[held])
+    assert ridge_r2(x, y, seed=9) == pytest.approx(1 - sse / sst, rel=1e-6)
+    assert 0.9 < ridge_r2(x, y, seed=9) < 1
+    assert ridge_r2(rng.normal(size=(200, 5)), y, seed=9) < 0.1  # features unrelated to y
+
+
+def test_depth_probe_reads_the_models_own_tokens_and_each_objects_depth_level(
+    world, trained, tmp_path
+):
+    from bench.depth_probe import PLACES, main, object_states
+    from pipeline.features.dataset import FeatureDataset
+
+    folder = trained["out"] / "checkpoint" / "best"
+    loaded = load_trained(folder)
+    model, params = loaded.model, loaded.params
+    data = FeatureDataset.load(world["features"], "test", params, loaded.labels)
+    batch = data.batch([0, 1, 2])
+    with torch.inference_mode():
+        states, levels = object_states(model, batch)
+        tokens = model.object_embeddings(batch["pixel_values"], batch["depth_values"])
+        last = model.encode(batch).vision[-1]
+    per_object = model.object_embeddings.tokens_per_object
+    rows = [(b, s) for b in range(3) for s in range(int(batch["num_objects"][b]))]
+    assert len(levels) == len(rows) and all(len(states[k]) == len(rows) for k in PLACES)
+    for row, (b, s) in enumerate(rows):
+        image = data.image_index[b]
+        size = data.depth_crops.shape[-1]
+        assert levels[row] == np.float32(data.depth_crops[image, s, size // 2, size // 2])
+        own = tokens[b, per_object * s + per_object // 2 : per_object * (s + 1)]  # depth tokens
+        np.testing.assert_allclose(states["after_pre_norm"][row], own.mean(0), atol=1e-6)
+        np.testing.assert_allclose(states["last_layer"][row], last[b, s], atol=1e-6)
+    assert len(set(levels.tolist())) > 1  # objects at several depths
+
+    report = main(["--model", str(folder), "--features", str(world["features"]),
+                   "--threads", "1", "--out", str(tmp_path / "probe.json")])  # fmt: skip
+    assert json.loads((tmp_path / "probe.json").read_text()) == report
+    assert report["depth_embedding"] == "tokens" and set(report["r2"]) == set(PLACES)
+    assert report["objects"] == sum(int(data.num_objects[i]) for i in np.unique(data.image_index))
+
+    no_depth = small_params(**{"data.use_depth": False})
+    from pipeline.model.remote import build_model
+
+    blind = build_model(no_depth, len(loaded.labels), loaded.tokenizer)
+    with pytest.raises(ValueError, match="without depth"):
+        object_states(blind, batch)
