@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pipeline.data.records import PAIR_KINDS, Dataset, Entity, Record, label_lis
 from pipeline.features import build as build_module
 from pipeline.features.build import build_features
 from pipeline.features.dataset import FeatureDataset, make_loader
-from pipeline.features.featurize import featurize_image
+from pipeline.features.featurize import check_record, featurize_image
 from pipeline.features.images import crop_depth, crop_objects, normalize_depth, object_layout
 from pipeline.features.text import TextEncoder
 from pipeline.io import DataError, StaleCacheError, write_json
@@ -299,12 +300,15 @@ def test_truncation_cuts_captions_before_the_sentence(world):
     got = TextEncoder(world["tokenizer"], 13).encode(t2, captions)
     assert tokens(world, got.input_ids)[10:] == ["<k1>", "</k1>", "[SEP]"]
     assert got.markers_dropped == ["<o2>", "</o2>"]
+    # every caption piece is counted as cut: the dropped block's 3 and the head's 4
+    assert (got.caption_tokens_cut, got.sentence_tokens_cut) == (7, 0)
     # 9 tokens: no caption segment at all, then the sentence loses its last piece
     got = TextEncoder(world["tokenizer"], 9).encode(t2, captions)
     assert tokens(world, got.input_ids) == [
         "[CLS]", "<s1>", "bill", "co", "##sby", "</s1>", "visited", "paris", "[SEP]",
     ]  # fmt: skip
     assert got.sentence_tokens_cut == 1 and got.token_type_ids == [0] * 9
+    assert got.caption_tokens_cut == 7
     assert got.markers_dropped == ["<k1>", "</k1>", "<o2>", "</o2>"]
     # 6 tokens: the sentence cut drops the closing head marker too
     got = TextEncoder(world["tokenizer"], 6).encode(t2, captions)
@@ -332,10 +336,31 @@ def test_report_counts_truncation_and_missing_captions(world):
     assert train["markers_dropped"] == expected_markers
     assert train["samples_with_dropped_markers"] == expected_samples > 0
     assert train["length"]["max"] <= 14
+    # Samples that lost caption pieces / sentence pieces, counted with the encoder: at 14 every
+    # sample with a caption (all but t5) loses caption pieces and no sentence is cut; at 11 the
+    # three sentences over 9 tokens (t0, t1, t5) are cut too.
+    for max_seq, expected in ((14, (5, 0)), (11, (5, 3))):
+        encoder = TextEncoder(world["tokenizer"], max_seq)
+        encoded = [
+            encoder.encode(
+                r, tuple(world["captions"].get(r.image_id, e.name) for e in (r.head, r.tail))
+            )
+            for r in RECORDS["train"]
+        ]
+        counts = (
+            sum(e.caption_tokens_cut > 0 for e in encoded),
+            sum(e.sentence_tokens_cut > 0 for e in encoded),
+        )
+        assert counts == expected
+        if max_seq != 14:
+            params = apply_overrides(world["params"], {"data.max_seq": max_seq})
+            train = build(world, f"short{max_seq}", params)[1]["splits"]["train"]
+        assert train["truncated"] == {"caption_samples": counts[0], "sentence_samples": counts[1]}
     # no caption for Paris in a.png (t0, t1), anything in c.png (t5: 2), [OBJ0] in a.png (t3)
     full = build(world, "full_report")[1]["splits"]["train"]
     assert full["captions_missing"] == {"text": 4, "object": 1}
     assert full["samples_with_dropped_markers"] == 0
+    assert full["truncated"] == {"caption_samples": 0, "sentence_samples": 0}
     assert full["markers_dropped"] == {m: 0 for m in MARKERS}
 
 
@@ -613,6 +638,9 @@ def test_reruns_are_byte_identical_and_sharded(world, cache):
         "train/samples-00000.parquet", "train/samples-00001.parquet",
         "train/images-00000.parquet", "train/images-00001.parquet",
     }  # fmt: skip
+    # the output holds the report and the shards, no resume stamp or other hidden leftover
+    assert {f.parts[0] for f in files} == {"report.json", "train", "valid", "test"}
+    assert not [f for f in files if f.name.startswith(".")]
     for f in files:
         assert (out / f).read_bytes() == (again / f).read_bytes(), f
     # rebuilding over an existing cache replaces it in place, same bytes, no leftovers
@@ -666,6 +694,98 @@ def test_a_killed_run_resumes_from_finished_image_shards(world, cache, monkeypat
     other = world["root"] / "other.partial"
     assert f"{other}: left by a run with other params or inputs: discarded" in caplog.messages
     assert not [m for m in caplog.messages if "reused" in m]
+
+
+def kill_after_image_shards(monkeypatch, n):
+    """Make the next build raise KeyboardInterrupt while it builds image shard n + 1."""
+    real, calls = build_module._images_table, []
+
+    def dying(*args, **kwargs):
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        calls.append(args[1])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "_images_table", dying)
+    return real
+
+
+def shards_built(monkeypatch, real):
+    calls = []
+    monkeypatch.setattr(
+        build_module, "_images_table", lambda *a, **k: calls.append(a[1]) or real(*a, **k)
+    )
+    return calls
+
+
+@pytest.mark.parametrize("change", ["image_shard_size", "dataset_file", "same_size_input"])
+def test_a_leftover_of_other_shard_sizes_or_inputs_is_rebuilt(
+    world, cache, tmp_path, monkeypatch, change
+):
+    # What a resumed build may reuse: shards of the same layout params and the same input bytes.
+    # A leftover of another image_shard_size holds other images under the same file names; one
+    # of another dataset or depth/caption input holds stale crops (an input rewritten with the
+    # same size, as a rerun depth store is, differs only in its mtime).
+    shutil.copytree(world["dataset"].root, tmp_path / "ds")
+    dataset = Dataset(tmp_path / "ds")
+    extra = tmp_path / "depth.bin"  # stands for the depth store among the stage's deps
+    extra.write_bytes(b"maps v1")
+    os.utime(extra, ns=(1_000_000_000, 1_000_000_000))
+    out = tmp_path / "features"
+    real = kill_after_image_shards(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        build_features(dataset, out, world["params"], world["depth"], world["captions"],
+                       input_paths=[extra])  # fmt: skip
+    params = world["params"]
+    if change == "image_shard_size":
+        params = apply_overrides(params, {"features.image_shard_size": 3})
+    elif change == "dataset_file":
+        objects = json.loads((tmp_path / "ds" / "objects.json").read_text())
+        objects["b.jpg"]["[OBJ1]"] = [0.2, 0.3, 0.8, 0.71]
+        write_json(tmp_path / "ds" / "objects.json", objects)
+    else:
+        extra.write_bytes(b"maps v2")
+        os.utime(extra, ns=(2_000_000_000, 2_000_000_000))
+    calls = shards_built(monkeypatch, real)
+    build_features(dataset, out, params, world["depth"], world["captions"], input_paths=[extra])
+    assert calls == ([["a.png", "b.jpg", "c.png"], ["b.jpg", "c.png"], ["a.png"]]
+                     if change == "image_shard_size"
+                     else [["a.png", "b.jpg"], ["c.png"], ["b.jpg", "c.png"], ["a.png"]])  # fmt: skip
+    if change == "same_size_input":  # the same features as an uninterrupted build
+        for f in cache[0].rglob("*.parquet"):
+            assert (out / f.relative_to(cache[0])).read_bytes() == f.read_bytes()
+
+
+def test_a_shard_cut_short_by_a_kill_is_not_reused(world, cache, monkeypatch):
+    # A kill while a shard is written must leave no file a resumed build would take as finished.
+    real_write, writes = build_module.pq.write_table, []
+
+    def dying_write(table, where, **kwargs):
+        writes.append(where)
+        real_write(table, where, **kwargs)
+        if len(writes) == 2:  # the second image shard: half its bytes reach the disk
+            Path(where).write_bytes(Path(where).read_bytes()[:200])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module.pq, "write_table", dying_write)
+    with pytest.raises(KeyboardInterrupt):
+        build(world, "cut-short")
+    monkeypatch.setattr(build_module.pq, "write_table", real_write)
+    out, _ = build(world, "cut-short")
+    for f in cache[0].rglob("*.parquet"):
+        assert (out / f.relative_to(cache[0])).read_bytes() == f.read_bytes(), f
+
+
+def test_a_slot_past_max_objects_and_an_object_without_a_box_are_data_errors():
+    with pytest.raises(DataError, match=r"image 'a\.png' has \[OBJ4\], but data.max_objects is 4"):
+        object_layout({"[OBJ0]": [0, 0, 1, 1], "[OBJ4]": [0, 0, 1, 1]}, 4, "a.png")
+    labels = {r: i for i, r in enumerate(RELATIONS)}
+    t2 = RECORDS["train"][2]  # tail [OBJ2] of a.png
+    check_record(t2, labels, OBJECTS)
+    with pytest.raises(DataError, match=r"record t2: \[OBJ2\] has no box .* image 'a\.png'"):
+        check_record(t2, labels, {"a.png": {"[OBJ0]": OBJECTS["a.png"]["[OBJ0]"]}})
+    with pytest.raises(DataError, match="record t2: relation 'x' not in relations.json"):
+        check_record(replace(t2, relation="x"), labels, OBJECTS)
 
 
 def test_crop_columns_are_tensors_whose_type_holds_dtype_and_shape(world, cache):
@@ -877,6 +997,9 @@ def test_ablation_switches_zero_their_inputs(world, cache):
     assert not batch["token_type_ids"].any()
     assert (batch["marker_pos"][:, :, 1:] == -1).all()  # no <k>/<o> markers
     assert torch.equal(batch["marker_pos"][:, :, 0], full["marker_pos"][:, :, 0])
+    # data.use_depth=false leaves the depth channel empty even when a depth store is passed
+    out, _ = build(world, "ablated-depth", params, captions=None)
+    assert not FeatureDataset.load(out, "train", params, RELATIONS).depth_crops.any()
     # a caption table whose backend is "none" means no caption segment either
     _, report = build(world, "nocap", captions=FakeCaptions({}, backend="none"))
     assert report["caption_segment"] is False
@@ -909,7 +1032,12 @@ def test_missing_depth_map_is_an_error_or_zeros_under_skip(world):
     params = apply_overrides(world["params"], {"data.on_error": "skip"})
     out, report = build(world, "nodepth", params, depth=depth)
     assert report["splits"]["train"]["image_problems"]["count"] == 1
+    # only the depth channel is lost: b.jpg's records (t4; v0 in valid) stay
+    for split in ("train", "valid"):
+        assert report["splits"][split]["samples_left_out_for_undecodable_images"] == 0
+        assert report["splits"][split]["samples"] == len(RECORDS[split])
     ds = FeatureDataset.load(out, "train", params, RELATIONS)
+    assert ds.sample_ids == [r.id for r in RECORDS["train"]]
     b = ds.image_ids.index("b.jpg")
     assert not ds.depth_crops[b].any() and ds.object_crops[b].any()
 
