@@ -11,6 +11,7 @@ import csv
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -321,6 +322,129 @@ def test_the_loop_takes_the_steps_of_the_written_out_recipe(
         torch.testing.assert_close(result.model.state_dict()[name], value, rtol=1e-4, atol=1e-6)
     # The recipe moved the weights well beyond the tolerance.
     assert (reference.linear.weight - initial.linear.weight).abs().max() > 1e-2
+
+
+def stand_in_run(world, monkeypatch, scores=None):
+    """Patch the loop to train a fresh LinearOnBoxes (seeded, no dropout), save the selected
+    model as its state dict and info, and, given ``scores``, report them as the dev micro-F1 of
+    epochs 1, 2, ... (recording the weights each epoch was scored with). Returns that record."""
+    from pipeline.train import loop
+
+    labels = label_list(Dataset(world["raw"]).relations)
+    scored: list[dict[str, torch.Tensor]] = []
+
+    def build(*_):
+        torch.manual_seed(0)
+        return LinearOnBoxes(5 * SMALL["data.max_objects"], len(labels))
+
+    def save(folder, model, params, labels, tokenizer, info, card):
+        folder.mkdir(parents=True)
+        torch.save(weights(model), folder / "weights.pt")
+        (folder / "info.json").write_text(json.dumps(info))
+
+    def split_scores(accelerator, model, split, shard, params, labels):
+        scored.append(weights(model))
+        f1 = scores[len(scored) - 1]
+        keys = ("micro_f1", "micro_precision", "micro_recall", "accuracy", "macro_f1")
+        return dict.fromkeys(keys, f1)
+
+    monkeypatch.setattr(loop, "build_model", build)
+    monkeypatch.setattr(loop, "model_card", lambda *_: "")
+    monkeypatch.setattr(loop, "write_trained", save)
+    if scores is not None:
+        monkeypatch.setattr(loop, "_split_scores", split_scores)
+    return scored
+
+
+def test_the_best_dev_epoch_is_kept_when_later_epochs_score_lower(world, tmp_path, monkeypatch):
+    """Dev micro-F1 0.5, 0.8, 0.6, 0.7: epoch 2's weights (as scored) are checkpoint/best and
+    selected/ at the end, the summary names epoch 2, and each epoch's logged loss is the mean of
+    its steps' logged losses (read every log_every steps and at the epoch's end)."""
+    scores = [0.5, 0.8, 0.6, 0.7]
+    scored = stand_in_run(world, monkeypatch, scores)
+    params = small_params(**{"train.epochs": 4, "train.log_every": 4})
+    out, live = tmp_path / "m", tmp_path / "l"
+    result = train(params, world["features"], world["raw"], out, live)
+    assert [h["dev_micro_f1"] for h in result.history] == scores
+    assert (result.best_epoch, result.best_score) == (2, 0.8)
+    assert not torch.equal(scored[1]["linear.weight"], scored[3]["linear.weight"])
+    for folder in (out / "checkpoint" / "best", out / "selected"):
+        assert json.loads((folder / "info.json").read_text())["epoch"] == 2
+        assert_same_weights(torch.load(folder / "weights.pt"), scored[1])
+    summary = json.loads((live / "metrics.json").read_text())
+    assert summary["best"] == {"dev_micro_f1": 0.8, "epoch": 2}
+    steps, losses = read_live_metric(live, "train/loss")
+    assert steps.tolist() == list(range(1, 4 * 15 + 1))
+    _, epoch_loss = read_live_metric(live, "train/epoch_loss")
+    np.testing.assert_allclose(epoch_loss, losses.reshape(4, 15).mean(1), rtol=1e-6)
+
+
+class InfiniteGradientAt(torch.autograd.Function):
+    """Identity forward; an infinite gradient in the backward pass when ``flag`` is set."""
+
+    @staticmethod
+    def forward(ctx, x, flag):
+        ctx.flag = flag
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf") if ctx.flag else grad, None
+
+
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0], ids=["unclipped", "clipped"])
+def test_an_infinite_gradient_with_a_finite_loss_stops_the_run(
+    world, tmp_path, monkeypatch, max_grad_norm
+):
+    # The loss of step 3 is finite but its gradient is not: the update is skipped, and so would
+    # every later one be, so the run must stop and say so instead of finishing untrained.
+    from pipeline.train.loop import TrainingDiverged
+
+    stand_in_run(world, monkeypatch)
+    forward = LinearOnBoxes.forward
+    calls = []
+
+    def poisoned(self, batch):
+        calls.append(self.training)
+        flag = self.training and calls.count(True) == 3
+        return InfiniteGradientAt.apply(forward(self, batch), flag)
+
+    monkeypatch.setattr(LinearOnBoxes, "forward", poisoned)
+    params = small_params(**{"train.epochs": 2, "train.max_grad_norm": max_grad_norm})
+    with pytest.raises(TrainingDiverged, match=r"step 3: loss \d\.\d+, gradient norm (inf|nan)"):
+        train(params, world["features"], world["raw"], tmp_path / "m", tmp_path / "l")
+    assert not (tmp_path / "m" / "checkpoint").exists()
+
+
+def test_a_kill_while_a_checkpoint_is_saved_resumes_to_the_same_weights(
+    world, tmp_path, monkeypatch
+):
+    # Killed after epoch 2's state files were written but before its progress was: the rerun must
+    # see epoch 1's whole checkpoint (weights and progress together) and end as an unkilled run.
+    from pipeline.train import checkpoint
+
+    stand_in_run(world, monkeypatch)
+    params = small_params(**{"train.epochs": 3})
+    args = (params, world["features"], world["raw"])
+    full = train(*args, tmp_path / "a", tmp_path / "a_live")
+    real, saves = checkpoint.write_json, []
+
+    def dying(path, data):
+        saves.append(path)
+        if len(saves) == 2:
+            raise KeyboardInterrupt
+        real(path, data)
+
+    monkeypatch.setattr(checkpoint, "write_json", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train(*args, tmp_path / "b", tmp_path / "b_live")
+    monkeypatch.setattr(checkpoint, "write_json", real)
+    meta = json.loads((tmp_path / "b" / "checkpoint" / "meta.json").read_text())
+    assert (meta["epoch"], meta["global_step"]) == (1, 15)
+    resumed = train(*args, tmp_path / "b", tmp_path / "b_live")
+    assert (resumed.resumed_from_epoch, resumed.epochs_run) == (1, 2)
+    assert_same_weights(weights(full.model), weights(resumed.model))
+    assert resumed.history == full.history
 
 
 # ---------------------------------------------------------------------------------------------
@@ -852,10 +976,21 @@ def test_a_corrupt_checkpoint_says_how_to_restart(world, tmp_path):
     args = (params, world["features"], world["raw"], tmp_path / "m", tmp_path / "live")
     with pytest.raises(TrainingInterrupted):
         train(*args, stop_after_step=16)  # epoch 1 (15 steps) is checkpointed
-    state = tmp_path / "m" / "checkpoint" / "optimizer.bin"
+    ckpt = tmp_path / "m" / "checkpoint"
+    shutil.copytree(ckpt, tmp_path / "saved")
+    state = ckpt / "optimizer.bin"
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(
         CorruptCheckpointError, match=r"checkpoint: cannot read the checkpoint .*delete"
+    ):
+        train(*args)
+    # accelerate skips an unreadable RNG file with a log line: here it is an error too, since
+    # the run would not continue as it started
+    shutil.rmtree(ckpt)
+    shutil.copytree(tmp_path / "saved", ckpt)
+    (ckpt / "random_states_0.pkl").write_bytes(b"not a pickle")
+    with pytest.raises(
+        CorruptCheckpointError, match=r"checkpoint: cannot read the checkpoint \(UnpicklingError"
     ):
         train(*args)
 
@@ -917,7 +1052,8 @@ def test_two_cpu_processes_finish_with_identical_weights(world, tmp_path):
     assert load_trained(tmp_path / "models" / "checkpoint" / "best").info["num_processes"] == 2
 
 
-def test_train_stage_relaunches_itself_for_several_processes(tmp_path, monkeypatch):
+@pytest.mark.parametrize("processes", [2, 3])
+def test_train_stage_relaunches_itself_for_several_processes(tmp_path, monkeypatch, processes):
     import subprocess as sp
 
     from typer.testing import CliRunner
@@ -926,7 +1062,7 @@ def test_train_stage_relaunches_itself_for_several_processes(tmp_path, monkeypat
 
     params_file = tmp_path / "params.yaml"
     params_file.write_text(
-        yaml.safe_dump(params_to_dict(small_params(**{"train.num_processes": 3})))
+        yaml.safe_dump(params_to_dict(small_params(**{"train.num_processes": processes})))
     )
     from stages.common import LOCKS_HELD_ENV
 
@@ -943,7 +1079,8 @@ def test_train_stage_relaunches_itself_for_several_processes(tmp_path, monkeypat
     result = CliRunner().invoke(app, ["train", "--params", str(params_file), *paths])
     assert result.exit_code == 0, result.output
     ((cmd, env),) = launched
-    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=3", "-m"]
+    nproc = f"--nproc_per_node={processes}"
+    assert cmd[1:6] == ["-m", "torch.distributed.run", "--standalone", nproc, "-m"]
     assert cmd[6:] == ["stages", "train", "--params", str(params_file), *paths]
     # The launched processes write under this one's locks; this process's environment is as it was.
     assert env[LOCKS_HELD_ENV] == "1" and LOCKS_HELD_ENV not in os.environ
