@@ -1126,3 +1126,48 @@ def test_empty_splits_are_written_and_read_back(world, tmp_path):
     assert len(FeatureDataset.load(out, "train", world["params"], RELATIONS)) == 0
     test = FeatureDataset.load(out, "test", world["params"], RELATIONS)
     assert test.image_ids == ["b.jpg"] and test.batch([0])["labels"].tolist() == [0]
+
+
+@pytest.mark.parametrize("use_depth, use_caption", [(True, True), (False, True), (True, False)])
+def test_stage_fingerprints_the_depth_and_caption_inputs_it_reads(
+    tmp_path, monkeypatch, use_depth, use_caption
+):
+    # A killed build resumes only from shards of the same inputs: the stage must hand the depth
+    # store and caption table it reads to build_features as inputs, and no reader it does not use.
+    import yaml
+    from typer.testing import CliRunner
+
+    import pipeline.caption.table
+    import pipeline.data.records
+    import pipeline.depth.store
+    from pipeline.config import params_to_dict
+    from stages.cli import app
+
+    class Reader:
+        def __init__(self, path):
+            self.path = path
+
+        def check_made_with(self, caption_params):
+            pass
+
+    seen = {}
+
+    def fake_build(dataset, out, params, depth, captions, *, input_paths=()):
+        seen.update(depth=depth and depth.path, captions=captions and captions.path)
+        seen["input_paths"] = list(input_paths)
+        return {"splits": {}}
+
+    monkeypatch.setattr(pipeline.caption.table, "CaptionTable", Reader)
+    monkeypatch.setattr(pipeline.depth.store, "DepthStore", Reader)
+    monkeypatch.setattr(pipeline.data.records, "Dataset", Reader)
+    monkeypatch.setattr(build_module, "build_features", fake_build)
+    params = default_params({"data.use_depth": use_depth, "data.use_caption": use_caption})
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params_to_dict(params)))
+    args = ["features", "--params", str(tmp_path / "params.yaml")]
+    for name in ("dataset", "depth", "captions", "out"):
+        args += [f"--{name}", str(tmp_path / name)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    depth = tmp_path / "depth" if use_depth else None
+    captions = tmp_path / "captions" if use_caption else None
+    assert seen == {"depth": depth, "captions": captions, "input_paths": [depth, captions]}
