@@ -19,6 +19,8 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.config import ADDED_PARAMS
+
 __all__ = [
     "finished_runs",
     "left_out_states",
@@ -110,8 +112,10 @@ def finished_runs(
     columns ``("run", "name" | "baseline")``, ``("params", key)`` and ``("metrics", key)`` (NaN
     where a run does not report a metric). Left out: the workspace row (it repeats a commit or an
     applied experiment), queued, running or failed experiments (a running one reports the
-    workspace's metrics, not its own) and rows without params. ``params``: the keys, or
-    :func:`param_values` of params.yaml, whose types the numbers then take."""
+    workspace's metrics, not its own) and rows without params. A param a run lacks because it was
+    added later (:data:`pipeline.config.ADDED_PARAMS`) takes the value the run had in effect.
+    ``params``: the keys, or :func:`param_values` of params.yaml, whose types the numbers then
+    take."""
     like = params if isinstance(params, dict) else {}
     columns = set().union(*rows) if rows else set()
     runs, run_params, run_metrics = [], [], []
@@ -127,6 +131,10 @@ def finished_runs(
         }
         if all(value is None for value in values.values()):
             continue
+        # A run from before a param existed ran with the value that reproduces the old code.
+        values.update(
+            {k: ADDED_PARAMS[k] for k, v in values.items() if v is None and k in ADDED_PARAMS}
+        )
         runs.append({"name": row.get("Experiment") or row.get("rev"), "baseline": baseline})
         run_params.append(values)
         run_metrics.append(

@@ -302,6 +302,34 @@ def test_a_run_without_one_param_is_its_own_configuration_not_dropped():
     ]
 
 
+def test_a_run_from_before_a_param_was_added_has_the_value_it_ran_with():
+    # model.depth_embedding came later (pipeline.config.ADDED_PARAMS): older commits and their
+    # experiments have no value for it and ran the original's own depth tokens.
+    params = [*PARAMS, "model.depth_embedding"]
+    rows = [
+        _row(None, 1234, True, 0.8, rev="new", typ="baseline"),
+        _row(None, 1234, True, 0.8, rev="old", typ="baseline"),
+        _row("old-seed1", 1, True, 0.7),
+        _row("channel-seed1", 1, True, 0.9),
+    ]
+    for row, value in zip(rows, ["tokens", None, None, "channel"], strict=True):
+        row["model.depth_embedding"] = value
+    runs = finished_runs(rows, params, ["micro_f1"])
+    assert runs["params", "model.depth_embedding"].tolist() == [
+        "tokens",
+        "tokens",
+        "tokens",
+        "channel",
+    ]
+    summary = seed_summary(runs, ["micro_f1"])
+    assert [(r["configuration"], r["runs"]) for r in summary] == [
+        ("baseline", ["new", "old-seed1"]),  # the old commit's run is the new one's, counted once
+        ("model.depth_embedding=channel", ["channel-seed1"]),
+    ]
+    mean, _, n = summary[1]["paired"]["micro_f1"]
+    assert (mean, n) == (pytest.approx(0.2), 1)
+
+
 def test_a_boolean_metric_cell_is_no_number():
     rows = [_row(None, 1, True, 0.8, rev="main", typ="baseline")]
     rows[0]["micro_f1"] = True
