@@ -93,6 +93,18 @@ def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) 
     assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
 
 
+def resume_like(full, args, out: Path, live: Path, saved: tuple[int, int], runs: tuple[int, int]):
+    """Rerun an interrupted ``train(*args, out, live)``: its checkpoint must hold ``saved`` (epoch,
+    optimizer step), the rerun must report ``runs`` (resumed from epoch, epochs run) and end as the
+    uninterrupted ``full`` did."""
+    meta = json.loads((out / "checkpoint" / "meta.json").read_text())
+    assert (meta["epoch"], meta["global_step"]) == saved
+    resumed = train(*args, out, live)
+    assert (resumed.resumed_from_epoch, resumed.epochs_run) == runs
+    assert_same_weights(weights(full.model), weights(resumed.model))
+    assert resumed.history == full.history
+
+
 # ---------------------------------------------------------------------------------------------
 # Pieces
 
@@ -439,12 +451,7 @@ def test_a_kill_while_a_checkpoint_is_saved_resumes_to_the_same_weights(
     with pytest.raises(KeyboardInterrupt):
         train(*args, tmp_path / "b", tmp_path / "b_live")
     monkeypatch.setattr(checkpoint, "write_json", real)
-    meta = json.loads((tmp_path / "b" / "checkpoint" / "meta.json").read_text())
-    assert (meta["epoch"], meta["global_step"]) == (1, 15)
-    resumed = train(*args, tmp_path / "b", tmp_path / "b_live")
-    assert (resumed.resumed_from_epoch, resumed.epochs_run) == (1, 2)
-    assert_same_weights(weights(full.model), weights(resumed.model))
-    assert resumed.history == full.history
+    resume_like(full, args, tmp_path / "b", tmp_path / "b_live", (1, 15), (1, 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -777,12 +784,7 @@ def test_killed_run_resumes_to_the_same_weights(world, tmp_path):
     with pytest.raises(TrainingInterrupted):
         train(*args, tmp_path / "b", tmp_path / "b_live", stop_after_step=11)
     assert not (tmp_path / "b" / "selected").exists()  # written only when training ends
-    meta = json.loads((tmp_path / "b" / "checkpoint" / "meta.json").read_text())
-    assert (meta["epoch"], meta["global_step"]) == (1, 8)
-    resumed = train(*args, tmp_path / "b", tmp_path / "b_live")
-    assert (resumed.resumed_from_epoch, resumed.epochs_run) == (1, 2)
-    assert_same_weights(weights(full.model), weights(resumed.model))
-    assert resumed.history == full.history
+    resume_like(full, args, tmp_path / "b", tmp_path / "b_live", (1, 8), (1, 2))
     # The logs have each step once, as in the uninterrupted run (steps 9-11 were logged twice).
     steps_a, loss_a = read_live_metric(tmp_path / "a_live", "train/loss")
     steps_b, loss_b = read_live_metric(tmp_path / "b_live", "train/loss")
