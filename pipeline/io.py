@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -139,6 +140,19 @@ def recover_swap(final: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _new_folder(parent: Path, prefix: str, suffix: str) -> Path:
+    """A new folder with a unique name in ``parent``, with the mode ``mkdir`` gives (the umask's:
+    ``tempfile.mkdtemp`` would make it private, 0700, whatever the umask)."""
+    for _ in range(tempfile.TMP_MAX):
+        folder = parent / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            folder.mkdir()
+        except FileExistsError:
+            continue
+        return folder
+    raise FileExistsError(f"{parent}: no unused name {prefix}*{suffix} left")
+
+
 @contextmanager
 def staging_dir(out_dir: str | Path) -> Iterator[Path]:
     """Yield an empty folder beside ``out_dir``; on success it replaces ``out_dir``, on error it
@@ -149,8 +163,7 @@ def staging_dir(out_dir: str | Path) -> Iterator[Path]:
     # Leftovers of a killed run (same naming scheme) are never trusted: remove them.
     for stale in out_dir.parent.glob(f".{out_dir.name}.*.partial"):
         shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".partial", dir=out_dir.parent))
-    tmp.chmod(0o755)  # mkdtemp makes 0700; give the usual mode of a new folder
+    tmp = _new_folder(out_dir.parent, f".{out_dir.name}.", ".partial")
     try:
         yield tmp
         swap_into_place(tmp, out_dir)

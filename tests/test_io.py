@@ -156,7 +156,14 @@ def test_staging_dir_removes_leftovers_and_recovers_a_cut_swap_first(tmp_path):
     assert (out / "f").read_text() == "previous" and sorted(os.listdir(tmp_path)) == ["out"]
 
 
-def test_a_staged_folder_gets_the_usual_mode(tmp_path):
-    with staging_dir(tmp_path / "out") as tmp:
-        (tmp / "f").write_text("1")
-    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+@pytest.mark.parametrize("umask", [0o022, 0o027, 0o002])
+def test_a_staged_folder_gets_the_mode_of_a_new_folder(tmp_path, umask):
+    previous = os.umask(umask)
+    try:
+        with staging_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("1")
+        (tmp_path / "plain").mkdir()
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "out").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777 == 0o777 & ~umask
