@@ -73,8 +73,20 @@ def test_degenerate_cases_have_no_division_errors():
     assert only_pred["macro_f1"] == pytest.approx((2 / 3 + 0.0) / 2)
     with pytest.raises(ValueError, match="differ in length"):
         metrics.score([1, 2], [1], [0, 0], LABELS)
-    with pytest.raises(ValueError, match="outside the label map"):
-        metrics.per_relation([5], [0], LABELS)
+    for gold_ids, pred_ids in (([1, 2], [1]), ([1], [1, 2])):  # never broadcast
+        with pytest.raises(ValueError, match="differ in length"):
+            metrics.micro_prf(gold_ids, pred_ids)
+    for outside in (5, len(LABELS), -1):
+        with pytest.raises(ValueError, match="outside the label map"):
+            metrics.per_relation([outside], [0], LABELS)
+
+
+def test_macro_f1_averages_only_the_relations_that_occur():
+    # Five labels, but only member_of occurs (gold at 0, 1; predicted at 0, hit): P 1, R 1/2.
+    labels = [*LABELS, "/per/per/self", "/org/org/self"]
+    result = metrics.score([1, 1, 0], [1, 0, 0], [0, 0, 0], labels)
+    assert result["macro_f1"] == pytest.approx(2 / 3)  # not 2/3 spread over four relations
+    assert result["micro_f1"] == pytest.approx(2 / 3)
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -318,6 +330,16 @@ def test_evaluate_writes_each_sample_and_relation_as_computed_by_hand(tmp_path, 
     assert seen["gold"].tolist() == GOLD.tolist() and seen["pred"].tolist() == PRED.tolist()
 
 
+def test_evaluate_writes_precision_and_recall_each_in_its_place(tmp_path, monkeypatch):
+    # gold non-none at 0, 1, 2; predicted non-none at 0 (a hit) and 3: P 1/2, R 1/3, F 2/5.
+    gold, pred = np.array([1, 2, 1, 0]), np.array([1, 0, 0, 2])
+    _stub_evaluation(monkeypatch, gold, pred, np.zeros(4, dtype=np.int64))
+    report.evaluate_model("m", "f", tmp_path / "metrics", tmp_path / "plots", None, 8)
+    written = json.loads((tmp_path / "metrics" / "test.json").read_text())
+    assert (written["micro_precision"], written["micro_recall"]) == pytest.approx((1 / 2, 1 / 3))
+    assert (written["micro_f1"], written["accuracy"]) == pytest.approx((2 / 5, 1 / 4))
+
+
 def test_evaluate_refuses_an_empty_test_split(tmp_path, monkeypatch):
     empty = np.zeros(0, dtype=np.int64)
     _stub_evaluation(monkeypatch, empty, empty, empty)
@@ -365,6 +387,13 @@ def test_confusion_picture_puts_gold_on_rows_and_keeps_labels_never_predicted(mo
     # (row = gold, column = predicted): count, counted by hand.
     assert cells == {(0, 0): "1", (1, 1): "1", (1, 2): "1", (2, 2): "1", (3, 0): "1", (3, 1): "1"}
     plots._pyplot().close(fig)
+    # A label only predicted, never gold, gets its column (and row) too.
+    plots.plot_confusion("unused.png", np.array([0, 1]), np.array([3, 1]), labels)
+    (ax,) = figures[-1].axes
+    names = [LABELS[0], LABELS[1], "/per/per/self"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == names
+    assert [t.get_text() for t in ax.get_yticklabels()] == names
+    plots._pyplot().close(figures[-1])
 
 
 def test_training_picture_marks_the_best_dev_epoch(tmp_path, monkeypatch):
