@@ -418,3 +418,12 @@ def test_training_picture_marks_the_best_dev_epoch(tmp_path, monkeypatch):
     (fig,) = figures
     assert fig.axes[1].get_title() == "best dev micro-F1 0.7500 (epoch 2)"
     plots._pyplot().close(fig)
+    # A later epoch that ties the best is the one training selects (the original's `>=`): the
+    # picture marks that one too.
+    (metrics_dir / "dev" / "micro_f1.tsv").write_text("step\tmicro_f1\n4\t0.75\n8\t0.5\n12\t0.75\n")
+    plots.plot_training(tmp_path, "unused.png")
+    fig = figures[-1]
+    assert fig.axes[1].get_title() == "best dev micro-F1 0.7500 (epoch 3)"
+    (circle,) = fig.axes[1].collections
+    assert circle.get_offsets().tolist() == [[3.0, 0.75]]
+    plots._pyplot().close(fig)

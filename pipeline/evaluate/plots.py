@@ -114,7 +114,8 @@ def plot_training(live_dir: str | Path, path: str | Path) -> None:
         )
         right.legend()
     if dev_f1.size:
-        best = int(np.argmax(dev_f1))
+        # The epoch training selected: the last of equal maxima (its `>=`, as the original's).
+        best = len(dev_f1) - 1 - int(np.argmax(dev_f1[::-1]))
         right.scatter([epochs[best]], [dev_f1[best]], s=120, facecolors="none", edgecolors="red")
         right.set_title(f"best dev micro-F1 {dev_f1[best]:.4f} (epoch {epochs[best]:.0f})")
     right.set_xlabel("epoch")
