@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -106,6 +107,7 @@ def test_lines_without_depth_get_zeros_and_a_warning(model, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pipeline.predict"):
         (result,) = predict_inputs(trained, read_inputs(path, 6), 64)
     assert "depth channel is zeros" in caplog.text
+    assert "image but no objects" not in caplog.text  # its image is seen, through its boxes
     assert result["label"] in trained.labels
 
 
@@ -162,6 +164,14 @@ GOOD = {"text_tokens": ["a", "b", "c"], "head": {"span": [0, 1]}, "tail": {"span
         ),
         ({**GOOD, "text_tokens": []}, "the text is empty"),
         ({**GOOD, "head_caption": 3}, "'head_caption': expected a string"),
+        # Neither text key: the line's own error, not a KeyError from further on.
+        ({"head": GOOD["head"], "tail": GOOD["tail"]}, "exactly one of 'text'"),
+        ({**GOOD, "text_tokens": ["a", 2, "c"]}, "'text_tokens': expected a list of strings"),
+        # A negative start would slice the tokens from the end: [-1, 2) names nothing.
+        ({**GOOD, "head": {"span": [-1, 2]}}, "head.span: expected [start, end)"),
+        ({**GOOD, "head": {"span": [False, True]}}, "head.span: expected [start, end)"),
+        ({**GOOD, "tail": {"span": [2, 3], "box": [0, 0, 1, 1]}}, "'tail': expected"),
+        ('{"text": }', "not valid JSON (Expecting value at column 10)"),
     ],
 )
 def test_bad_lines_name_the_file_and_line(tmp_path, line, problem):
@@ -170,6 +180,100 @@ def test_bad_lines_name_the_file_and_line(tmp_path, line, problem):
         read_inputs(path, max_objects=6)
     assert str(info.value).startswith(f"{path}:3: ")
     assert problem in str(info.value)
+
+
+def test_line_numbers_count_blank_lines_and_an_empty_file_is_refused(tmp_path):
+    # Lines are numbered as an editor numbers them: blank and white-space lines count.
+    path = write_jsonl(tmp_path / "in.jsonl", [" \t", GOOD, "", GOOD])
+    items = read_inputs(path, max_objects=6)
+    assert [(item.line, item.where) for item in items] == [(2, f"{path}:2"), (4, f"{path}:4")]
+    empty = write_jsonl(tmp_path / "empty.jsonl", ["", "  "])
+    with pytest.raises(DataError, match=rf"^{empty}: no input lines$"):
+        read_inputs(empty, max_objects=6)
+
+
+def test_as_many_boxes_as_object_slots_fit(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "img.png")
+    boxes = [[0.1 * k, 0.0, 0.1 * k + 0.05, 0.5] for k in range(5)]
+    line = {**GOOD, "image": "img.png", "objects": boxes, "tail": {"box": [0.0, 0.5, 1.0, 1.0]}}
+    (item,) = read_inputs(write_jsonl(tmp_path / "in.jsonl", [line]), max_objects=6)
+    assert len(item.boxes) == 6 and item.tail.name == "[OBJ5]"
+
+
+def _depth_seen(monkeypatch) -> dict[str, np.ndarray]:
+    """The depth map the features code reads for each input line's image, by image id."""
+    seen = {}
+    real = predict_module.featurize_image
+
+    def spy(image_id, image_path, objects, depth, params):
+        if objects and depth is not None:
+            seen[image_id] = np.array(depth.get(image_id))
+        return real(image_id, image_path, objects, depth, params)
+
+    monkeypatch.setattr(predict_module, "featurize_image", spy)
+    return seen
+
+
+def test_depth_maps_given_computed_or_zeros_reach_their_own_line(model, tmp_path, monkeypatch):
+    from pipeline.depth.model import predict_depth, tiny_depth_model
+    from pipeline.depth.store import DepthStore, store_rounding
+
+    by_image = {}  # one line per image, three images: swapped maps would show
+    for line in record_inputs(model["raw"], model["captions"], tmp_path):
+        if line["objects"]:
+            by_image.setdefault(line["image"], line)
+    lines = list(by_image.values())[:3]
+    assert len(lines) == 3
+    trained = load_trained(model["best"])
+    seen = _depth_seen(monkeypatch)
+    path = write_jsonl(tmp_path / "given.jsonl", lines)
+    predict_inputs(trained, read_inputs(path, 6), 8)
+    # A given map is read as evaluate read it: the depth stage's stored values, to the bit.
+    store = DepthStore(model["depth"])
+    image_of = {record.id: record.image_id for record in Dataset(model["raw"]).records("test")}
+    for k, line in enumerate(lines):
+        np.testing.assert_array_equal(seen[f"input-{k:07d}"], store.get(image_of[line["id"]]))
+    # A map of values that float16 does not hold is rounded as a depth store rounds it.
+    rough = np.random.default_rng(0).uniform(1, 3, (40, 50)).astype(np.float32)
+    np.save(tmp_path / "rough.npy", rough)
+    seen.clear()
+    path = write_jsonl(tmp_path / "rough.jsonl", [{**lines[0], "depth": "rough.npy"}])
+    predict_inputs(trained, read_inputs(path, 6), 8)
+    np.testing.assert_array_equal(seen["input-0000000"], store_rounding(rough))
+    assert not np.array_equal(seen["input-0000000"], rough)
+    np.testing.assert_allclose(seen["input-0000000"], rough, rtol=2.0**-11)
+
+    # Without a map: the model named in the params computes it (depth.source model), one per
+    # line, as the depth stage would (its raw output, float16-rounded as a store keeps it) ...
+    seen.clear()
+    overrides = {"depth.source": "model", "depth.model": "tiny", "depth.batch_size": 2}
+    computed = replace(trained, params=apply_overrides(trained.params, overrides | {
+        "depth.dtype": "bfloat16",  # autocast on a GPU only: the same numbers here
+    }))  # fmt: skip
+    calls, real_depth = [], predict_module.predict_depth
+
+    def recording(depth_model, images, batch_size, dtype):
+        calls.append((len(images), batch_size, dtype))
+        return real_depth(depth_model, images, batch_size, dtype)
+
+    monkeypatch.setattr(predict_module, "predict_depth", recording)
+    bare = [{k: v for k, v in line.items() if k != "depth"} for line in lines]
+    predict_inputs(computed, read_inputs(write_jsonl(tmp_path / "bare.jsonl", bare), 6), 8)
+    assert calls == [(3, 2, "bfloat16")]  # the saved params' depth settings, all lines at once
+    depth_model = tiny_depth_model()
+    for k, line in enumerate(bare):
+        with Image.open(tmp_path / line["image"]) as image:
+            (expected,) = predict_depth(depth_model, [image.convert("RGB")], 1, "float32")
+        got = seen[f"input-{k:07d}"]
+        assert got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=0, atol=np.abs(expected).max() * 2.0**-11)
+    # ... and a model trained on shipped maps gets zeros at the image's size.
+    seen.clear()
+    predict_inputs(trained, read_inputs(write_jsonl(tmp_path / "bare.jsonl", bare), 6), 8)
+    for k, line in enumerate(bare):
+        with Image.open(tmp_path / line["image"]) as image:
+            width, height = image.size
+        np.testing.assert_array_equal(seen[f"input-{k:07d}"], np.zeros((height, width)))
 
 
 def test_damaged_images_depth_maps_and_bytes_name_their_line(model, tmp_path):
@@ -340,3 +444,13 @@ def test_predict_dataset_labels_each_sample_asked_for_and_keeps_the_models_mode(
     again = predict_dataset(model, _CountingSplit(10), 3, "cpu", indices=asked)
     assert model.training
     np.testing.assert_allclose(again["probs"], expected, rtol=1e-6)
+    # Mixed precision (accelerate's autocast) wraps every forward pass: 5 samples, batches of 2.
+    entered = []
+
+    @contextlib.contextmanager
+    def autocast():
+        entered.append(torch.is_inference_mode_enabled())
+        yield
+
+    predict_dataset(model, _CountingSplit(10), 2, "cpu", indices=asked, autocast=autocast)
+    assert entered == [True, True, True]
