@@ -160,6 +160,9 @@ def original_input_size(width, height, lower_bound=518, multiple=14):
         (1920, 1080, (920.89, 518.0), (924, 518)),
         (300, 301, (518.0, 519.73), (518, 518)),  # 519.7 / 14 rounds down to 518: kept (>= 518)
         (1000, 530, (977.36, 518.0), (980, 518)),
+        # 763 / 14 = 54.5 exactly: numpy rounds half to even (54 -> 756), not up (55 -> 770).
+        (763, 518, (763.0, 518.0), (756, 518)),
+        (1036, 700, (766.64, 518.0), (770, 518)),  # 54.76 -> 55
     ],
 )
 def test_depth_input_keeps_aspect_with_both_sides_at_least_518(
@@ -185,7 +188,9 @@ def test_depth_input_resize_and_normalize_on_the_device():
     image = torch.from_numpy(np.broadcast_to(colour, (40, 60, 3)).copy()).permute(2, 0, 1)
     batch = prepare_batch([image, image], 518, 14, torch.device("cpu"))
     assert batch.shape == (2, 3, 518, 784)  # 60x40 -> 777x518 -> 784x518
-    expected = (colour / 255 - np.array(IMAGENET_MEAN)) / np.array(IMAGENET_STD)
+    # ImageNet's mean and std, RGB order, as Depth-Anything-V2's infer_image normalizes.
+    assert IMAGENET_MEAN == (0.485, 0.456, 0.406) and IMAGENET_STD == (0.229, 0.224, 0.225)
+    expected = (colour / 255 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])
     np.testing.assert_allclose(batch.mean(dim=(0, 2, 3)).numpy(), expected, rtol=1e-5)
     np.testing.assert_allclose(batch.std(dim=(0, 2, 3)).numpy(), 0, atol=1e-5)
     # A gradient: bicubic (Keys a = -0.75, no antialiasing) as torch computes it on [0, 1] values.
@@ -197,6 +202,48 @@ def test_depth_input_resize_and_normalize_on_the_device():
     mean = torch.tensor(IMAGENET_MEAN)[:, None, None]
     std = torch.tensor(IMAGENET_STD)[:, None, None]
     torch.testing.assert_close(got, (reference - mean) / std)
+
+
+def test_depth_input_shrinks_a_large_image_bicubic_without_antialiasing():
+    # 1120 x 700 -> 828.8 x 518 -> 826 x 518: a downscale, where antialiasing would differ
+    # (OpenCV's INTER_CUBIC, which the original resized with, has none).
+    rng = np.random.default_rng(0)
+    image = torch.from_numpy(rng.integers(0, 256, (3, 700, 1120), dtype=np.uint8))
+    got = prepare_batch([image], 518, 14, torch.device("cpu"))[0]
+    reference = torch.nn.functional.interpolate(
+        image[None].float() / 255, size=(518, 826), mode="bicubic", align_corners=False
+    )[0]
+    mean = torch.tensor([0.485, 0.456, 0.406])[:, None, None]
+    std = torch.tensor([0.229, 0.224, 0.225])[:, None, None]
+    torch.testing.assert_close(got, (reference - mean) / std)
+
+
+def test_depth_runs_under_the_autocast_its_dtype_asks_for(monkeypatch):
+    import contextlib
+
+    from pipeline.depth import model as depth_model
+
+    asked = []
+
+    @contextlib.contextmanager
+    def recording(device, dtype):
+        asked.append((device.type, dtype))
+        yield
+
+    monkeypatch.setattr(depth_model, "autocast", recording)
+    images = [torch.zeros(3, 20, 30, dtype=torch.uint8), torch.zeros(3, 30, 20, dtype=torch.uint8)]
+    infer_depth(tiny_depth_model(), images, batch_size=4, dtype="bfloat16")
+    assert asked == [("cpu", "bfloat16"), ("cpu", "bfloat16")]  # two input sizes, two batches
+
+
+def test_input_settings_are_the_backbones_image_and_patch_sizes():
+    from types import SimpleNamespace
+
+    from transformers import DepthAnythingConfig, Dinov2Config
+
+    # Depth-Anything-V2-Large's: 518 and 14 (not the tiny model's 56 = 4 x 14).
+    config = DepthAnythingConfig(backbone_config=Dinov2Config(image_size=518, patch_size=14))
+    assert input_settings(SimpleNamespace(config=config)) == (518, 14)
 
 
 def test_store_reader_contract(reference, tmp_path):
