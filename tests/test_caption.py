@@ -447,6 +447,23 @@ def test_crop_box_cuts_pixels_and_widens_degenerate_boxes():
     assert crop_box(image, (0.9, 0.9, 1.2, 1.3)).size == (20, 10)  # clipped to the image
 
 
+def test_a_thin_box_is_widened_evenly_around_itself_and_kept_inside_the_image():
+    rng = np.random.default_rng(1)
+    tall = Image.fromarray(rng.integers(0, 255, (1000, 50, 3), dtype=np.uint8))  # 50 x 1000
+    # Column 25 alone (1 x 1000) needs 10 columns for an aspect of 100: 4 added left, 5 right.
+    assert np.array_equal(
+        np.asarray(crop_box(tall, (0.5, 0.0, 0.5, 1.0))), np.asarray(tall)[:, 21:31]
+    )
+    # At the right edge the 10 columns end at the image's border.
+    assert np.array_equal(
+        np.asarray(crop_box(tall, (0.99, 0.0, 1.0, 1.0))), np.asarray(tall)[:, 40:50]
+    )
+    wide = Image.fromarray(rng.integers(0, 255, (50, 1000, 3), dtype=np.uint8))  # 1000 x 50
+    assert np.array_equal(
+        np.asarray(crop_box(wide, (0.0, 0.5, 1.0, 0.5))), np.asarray(wide)[21:31, :]
+    )
+
+
 def test_the_captioner_sees_the_pixels_the_model_crops():
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (37, 53, 3), dtype=np.uint8))
@@ -463,6 +480,25 @@ def test_prompt_templates_are_checked(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(raw))
     with pytest.raises(DataError, match=r"bad\.json: \"object\.prompt\": unknown placeholder"):
         load_prompts(tmp_path / "bad.json")
+    # {name} is the text entity's: an object has none (caught here, not at the first object).
+    raw["object"]["prompt"] = "what is {name}?"
+    (tmp_path / "bad.json").write_text(json.dumps(raw))
+    with pytest.raises(DataError, match=r"\"object\.prompt\": unknown placeholder\(s\) \['name'\]"):
+        load_prompts(tmp_path / "bad.json")
+    good = json.loads(PROMPTS.read_text())
+    for field, value, problem in [
+        ("image", None, r'"entity\.image": expected "full" or "crop", found None'),
+        ("system", 3, r'"system": expected a string, found int'),
+    ]:
+        bad = json.loads(PROMPTS.read_text())
+        if field == "image":
+            del bad["entity"]["image"]
+        else:
+            bad[field] = value
+        (tmp_path / "bad.json").write_text(json.dumps(bad))
+        with pytest.raises(DataError, match=problem):
+            load_prompts(tmp_path / "bad.json")
+    assert good["system"] == "" and load_prompts(PROMPTS).system == ""
     del raw["version"]
     (tmp_path / "bad.json").write_text(json.dumps(raw))
     with pytest.raises(DataError, match="version"):
@@ -627,3 +663,46 @@ def test_cli_locks_only_its_own_shard(dataset, tmp_path, monkeypatch):
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert seen == {"backend": "mllm", "shard": (1, 2), "locked": [".out.shard-1-of-2.lock"]}
+
+
+def test_answers_are_the_greedy_new_tokens_and_the_system_prompt_is_asked(captioner):
+    """describe() against model.generate run by hand on each prompt alone (no padding): the
+    answer is every generated token after the prompt, decoded, white space collapsed; a system
+    prompt goes in as the chat's first message."""
+    import torch
+
+    rng = np.random.default_rng(3)
+    images = [
+        Image.fromarray(rng.integers(0, 255, (40 + 8 * k, 56, 3), dtype=np.uint8)) for k in range(3)
+    ]
+    questions = ["what is this?", "Text: a cat\\nwhat is 'cat' in the text?", "describe it"]
+    processor, model = captioner.processor, captioner.model
+
+    def by_hand(question, image, system=""):
+        messages = (
+            [{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []
+        )
+        messages.append(
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        )
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        assert text.endswith("<|im_start|>assistant\n")
+        if system:
+            assert text.startswith(f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n")
+        inputs = processor(text=[text], images=[image], return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(
+                **inputs, max_new_tokens=MLLM.max_new_tokens, do_sample=False, num_beams=1
+            )
+        new = out[0, inputs["input_ids"].shape[1] :].tolist()
+        assert 0 < len(new) <= MLLM.max_new_tokens
+        answer = processor.tokenizer.decode(new, skip_special_tokens=True)
+        return " ".join(answer.split())
+
+    expected = [by_hand(q, im) for q, im in zip(questions, images, strict=True)]
+    assert captioner.describe(questions, images) == expected
+    assert all(expected) and len(set(expected)) > 1
+    system = "Answer in three words."
+    with_system = [by_hand(q, im, system) for q, im in zip(questions, images, strict=True)]
+    assert captioner.describe(questions, images, system) == with_system
+    assert with_system != expected  # the system message changed the answers
