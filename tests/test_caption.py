@@ -706,3 +706,12 @@ def test_answers_are_the_greedy_new_tokens_and_the_system_prompt_is_asked(captio
     with_system = [by_hand(q, im, system) for q, im in zip(questions, images, strict=True)]
     assert captioner.describe(questions, images, system) == with_system
     assert with_system != expected  # the system message changed the answers
+
+
+def test_answers_have_their_white_space_collapsed(captioner, monkeypatch):
+    # A real model writes line breaks and runs of spaces; a caption is one line of single spaces.
+    monkeypatch.setattr(
+        captioner.tokenizer, "batch_decode", lambda ids, **_: [" a\n\n  big\tdog ", ""]
+    )
+    image = Image.new("RGB", (56, 56))
+    assert captioner.describe(["q1", "q2"], [image, image]) == ["a big dog", ""]
