@@ -14,7 +14,19 @@ import numpy as np
 from pipeline.io import atomic_write_bytes
 from pipeline.metrics import confusion_matrix
 
-__all__ = ["plot_confusion", "plot_training", "plot_ot_regime", "read_live_metric"]
+__all__ = [
+    "plot_confusion",
+    "plot_training",
+    "plot_ot_regime",
+    "read_live_metric",
+    "last_best_index",
+]
+
+
+def last_best_index(scores: np.ndarray) -> int:
+    """The index of the last of equal maxima: the epoch training keeps on a tie (its ``>=``, as
+    the original's)."""
+    return len(scores) - 1 - int(np.argmax(scores[::-1]))
 
 
 def _save_figure(fig: Any, path: str | Path) -> None:
@@ -114,8 +126,7 @@ def plot_training(live_dir: str | Path, path: str | Path) -> None:
         )
         right.legend()
     if dev_f1.size:
-        # The epoch training selected: the last of equal maxima (its `>=`, as the original's).
-        best = len(dev_f1) - 1 - int(np.argmax(dev_f1[::-1]))
+        best = last_best_index(dev_f1)  # the epoch training selected
         right.scatter([epochs[best]], [dev_f1[best]], s=120, facecolors="none", edgecolors="red")
         right.set_title(f"best dev micro-F1 {dev_f1[best]:.4f} (epoch {epochs[best]:.0f})")
     right.set_xlabel("epoch")

@@ -10,11 +10,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.config import OTParams
 from pipeline.data.records import PAIR_KINDS
 from pipeline.evaluate.plots import (
+    last_best_index,
     plot_confusion,
     plot_ot_regime,
     plot_training,
@@ -79,7 +78,7 @@ def selected_on_test(live_dir: str | Path) -> dict[str, float]:
     epoch_steps, epochs = read_live_metric(live_dir, "epoch")
     if not test_f1.size:
         raise ValueError(f"{live_dir}: no test/micro_f1 logged")
-    best = len(test_f1) - 1 - int(np.argmax(test_f1[::-1]))  # the last of equal maxima
+    best = last_best_index(test_f1)
     epoch_of_step = dict(zip(epoch_steps.tolist(), epochs.tolist(), strict=True))
     return {"micro_f1": float(test_f1[best]), "epoch": int(epoch_of_step[int(steps[best])])}
 
