@@ -31,9 +31,9 @@ KEY_PARAMS = (
 FIDELITY_SWITCHES = (
     "model.ot.kernel_floor", "model.ot.barycentric", "model.ot.mode", "model.ot.clamp",
     "model.ot.solver", "model.init", "model.depth_embedding", "features.crop_resize",
-    "features.depth_scale", "data.pad_to_max", "model.head.project_without_caption", "train.decay_norms_and_biases",
-    "train.max_grad_norm", "train.mixed_precision", "train.tf32", "train.optimize",
-    "train.report_test_each_epoch",
+    "features.depth_scale", "data.pad_to_max", "model.head.project_without_caption",
+    "train.decay_norms_and_biases", "train.max_grad_norm", "train.mixed_precision", "train.tf32",
+    "train.optimize", "train.report_test_each_epoch",
 )  # fmt: skip
 PAIR_KIND_ORDER = ("text-text", "text-object", "object-object")
 
