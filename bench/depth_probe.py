@@ -47,13 +47,10 @@ def object_states(model, batch: dict) -> tuple[dict[str, np.ndarray], np.ndarray
     if embeddings.depth_patch is None:
         raise ValueError("the model was trained without depth (data.use_depth=false): no probe")
     pixels, depth = batch["pixel_values"], batch["depth_values"]
-    batch_size, slots, channels, size, _ = pixels.shape
+    batch_size, slots, _, size, _ = pixels.shape
     occupied = (torch.arange(slots)[None, :] < batch["num_objects"][:, None]).reshape(-1)
-    rgb = embeddings.rgb_patch(pixels.reshape(-1, channels, size, size))
-    patches = embeddings.depth_patch(depth.reshape(-1, 1, size, size).to(pixels.dtype))
-    if embeddings.depth_as_channel:
-        patches = patches + rgb
-    tokens = embeddings._patches(patches)  # [B * P, grid^2, D]
+    # [B * P, grid^2, D]: the depth patches' tokens (with "channel", the RGB-D ones)
+    tokens = embeddings.patch_tokens(pixels, depth)[:, -embeddings.patches_per_crop :]
     places = {
         "depth_patches": tokens.mean(1),
         "after_pre_norm": embeddings.pre_norm(tokens).mean(1),

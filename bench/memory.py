@@ -135,6 +135,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--objects", type=int, default=12)
     parser.add_argument("--solver", default="log_sinkhorn", help="model.ot.solver")
     parser.add_argument("--iterations", type=int, default=50, help="model.ot.iterations")
+    parser.add_argument(
+        "--depth-embedding", choices=["tokens", "channel"], default="tokens",
+        help="model.depth_embedding (channel: 4 vision tokens per object, not 8)",
+    )  # fmt: skip
     parser.add_argument("--unit", choices=["GiB", "MiB"], default="GiB")
     args = parser.parse_args(argv)
     scale = {"GiB": 1, "MiB": 1024}[args.unit]
@@ -146,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
         pad_to=None if args.per_batch else args.max_seq,
         solver=args.solver,
         iterations=args.iterations,
+        depth_embedding=args.depth_embedding,
     )
     tokens = list(batch["input_ids"].shape)
     rows = []
@@ -159,7 +164,8 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(("bf16" if bf16 else "fp32", checkpointing, memory))
     print(
         f"batch {args.batch}, tokens {tokens}, hidden {args.hidden}, {args.layers} layers, "
-        f"{args.objects} objects, model.ot.solver {args.solver}; {args.unit} of tensor storage"
+        f"{args.objects} objects, model.ot.solver {args.solver}, model.depth_embedding "
+        f"{args.depth_embedding}; {args.unit} of tensor storage"
     )
     print("| precision | checkpointing | weights + batch | + AdamW state | peak in a step |")
     print("|---|---|---|---|---|")

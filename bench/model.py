@@ -14,13 +14,16 @@ configuration is not recorded.
     .venv/bin/python bench/model.py --settings realistic --ot-modes transport,uniform
     .venv/bin/python bench/model.py --settings seq256 --compile --bf16
     .venv/bin/python bench/model.py --settings seq256 --checkpointing
+    .venv/bin/python bench/model.py --settings realistic --depth-embeddings tokens,channel
 
 With several ``--ot-modes`` each setting runs once per mode (``model.ot.mode``), one after the
 other in this run, and the uniform mode's step time is printed as a ratio of transport's (target
 <= 0.6 at base size with per-batch padding). ``--compile`` adds a run under ``torch.compile``
 (inductor, static shapes; its first step compiles and is not timed), ``--bf16`` one under bf16
 autocast (fast on CPUs with AMX-BF16, see ``lscpu``), both flags a run with both;
-``--checkpointing`` one with ``train.gradient_checkpointing`` (compare its peak RSS). Every run's
+``--checkpointing`` one with ``train.gradient_checkpointing`` (compare its peak RSS). With
+``--depth-embeddings tokens,channel`` everything runs once per ``model.depth_embedding`` (8 or 4
+vision tokens per object), and a last table gives ``channel`` over ``tokens``. Every run's
 median step time is printed over the step's FLOP floor (its FLOPs at this machine's best float32
 matrix-product rate), with a summary table at the end; target with ``--compile`` at seq 256:
 <= 1.8x the floor.
@@ -74,7 +77,7 @@ def sentence_lengths(count: int, seed: int) -> list[int]:
 UNIFORM_TARGET = 0.6  # uniform's step time over transport's (issue: base size, per-batch padding)
 
 
-def build(setting: dict, solver: str, ot_mode: str = "transport"):
+def build(setting: dict, solver: str, ot_mode: str = "transport", depth_embedding: str = "tokens"):
     """The model (random weights) and one batch for a setting."""
     return build_model_and_batch(
         batch=setting["batch"],
@@ -82,6 +85,7 @@ def build(setting: dict, solver: str, ot_mode: str = "transport"):
         pad_to=setting["pad_to"],
         solver=solver,
         ot_mode=ot_mode,
+        depth_embedding=depth_embedding,
     )
 
 
@@ -95,10 +99,12 @@ def build_model_and_batch(
     layers: int = 12,
     iterations: int = 50,
     objects: int = 12,
+    depth_embedding: str = "tokens",
 ):
     """REMOTE with random weights, BERT-base and ViT-B/32 shapes at ``hidden`` 768 and 12 layers
-    (28 labels, ``objects`` object slots with depth), and one batch of ``batch`` samples whose
-    texts are padded to ``pad_to`` (None: to the longest, lengths as the realistic setting's)."""
+    (28 labels, ``objects`` object slots with depth placed as ``model.depth_embedding`` says), and
+    one batch of ``batch`` samples whose texts are padded to ``pad_to`` (None: to the longest,
+    lengths as the realistic setting's)."""
     import torch
     from transformers import BertConfig
 
@@ -130,6 +136,7 @@ def build_model_and_batch(
             "model.ot.solver": solver,
             "model.ot.mode": ot_mode,
             "model.ot.iterations": iterations,
+            "model.depth_embedding": depth_embedding,
         },
     )
     config = RemoteConfig.from_params(
@@ -200,6 +207,7 @@ def run_child(
     threads: int,
     profile: bool,
     variant: str = "eager",
+    depth_embedding: str = "tokens",
 ) -> dict:
     import contextlib
 
@@ -211,7 +219,7 @@ def run_child(
 
     keep_freed_memory()  # as the stages do (python -m stages)
     torch.set_num_threads(threads)
-    model, batch = build(SETTINGS[name], solver, ot_mode)
+    model, batch = build(SETTINGS[name], solver, ot_mode, depth_embedding)
     model.train()
     optimizer = build_optimizer(model, lr=1e-5, weight_decay=0.01, decay_norms_and_biases=True)
     compiled = "compile" in variant
@@ -255,6 +263,7 @@ def run_child(
     return {
         "setting": name,
         "variant": variant,
+        "depth_embedding": depth_embedding,
         "tokens": list(batch["input_ids"].shape),
         "real_tokens": int(batch["attention_mask"].sum()),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -319,6 +328,12 @@ def main() -> None:
     )
     parser.add_argument("--ot-mode", default="transport", help=argparse.SUPPRESS)  # a child's
     parser.add_argument(
+        "--depth-embeddings",
+        default="tokens",
+        help="comma-separated model.depth_embedding values, each run per setting (default: tokens)",
+    )
+    parser.add_argument("--depth-embedding", default="tokens", help=argparse.SUPPRESS)  # a child's
+    parser.add_argument(
         "--compile", action="store_true", help="also run each setting under torch.compile"
     )
     parser.add_argument("--bf16", action="store_true", help="also run each under bf16 autocast")
@@ -337,7 +352,7 @@ def main() -> None:
     if args.child:
         result = run_child(
             args.child, args.ot_solver, args.ot_mode, args.steps, args.warmup, args.threads,
-            not args.no_profile, args.variant,
+            not args.no_profile, args.variant, args.depth_embedding,
         )  # fmt: skip
         print(json.dumps(result))
         return
@@ -349,6 +364,11 @@ def main() -> None:
     modes = [m for m in args.ot_modes.split(",") if m]
     if not modes or set(modes) - {"transport", "uniform"}:
         parser.error(f"--ot-modes {args.ot_modes!r}: expected transport and/or uniform")
+    embeddings = [e for e in args.depth_embeddings.split(",") if e]
+    if not embeddings or set(embeddings) - {"tokens", "channel"}:
+        parser.error(
+            f"--depth-embeddings {args.depth_embeddings!r}: expected tokens and/or channel"
+        )
     variants = ["eager"]
     variants += ["compile"] if args.compile else []
     variants += ["bf16"] if args.bf16 else []
@@ -357,26 +377,28 @@ def main() -> None:
     print(
         f"threads={args.threads} steps={args.steps} warmup={args.warmup} "
         f"model.ot.solver={args.ot_solver} model.ot.mode={','.join(modes)} "
-        f"variants={','.join(variants)}"
+        f"model.depth_embedding={','.join(embeddings)} variants={','.join(variants)}"
     )
     summary = []
     for name in names:
-        medians = {}
-        for mode in modes:
-            for variant in variants:
-                result = run_setting(name, mode, args, variant)
-                if result is not None:
-                    summary.append(result | {"ot_mode": mode})
-                    if variant == "eager":
-                        medians[mode] = result["median_s"]
-        if len(medians) == 2:
-            ratio = medians["uniform"] / medians["transport"]
-            print(
-                f"\n{name}: model.ot.mode uniform / transport step time = "
-                f"{medians['uniform']:.2f} / {medians['transport']:.2f} s = {ratio:.2f} "
-                f"(target <= {UNIFORM_TARGET})"
-            )
+        for embedding in embeddings:
+            medians = {}
+            for mode in modes:
+                for variant in variants:
+                    result = run_setting(name, mode, args, variant, embedding)
+                    if result is not None:
+                        summary.append(result | {"ot_mode": mode})
+                        if variant == "eager":
+                            medians[mode] = result["median_s"]
+            if len(medians) == 2:
+                ratio = medians["uniform"] / medians["transport"]
+                print(
+                    f"\n{name} ({embedding}): model.ot.mode uniform / transport step time = "
+                    f"{medians['uniform']:.2f} / {medians['transport']:.2f} s = {ratio:.2f} "
+                    f"(target <= {UNIFORM_TARGET})"
+                )
     print_summary(summary)
+    print_embedding_ratios(summary)
 
 
 def print_summary(results: list[dict]) -> None:
@@ -388,31 +410,64 @@ def print_summary(results: list[dict]) -> None:
     best = max(r["gemm_gflops"] for r in results)
     print(f"\nFLOP floors at {best:.0f} GFLOP/s, the best matrix-product rate of these runs")
     print(
-        "| setting | model.ot.mode | variant | median s/step | first step s | floor s | ratio | "
-        "peak RSS GB |"
+        "| setting | model.depth_embedding | model.ot.mode | variant | median s/step | "
+        "first step s | floor s | ratio | peak RSS GB |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in results:
         floor = r["gflop"] / best
         print(
-            f"| {r['setting']} | {r['ot_mode']} | {r['variant']} | {r['median_s']:.2f} | "
-            f"{r['first_step_s']:.1f} | {floor:.2f} | {r['median_s'] / floor:.2f} | "
+            f"| {r['setting']} | {r['depth_embedding']} | {r['ot_mode']} | {r['variant']} | "
+            f"{r['median_s']:.2f} | {r['first_step_s']:.1f} | {floor:.2f} | "
+            f"{r['median_s'] / floor:.2f} | {r['peak_rss_gb']:.2f} |"
+        )
+
+
+def embedding_ratios(results: list[dict]) -> list[tuple[tuple[str, str, str], dict[str, float]]]:
+    """For each setting, OT mode and variant run with both depth embeddings: ``channel`` over
+    ``tokens`` in step time, FLOPs and peak RSS."""
+    runs = {(r["setting"], r["ot_mode"], r["variant"], r["depth_embedding"]): r for r in results}
+    out = []
+    for (setting, mode, variant, embedding), channel in runs.items():
+        tokens = runs.get((setting, mode, variant, "tokens"))
+        if embedding != "channel" or tokens is None:
+            continue
+        ratios = {key: channel[key] / tokens[key] for key in ("median_s", "gflop", "peak_rss_gb")}
+        out.append(((setting, mode, variant), ratios))
+    return out
+
+
+def print_embedding_ratios(results: list[dict]) -> None:
+    rows = embedding_ratios(results)
+    if not rows:
+        return
+    print("\nmodel.depth_embedding channel / tokens, same setting, OT mode and variant")
+    print("| setting | model.ot.mode | variant | step time | GFLOP | peak RSS |")
+    print("|---|---|---|---|---|---|")
+    for (setting, mode, variant), r in rows:
+        print(
+            f"| {setting} | {mode} | {variant} | {r['median_s']:.2f} | {r['gflop']:.2f} | "
             f"{r['peak_rss_gb']:.2f} |"
         )
 
 
 def run_setting(
-    name: str, mode: str, args: argparse.Namespace, variant: str = "eager"
+    name: str,
+    mode: str,
+    args: argparse.Namespace,
+    variant: str = "eager",
+    depth_embedding: str = "tokens",
 ) -> dict | None:
     """One setting in a fresh subprocess; prints its report and returns its result."""
     command = [sys.executable, __file__, "--child", name, "--steps", str(args.steps)]
     command += ["--warmup", str(args.warmup), "--threads", str(args.threads)]
     command += ["--ot-solver", args.ot_solver, "--ot-mode", mode, "--variant", variant]
+    command += ["--depth-embedding", depth_embedding]
     if args.no_profile:
         command.append("--no-profile")
     out = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if out.returncode:
-        print(f"{name} ({mode}, {variant}): failed\n{out.stderr[-3000:]}")
+        print(f"{name} ({depth_embedding}, {mode}, {variant}): failed\n{out.stderr[-3000:]}")
         return None
     result = json.loads(out.stdout.strip().splitlines()[-1])
     report(name, mode, result)
@@ -423,7 +478,8 @@ def report(name: str, mode: str, result: dict) -> None:
     setting = SETTINGS[name]
     width = f"padded to {setting['pad_to']}" if setting["pad_to"] else "padded per batch"
     print(
-        f"\n{name} (model.ot.mode {mode}, {result['variant']}): hidden {setting['hidden']}, batch x tokens "
+        f"\n{name} (model.depth_embedding {result['depth_embedding']}, model.ot.mode {mode}, "
+        f"{result['variant']}): hidden {setting['hidden']}, batch x tokens "
         f"{result['tokens']} ({width}, {result['real_tokens']} real tokens), "
         f"{result['parameters'] / 1e6:.0f}M parameters"
     )

@@ -1,5 +1,6 @@
 """``bench/memory.py``: the live-storage count against a hand count, and its fake-tensor
-estimate of a training step against the same step on real tensors."""
+estimate of a training step against the same step on real tensors; ``bench/model.py``'s depth
+embedding comparison."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from bench.memory import LiveBytes, step_memory, to_fake
-from bench.model import build_model_and_batch
+from bench.model import build_model_and_batch, embedding_ratios
 
 
 def test_live_bytes_counts_each_storage_once_while_it_lives():
@@ -94,3 +95,41 @@ def test_the_command_prints_every_setting(capsys):
     ]  # fmt: skip
     peaks = [float(r[4].rstrip(" |")) for r in rows]
     assert all(peak > float(r[3]) for peak, r in zip(peaks, rows, strict=True))
+
+
+def test_a_depth_channel_halves_the_vision_tokens_and_lowers_the_estimated_peak():
+    per_object, peaks = {}, {}
+    for embedding in ("tokens", "channel"):
+        model, batch = build_model_and_batch(
+            batch=3, hidden=32, layers=4, pad_to=128, solver="log_sinkhorn", iterations=3,
+            objects=4, depth_embedding=embedding,
+        )  # fmt: skip
+        per_object[embedding] = model.object_embeddings.tokens_per_object
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = to_fake(model, batch, mode)
+            peaks[embedding] = step_memory(model, fake, checkpointing=False, bf16=False)["peak"]
+    assert per_object == {"tokens": 8, "channel": 4}  # 64-px crops, 32-px patches
+    assert peaks["channel"] < peaks["tokens"]
+
+
+def test_embedding_ratios_pair_each_channel_run_with_its_tokens_run():
+    def run(setting, mode, variant, embedding, seconds, gflop, rss):
+        return {"setting": setting, "ot_mode": mode, "variant": variant,
+                "depth_embedding": embedding, "median_s": seconds, "gflop": gflop,
+                "peak_rss_gb": rss}  # fmt: skip
+
+    results = [
+        run("seq256", "transport", "eager", "tokens", 10.0, 2000.0, 8.0),
+        run("seq256", "transport", "compile", "tokens", 8.0, 2000.0, 6.0),
+        run("seq256", "transport", "eager", "channel", 9.0, 1500.0, 7.0),
+        run("seq256", "uniform", "eager", "channel", 5.0, 1000.0, 4.0),  # no tokens run: left out
+        run("realistic", "transport", "eager", "tokens", 4.0, 800.0, 3.0),
+        run("realistic", "transport", "eager", "channel", 3.0, 600.0, 3.0),
+    ]
+    assert embedding_ratios(results) == [
+        (("seq256", "transport", "eager"), {"median_s": 0.9, "gflop": 0.75, "peak_rss_gb": 0.875}),
+        (
+            ("realistic", "transport", "eager"),
+            {"median_s": 0.75, "gflop": 0.75, "peak_rss_gb": 1.0},
+        ),
+    ]

@@ -172,10 +172,10 @@ def small_vit(architecture: str):
     return randomize(vit, seed=11).double()
 
 
-def patch_embeddings_reference(module, pixels, depth, depth_embedding):
+def patch_embeddings_reference(module, pixels, depth, depth_embedding, pre_norm=True):
     """The tokens of ``[B, P, 3, 64, 64]`` crops and ``[B, P, 64, 64]`` depth, patch by patch: each
     32x32 patch flattened times the flattened convolution weights, plus the bias and the patch's
-    position, then the pre-norm (a LayerNorm written out, or none)."""
+    position, then (``pre_norm``) the pre-norm (a LayerNorm written out, or none)."""
     rgb_w = module.rgb_patch.weight.reshape(HIDDEN, -1)
     rgb_b = module.rgb_patch.bias
     depth_w = depth_b = None
@@ -204,7 +204,7 @@ def patch_embeddings_reference(module, pixels, depth, depth_embedding):
                     depth_tokens.append(dep + position)
             out += rgb_tokens + depth_tokens
     tokens = torch.stack(out).reshape(batch, -1, HIDDEN)
-    if isinstance(module.pre_norm, nn.LayerNorm):
+    if pre_norm and isinstance(module.pre_norm, nn.LayerNorm):
         tokens = layer_norm(tokens, module.pre_norm)
     return tokens
 
@@ -236,6 +236,11 @@ def test_object_patch_embeddings_are_patch_products_plus_positions(architecture,
     assert module.tokens_per_object == per_object and out.shape == (2, 3 * per_object, HIDDEN)
     expected = patch_embeddings_reference(module, pixels, depth, depth_embedding)
     torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    # Before the pre-norm, per crop; the last patches_per_crop are the depth (or RGB-D) ones.
+    raw = module.patch_tokens(pixels, depth)
+    assert module.patches_per_crop == 4 and raw.shape == (6, per_object, HIDDEN)
+    unnormed = patch_embeddings_reference(module, pixels, depth, depth_embedding, pre_norm=False)
+    torch.testing.assert_close(raw.reshape(2, -1, HIDDEN), unnormed, rtol=1e-9, atol=1e-9)
 
 
 def test_own_depth_tokens_lose_a_flat_regions_depth_level_and_a_depth_channel_keeps_it():

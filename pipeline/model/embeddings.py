@@ -68,25 +68,33 @@ class ObjectPatchEmbeddings(nn.Module):
         )
         self.pre_norm = vit.norm_pre
         own_tokens = use_depth and not self.depth_as_channel
-        self.tokens_per_object = grid * grid * (2 if own_tokens else 1)
+        self.patches_per_crop = grid * grid
+        self.tokens_per_object = self.patches_per_crop * (2 if own_tokens else 1)
 
     def _patches(self, patches: torch.Tensor) -> torch.Tensor:
         tokens = patches.flatten(2).transpose(1, 2)  # [N, grid^2, D]
         return self.patch_norm(tokens) + self.position
 
+    def patch_tokens(
+        self, pixel_values: torch.Tensor, depth_values: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Each crop's tokens before the pre-LayerNorm, ``[B * P, tokens_per_object, D]``: with
+        ``"tokens"`` the RGB patches then the depth patches, so the last ``patches_per_crop`` are
+        the depth ones in either mode (with ``"channel"``, the RGB-D ones)."""
+        channels, size = pixel_values.shape[2], pixel_values.shape[-1]
+        rgb = self.rgb_patch(pixel_values.reshape(-1, channels, size, size))
+        if self.depth_patch is None:
+            return self._patches(rgb)
+        depth = self.depth_patch(depth_values.reshape(-1, 1, size, size).to(pixel_values.dtype))
+        if self.depth_as_channel:
+            return self._patches(rgb + depth)
+        return torch.cat([self._patches(rgb), self._patches(depth)], dim=1)
+
     def forward(
         self, pixel_values: torch.Tensor, depth_values: torch.Tensor | None
     ) -> torch.Tensor:
-        batch, slots, channels, size, _ = pixel_values.shape
-        rgb = self.rgb_patch(pixel_values.reshape(-1, channels, size, size))
-        if self.depth_patch is None:
-            tokens = self._patches(rgb)
-        else:
-            depth = self.depth_patch(depth_values.reshape(-1, 1, size, size).to(pixel_values.dtype))
-            if self.depth_as_channel:
-                tokens = self._patches(rgb + depth)
-            else:
-                tokens = torch.cat([self._patches(rgb), self._patches(depth)], dim=1)
+        batch, slots = pixel_values.shape[:2]
+        tokens = self.patch_tokens(pixel_values, depth_values)
         return self.pre_norm(tokens.reshape(batch, slots * self.tokens_per_object, -1))
 
 
