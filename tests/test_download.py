@@ -306,8 +306,11 @@ def test_a_connection_dropped_mid_chunk_is_a_named_error(tmp_path, http_server, 
     with pytest.raises(DataError, match=re.escape(f"{http_server}: download interrupted (found ")):
         download_url(http_server, dest)
     assert not dest.exists()
+    # the first chunk arrived whole and is kept: the rerun asks for the rest only
+    assert (tmp_path / "file.bin.part").read_bytes() == _RangeHandler.payload[:5000]
     monkeypatch.setattr(_RangeHandler, "mode", "ok")
     download_url(http_server, dest)
+    assert _RangeHandler.seen_ranges == [None, "bytes=5000-"]
     assert dest.read_bytes() == _RangeHandler.payload
 
 

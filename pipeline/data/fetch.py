@@ -206,9 +206,14 @@ def download_url(url: str, dest: Path, timeout: float = 60.0) -> Path:
                 part.open("ab" if resumed else "wb") as fh,
                 _progress(total, offset, dest.name) as bar,
             ):
-                for block in iter(lambda: response.read(_CHUNK), b""):
-                    fh.write(block)
-                    bar.update(len(block))
+                try:
+                    for block in iter(lambda: response.read(_CHUNK), b""):
+                        fh.write(block)
+                        bar.update(len(block))
+                except http.client.IncompleteRead as exc:
+                    # The whole chunks that arrived before the cut: the next run resumes after them.
+                    fh.write(exc.partial)
+                    raise
         except (http.client.HTTPException, OSError) as exc:
             # A connection cut mid-body: IncompleteRead (chunked responses) is no OSError.
             raise DataError(
