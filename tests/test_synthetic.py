@@ -13,9 +13,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.config import default_params
+from pipeline.config import SyntheticParams, default_params
 from pipeline.data.records import PAIR_KINDS, SPLITS, UMRE_RELATIONS, Dataset
-from pipeline.data.synthetic import VOCABULARY, generate_synthetic
+from pipeline.data.synthetic import (
+    VOCABULARY,
+    box_contains,
+    generate_synthetic,
+)
 
 DEFAULTS = default_params()
 
@@ -178,6 +182,60 @@ def test_images_depth_maps_and_boxes(medium):
             assert (depth[:, :x1] != d).all() and (depth[:, x2:] != d).all()
 
 
+# The module docstring's levels: DEPTH_SCALE (10) times 0.15, 0.20, ..., 1.0.
+DEPTH_LEVELS = {1.5 + 0.5 * k for k in range(18)}
+# Written here, not imported: the RGB each caption colour is drawn with.
+RGB = {
+    "red": (214, 39, 40),
+    "green": (44, 160, 44),
+    "blue": (31, 90, 200),
+    "orange": (245, 127, 14),
+    "purple": (148, 80, 189),
+}
+
+
+def test_object_depths_use_every_documented_level_and_no_other(medium):
+    size = MEDIUM.image_size
+    seen = set()
+    for image_id in medium.image_ids():
+        scene, _ = _scene(medium, image_id, size)
+        seen |= {d for _, _, d in scene.values()}
+    assert seen == DEPTH_LEVELS
+
+
+def test_boxes_are_whole_pixels_inside_the_image(medium):
+    size = MEDIUM.image_size
+    for boxes in medium.objects.values():
+        for box in boxes.values():
+            pixels = [v * size for v in box]
+            assert pixels == pytest.approx([round(v) for v in pixels], abs=1e-4), box
+            x1, y1, x2, y2 = (round(v) for v in pixels)
+            assert 0 <= x1 < x2 <= size and 0 <= y1 < y2 <= size
+
+
+def test_each_objects_visible_pixels_lie_on_its_shape_in_its_colour(medium):
+    # Circles fill the ellipse inscribed in their box, triangles have their apex at the top centre
+    # and their base along the bottom edge, squares fill the box; the background is off-white.
+    size = MEDIUM.image_size
+    captions = json.loads(medium.captions_path.read_text())
+    for image_id in medium.image_ids():
+        scene, depth = _scene(medium, image_id, size)
+        with Image.open(medium.image_path(image_id)) as im:
+            rgb = np.asarray(im).astype(int)
+        background = rgb[depth == 0]
+        assert ((background >= [232, 230, 224]) & (background <= [244, 242, 236])).all()
+        for name, (noun, (x1, y1, x2, y2), d) in scene.items():
+            ys, xs = np.nonzero(depth == d)
+            x, y = xs + 0.5, ys + 0.5  # pixel centres
+            cx, cy, half_w, half_h = (x1 + x2) / 2, (y1 + y2) / 2, (x2 - x1) / 2, (y2 - y1) / 2
+            if noun == "person":
+                assert (((x - cx) / half_w) ** 2 + ((y - cy) / half_h) ** 2 <= 1.0).all(), name
+            elif noun == "flag":
+                assert (np.abs(x - cx) <= half_w * (y - y1) / (y2 - y1)).all(), name
+            colour = captions[image_id][name].split()[1]
+            assert (rgb[ys, xs] == RGB[colour]).all(), (image_id, name, colour)
+
+
 def _segment_index(tokens: tuple[str, ...], span: tuple[int, int]) -> int:
     """Which " . "-separated segment of the post a span lies in."""
     return tokens[: span[0]].count(".")
@@ -224,12 +282,24 @@ def test_labels_follow_the_rules_recomputed_from_saved_files(medium):
                 assert not set(segment.split()) & {w for ws in CLAUSE_WORDS.values() for w in ws}
                 fits = family and scene[r.tail.name][0] == CUE_NOUN[family[0]]
                 expected = family[0] if fits else "none"
-                seen["text-object none with cue" if family and not fits else "other"] += 1
+                if not fits:
+                    seen["text-object none " + ("with cue" if family else "without cue")] += 1
             else:
                 scene, _ = _scene(medium, r.image_id, size)
                 expected = _expected_object_label(scene, r.head.name, r.tail.name)
             assert r.relation == expected, (r.id, r.text_tokens, r.head, r.tail)
     assert seen["text-object none with cue"] > 0  # the image decides, not only the text
+    assert seen["text-object none without cue"] > 0  # and a cue with no family: the text alone
+
+
+def test_box_contains_needs_the_centre_strictly_inside():
+    box = (10, 20, 30, 40)
+    assert box_contains(box, (12, 22, 18, 28))  # centre (15, 25)
+    assert box_contains(box, (29, 39, 30, 40))  # centre (29.5, 39.5)
+    assert box_contains(box, (0, 0, 50, 70))  # only the centre counts: (25, 35)
+    for on_edge in [(28, 22, 32, 28), (8, 22, 12, 28), (12, 18, 18, 22), (12, 38, 18, 42)]:
+        assert not box_contains(box, on_edge), on_edge  # centre x = 30, x = 10, y = 20, y = 40
+    assert not box_contains(box, (31, 22, 35, 28))
 
 
 def test_depth_and_geometry_decide_object_pairs_both_ways(medium):
@@ -283,6 +353,15 @@ def test_images_per_split_and_bad_params(tmp_path):
     )
     manifest = generate_synthetic(tmp_path / "d", params, max_objects=4)
     assert [manifest["splits"][s]["images"] for s in SPLITS] == [3, 3, 3]
+    assert manifest["params"] == {
+        "seed": 1,
+        "train": 12,
+        "valid": 6,
+        "test": 6,
+        "image_size": 48,
+        "images_per_split": 3,
+        "max_objects": 4,
+    }
     assert max(len(v) for v in Dataset(tmp_path / "d").objects.values()) <= 4
     with pytest.raises(ValueError, match="images_per_split"):
         generate_synthetic(
@@ -291,6 +370,78 @@ def test_images_per_split_and_bad_params(tmp_path):
     with pytest.raises(ValueError, match="max_objects"):
         generate_synthetic(tmp_path / "f", SMALL, max_objects=1)
     assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
+
+
+def _tiny(**sizes: int) -> SyntheticParams:
+    return replace(DEFAULTS.data.synthetic, seed=3, image_size=32, **sizes)
+
+
+def test_record_ids_count_up_within_each_split(tmp_path):
+    generate_synthetic(tmp_path / "d", SMALL)
+    ds = Dataset(tmp_path / "d")
+    for split in SPLITS:
+        ids = [r.id for r in ds.records(split)]
+        assert ids == [f"syn-{split}-{i:05d}" for i in range(getattr(SMALL, split))]
+
+
+def test_images_per_split_default_is_one_image_per_two_samples_rounded_up(tmp_path):
+    params = _tiny(train=7, valid=3, test=4, images_per_split=0)
+    manifest = generate_synthetic(tmp_path / "d", params, max_objects=4)
+    assert [manifest["splits"][s]["images"] for s in SPLITS] == [4, 2, 2]
+    # More images asked than samples: one sample per image, and no image without a sample.
+    params = _tiny(train=7, valid=3, test=4, images_per_split=5)
+    manifest = generate_synthetic(tmp_path / "e", params, max_objects=4)
+    assert [manifest["splits"][s]["images"] for s in SPLITS] == [5, 3, 4]
+    ds = Dataset(tmp_path / "e")
+    assert sorted(ds.objects) == ds.image_ids()
+    assert sorted(p.name for p in (tmp_path / "e" / "images").iterdir()) == ds.image_ids()
+
+
+def test_at_most_nine_samples_share_an_image(tmp_path):
+    manifest = generate_synthetic(
+        tmp_path / "d", _tiny(train=9, valid=3, test=3, images_per_split=1), max_objects=6
+    )
+    assert [manifest["splits"][s]["images"] for s in SPLITS] == [1, 1, 1]
+    with pytest.raises(ValueError, match=r"10 samples over 1 images is 10 per image \(expected"):
+        generate_synthetic(tmp_path / "e", _tiny(train=10, valid=3, test=3, images_per_split=1))
+
+
+def test_smallest_accepted_sizes_and_the_first_refused(tmp_path):
+    generate_synthetic(tmp_path / "d", _tiny(train=3, valid=3, test=3, images_per_split=0))
+    assert [len(Dataset(tmp_path / "d").records(s)) for s in SPLITS] == [3, 3, 3]
+    with pytest.raises(ValueError, match="image_size must be at least 32, found 31"):
+        generate_synthetic(tmp_path / "e", replace(_tiny(train=3, valid=3, test=3), image_size=31))
+    with pytest.raises(ValueError, match="valid needs at least 3 samples, found 2"):
+        generate_synthetic(tmp_path / "f", _tiny(train=3, valid=2, test=3))
+    assert not (tmp_path / "e").exists() and not (tmp_path / "f").exists()
+
+
+def test_max_objects_is_reached_and_never_passed(tmp_path):
+    params = _tiny(train=12, valid=6, test=6, images_per_split=0)
+    generate_synthetic(tmp_path / "two", params, max_objects=2)
+    assert {len(v) for v in Dataset(tmp_path / "two").objects.values()} == {2}
+    generate_synthetic(tmp_path / "three", params, max_objects=3)
+    assert {len(v) for v in Dataset(tmp_path / "three").objects.values()} == {2, 3}
+
+
+def _pixels_digest(path: Path) -> str:
+    with Image.open(path) as im:
+        return hashlib.sha256(np.asarray(im).tobytes()).hexdigest()
+
+
+def test_each_split_draws_its_own_scenes(tmp_path):
+    generate_synthetic(tmp_path / "a", SMALL)
+    generate_synthetic(tmp_path / "b", replace(SMALL, train=SMALL.train + 3))
+    a, b = _tree(tmp_path / "a"), _tree(tmp_path / "b")
+    # A split's size changes only that split's files.
+    for name in a:
+        if "train" not in name and name not in ("objects.json", "captions.json", "manifest.json"):
+            assert a[name] == b[name], name
+    # No scene is repeated across splits (the splits do not share a random stream).
+    images = sorted((tmp_path / "a" / "images").iterdir())
+    assert len({_pixels_digest(p) for p in images}) == len(images)
+    texts = {s: {r.text_tokens for r in Dataset(tmp_path / "a").records(s)} for s in SPLITS}
+    assert not texts["train"] & texts["valid"] and not texts["train"] & texts["test"]
 
 
 def test_atomic_write_gives_files_the_usual_mode(tmp_path):
