@@ -16,6 +16,7 @@ from PIL import Image
 from pipeline.config import SyntheticParams, default_params
 from pipeline.data.records import PAIR_KINDS, SPLITS, UMRE_RELATIONS, Dataset
 from pipeline.data.synthetic import (
+    GENERATOR_VERSION,
     VOCABULARY,
     box_contains,
     generate_synthetic,
@@ -442,6 +443,45 @@ def test_each_split_draws_its_own_scenes(tmp_path):
     assert len({_pixels_digest(p) for p in images}) == len(images)
     texts = {s: {r.text_tokens for r in Dataset(tmp_path / "a").records(s)} for s in SPLITS}
     assert not texts["train"] & texts["valid"] and not texts["train"] & texts["test"]
+
+
+def _content_digests(root: Path) -> dict[str, str]:
+    """sha256 per folder or top-level file of a dataset, over names and contents: decoded pixels
+    and depth values (a new PNG encoder gives the same digest), the manifest left out."""
+    parts: dict[str, bytes] = {}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.name == "manifest.json":
+            continue
+        if path.suffix == ".png":
+            with Image.open(path) as im:
+                content = np.asarray(im).tobytes()
+        elif path.suffix == ".npy":
+            content = np.load(path).tobytes()
+        else:
+            content = path.read_bytes()
+        part = path.relative_to(root).parts[0]
+        parts[part] = parts.get(part, b"") + path.name.encode() + content
+    return {part: hashlib.sha256(content).hexdigest() for part, content in parts.items()}
+
+
+def test_generator_output_is_pinned_to_its_version(medium, tmp_path):
+    # Any change to what the generator draws (placement, planted containment, sampling weights,
+    # noise, object names) changes the committed pipeline outputs: bump GENERATOR_VERSION, rerun
+    # `dvc repro`, and write the new digests here. The medium set's records catch the sampling
+    # weights, which the small one is too small to feel.
+    generate_synthetic(tmp_path / "d", SMALL)
+    assert GENERATOR_VERSION == "2"
+    assert _content_digests(medium.root)["records"] == (
+        "0eb06118792a724456392745fb7cdb95c762ca3f11d5bc0e1702ad5c97604dd9"
+    )
+    assert _content_digests(tmp_path / "d") == {
+        "captions.json": "7eb143f08ef2cb9dae4f0d8409b7fab14fcbb73ce2bcac55cb0e9a0c4c94aae7",
+        "depth": "0dde8b8719bae351bb5a659076f8190af0bc612f5640b2dabd1e0f4328a74f39",
+        "images": "90d3bcc455c8e213f1a62e4504cc8c8e4351685aea65bd1ef2c9e3169ee97049",
+        "objects.json": "3e506281944839df3ac05aafbfb285b1da6cf4f44af8b5389f6e3b849997f848",
+        "records": "ba57a439a66d913c534357528ca780eb4ea87a880cd640607a44f6da27c10df0",
+        "relations.json": "9c1153a33229cc4e8fb3a3d469f53abd03a88ef5721f26baae98c6a34b8b40f9",
+    }
 
 
 def test_atomic_write_gives_files_the_usual_mode(tmp_path):
