@@ -14,6 +14,7 @@ from typer.testing import CliRunner, Result
 
 from pipeline.experiments import (
     finished_runs,
+    left_out_states,
     param_values,
     saved_rows,
     seed_summary,
@@ -350,3 +351,108 @@ def test_compare_warns_only_for_metrics_no_run_reports_and_fails_on_nothing(tmp_
     result = _compare(["--from-file", "rows.json"], tmp_path)
     assert result.exit_code == 1
     assert "error: no commits or finished experiments with params found" in result.output
+
+
+def test_markdown_cells_for_one_seed_and_a_gain_and_the_separator_row():
+    # One seed: the mean alone (no spread); a paired gain carries its sign.
+    rows = [
+        _row(None, 1, True, 0.80, rev="main", typ="baseline"),
+        _row("s2", 2, True, 0.60),
+        _row("d1", 1, False, 0.90),
+    ]
+    table = summary_markdown(_summary(rows, ["micro_f1"]), ["micro_f1"]).splitlines()
+    assert table[1] == "|---|---|---|---|"
+    assert table[2] == "| `baseline` | 1, 2 | 0.700 ± 0.141 | – |"
+    assert table[3] == "| `data.use_depth=False` | 1 | 0.900 | +0.100 (n=1) |"
+
+
+def test_a_label_names_every_changed_param_in_alphabetical_order():
+    rows = [
+        _row(None, 1, True, 0.8, rev="main", typ="baseline"),
+        {**_row("both", 1, False, 0.7), "train.lr": 0.001},
+    ]
+    summary = _summary(rows, ["micro_f1"])
+    assert summary[1]["configuration"] == "data.use_depth=False, train.lr=0.001"
+
+
+def test_commits_first_keeps_the_order_of_many_experiments():
+    # More rows than a sort's insertion-sort cutoff (16): only a stable sort keeps the experiments'
+    # order behind the commit, and with it the order of configurations and of runs.
+    rows = [_row(f"e{i}", i, i % 2 == 0, 0.5 + i / 100) for i in range(1, 24)]
+    rows.append(_row(None, 100, True, 0.9, rev="main", typ="baseline"))
+    summary = _summary(rows, ["micro_f1"])
+    assert [r["configuration"] for r in summary] == ["baseline", "data.use_depth=False"]
+    assert summary[0]["runs"] == ["main", *(f"e{i}" for i in range(2, 24, 2))]
+    assert summary[1]["runs"] == [f"e{i}" for i in range(1, 24, 2)]
+
+
+def test_a_none_text_cell_is_a_missing_param():
+    # A saved table may spell a missing value "None": the run then has the value it ran with.
+    rows = [
+        {**_row(None, 1, True, 0.8, rev="main", typ="baseline"), "model.depth_embedding": "tokens"},
+        {**_row("old", 2, True, 0.7), "model.depth_embedding": "None"},
+    ]
+    runs = finished_runs(rows, [*PARAMS, "model.depth_embedding"], ["micro_f1"])
+    assert runs["params", "model.depth_embedding"].tolist() == ["tokens", "tokens"]
+    nothing = {"typ": "branch_commit", "rev": "x", **dict.fromkeys(PARAMS, "None")}
+    assert finished_runs([nothing], PARAMS, ["micro_f1"]).empty
+
+
+def test_left_out_states_counts_each_state():
+    rows = [*ROWS, _row("queued2", 6, False, None, state="Queued")]
+    assert left_out_states(rows) == {"Running": 1, "Queued": 2, "Failed": 1}
+
+
+PARAMS_YAML = "train: {seed: 1, lr: 0.002}\ndata: {use_depth: true}\n"
+
+
+def test_compare_without_metric_options_shows_the_default_metrics(tmp_path):
+    (tmp_path / "params.yaml").write_text(PARAMS_YAML)
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS))
+    result = _compare(["--from-file", "rows.json"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[0] == (
+        "| configuration | seeds | micro_f1 | by_pair_kind.text-text.micro_f1 "
+        "| by_pair_kind.text-object.micro_f1 | by_pair_kind.object-object.micro_f1 "
+        "| Δ micro_f1 vs baseline, paired by seed |"
+    )
+
+
+def test_compare_reads_the_params_file_it_is_given_and_its_seed_key(tmp_path):
+    # No params.yaml in the folder: the keys come from --params. With --seed-key train.lr, the
+    # seed is a configuration and the learning rate (one value here) the seed.
+    (tmp_path / "other.yaml").write_text(PARAMS_YAML)
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS))
+    args = ["--from-file", "rows.json", "-m", "micro_f1", "--params", "other.yaml"]
+    result = _compare([*args, "--seed-key", "train.lr"], tmp_path)
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    labels = [line.split(" | ")[0] for line in lines[2:] if line.startswith("| `")]
+    assert labels == [
+        "| `baseline`",
+        "| `train.seed=1`",
+        "| `data.use_depth=False`",
+        "| `data.use_depth=False, train.seed=1`",
+        "| `data.use_depth=False, train.seed=2`",
+    ]
+
+
+def test_compare_labels_a_float_param_as_params_yaml_types_it(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: {seed: 1}\nmodel: {ot: {epsilon: 0.5}}\n")
+    rows = [
+        {"typ": "baseline", "rev": "main", "train.seed": 1.0, "model.ot.epsilon": 0.5},
+        {"typ": "branch_base", "Experiment": "e", "train.seed": 1.0, "model.ot.epsilon": 1.0},
+    ]
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    result = _compare(["--from-file", "rows.json", "-m", "micro_f1"], tmp_path)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines()[3].startswith("| `model.ot.epsilon=1.0` | 1 |")
+
+
+def test_compare_reports_a_broken_params_file_as_an_error_not_a_traceback(tmp_path):
+    (tmp_path / "params.yaml").write_text("train: {seed: 1\n")
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS))
+    result = _compare(["--from-file", "rows.json"], tmp_path)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output.startswith("error: while parsing a flow mapping")
+    assert "line 1, column 8" in result.output  # YAML's own pointer to the place
