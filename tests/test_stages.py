@@ -14,6 +14,7 @@ from conftest import held_locks
 from typer.testing import CliRunner
 
 from pipeline.config import default_params, params_to_dict
+from pipeline.io import DataError, StaleCacheError
 from stages.cli import app
 
 REPO = Path(__file__).resolve().parents[1]
@@ -204,3 +205,131 @@ def test_evaluate_passes_its_params_and_locks_every_output(tmp_path, monkeypatch
         "evaluate: test micro-F1 0.5000 (P 0.2500, R 1.0000), accuracy 0.7500, macro-F1 n/a; "
         "by pair kind: text-text 0.5000 (n=4), object-object n/a (n=0)"
     )
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        DataError("records.jsonl:3: bad span"),
+        StaleCacheError("stale features"),
+        FileNotFoundError("no such file: x"),
+        ValueError("bad value"),
+    ],
+)
+def test_a_user_error_becomes_one_line_and_exit_code_1(error):
+    import typer
+
+    from stages.common import reported_errors
+
+    def stage():
+        with reported_errors():
+            raise error
+
+    command = typer.Typer()
+    command.command()(stage)
+    result = CliRunner().invoke(command, [])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output == f"error: {error}\n"
+
+
+def test_any_other_error_keeps_its_traceback():
+    from stages.common import reported_errors
+
+    with pytest.raises(KeyError), reported_errors():
+        raise KeyError("a bug")
+
+
+def test_the_lock_is_released_when_the_block_ends(tmp_path):
+    from stages.common import writing_outputs
+
+    out = tmp_path / "out"
+    with writing_outputs(out):
+        assert held_locks(tmp_path, [".out.lock"]) == [".out.lock"]
+    assert held_locks(tmp_path, [".out.lock"]) == []
+    with pytest.raises(RuntimeError), writing_outputs(out):
+        raise RuntimeError("a failing stage")
+    assert held_locks(tmp_path, [".out.lock"]) == []
+
+
+def test_a_process_other_than_rank_0_takes_no_lock(tmp_path, monkeypatch):
+    import stages.common
+    from stages.common import writing_outputs
+
+    monkeypatch.setattr(stages.common, "_launch_position", lambda: (1, 2))
+    with writing_outputs(tmp_path / "out"):
+        assert held_locks(tmp_path, [".out.lock"]) == []
+
+
+def test_an_output_folder_that_cannot_be_entered_or_an_unwritable_output_is_refused(
+    tmp_path, monkeypatch
+):
+    from stages.common import writing_outputs
+
+    out = tmp_path / "parent" / "out"
+    out.mkdir(parents=True)
+    real_access = os.access
+    denied = {}  # path -> the access bits refused on it
+
+    def access(path, mode):
+        return not mode & denied.get(Path(path), 0) and real_access(path, mode)
+
+    monkeypatch.setattr(os, "access", access)
+    for path, bits in [(out.parent, os.X_OK), (out, os.W_OK), (out, os.X_OK)]:
+        denied.clear()
+        denied[path] = bits
+        with pytest.raises(PermissionError) as error, writing_outputs(out):
+            pass
+        assert str(error.value) == f"{path}: not writable (this stage writes {out})"
+
+
+def test_the_shard_comes_from_the_launcher_unless_given(monkeypatch):
+    import typer
+
+    import pipeline.device
+    from stages.common import resolve_shard
+
+    assert resolve_shard(None, None) == (0, 1)  # no launcher: the whole job
+    monkeypatch.setattr(pipeline.device, "is_distributed_launch", lambda: True)
+    monkeypatch.setattr(
+        pipeline.device,
+        "process_state",
+        lambda: type("State", (), {"process_index": 1, "num_processes": 3})(),
+    )
+    assert resolve_shard(None, None) == (1, 3)
+    assert resolve_shard(2, None) == (2, 3)
+    assert resolve_shard(None, 4) == (1, 4)
+    assert resolve_shard(0, 1) == (0, 1)
+    for shard, num_shards in [(-1, 3), (3, 3)]:
+        with pytest.raises(typer.Exit) as exit_:
+            resolve_shard(shard, num_shards)
+        assert exit_.value.exit_code == 2
+
+
+def test_the_cli_has_every_documented_command_and_shows_help_without_one():
+    from typer.main import get_command
+
+    commands = get_command(app).commands
+    assert list(commands) == [
+        "check",
+        "download",
+        "depth",
+        "caption",
+        "features",
+        "train",
+        "evaluate",
+        "predict",
+        "preset",
+        "compare",
+    ]
+    result = CliRunner().invoke(app, [])
+    assert "Usage:" in result.output and "compare" in result.output
+    assert "Missing command" not in result.output
+
+
+def test_every_command_first_sets_up_the_process(tmp_path, monkeypatch):
+    import pipeline.device
+
+    calls = []
+    monkeypatch.setattr(pipeline.device, "keep_freed_memory", lambda: calls.append(1))
+    result, _ = _check(tmp_path, params_to_dict(default_params()))
+    assert result.exit_code == 0 and calls == [1]
