@@ -265,3 +265,28 @@ def test_cli_refuses_a_bad_preset_before_printing_or_writing(tmp_path, monkeypat
         assert result.exit_code == 2 and result.stdout == ""
         assert "model.ot.epsilonn: unknown key" in result.output
     assert target.read_text() == (ROOT / "params.yaml").read_text()
+
+
+def test_a_folder_that_is_no_model_is_refused_in_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    result = CliRunner().invoke(app, ["preset", str(folder), "--params", str(ROOT / "params.yaml")])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.output == f"error: {folder}: not a trained model folder (no trained.json)\n"
+
+
+def test_apply_says_how_many_keys_it_wrote(tmp_path):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    target = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", target)
+    result = CliRunner().invoke(app, ["preset", "paper", "--params", str(target), "--apply"])
+    assert result.exit_code == 0, result.output
+    n = len(yaml.safe_load((ROOT / "pipeline" / "presets" / "paper.yaml").read_text()))
+    assert result.output == f"{target}: applied preset 'paper' ({n} keys)\n"
