@@ -141,6 +141,28 @@ def test_vision_layer_is_the_vit_block_with_prefix_keys_and_values(vit_block, wi
         torch.testing.assert_close(out, block(hidden), rtol=1e-10, atol=1e-10)
 
 
+def test_vision_layer_keeps_the_blocks_qk_norm_layer_scale_and_eval_mode():
+    # The parts a CLIP block leaves as identities or at rate 0 (so the test above cannot see
+    # them): per-head q/k LayerNorms, the attention output norm, LayerScale, attention dropout.
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    block = Block(
+        HIDDEN,
+        HEADS,
+        mlp_ratio=2.0,
+        qkv_bias=True,
+        qk_norm=True,
+        scale_attn_norm=True,
+        attn_drop=0.5,
+        proj_drop=0.5,
+        init_values=0.5,
+    )
+    layer = randomize(VisionLayer(block), seed=9).double().eval()
+    hidden = torch.randn(2, 6, HIDDEN, dtype=torch.float64)
+    torch.testing.assert_close(layer(hidden), block(hidden), rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("use_box", [False, True])
 def test_object_pooling_is_the_mean_plus_the_box_then_layer_norm(use_box):
     pooling = randomize(ObjectPooling(HIDDEN, 8, use_box=use_box, dropout=0.1), seed=5)
