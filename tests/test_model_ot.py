@@ -327,16 +327,30 @@ def small_costs(seed):
     return (8 + 7 * torch.rand(2, 5, 7, dtype=torch.float64)).requires_grad_(True)
 
 
-@pytest.mark.parametrize("solver", ["fused", "sinkhorn", "log_sinkhorn"])
-def test_clamped_denominators_match_the_original_loop_in_plan_and_gradient(solver):
+def far_column_costs(seed):
+    """Costs 0-2 but for one column at 20-22: each row's K v is near 1 (no row is clamped), but the
+    far column's kernel entries sit on the floor 1e-12, so its K^T u falls below 1e-8."""
+    torch.manual_seed(seed)
+    cost = 2 * torch.rand(2, 5, 7, dtype=torch.float64)
+    cost[:, :, 3] += 20
+    return cost.requires_grad_(True)
+
+
+@pytest.mark.parametrize("costs", [small_costs, far_column_costs], ids=["rows", "columns"])
+@pytest.mark.parametrize("solver", ["fused", "sinkhorn", "log_sinkhorn", "log_sinkhorn-operator"])
+def test_clamped_denominators_match_the_original_loop_in_plan_and_gradient(solver, costs):
     floor, clamp = 1e-12, 1e-8
-    cost = small_costs(5)
+    cost = costs(5)
     weights = torch.randn(2, 5, 7, dtype=torch.float64)
     rows, columns = torch.full((2, 5), 1 / 5), torch.full((2, 7), 1 / 7)
     cost32 = cost.float()
     if solver == "fused":
         kernel = torch.exp(-cost32 / EPS) + floor
         plan = fused_sinkhorn_plan(kernel, rows, columns, 50, clamp)
+    elif solver == "log_sinkhorn-operator":  # what the model runs for model.ot.solver: log_sinkhorn
+        plan = log_sinkhorn_plan(
+            floored_cost(cost32, EPS, floor), EPS, 50, rows, columns, clamp=clamp
+        )
     else:
         plan = sinkhorn_plan(
             floored_cost(cost32, EPS, floor), EPS, 50, rows, columns, solver=solver, clamp=clamp
