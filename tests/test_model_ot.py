@@ -393,6 +393,27 @@ def test_clamp_changes_nothing_on_the_kernel_floor_and_the_layer_takes_it():
         module(8, 1e-12, clamp=-1.0)
 
 
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_layer_clamps_its_denominators_as_the_original_loop(solver):
+    # LayerNorm gains of 3 put the costs at 6-15, where K v falls below 1e-8 in the first
+    # iterations: the layer's plan is the clamped loop's on its own costs, not the unclamped one's.
+    layer = module(8, 1e-12, iterations=3, solver=solver, clamp=1e-8)
+    with torch.no_grad():
+        layer.query_norm.weight.fill_(3.0)
+        layer.key_norm.weight.fill_(3.0)
+    torch.manual_seed(16)
+    hidden, source = torch.randn(2, 4, 8), torch.randn(2, 6, 8)
+    with torch.no_grad():
+        plan = layer.plan(hidden, source)
+    costs = reference_costs(layer, hidden, source)
+    rows, columns = torch.full((4,), 1 / 4).double(), torch.full((6,), 1 / 6).double()
+    for b in range(2):
+        reference = clamped_reference(costs[b], EPS, 3, 1e-12, 1e-8, rows, columns)
+        assert rel_err(plan[b], reference) <= 1e-4
+        unclamped = clamped_reference(costs[b], EPS, 3, 1e-12, 0.0, rows, columns)
+        assert rel_err(unclamped, reference) > 1e-2
+
+
 @pytest.mark.parametrize("clamp", [0.0, 1e-8])
 def test_log_domain_operator_equals_pot_autodiff_in_plan_and_gradient(clamp, monkeypatch):
     # The model's log_sinkhorn (an operator with a written-out backward) against the same
@@ -445,6 +466,11 @@ def test_log_domain_operator_stays_float32_and_refuses_learned_marginals():
         grads.append(torch.autograd.grad((plan * weights).sum(), cost)[0])
     assert plans[1].dtype == torch.float32
     assert torch.equal(plans[1], plans[0]) and torch.equal(grads[1], grads[0])
+    # A half-precision cost is solved in float32: the plan of its float32 copy.
+    half, masses = cost.detach().bfloat16(), (torch.full((2, 5), 0.2), torch.full((2, 8), 0.125))
+    plan = log_sinkhorn_plan(half, EPS, 50, *masses)
+    assert plan.dtype == torch.float32
+    assert torch.equal(plan, log_sinkhorn_plan(half.float(), EPS, 50, *masses))
     rows = torch.full((2, 5), 0.2, requires_grad=True)
     with pytest.raises(ValueError, match="constants"):
         log_sinkhorn_plan(cost, EPS, 5, rows)
