@@ -145,7 +145,7 @@ def test_expert_computation_is_the_originals_formula(tokenizer):
     model = make_model(tokenizer).eval()
     moe = model.object_moe
     torch.manual_seed(6)
-    tokens = torch.randn(2, 3, 64)
+    tokens = torch.randn(2, 3, 64, requires_grad=True)
     states = [torch.randn(2, 5, 64) for _ in range(5)]
     out = moe(tokens, states)
     attended = [att(tokens, s, None) for att, s in zip(moe.attentions, states, strict=True)]
@@ -157,6 +157,11 @@ def test_expert_computation_is_the_originals_formula(tokenizer):
         expert = tokens + (inner * torch.sigmoid(1.702 * inner)) @ moe.down[j]
         expected = expected + weights[..., j + 1 : j + 2] * expert
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    # The tokens' gradient takes every path of the formula (router, cross-attention, experts).
+    mix = torch.randn_like(out)
+    (grad,) = torch.autograd.grad((out * mix).sum(), tokens)
+    (expected_grad,) = torch.autograd.grad((expected * mix).sum(), tokens)
+    torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("direction", ["text_moe", "object_moe"])
