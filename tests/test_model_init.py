@@ -18,7 +18,7 @@ from pipeline.model.embeddings import ObjectPooling
 from pipeline.model.example import random_batch
 from pipeline.model.moe import LayerwiseMoE
 from pipeline.model.remote import build_model
-from pipeline.model.towers import TINY_TEXT_CONFIG, load_text_tower
+from pipeline.model.towers import TINY_TEXT_CONFIG, TINY_VISION_ARGS, load_text_tower
 from pipeline.text import MARKERS, load_tokenizer
 
 SLOTS = 4
@@ -116,6 +116,16 @@ def test_each_direction_uses_its_towers_activation_and_attention_dropout(tokeniz
     object_dropout = {a.dropout.p for a in model.object_moe.attentions}
     assert text_dropout == {0.1}  # BERT's attention_probs_dropout_prob
     assert object_dropout == {model.encoder.vision_layers[0].block.attn.attn_drop.p} == {0.0}
+
+
+def test_each_directions_attention_dropout_is_its_towers_attention_rate(tokenizer, monkeypatch):
+    # Rates the defaults leave equal to another (BERT's hidden and attention dropout are both 0.1,
+    # CLIP's attention dropout is 0), set apart: each MoE direction takes its tower's attention rate.
+    monkeypatch.setitem(TINY_TEXT_CONFIG, "attention_probs_dropout_prob", 0.25)
+    monkeypatch.setitem(TINY_VISION_ARGS, "attn_drop_rate", 0.375)
+    model = make_model(tokenizer)
+    assert {a.dropout.p for a in model.text_moe.attentions} == {0.25}
+    assert {a.dropout.p for a in model.object_moe.attentions} == {0.375}
 
 
 def test_cross_attention_dropout_acts_in_training_and_the_head_has_none(tokenizer):
