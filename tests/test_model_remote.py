@@ -1,6 +1,7 @@
-"""The REMOTE model end to end on tiny towers: padding invariance, the vectorized head against a
-per-sample loop, gradients reaching every parameter (default and ablations), rebuilding from
-``model_config``, and overfitting a small batch."""
+"""The REMOTE model end to end on tiny towers: the encoder against its layers run in the designed
+order, padding invariance, the vectorized head against a per-sample loop, gradients reaching every
+parameter (default and ablations), rebuilding from ``model_config``, and overfitting a small
+batch."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from torch.nn import functional as F
 from pipeline.config import default_params
 from pipeline.model.config import RemoteConfig
 from pipeline.model.example import random_batch
+from pipeline.model.ot import MultilevelTransport, UniformTransport
 from pipeline.model.regime import record_regime, regime_summary
 from pipeline.model.remote import RemoteModel, build_model
 from pipeline.text import load_tokenizer
@@ -74,6 +76,94 @@ def test_padding_changes_logits_in_the_paper_mode(tokenizer):
         short = model(batch)
         padded = model(select(batch, [0, 1, 2], batch["input_ids"].shape[1] + 20))
     assert rel_err(padded, short) > 1e-3
+
+
+def encoder_reference(model, text, vision, boxes, text_mask, mask_padding, transports):
+    """DESIGN.md's dual-stream encoder written out with its (separately tested) layers: per layer
+    ``i``, vision layer ``i`` with text layer ``i - 1``'s keys/values first from the fusion layer on,
+    the object pooling after ``pool_after_layer``, text layer ``i`` fused with the current objects
+    from the fusion layer on, then (``i >= 1``) each stream's OT from its states ``0 .. i-1``.
+    ``transports``: (text, vision) lists, layer ``i``'s at ``i - 1``. Returns both state lists."""
+    encoder, config = model.encoder, model.config
+    pool_after, fusion_start = config.pool_after_layer, config.fusion_start_layer
+    pad = text_mask if mask_padding else None
+    texts, visions, exported = [text], [vision], []
+    for i in range(len(encoder.text_layers)):
+        prefix = prefix_mask = None
+        if i >= fusion_start:
+            prefix = exported[i - 1]
+            if pad is not None:  # the text's padded keys are masked, every vision key attends
+                vision_keys = torch.ones(vision.shape[:2], dtype=torch.bool)
+                prefix_mask = torch.cat([pad, vision_keys], dim=1)[:, None, None, :]
+        vision = encoder.vision_layers[i](vision, prefix, prefix_mask)
+        if i == pool_after:
+            vision = encoder.pooling(vision, boxes)
+        objects = vision if i >= fusion_start else None
+        text, keys_values = encoder.text_layers[i](text, text_mask[:, None, None, :], objects)
+        exported.append(keys_values)
+        if i >= 1:
+            source_mask = None if pad is None else torch.cat([pad] * i, dim=1)
+            text = transports[0][i - 1](text, torch.cat(texts[:i], dim=1), pad, source_mask)
+            vision = transports[1][i - 1](vision, torch.cat(visions[:i], dim=1))
+        texts.append(text)
+        visions.append(vision)
+    return texts, visions
+
+
+# model.ot settings, each written out for the reference's own transport modules: the defaults,
+# then each setting away from them (a kernel where both exp(-C/eps) and the floor count, and few
+# iterations, so each one shows), and the uniform mode.
+ENCODER_OT = {
+    "default": {
+        "epsilon": 0.5,
+        "iterations": 50,
+        "kernel_floor": 1e-12,
+        "barycentric": False,
+        "clamp": 1e-8,
+        "solver": "fused",
+    },
+    "log-barycentric": {
+        "epsilon": 1.0,
+        "iterations": 2,
+        "kernel_floor": 1e-5,
+        "barycentric": True,
+        "clamp": 0.0,
+        "solver": "log_sinkhorn",
+    },
+    "uniform-barycentric": {"mode": "uniform", "barycentric": True},
+}
+
+
+@pytest.mark.parametrize("mask_padding", [False, True])
+@pytest.mark.parametrize("ot", list(ENCODER_OT))
+def test_encoder_equals_its_layers_run_in_the_designed_order(tokenizer, ot, mask_padding):
+    settings = ENCODER_OT[ot]
+    model = make_model(tokenizer, **{f"model.ot.{k}": v for k, v in settings.items()}).eval()
+    encoder, hidden = model.encoder, model.config.text["bert_config"]["hidden_size"]
+    transports = []
+    for stream in (encoder.text_transport, encoder.vision_transport):
+        if ot.startswith("uniform"):
+            fresh = [UniformTransport(settings["barycentric"]) for _ in stream]
+        else:
+            fresh = [MultilevelTransport(hidden, **settings) for _ in stream]
+        transports.append(torch.nn.ModuleList(fresh).eval())
+        transports[-1].load_state_dict(stream.state_dict())
+    generator = torch.Generator().manual_seed(21)
+    tokens = SLOTS * model.object_embeddings.tokens_per_object
+    text = torch.randn(3, 10, hidden, generator=generator)
+    vision = torch.randn(3, tokens, hidden, generator=generator)
+    boxes = torch.rand(3, SLOTS, 5, generator=generator)
+    text_mask = torch.arange(10)[None, :] < torch.tensor([[10], [7], [4]])
+    with torch.no_grad():
+        states = encoder(text, vision, boxes, text_mask, mask_padding)
+        texts, visions = encoder_reference(
+            model, text, vision, boxes, text_mask, mask_padding, transports
+        )
+    assert len(states.text) == len(states.vision) == len(encoder.text_layers) + 1
+    for got, expected in ((states.text, texts), (states.vision, visions)):
+        for layer, (a, b) in enumerate(zip(got, expected, strict=True)):
+            message = lambda m, layer=layer: f"state {layer}: {m}"  # noqa: E731
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=message)
 
 
 def loop_logits(model: RemoteModel, batch) -> torch.Tensor:
