@@ -166,8 +166,33 @@ def test_encoder_equals_its_layers_run_in_the_designed_order(tokenizer, ot, mask
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=message)
 
 
+def test_encoder_inputs_are_the_bert_embeddings_with_segments_and_the_object_tokens(tokenizer):
+    model = make_model(tokenizer).eval()
+    batch = make_batch(tokenizer, [8, 12, 10])
+    assert batch["token_type_ids"].any()  # the caption segment
+    with torch.no_grad():
+        states = model.encode(batch)
+    embeddings = model.text_embeddings
+    ids, segments = batch["input_ids"], batch["token_type_ids"]
+    positions = torch.arange(ids.shape[1])
+    summed = (
+        embeddings.word_embeddings.weight[ids]
+        + embeddings.position_embeddings.weight[positions]
+        + embeddings.token_type_embeddings.weight[segments]
+    )
+    norm = embeddings.LayerNorm
+    centred = summed - summed.mean(-1, keepdim=True)
+    variance = centred.pow(2).mean(-1, keepdim=True)
+    text = centred / torch.sqrt(variance + norm.eps) * norm.weight + norm.bias
+    torch.testing.assert_close(states.text[0], text, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        objects = model.object_embeddings(batch["pixel_values"], batch["depth_values"])
+    torch.testing.assert_close(states.vision[0], objects, rtol=0, atol=0)
+
+
 def loop_logits(model: RemoteModel, batch) -> torch.Tensor:
-    """The head as a per-sample Python loop over full final states (MoE run on every token)."""
+    """The head as a per-sample Python loop over full final states (MoE run on every token); the
+    object MoE masks text padding only when padding is masked (``data.pad_to_max: false``)."""
     states = model.encode(batch)
     text, objects = states.text[-1], states.vision[-1]
     if model.text_moe is not None:
@@ -199,10 +224,11 @@ def loop_logits(model: RemoteModel, batch) -> torch.Tensor:
     [
         {},
         {"data.pad_to_max": False},
+        {"data.pad_to_max": True},
         {"model.moe.enabled": False},
         {"data.use_caption": False, "model.head.project_without_caption": False},
     ],
-    ids=["default", "masked", "no-moe", "raw-without-caption"],
+    ids=["default", "masked", "paper", "no-moe", "raw-without-caption"],
 )
 def test_vectorized_head_equals_per_sample_loop(tokenizer, overrides):
     model = make_model(tokenizer, **overrides).eval()
