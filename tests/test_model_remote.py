@@ -420,7 +420,7 @@ def test_gradient_checkpointing_gives_the_unchecked_gradients(tokenizer, ot_mode
         overrides["model.ot.kernel_floor"] = 0.0
     model = make_model(tokenizer, **overrides).train()
     batch = make_batch(tokenizer, [8, 9, 12])
-    grads, losses, regimes = [], [], []
+    grads, losses, regimes, totals = [], [], [], []
     for checkpointed in (False, True):
         model.encoder.gradient_checkpointing = checkpointed
         model.zero_grad(set_to_none=True)
@@ -429,6 +429,10 @@ def test_gradient_checkpointing_gives_the_unchecked_gradients(tokenizer, ot_mode
             loss = F.cross_entropy(model(batch), batch["labels"])
             loss.backward()
         regimes.append(regime_summary(regime))
+        # The summary's shares, minimum, median and ratio are the same over a batch seen twice: the
+        # sums themselves show whether the recomputation in the backward pass added to them.
+        stats = [s for stream in regime.values() for s in stream]
+        totals.append([float(v) for s in stats for v in (s.entries, s.hidden_sq, s.update_sq)])
         losses.append(loss.detach())
         grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
     assert torch.equal(losses[0], losses[1])
@@ -436,6 +440,7 @@ def test_gradient_checkpointing_gives_the_unchecked_gradients(tokenizer, ot_mode
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7, msg=name)
     assert regimes[0] == regimes[1] and regimes[0]
+    assert totals[1] == pytest.approx(totals[0], rel=1e-6)
     # It does checkpoint: of the encoder's activations, only the layers' inputs are kept for the
     # backward pass, OT included (the uniform mode's running sums stay outside the layers).
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
