@@ -471,6 +471,8 @@ def test_log_domain_operator_stays_float32_and_refuses_learned_marginals():
     plan = log_sinkhorn_plan(half, EPS, 50, *masses)
     assert plan.dtype == torch.float32
     assert torch.equal(plan, log_sinkhorn_plan(half.float(), EPS, 50, *masses))
+    # without masses too: the uniform ones are built in float32 (1/5, not bfloat16's 0.2002)
+    assert torch.equal(log_sinkhorn_plan(half, EPS, 50), log_sinkhorn_plan(half.float(), EPS, 50))
     rows = torch.full((2, 5), 0.2, requires_grad=True)
     with pytest.raises(ValueError, match="constants"):
         log_sinkhorn_plan(cost, EPS, 5, rows)

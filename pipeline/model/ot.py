@@ -243,13 +243,15 @@ def _operator_inputs(solver: str, problems, row_mass, column_mass):
     return tuple(t.to(dtype) for t in (problems, row_mass, column_mass))
 
 
-def _default_masses(problems, row_mass, column_mass):
-    """The masses, uniform (``1/n`` per row, ``1/m`` per column) where None, as POT's default."""
+def _default_masses(problems, row_mass, column_mass, dtype: torch.dtype | None = None):
+    """The masses, uniform (``1/n`` per row, ``1/m`` per column) where None, as POT's default, in
+    ``dtype`` (default: the problems')."""
     batch, rows, columns = problems.shape
+    dtype = dtype or problems.dtype
     if row_mass is None:
-        row_mass = problems.new_full((batch, rows), 1.0 / rows)
+        row_mass = problems.new_full((batch, rows), 1.0 / rows, dtype=dtype)
     if column_mass is None:
-        column_mass = problems.new_full((batch, columns), 1.0 / columns)
+        column_mass = problems.new_full((batch, columns), 1.0 / columns, dtype=dtype)
     return row_mass, column_mass
 
 
@@ -388,7 +390,9 @@ def log_sinkhorn_plan(
     iteration's softmax from the kept potentials, so it keeps vectors instead of a ``[b, n, m]``
     tensor per iteration and needs no second solve. The marginals are constants (no gradient);
     zero-mass rows and columns (padding) get zero plan and zero gradient."""
-    row_mass, column_mass = _default_masses(cost, row_mass, column_mass)
+    # Uniform masses in the iterations' precision: 1/5 in bfloat16 would be 0.2002.
+    working = torch.promote_types(cost.dtype, torch.float32)
+    row_mass, column_mass = _default_masses(cost, row_mass, column_mass, working)
     cost, row_mass, column_mass = _operator_inputs("log-domain", cost, row_mass, column_mass)
     return _log_forward(cost, row_mass, column_mass, epsilon, iterations, clamp)[0]
 
