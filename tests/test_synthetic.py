@@ -8,6 +8,7 @@ import json
 from collections import Counter
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -425,9 +426,14 @@ def test_max_objects_is_reached_and_never_passed(tmp_path):
     assert {len(v) for v in Dataset(tmp_path / "three").objects.values()} == {2, 3}
 
 
-def _pixels_digest(path: Path) -> str:
+def _decoded_pixels(path: Path) -> bytes:
+    """An image's decoded pixels (the same for any PNG encoder)."""
     with Image.open(path) as im:
-        return hashlib.sha256(np.asarray(im).tobytes()).hexdigest()
+        return np.asarray(im).tobytes()
+
+
+def _pixels_digest(path: Path) -> str:
+    return hashlib.sha256(_decoded_pixels(path)).hexdigest()
 
 
 def test_each_split_draws_its_own_scenes(tmp_path):
@@ -448,20 +454,19 @@ def test_each_split_draws_its_own_scenes(tmp_path):
 def _content_digests(root: Path) -> dict[str, str]:
     """sha256 per folder or top-level file of a dataset, over names and contents: decoded pixels
     and depth values (a new PNG encoder gives the same digest), the manifest left out."""
-    parts: dict[str, bytes] = {}
+    parts: dict[str, Any] = {}
     for path in sorted(root.rglob("*")):
         if not path.is_file() or path.name == "manifest.json":
             continue
         if path.suffix == ".png":
-            with Image.open(path) as im:
-                content = np.asarray(im).tobytes()
+            content = _decoded_pixels(path)
         elif path.suffix == ".npy":
             content = np.load(path).tobytes()
         else:
             content = path.read_bytes()
-        part = path.relative_to(root).parts[0]
-        parts[part] = parts.get(part, b"") + path.name.encode() + content
-    return {part: hashlib.sha256(content).hexdigest() for part, content in parts.items()}
+        digest = parts.setdefault(path.relative_to(root).parts[0], hashlib.sha256())
+        digest.update(path.name.encode() + content)
+    return {part: digest.hexdigest() for part, digest in parts.items()}
 
 
 def test_generator_output_is_pinned_to_its_version(medium, tmp_path):
