@@ -28,6 +28,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from pipeline.config import DEPTH_EMBEDDINGS
+
 GIB = 2**30
 
 
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--solver", default="log_sinkhorn", help="model.ot.solver")
     parser.add_argument("--iterations", type=int, default=50, help="model.ot.iterations")
     parser.add_argument(
-        "--depth-embedding", choices=["tokens", "channel"], default="tokens",
+        "--depth-embedding", choices=DEPTH_EMBEDDINGS, default="tokens",
         help="model.depth_embedding (channel: 4 vision tokens per object, not 8)",
     )  # fmt: skip
     parser.add_argument("--unit", choices=["GiB", "MiB"], default="GiB")

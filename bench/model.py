@@ -41,7 +41,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from pipeline.config import OT_SOLVERS
+from pipeline.config import DEPTH_EMBEDDINGS, OT_MODES, OT_SOLVERS
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -362,12 +362,13 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown settings {unknown}; known: {list(SETTINGS)}")
     modes = [m for m in args.ot_modes.split(",") if m]
-    if not modes or set(modes) - {"transport", "uniform"}:
-        parser.error(f"--ot-modes {args.ot_modes!r}: expected transport and/or uniform")
+    if not modes or set(modes) - set(OT_MODES):
+        parser.error(f"--ot-modes {args.ot_modes!r}: expected some of {', '.join(OT_MODES)}")
     embeddings = [e for e in args.depth_embeddings.split(",") if e]
-    if not embeddings or set(embeddings) - {"tokens", "channel"}:
+    if not embeddings or set(embeddings) - set(DEPTH_EMBEDDINGS):
         parser.error(
-            f"--depth-embeddings {args.depth_embeddings!r}: expected tokens and/or channel"
+            f"--depth-embeddings {args.depth_embeddings!r}: "
+            f"expected some of {', '.join(DEPTH_EMBEDDINGS)}"
         )
     variants = ["eager"]
     variants += ["compile"] if args.compile else []

@@ -34,8 +34,11 @@ __all__ = [
     "TrainParams",
     "EvaluateParams",
     "OT_SOLVERS",
+    "DEPTH_EMBEDDINGS",
+    "OT_MODES",
     "RANGES",
     "load_params",
+    "read_params_yaml",
     "default_params",
     "params_from_dict",
     "params_to_dict",
@@ -102,6 +105,10 @@ class DataParams:
 Dtype = Literal["float32", "float16", "bfloat16"]
 OTSolver = Literal["log_sinkhorn", "sinkhorn", "fused"]
 OT_SOLVERS: tuple[str, ...] = typing.get_args(OTSolver)
+OTMode = Literal["transport", "uniform"]
+OT_MODES: tuple[str, ...] = typing.get_args(OTMode)
+DepthEmbedding = Literal["tokens", "channel"]
+DEPTH_EMBEDDINGS: tuple[str, ...] = typing.get_args(DepthEmbedding)
 
 
 @dataclass(frozen=True)
@@ -137,7 +144,7 @@ class FeaturesParams:
 @dataclass(frozen=True)
 class OTParams:
     enabled: bool
-    mode: Literal["transport", "uniform"]
+    mode: OTMode
     epsilon: float
     iterations: int
     kernel_floor: float
@@ -162,7 +169,7 @@ class ModelParams:
     vision_model: str
     pretrained: bool
     init: Literal["original", "normal"]
-    depth_embedding: Literal["tokens", "channel"]
+    depth_embedding: DepthEmbedding
     pool_after_layer: int
     fusion_start_layer: int
     dropout: float
@@ -443,11 +450,12 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def load_params(path: str | Path = "params.yaml") -> Params:
-    """Load and validate ``params.yaml``; errors name the file and the key path."""
+def read_params_yaml(path: str | Path) -> Any:
+    """The YAML document of a params file, unvalidated. Errors are one line that names the file
+    and, where YAML knows it, the line: ``params.yaml:3: not valid YAML: ...``."""
     path = Path(path)
     try:
-        raw = yaml.load(path.read_text(), Loader=_StrictLoader)
+        return yaml.load(path.read_text(), Loader=_StrictLoader)
     except FileNotFoundError as exc:
         raise ParamsError(f"{path}: params file not found") from exc
     except yaml.MarkedYAMLError as exc:
@@ -456,6 +464,12 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         raise ParamsError(f"{where}: not valid YAML: {exc.problem}") from exc
     except yaml.YAMLError as exc:
         raise ParamsError(f"{path}: not valid YAML: {exc}") from exc
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Load and validate ``params.yaml``; errors name the file and the key path."""
+    path = Path(path)
+    raw = read_params_yaml(path)
     try:
         return params_from_dict(raw)
     except ParamsError as exc:

@@ -51,8 +51,7 @@ def main(
     Queue each configuration with a few seeds first and run the queue to the end, e.g.
     dvc exp run --queue -S train.seed=1 -S data.use_depth=false; dvc exp run --run-all -j 2
     """
-    import yaml
-
+    from pipeline.config import read_params_yaml
     from pipeline.experiments import (
         finished_runs,
         left_out_states,
@@ -64,11 +63,11 @@ def main(
 
     metrics = metric or DEFAULT_METRICS
     try:
-        keys = param_values(yaml.safe_load(params.read_text()) or {})
+        keys = param_values(read_params_yaml(params) or {})
         rows = _exp_show(rev) if from_file is None else saved_rows(from_file)
         runs = finished_runs(rows, keys, metrics)
         summary = seed_summary(runs, metrics, seed_key)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
+    except (OSError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from exc
     if not summary:

@@ -454,5 +454,13 @@ def test_compare_reports_a_broken_params_file_as_an_error_not_a_traceback(tmp_pa
     (tmp_path / "rows.json").write_text(json.dumps(ROWS))
     result = _compare(["--from-file", "rows.json"], tmp_path)
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
-    assert result.output.startswith("error: while parsing a flow mapping")
-    assert "line 1, column 8" in result.output  # YAML's own pointer to the place
+    # One line: the file, the line YAML points at, and its problem.
+    assert result.output == (
+        "error: params.yaml:2: not valid YAML: expected ',' or '}', but got '<stream end>'\n"
+    )
+    (tmp_path / "params.yaml").write_text("train:\n  seed: 1\n  seed: 2\n")
+    result = _compare(["--from-file", "rows.json"], tmp_path)
+    assert result.exit_code == 1
+    assert result.output.endswith(
+        ":3: not valid YAML: duplicate key 'seed' (first given on line 2)\n"
+    )

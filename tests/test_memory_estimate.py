@@ -133,3 +133,21 @@ def test_embedding_ratios_pair_each_channel_run_with_its_tokens_run():
             {"median_s": 0.75, "gflop": 0.75, "peak_rss_gb": 1.0},
         ),
     ]
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--depth-embeddings", "tokens,rgbd", "expected some of tokens, channel"),
+        ("--depth-embeddings", ",", "expected some of tokens, channel"),
+        ("--ot-modes", "uniform,none", "expected some of transport, uniform"),
+    ],
+)
+def test_the_model_bench_refuses_unknown_names_before_running(monkeypatch, capsys, flag, value,
+                                                               message):  # fmt: skip
+    from bench import model
+
+    monkeypatch.setattr("sys.argv", ["bench/model.py", flag, value])
+    with pytest.raises(SystemExit) as exit_info:
+        model.main()
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err

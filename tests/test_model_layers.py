@@ -265,6 +265,11 @@ def test_object_patch_embeddings_are_patch_products_plus_positions(architecture,
     torch.testing.assert_close(raw.reshape(2, -1, HIDDEN), unnormed, rtol=1e-9, atol=1e-9)
 
 
+def test_an_unknown_depth_embedding_is_refused_with_the_known_ones():
+    with pytest.raises(ValueError, match="'rgbd': expected one of 'tokens', 'channel'$"):
+        ObjectPatchEmbeddings(small_vit(ARCHITECTURES[0]), 64, True, "rgbd")
+
+
 def test_own_depth_tokens_lose_a_flat_regions_depth_level_and_a_depth_channel_keeps_it():
     """The original's quirk, in numbers: a constant-depth crop's own tokens are LayerNormed alone,
     so once depth times the convolution outweighs the position embedding, the level is gone."""

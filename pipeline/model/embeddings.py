@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from pipeline.config import DEPTH_EMBEDDINGS
+
 __all__ = ["ObjectPatchEmbeddings", "ObjectPooling"]
 
 
@@ -35,9 +37,10 @@ class ObjectPatchEmbeddings(nn.Module):
         self, vit: nn.Module, crop_size: int, use_depth: bool, depth_embedding: str = "tokens"
     ) -> None:
         super().__init__()
-        if depth_embedding not in ("tokens", "channel"):
+        if depth_embedding not in DEPTH_EMBEDDINGS:
             raise ValueError(
-                f"model.depth_embedding {depth_embedding!r}: expected 'tokens' or 'channel'"
+                f"model.depth_embedding {depth_embedding!r}: expected one of "
+                + ", ".join(repr(name) for name in DEPTH_EMBEDDINGS)
             )
         from timm.layers import resample_abs_pos_embed
 
