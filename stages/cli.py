@@ -6,6 +6,8 @@ Each stage module keeps heavy imports (torch, transformers) inside its function,
 
 from __future__ import annotations
 
+import inspect
+
 import typer
 
 from stages import (
@@ -37,13 +39,32 @@ def _process_setup() -> None:
     keep_freed_memory()
 
 
-app.command("check")(check.main)
-app.command("download")(download.main)
-app.command("depth")(depth.main)
-app.command("caption")(caption.main)
-app.command("features")(features.main)
-app.command("train")(train.main)
-app.command("evaluate")(evaluate.main)
-app.command("predict")(predict.main)
-app.command("preset")(preset.main)
-app.command("compare")(compare.main)
+def reflowed(doc: str | None) -> str:
+    """A docstring as help text: each paragraph's wrapped lines joined into one, so the terminal
+    wraps them (Typer's rich help keeps the source's line breaks and wraps again, leaving short
+    ragged lines). An indented line, such as an example command, keeps a line of its own."""
+    paragraphs = []
+    for paragraph in inspect.cleandoc(doc or "").split("\n\n"):
+        lines: list[str] = []
+        for line in paragraph.splitlines():
+            if lines and not line.startswith(" ") and not lines[-1].startswith(" "):
+                lines[-1] += " " + line.strip()
+            else:
+                lines.append(line.rstrip())
+        paragraphs.append("\n".join(lines))
+    return "\n\n".join(paragraphs)
+
+
+for _name, _module in [
+    ("check", check),
+    ("download", download),
+    ("depth", depth),
+    ("caption", caption),
+    ("features", features),
+    ("train", train),
+    ("evaluate", evaluate),
+    ("predict", predict),
+    ("preset", preset),
+    ("compare", compare),
+]:
+    app.command(_name, help=reflowed(_module.main.__doc__))(_module.main)

@@ -3,6 +3,7 @@ error before any work when an output cannot be written."""
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -324,6 +325,36 @@ def test_the_cli_has_every_documented_command_and_shows_help_without_one():
     result = CliRunner().invoke(app, [])
     assert "Usage:" in result.output and "compare" in result.output
     assert "Missing command" not in result.output
+
+
+def test_help_texts_are_reflowed_but_keep_paragraphs_and_indented_lines():
+    from stages.cli import reflowed
+
+    doc = """First line
+        goes on.
+
+        Second paragraph,
+        wrapped:
+          indented command --flag
+        after it
+        more.
+        """
+    assert reflowed(doc) == (
+        "First line goes on.\n\nSecond paragraph, wrapped:\n  indented command --flag\n"
+        "after it more."
+    )
+    assert reflowed(None) == ""
+
+
+def test_the_command_list_shows_each_summary_unbroken():
+    from stages import check
+
+    result = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "200"})
+    summary = " ".join(inspect.cleandoc(check.main.__doc__).split())
+    assert summary in " ".join(result.output.split())  # the words, in order
+    row = next(line for line in result.output.splitlines() if line.startswith("│ check "))
+    # The whole summary (141 characters) sits on the command's own row at this width.
+    assert row.rstrip(" │").endswith(summary[-40:])
 
 
 def test_every_command_first_sets_up_the_process(tmp_path, monkeypatch):
