@@ -7,7 +7,7 @@ export DVC_NO_ANALYTICS := 1
 # Stage commands in dvc.yaml call `python`: make it the venv's.
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: setup lock demo test test-fast lint bench clean device-check
+.PHONY: setup lock demo test test-fast lint clean device-check
 
 setup: $(STAMP)
 

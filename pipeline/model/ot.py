@@ -1,4 +1,5 @@
-"""Multilevel optimal transport, solved by POT's batched Sinkhorn iterations.
+"""Multilevel optimal transport, solved by batched entropic Sinkhorn iterations: POT's, or
+operators of our own that run the same iterations with a written-out backward pass.
 
 At layer ``i >= 1`` of a stream, the layer's output ``Q`` attends, through an entropic transport plan,
 to the states recorded before it (``S`` = states ``0 .. i-1`` along the sequence):
