@@ -22,9 +22,15 @@ from pipeline.data.images import box_to_pixels
 from pipeline.data.records import PAIR_KINDS, Dataset, Entity, Record, label_list, write_records
 from pipeline.features import build as build_module
 from pipeline.features.build import build_features
-from pipeline.features.dataset import FeatureDataset, make_loader
+from pipeline.features.dataset import METADATA_KEY, FeatureDataset, cache_settings, make_loader
 from pipeline.features.featurize import check_record, featurize_image
-from pipeline.features.images import crop_depth, crop_objects, normalize_depth, object_layout
+from pipeline.features.images import (
+    check_depth_map,
+    crop_depth,
+    crop_objects,
+    normalize_depth,
+    object_layout,
+)
 from pipeline.features.text import TextEncoder
 from pipeline.io import DataError, StaleCacheError, write_json
 from pipeline.text import MARKERS, load_tokenizer
@@ -215,6 +221,8 @@ def original_marked_words(words, head, tail):
         ((2, 3), (0, 2), ["<s2>", "w0", "w1", "<s1>", "</s2>", "w2", "</s1>"]),
         # nested spans sharing an end
         ((0, 3), (1, 3), ["<s1>", "w0", "<s2>", "w1", "w2", "</s1>", "</s2>"]),
+        # an empty head span: its opening marker before its closing one, then the tail's
+        ((1, 1), (0, 1), ["<s2>", "w0", "<s1>", "</s1>", "</s2>", "w1", "w2"]),
     ],
 )
 def test_touching_spans_follow_the_original_marker_order(world, head, tail, expected):
@@ -235,6 +243,20 @@ def test_encoder_refuses_a_span_past_the_sentence_and_a_max_seq_under_six(world)
     record = Record("x", SENT_A, "a.png", text("Paris", 3, 6), obj(0), "none")  # 5 words
     with pytest.raises(DataError, match=r"'Paris' span \[3, 6\) is outside its 5 tokens"):
         encoder.encode(record, None)
+    # a span that starts before the sentence, or ends before it starts, is refused too
+    for span in ((-1, 2), (3, 2)):
+        record = Record("x", SENT_A, "a.png", obj(0), text("Paris", *span), "none")
+        with pytest.raises(DataError, match=rf"'Paris' span \[{span[0]}, {span[1]}\) is outside"):
+            encoder.encode(record, None)
+
+
+def test_encoder_refuses_a_tokenizer_without_the_markers(world):
+    # Without them every marker would be [UNK]: one id for all twelve, no entity to find.
+    plain = BertTokenizerFast(vocab={w: i for i, w in enumerate(VOCAB)}, do_lower_case=True)
+    with pytest.raises(
+        ValueError, match=r"lacks the entity markers \['<s1>', '</s1>', .*'</o2>'\]"
+    ):
+        TextEncoder(plain, max_seq=40)
 
 
 def test_object_entities_get_no_sentence_markers(world):
@@ -315,6 +337,20 @@ def test_truncation_cuts_captions_before_the_sentence(world):
     assert tokens(world, got.input_ids) == ["[CLS]", "<s1>", "bill", "co", "##sby", "[SEP]"]
     assert got.markers_dropped == ["</s1>", "<k1>", "</k1>", "<o2>", "</o2>"]
     assert got.marker_positions[:2] == [1, -1]
+
+
+def test_markers_dropped_are_listed_in_marker_order_not_sentence_order(world):
+    # Tail before head: the sentence holds <s2> <s1> </s2> </s1>; a cut after "visited" loses
+    # </s2> then </s1>, reported as MARKERS lists them.
+    head, tail = text("visited Paris", 2, 4), text("Bill Cosby visited", 0, 3)
+    record = Record("x", SENT_A, "a.png", head, tail, "none")
+    full = TextEncoder(world["tokenizer"], 40).encode(record, None)
+    assert tokens(world, full.input_ids)[1:-1] == [
+        "<s2>", "bill", "co", "##sby", "<s1>", "visited", "</s2>", "paris", "</s1>", ".",
+    ]  # fmt: skip
+    got = TextEncoder(world["tokenizer"], 8).encode(record, None)
+    assert tokens(world, got.input_ids)[-2:] == ["visited", "[SEP]"]
+    assert got.markers_dropped == ["</s1>", "</s2>"] and got.sentence_tokens_cut == 4
 
 
 def test_report_counts_truncation_and_missing_captions(world):
@@ -451,6 +487,22 @@ def test_a_solid_box_crops_to_its_colour(tmp_path):
         assert not crops[0].any() and not crops[2].any()
 
 
+def test_crops_of_a_grey_or_transparent_image_are_those_of_its_rgb_conversion():
+    rng = np.random.default_rng(8)
+    boxes, mask = object_layout(
+        {"[OBJ0]": [0.1, 0.2, 0.7, 0.9], "[OBJ2]": [0.0, 0.0, 1.0, 0.5]}, 3, "x"
+    )
+    grey = Image.fromarray(rng.integers(0, 256, (20, 30), dtype=np.uint8))
+    rgba = Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8))
+    assert (grey.mode, rgba.mode) == ("L", "RGBA")
+    for image in (grey, rgba):
+        for mode in ("clip", "stretch"):
+            expected = crop_objects(image.convert("RGB"), boxes, mask, 8, mode)
+            np.testing.assert_array_equal(crop_objects(image, boxes, mask, 8, mode), expected)
+    crops = crop_objects(grey, boxes, mask, 8, "clip")
+    assert (crops[:, 0] == crops[:, 1]).all() and (crops[:, 0] == crops[:, 2]).all()
+
+
 def upsample_align_corners(depth_map, height, width):
     """The whole map bilinearly upsampled to height x width with align_corners=True, as a plain
     numpy computation: output pixel (r, c) reads source position (r (h-1)/(H-1), c (w-1)/(W-1))."""
@@ -530,6 +582,33 @@ def test_minmax_depth_scales_each_map_first_and_cuts_keep_a_pixel():
         normalize_depth(np.array([[2.0, 4.0], [3.0, 6.0]])), [[0, 0.5], [0.25, 1]]
     )
     assert not normalize_depth(np.full((3, 2), 7.0)).any()  # flat map: zeros
+
+
+def test_a_depth_map_must_be_a_finite_2d_array_and_is_read_as_float32():
+    got = check_depth_map(np.array([[1.5, 2.0], [3.0, 4.25]]), "a.png")  # float64 in
+    assert got.dtype == np.float32 and got.tolist() == [[1.5, 2.0], [3.0, 4.25]]
+    for bad, problem in (
+        (np.zeros((2, 3, 4)), r"expected \[H, W\], found \(2, 3, 4\)"),
+        (np.zeros(5), r"expected \[H, W\], found \(5,\)"),
+        (np.zeros((0, 5)), r"expected \[H, W\], found \(0, 5\)"),
+        (np.array([[1.0, np.nan]]), "has NaN or infinite values"),
+        (np.array([[1.0], [-np.inf]]), "has NaN or infinite values"),
+    ):
+        for read in (check_depth_map, normalize_depth):
+            with pytest.raises(DataError, match=rf"^depth map of 'a\.png': {problem}"):
+                read(bad, "a.png")
+
+
+def test_depth_crops_of_an_image_one_pixel_high_or_wide():
+    # align_corners=True over a 1-pixel axis reads the map's first row or column (no H - 1 = 0
+    # division).
+    depth_map = np.random.default_rng(9).random((3, 5)).astype(np.float32)
+    boxes, mask = object_layout({"[OBJ0]": [0.0, 0.0, 1.0, 1.0]}, 1, "x")
+    for width, height in ((7, 1), (1, 6), (1, 1)):
+        got = crop_depth(depth_map, boxes, mask, 4, (width, height))
+        expected = original_depth_crop(depth_map, boxes[0], width, height, 4)
+        np.testing.assert_allclose(got[0], expected, rtol=1e-6)
+    np.testing.assert_array_equal(crop_depth(depth_map, boxes, mask, 4, (1, 1))[0], depth_map[0, 0])
 
 
 def test_depth_cuts_truncate_fractional_box_edges_as_the_original():
@@ -718,7 +797,9 @@ def shards_built(monkeypatch, real):
     return calls
 
 
-@pytest.mark.parametrize("change", ["image_shard_size", "dataset_file", "same_size_input"])
+@pytest.mark.parametrize(
+    "change", ["image_shard_size", "on_error", "dataset_file", "same_size_input"]
+)
 def test_a_leftover_of_other_shard_sizes_or_inputs_is_rebuilt(
     world, cache, tmp_path, monkeypatch, change
 ):
@@ -739,6 +820,8 @@ def test_a_leftover_of_other_shard_sizes_or_inputs_is_rebuilt(
     params = world["params"]
     if change == "image_shard_size":
         params = apply_overrides(params, {"features.image_shard_size": 3})
+    elif change == "on_error":
+        params = apply_overrides(params, {"data.on_error": "skip"})
     elif change == "dataset_file":
         objects = json.loads((tmp_path / "ds" / "objects.json").read_text())
         objects["b.jpg"]["[OBJ1]"] = [0.2, 0.3, 0.8, 0.71]
@@ -818,13 +901,20 @@ def test_a_cache_of_an_older_schema_version_is_refused(world, cache, tmp_path):
 
 
 def test_a_stale_cache_is_refused_naming_the_setting(world, cache):
-    for key, value in [
+    changes = [
+        ("data.max_objects", 5),
         ("data.max_seq", 64),
-        ("model.text_model", "tiny"),
-        ("features.crop_size", 32),
+        ("data.use_box", False),
+        ("data.use_caption", False),
         ("data.use_depth", False),
+        ("features.crop_size", 32),
+        ("features.crop_resize", "stretch"),
+        ("features.depth_scale", "minmax"),
+        ("model.text_model", "tiny"),
         ("model.vision_model", "deit_tiny_patch16_224"),  # another pixel normalization
-    ]:
+    ]
+    assert {key for key, _ in changes} == set(cache_settings(world["params"]))
+    for key, value in changes:
         params = apply_overrides(world["params"], {key: value})
         with pytest.raises(StaleCacheError, match=rf"{key}=.*params say {key}={value!r}"):
             FeatureDataset.load(cache[0], "train", params, RELATIONS)
@@ -840,6 +930,61 @@ def test_a_stale_cache_is_refused_naming_the_setting(world, cache):
             StaleCacheError, match=rf"another label map \(4 labels.*expected {len(other)} labels"
         ):
             FeatureDataset.load(cache[0], "train", world["params"], other)
+
+
+def test_a_split_without_image_shards_or_with_a_foreign_parquet_file_is_refused(
+    world, cache, tmp_path
+):
+    copy = tmp_path / "copy"
+    shutil.copytree(cache[0], copy)
+    for path in (copy / "train").glob("images-*.parquet"):
+        path.unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^{copy / 'train'}: no feature shards"):
+        FeatureDataset.load(copy, "train", world["params"], RELATIONS)
+    path = copy / "valid" / "samples-00000.parquet"  # rewritten by a tool that drops metadata
+    pq.write_table(pq.read_table(path).replace_schema_metadata(None), path)
+    with pytest.raises(StaleCacheError, match=rf"^{path}: not a features cache file"):
+        FeatureDataset.load(copy, "valid", world["params"], RELATIONS)
+
+
+def cache_tables(out, split):
+    """A split's sample and image tables as the cache holds them, and the metadata the dataset
+    takes with them."""
+    folder = out / split
+    tables = [
+        pa.concat_tables(pq.read_table(p) for p in sorted(folder.glob(f"{kind}-*.parquet")))
+        for kind in ("samples", "images")
+    ]
+    meta = json.loads(pq.read_schema(folder / "samples-00000.parquet").metadata[METADATA_KEY])
+    return *tables, {k: meta[k] for k in ("markers", "pad_token_id", "pixel_mean", "pixel_std")}
+
+
+def test_tables_that_disagree_with_themselves_are_refused(world, cache):
+    samples, images, meta = cache_tables(cache[0], "train")
+    assert samples.column("image_index").to_pylist() == [0, 0, 0, 0, 1, 2]  # t5 is on c.png
+    with pytest.raises(StaleCacheError, match="samples point past the image table"):
+        FeatureDataset(samples, images.slice(0, 2), world["params"], **meta)
+    lengths = samples.column("length").to_numpy().copy()
+    lengths[0] += 1
+    wrong = samples.set_column(
+        samples.schema.get_field_index("length"), "length", pa.array(lengths, pa.int32())
+    )
+    with pytest.raises(StaleCacheError, match="token lists disagree with the length column"):
+        FeatureDataset(wrong, images, world["params"], **meta)
+
+
+def test_text_is_padded_with_the_pad_token_the_cache_records(world, cache):
+    # The tiny vocabulary's [PAD] is 0; another tokenizer's (RoBERTa's is 1) must pad as itself.
+    samples, images, meta = cache_tables(cache[0], "train")
+    assert meta["pad_token_id"] == 0
+    for pad_to_max in (True, False):
+        params = apply_overrides(world["params"], {"data.pad_to_max": pad_to_max})
+        ds = FeatureDataset(samples, images, params, **{**meta, "pad_token_id": 99})
+        unpadded = samples.take([3, 0])["input_ids"].to_pylist()
+        assert len(unpadded[0]) < len(unpadded[1])  # padded in both modes
+        width = 40 if pad_to_max else len(unpadded[1])
+        expected = [ids + [99] * (width - len(ids)) for ids in unpadded]
+        assert ds.batch([3, 0])["input_ids"].tolist() == expected
 
 
 # ---------------------------------------------------------------------------------------------
@@ -893,8 +1038,10 @@ def test_an_item_is_one_sample_of_the_batch_without_its_batch_dimension(world, c
     assert item["input_ids"].shape == (int(ds.lengths[2]),)  # unpadded: its own length
     assert item["pixel_values"].shape == (4, 3, 16, 16) and item["labels"].shape == ()
     assert torch.equal(ds[-1]["labels"], ds[len(ds) - 1]["labels"])
-    with pytest.raises(IndexError, match="out of range for 6 samples"):
-        ds[6]
+    assert torch.equal(ds[-6]["input_ids"], ds[0]["input_ids"])
+    for index in (6, -7):
+        with pytest.raises(IndexError, match=f"index {index} out of range for 6 samples"):
+            ds[index]
 
 
 def test_the_loader_fetches_each_batch_in_one_call_and_gives_it_unchanged(world, cache):
@@ -980,6 +1127,10 @@ def test_make_loader_follows_its_sampler_and_covers_every_sample(world, cache):
     assert next(iter(plain))["labels"].tolist() == [
         RELATIONS.index(r.relation) for r in RECORDS["train"]
     ]
+    # the worker and pinning options reach the DataLoader (not iterated: no worker processes)
+    workers = make_loader(ds, 4, num_workers=2, pin_memory=True)
+    assert (workers.num_workers, workers.persistent_workers, workers.pin_memory) == (2, True, True)
+    assert (plain.num_workers, plain.persistent_workers, plain.pin_memory) == (0, False, False)
 
 
 def test_ablation_switches_zero_their_inputs(world, cache):
@@ -1040,6 +1191,40 @@ def test_missing_depth_map_is_an_error_or_zeros_under_skip(world):
     assert ds.sample_ids == [r.id for r in RECORDS["train"]]
     b = ds.image_ids.index("b.jpg")
     assert not ds.depth_crops[b].any() and ds.object_crops[b].any()
+
+
+def test_objects_without_an_image_file_are_an_error_or_zeros_with_every_problem_said(world):
+    # predict passes no image for an input line without one
+    objects = OBJECTS["a.png"]
+    with pytest.raises(
+        DataError, match=r"^image 'a\.png': .*'a\.png' has objects but no image file"
+    ):
+        featurize_image("a.png", None, objects, world["depth"], world["params"])
+    skip = apply_overrides(world["params"], {"data.on_error": "skip"})
+    got = featurize_image("a.png", None, objects, FakeDepth({}), skip)
+    assert got.object_mask.tolist() == [True, False, True, False]
+    assert not got.object_crops.any() and not got.depth_crops.any()
+    image_problem, depth_problem = got.problem.split("; ")
+    assert image_problem.endswith("'a.png' has objects but no image file")
+    assert depth_problem == "no depth map (a.png)"
+
+
+def test_only_a_missing_depth_map_becomes_zeros_and_a_bad_one_is_an_error(world):
+    path = world["dataset"].image_path("a.png")
+    skip = apply_overrides(world["params"], {"data.on_error": "skip"})
+
+    class BrokenDepth:
+        def get(self, image_id):
+            raise IndexError("a broken depth store")
+
+    with pytest.raises(IndexError, match="a broken depth store"):
+        featurize_image("a.png", path, OBJECTS["a.png"], BrokenDepth(), skip)
+    nan_map = world["depth"].get("a.png")
+    nan_map[3, 4] = np.nan
+    for scale in ("raw", "minmax"):
+        params = apply_overrides(world["params"], {"features.depth_scale": scale})
+        with pytest.raises(DataError, match=r"depth map of 'a\.png': has NaN or infinite"):
+            featurize_image("a.png", path, OBJECTS["a.png"], FakeDepth({"a.png": nan_map}), params)
 
 
 def test_stage_help_lists_the_options():
