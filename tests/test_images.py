@@ -13,6 +13,7 @@ from pipeline.data.images import (
     box_units,
     checked_box,
     clip_box,
+    image_problem,
     image_size,
     open_image,
 )
@@ -79,6 +80,23 @@ def test_open_image_decodes_rgb_and_names_the_file(tmp_path):
     for name in ("text.png", "cut.png", "missing.png"):
         with pytest.raises(DataError, match=rf"{name}: "):
             open_image(tmp_path / name)
+    # The problem is said once, without the path PIL repeats in it, so reports do not depend on
+    # where the data lives.
+    for name, problem in (
+        ("text.png", "cannot identify image file"),
+        ("missing.png", "file not found"),
+    ):
+        for read in (open_image, image_size):
+            with pytest.raises(DataError) as error:
+                read(tmp_path / name)
+            assert str(error.value) == f"{tmp_path / name}: {problem}"
+
+
+def test_image_problem_is_the_error_type_when_the_message_is_only_the_path(tmp_path):
+    path = tmp_path / "x.png"
+    assert image_problem(OSError(str(path)), path) == "OSError"
+    assert image_problem(SyntaxError(f"{path!s}: "), path) == "SyntaxError"
+    assert image_problem(ValueError(f"bad header in {str(path)!r}"), path) == "bad header in"
 
 
 @pytest.mark.parametrize("size", [(20000, 20000), (12000, 11000)])  # above 2x, and 1x..2x the limit
