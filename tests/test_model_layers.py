@@ -183,13 +183,19 @@ def test_object_pooling_is_the_mean_plus_the_box_then_layer_norm(use_box):
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
 
 
-def small_vit(architecture: str):
+def small_vit(architecture: str, **kwargs):
     """A timm ViT of ``architecture`` at 32 wide, patch 32: CLIP's has no patch bias and a
     pre-LayerNorm, the plain ViT a patch bias and no pre-norm."""
     import timm
 
     vit = timm.create_model(
-        architecture, pretrained=False, num_classes=0, embed_dim=HIDDEN, depth=1, num_heads=4
+        architecture,
+        pretrained=False,
+        num_classes=0,
+        embed_dim=HIDDEN,
+        depth=1,
+        num_heads=4,
+        **kwargs,
     )
     return randomize(vit, seed=11).double()
 
@@ -197,13 +203,20 @@ def small_vit(architecture: str):
 def patch_embeddings_reference(module, pixels, depth, depth_embedding, pre_norm=True):
     """The tokens of ``[B, P, 3, 64, 64]`` crops and ``[B, P, 64, 64]`` depth, patch by patch: each
     32x32 patch flattened times the flattened convolution weights, plus the bias and the patch's
-    position, then (``pre_norm``) the pre-norm (a LayerNorm written out, or none)."""
+    position, then (``pre_norm``) the pre-norm (a LayerNorm written out, or none). A tower whose
+    patch embedding has its own norm applies it to each patch's product, before the position."""
     rgb_w = module.rgb_patch.weight.reshape(HIDDEN, -1)
     rgb_b = module.rgb_patch.bias
     depth_w = depth_b = None
     if depth is not None:
         depth_w = module.depth_patch.weight.reshape(HIDDEN, -1)
         depth_b = module.depth_patch.bias
+
+    def patch_norm(x):
+        return (
+            layer_norm(x, module.patch_norm) if isinstance(module.patch_norm, nn.LayerNorm) else x
+        )
+
     batch, slots = pixels.shape[:2]
     out = []
     for b in range(batch):
@@ -215,15 +228,15 @@ def patch_embeddings_reference(module, pixels, depth, depth_embedding, pre_norm=
                 rgb = rgb + (rgb_b if rgb_b is not None else 0)
                 position = module.position[0, k]
                 if depth is None:
-                    rgb_tokens.append(rgb + position)
+                    rgb_tokens.append(patch_norm(rgb) + position)
                     continue
                 dep = depth_w @ depth[b, slot][cut].reshape(-1)
                 dep = dep + (depth_b if depth_b is not None else 0)
                 if depth_embedding == "channel":
-                    rgb_tokens.append(rgb + dep + position)
+                    rgb_tokens.append(patch_norm(rgb + dep) + position)
                 else:
-                    rgb_tokens.append(rgb + position)
-                    depth_tokens.append(dep + position)
+                    rgb_tokens.append(patch_norm(rgb) + position)
+                    depth_tokens.append(patch_norm(dep) + position)
             out += rgb_tokens + depth_tokens
     tokens = torch.stack(out).reshape(batch, -1, HIDDEN)
     if pre_norm and isinstance(module.pre_norm, nn.LayerNorm):
@@ -265,9 +278,73 @@ def test_object_patch_embeddings_are_patch_products_plus_positions(architecture,
     torch.testing.assert_close(raw.reshape(2, -1, HIDDEN), unnormed, rtol=1e-9, atol=1e-9)
 
 
-def test_an_unknown_depth_embedding_is_refused_with_the_known_ones():
-    with pytest.raises(ValueError, match="'rgbd': expected one of 'tokens', 'channel'$"):
-        ObjectPatchEmbeddings(small_vit(ARCHITECTURES[0]), 64, True, "rgbd")
+@pytest.mark.parametrize("depth_embedding", ["tokens", "channel", None])
+def test_a_towers_patch_norm_normalizes_each_patch_before_its_position(depth_embedding):
+    vit = small_vit(ARCHITECTURES[1], embed_norm_layer="layernorm")
+    assert isinstance(vit.patch_embed.norm, nn.LayerNorm)
+    use_depth = depth_embedding is not None
+    module = ObjectPatchEmbeddings(vit, 64, use_depth, depth_embedding or "tokens").double()
+    assert module.patch_norm is vit.patch_embed.norm
+    if use_depth:
+        randomize(module.depth_patch, seed=12)
+    torch.manual_seed(14)
+    pixels = torch.randn(2, 2, 3, 64, 64, dtype=torch.float64)
+    depth = torch.rand(2, 2, 64, 64, dtype=torch.float64) * 10 if use_depth else None
+    expected = patch_embeddings_reference(module, pixels, depth, depth_embedding)
+    torch.testing.assert_close(module(pixels, depth), expected, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("no_embed_class", [False, True])
+def test_positions_are_a_copy_of_the_towers_patch_grid_without_its_class_position(no_embed_class):
+    # A 64-pixel tower with patch 32 has the crops' own 2x2 grid, so nothing is resampled. A tower
+    # without a class position (no_embed_class, as DeiT III) has only the grid.
+    vit = small_vit(ARCHITECTURES[1], img_size=64, no_embed_class=no_embed_class)
+    before = vit.pos_embed.detach().clone()
+    assert before.shape[1] == (4 if no_embed_class else 5)
+    module = ObjectPatchEmbeddings(vit, 64, use_depth=False)
+    torch.testing.assert_close(module.position, before[:, -4:], rtol=0, atol=0)
+    with torch.no_grad():
+        module.position.add_(1.0)  # as a training step would: the tower's grid is not shared
+    assert torch.equal(vit.pos_embed, before)
+
+
+def test_object_patch_embeddings_refuse_an_unknown_depth_mode_and_a_crop_off_the_patch_grid():
+    vit = small_vit(ARCHITECTURES[0])
+    with pytest.raises(
+        ValueError, match="model.depth_embedding 'pixels': expected one of 'tokens', 'channel'$"
+    ):
+        ObjectPatchEmbeddings(vit, 64, True, "pixels")
+    with pytest.raises(
+        ValueError,
+        match="features.crop_size 48 is not a multiple of the vision tower's patch size 32",
+    ):
+        ObjectPatchEmbeddings(vit, 48, False)
+
+
+def test_float32_depth_and_boxes_join_a_module_of_another_dtype():
+    # Batches hold float32 depth and boxes whatever dtype the model runs in.
+    module = ObjectPatchEmbeddings(small_vit(ARCHITECTURES[0]), 64, True, "tokens").double()
+    torch.manual_seed(15)
+    pixels = torch.randn(1, 2, 3, 64, 64, dtype=torch.float64)
+    depth = torch.rand(1, 2, 64, 64)
+    tokens = module(pixels, depth)
+    assert tokens.dtype == torch.float64 and torch.equal(tokens, module(pixels, depth.double()))
+    pooling = randomize(ObjectPooling(HIDDEN, 8, use_box=True, dropout=0.0), seed=5).double()
+    boxes = torch.rand(1, 2, 5)
+    objects = pooling.eval()(tokens, boxes)
+    assert objects.dtype == torch.float64 and torch.equal(objects, pooling(tokens, boxes.double()))
+
+
+def test_object_pooling_drops_out_after_the_layer_norm():
+    pooling = randomize(ObjectPooling(HIDDEN, 8, use_box=True, dropout=0.5), seed=5).double()
+    torch.manual_seed(16)
+    tokens = torch.randn(2, 3 * 8, HIDDEN, dtype=torch.float64)
+    boxes = torch.rand(2, 3, 5, dtype=torch.float64)
+    normed = pooling.eval()(tokens, boxes)
+    out = pooling.train()(tokens, boxes)
+    kept = out != 0  # dropout zeros whole entries of the normalized objects, scales the rest
+    assert 0.3 < kept.double().mean().item() < 0.7
+    torch.testing.assert_close(out[kept], normed[kept] / 0.5, rtol=1e-12, atol=1e-12)
 
 
 def test_own_depth_tokens_lose_a_flat_regions_depth_level_and_a_depth_channel_keeps_it():
