@@ -117,7 +117,7 @@ def featurize_image(
         image = None
         try:
             if image_path is None:
-                raise DataError(f"image {image_id!r} has objects but no image file")
+                raise DataError("has objects but no image file")  # "image has objects ..."
             image = open_image(image_path)
             crops = crop_objects(image, layout, mask, size, params.features.crop_resize)
         except DataError as exc:
