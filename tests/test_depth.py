@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 import typer
@@ -34,8 +37,14 @@ from pipeline.depth.model import (
     prepare_batch,
     tiny_depth_model,
 )
-from pipeline.depth.run import run_depth
-from pipeline.depth.store import MANIFEST, DepthStore, decode_depth, encode_depth
+from pipeline.depth.run import load_shipped_depth, run_depth
+from pipeline.depth.store import (
+    MANIFEST,
+    DepthStore,
+    decode_depth,
+    encode_depth,
+    read_shard_info,
+)
 from pipeline.io import DataError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -236,6 +245,18 @@ def test_depth_runs_under_the_autocast_its_dtype_asks_for(monkeypatch):
     assert asked == [("cpu", "bfloat16"), ("cpu", "bfloat16")]  # two input sizes, two batches
 
 
+def test_image_tensor_is_the_rgb_conversion_channels_first():
+    # Depth-Anything reads three channels: a grey or RGBA image goes in as PIL converts it.
+    rng = np.random.default_rng(4)
+    rgba = Image.fromarray(rng.integers(0, 256, (5, 7, 4), dtype=np.uint8), "RGBA")
+    grey = Image.fromarray(rng.integers(0, 256, (5, 7), dtype=np.uint8), "L")
+    for image in (rgba, grey):
+        got = image_tensor(image)
+        assert got.dtype == torch.uint8 and got.shape == (3, 5, 7)
+        expected = np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+        np.testing.assert_array_equal(got.numpy(), expected)
+
+
 def test_input_settings_are_the_backbones_image_and_patch_sizes():
     from types import SimpleNamespace
 
@@ -246,9 +267,14 @@ def test_input_settings_are_the_backbones_image_and_patch_sizes():
     assert input_settings(SimpleNamespace(config=config)) == (518, 14)
 
 
-def test_store_reader_contract(reference, tmp_path):
+def test_store_reader_contract(dataset, reference, tmp_path):
     store = DepthStore(reference)
     assert "img_00.jpg" in store and "nope.jpg" not in store
+    assert all(image_id in store for image_id in dataset.image_ids())
+    # Each image is its own row group, so get() reads one map, not a whole shard.
+    for shard in sorted(reference.glob("shard-*.parquet")):
+        meta = pq.ParquetFile(shard).metadata
+        assert meta.num_row_groups == meta.num_rows > 0
     with pytest.raises(KeyError, match=rf"'nope.jpg'.*{reference}"):
         store.get("nope.jpg")
     first = store.get("img_03.jpg")
@@ -264,6 +290,8 @@ def test_encoding_keeps_float16_precision_at_any_magnitude():
         depth = (rng.random((5, 7)) * magnitude).astype(np.float32)
         scale, values = encode_depth(depth)
         assert np.log2(scale) == int(np.log2(scale)) and np.abs(values).max() <= 1
+        # frexp's exponent: the peak lies in [scale / 2, scale), float16's top binade.
+        assert scale / 2 <= np.abs(depth).max() < scale
         back = decode_depth(5, 7, scale, values)
         np.testing.assert_allclose(back, depth, rtol=F16_EPS, atol=magnitude * 2.0**-24)
         # Negative values (a shipped map may have them): the scale follows the largest magnitude.
@@ -276,6 +304,10 @@ def test_encoding_keeps_float16_precision_at_any_magnitude():
     assert scale == 1.0 and np.array_equal(decode_depth(2, 3, scale, values), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="NaN or infinite"):
         encode_depth(np.array([[1.0, np.nan]]))
+    assert encode_depth(np.array([[3.0, -1.0]]))[0] == 4.0
+    assert encode_depth(np.array([[4.0]]))[0] == 8.0 and encode_depth(np.array([[0.3]]))[0] == 0.5
+    with pytest.raises(ValueError, match=r"must be 2-D \[H, W\], found shape \(1, 2, 3\)"):
+        encode_depth(np.zeros((1, 2, 3), np.float32))
 
 
 def test_dataset_source_reproduces_shipped_maps(dataset, tmp_path):
@@ -306,6 +338,19 @@ def test_dataset_source_without_shipped_maps_says_to_use_the_model(dataset, tmp_
     with pytest.raises(DataError, match=message):
         run_depth(bare, tmp_path / "d", params(source="dataset"), on_error="raise")
     assert not (tmp_path / "d").exists() or not any((tmp_path / "d").iterdir())
+
+
+def test_a_shipped_map_must_be_a_2d_float_array_and_comes_back_float32(tmp_path):
+    for name, array in [("cube", np.zeros((2, 3, 4), np.float32)), ("ints", np.ones((2, 3), int))]:
+        np.save(tmp_path / f"{name}.npy", array)
+        found = f"found {array.dtype} {array.shape}"
+        message = rf"^{re.escape(str(tmp_path / name))}\.npy: expected a 2-D float depth map, "
+        with pytest.raises(DataError, match=message + re.escape(found) + "$"):
+            load_shipped_depth(tmp_path / f"{name}.npy")
+    np.save(tmp_path / "f64.npy", np.array([[0.1, 2.0], [-3.0, 1e5]]))
+    got = load_shipped_depth(tmp_path / "f64.npy")
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.array([[0.1, 2.0], [-3.0, 1e5]], dtype=np.float32))
 
 
 def test_synthetic_dataset_every_image(tmp_path):
@@ -368,6 +413,16 @@ def test_sigkill_then_rerun_finishes_only_the_rest_byte_identically(dataset, ref
     assert again.shards_computed == [] and store_bytes(out) == store_bytes(reference)
 
 
+def test_a_parquet_file_without_shard_metadata_is_recomputed(dataset, reference, tmp_path):
+    out = tmp_path / "depth"
+    shutil.copytree(reference, out)
+    pq.write_table(pa.table({"image_id": ["img_03.jpg"]}), out / "shard-00001.parquet")
+    assert read_shard_info(out / "shard-00001.parquet") is None
+    assert read_shard_info(out / "shard-00009.parquet") is None  # missing
+    result = run_depth(dataset, out, params(), on_error="raise")
+    assert result.shards_computed == [1] and store_bytes(out) == store_bytes(reference)
+
+
 def test_other_settings_start_over(dataset, reference, tmp_path):
     out = tmp_path / "depth"
     shutil.copytree(reference, out)
@@ -403,6 +458,28 @@ def test_other_settings_start_over(dataset, reference, tmp_path):
     )
 
 
+def test_another_depth_model_or_dtype_redoes_a_model_store_only(dataset, reference, tmp_path):
+    out = tmp_path / "depth"
+    shutil.copytree(reference, out)
+    folder = tmp_path / "tiny-seed-1"
+    tiny_depth_model(seed=1).save_pretrained(folder)
+    other = run_depth(dataset, out, params(model=str(folder)), on_error="raise")
+    assert other.shards_computed == [0, 1, 2]
+    image = Image.open(dataset.image_path("img_00.jpg")).convert("RGB")
+    (direct,) = predict_depth(load_depth_model(str(folder)), [image], batch_size=1, dtype="float32")
+    got = DepthStore(out).get("img_00.jpg")
+    np.testing.assert_allclose(got, direct, rtol=0, atol=np.abs(direct).max() * F16_EPS)
+    assert not np.allclose(got, DepthStore(reference).get("img_00.jpg"))
+    # The dtype asked for is part of a model store's settings (a GPU run would differ).
+    bf16 = run_depth(dataset, out, params(model=str(folder), dtype="bfloat16"), on_error="raise")
+    assert bf16.shards_computed == [0, 1, 2]
+    # Shipped maps do not depend on the depth model or dtype: their store is kept.
+    shipped = tmp_path / "shipped"
+    run_depth(dataset, shipped, params(source="dataset"), on_error="raise")
+    again = params(source="dataset", model=str(folder), dtype="bfloat16")
+    assert run_depth(dataset, shipped, again, on_error="raise").shards_computed == []
+
+
 def test_two_workers_equal_one(dataset, reference, tmp_path):
     out = tmp_path / "depth"
     first = run_depth(dataset, out, params(), shard=0, num_shards=2, on_error="raise")
@@ -411,6 +488,17 @@ def test_two_workers_equal_one(dataset, reference, tmp_path):
     second = run_depth(dataset, out, params(), shard=1, num_shards=2, on_error="raise")
     assert second.shards_computed == [1] and second.complete
     assert store_bytes(out) == store_bytes(reference)
+
+
+def test_a_worker_outside_the_shards_or_an_empty_size_is_refused(dataset, tmp_path):
+    out = tmp_path / "depth"
+    for shard, num_shards in [(2, 2), (-1, 2)]:
+        with pytest.raises(ValueError, match=rf"^shard must be in \[0, 2\), found {shard}$"):
+            run_depth(dataset, out, params(source="dataset"), "raise", shard, num_shards)
+    for size in ({"shard_size": 0}, {"batch_size": 0}):
+        with pytest.raises(ValueError, match="batch_size must be at least 1"):
+            run_depth(dataset, out, params(source="dataset", **size), on_error="raise")
+    assert not out.exists()
 
 
 def break_images(root: Path) -> tuple[Path, Path]:
@@ -465,6 +553,10 @@ def test_local_folder_and_hub_id_share_the_loader(tmp_path, monkeypatch):
     loaded = load_depth_model(str(tmp_path / "tiny-depth"))
     (got,) = predict_depth(loaded, [image], batch_size=1, dtype="float32")
     np.testing.assert_array_equal(got, expected)
+    # A folder under the home directory, written with ~, is that folder (not a hub id).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (got,) = predict_depth(load_depth_model("~/tiny-depth"), [image], 1, dtype="float32")
+    np.testing.assert_array_equal(got, expected)
 
     # A hub id reaches the same from_pretrained call, with the id as given.
     seen = []
@@ -481,7 +573,22 @@ def test_local_folder_and_hub_id_share_the_loader(tmp_path, monkeypatch):
     np.testing.assert_array_equal(got, expected)
 
 
-def test_tiny_model_is_seeded_and_leaves_global_rng_alone():
+def test_a_depth_model_that_does_not_load_says_to_use_a_folder(monkeypatch):
+    from transformers import DepthAnythingForDepthEstimation
+
+    def offline(klass, name, *args, **kwargs):
+        raise OSError(f"cannot reach the hub for {name}")
+
+    monkeypatch.setattr(DepthAnythingForDepthEstimation, "from_pretrained", classmethod(offline))
+    message = (
+        r"^depth.model='org/depth': cannot load it \(cannot reach the hub for org/depth\)\. "
+        r"Without network, download the model to a folder and set depth.model to that folder\.$"
+    )
+    with pytest.raises(OSError, match=message):
+        load_depth_model("org/depth")
+
+
+def test_tiny_model_is_seeded_in_eval_mode_and_leaves_global_rng_alone():
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
@@ -489,8 +596,12 @@ def test_tiny_model_is_seeded_and_leaves_global_rng_alone():
     after = torch.rand(1)
     b = tiny_depth_model()
     assert torch.equal(before, after)
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        assert torch.equal(pa, pb)
+    for x, y in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(x, y)
+    assert not a.training
+    # The seed decides the weights: another seed gives another model.
+    c = tiny_depth_model(seed=1)
+    assert not all(torch.equal(x, y) for x, y in zip(a.parameters(), c.parameters(), strict=True))
 
 
 def stage_app() -> typer.Typer:
@@ -578,6 +689,24 @@ def test_a_store_missing_a_shard_is_unfinished_by_any_worker(dataset, tmp_path):
     )
     assert (result.shards_computed, result.complete) == ([1], True)
     assert len(DepthStore(out)) == len(IMAGES)
+
+
+def test_the_manifest_is_written_last(dataset, tmp_path, monkeypatch):
+    """A run that dies writing skipped.json leaves no manifest: readers refuse the store."""
+    import pipeline.depth.run
+
+    real = pipeline.depth.run.write_json
+
+    def disk_full_at_skipped(path, obj):
+        if Path(path).name == "skipped.json":
+            raise OSError("disk full")
+        real(path, obj)
+
+    monkeypatch.setattr(pipeline.depth.run, "write_json", disk_full_at_skipped)
+    out = tmp_path / "depth"
+    with pytest.raises(OSError, match="disk full"):
+        run_depth(dataset, out, params(source="dataset"), on_error="raise")
+    assert not (out / MANIFEST).exists()
 
 
 def test_skipped_images_are_not_counted_as_computed(dataset, tmp_path):
