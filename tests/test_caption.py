@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,7 @@ from pipeline.caption.captioner import Captioner, crop_box
 from pipeline.caption.prompts import build_prompt, load_prompts
 from pipeline.caption.rowlog import append_rows, read_row_log, settings_id
 from pipeline.caption.run import run_caption, shard_items
-from pipeline.caption.table import CaptionTable, caption_items
+from pipeline.caption.table import CaptionTable, caption_items, coverage_of
 from pipeline.config import default_params, params_to_dict
 from pipeline.data.images import box_to_pixels
 from pipeline.data.records import Dataset
@@ -137,6 +138,26 @@ def test_prompts_name_the_entity_and_carry_the_post(dataset, captioner, tmp_path
             assert image.tobytes() == crop_box(full.convert("RGB"), item.box).tobytes()
             assert image.size[0] == pytest.approx((x2 - x1) * full.size[0], abs=2)
             assert image.size[1] == pytest.approx((y2 - y1) * full.size[1], abs=2)
+
+
+def test_an_object_prompt_may_show_the_whole_picture(dataset, captioner, tmp_path, monkeypatch):
+    raw = json.loads(PROMPTS.read_text())
+    raw["object"]["image"] = "full"
+    (tmp_path / "full.json").write_text(json.dumps(raw))
+    shown = []
+
+    def describe(prompts, images, system=""):
+        shown.extend(images)
+        return ["an answer"] * len(prompts)
+
+    monkeypatch.setattr(captioner, "describe", describe)
+    params = replace(MLLM, prompts=str(tmp_path / "full.json"))
+    run_caption(dataset, tmp_path / "out", params, captioner=captioner, progress=False)
+    items = caption_items(dataset)
+    assert len(shown) == len(items) and any(it.kind == "object" for it in items)
+    for item, image in zip(items, shown, strict=True):
+        full = Image.open(dataset.image_path(item.image_id)).convert("RGB")
+        assert image.tobytes() == full.tobytes()
 
 
 def test_batched_generation_equals_one_at_a_time(dataset, captioner, reference, tmp_path):
@@ -283,8 +304,11 @@ def test_shards_split_the_work_and_merge_to_the_single_run(
     out = tmp_path / "captions"
     first = run_caption(dataset, out, MLLM, shard=0, num_shards=2, captioner=captioner,
                         progress=False)  # fmt: skip
-    assert first["generated"] == len(shard_items(items, 0, 2))
+    assert first["generated"] == first["items"] == len(shard_items(items, 0, 2))
     assert first["missing"] == len(shard_items(items, 1, 2))
+    again = run_caption(dataset, out, MLLM, shard=0, num_shards=2, captioner=captioner,
+                        progress=False)  # fmt: skip
+    assert (again["items"], again["generated"]) == (first["items"], 0)  # its part was done
     assert [p.name for p in (out / "shards").iterdir()] == ["part-000-of-002.jsonl"]
     assert not (out / "captions.json").exists() and not (out / "manifest.json").exists()
     last = run_caption(dataset, out, MLLM, shard=1, num_shards=2, captioner=captioner,
@@ -357,6 +381,43 @@ def test_file_backend_round_trip_with_coverage_and_fill(dataset, tmp_path, caplo
     assert bare.backend == "file" and bare.as_dict() == mapping
 
 
+def test_file_import_keeps_unused_names_of_the_post_and_reports_at_most_100_unknown(
+    dataset, tmp_path
+):
+    items = caption_items(dataset)
+    mapping: dict[str, dict[str, str]] = {}
+    for it in items:
+        mapping.setdefault(it.image_id, {})[it.key] = f"caption of {it.key}"
+    first = items[0]
+    words = first.text.split()
+    # Two words of the post that no record pairs: a name the post holds, not an unknown entry.
+    pairs = (" ".join(words[i : i + 2]) for i in range(len(words) - 1))
+    unused = next(p for p in pairs if p not in mapping[first.image_id])
+    mapping[first.image_id][unused] = "a name of the post"
+    for k in range(101):
+        mapping[f"not_in_dataset_{k:03d}.jpg"] = {"Someone": "unknown image"}
+    (tmp_path / "cap.json").write_text(json.dumps(mapping))
+    params = replace(DEFAULTS.caption, backend="file", file=str(tmp_path / "cap.json"))
+    manifest = run_caption(dataset, tmp_path / "out", params)
+    assert (manifest["unused"], manifest["unknown"]["count"]) == (1, 101)
+    entries = manifest["unknown"]["entries"]
+    assert [e["image_id"] for e in entries] == [f"not_in_dataset_{k:03d}.jpg" for k in range(100)]
+
+
+def test_an_empty_caption_in_the_file_is_a_caption_not_a_gap(dataset, tmp_path):
+    items = caption_items(dataset)
+    mapping: dict[str, dict[str, str]] = {}
+    for n, it in enumerate(items):
+        mapping.setdefault(it.image_id, {})[it.key] = "" if n == 0 else f"caption {n}"
+    (tmp_path / "cap.json").write_text(json.dumps(mapping))
+    params = replace(DEFAULTS.caption, backend="file", file=str(tmp_path / "cap.json"))
+    manifest = run_caption(dataset, tmp_path / "out", params)
+    assert manifest["filled"] == 0 and manifest["coverage"]["found"] == len(items)
+    coverage = CaptionTable(tmp_path / "out").coverage(dataset)
+    assert (coverage.found, coverage.missing) == (len(items), ())
+    assert coverage_of({}, []).fraction == 1.0  # nothing wanted: nothing missing
+
+
 def test_file_backend_fails_on_missing_captions_naming_them(dataset, tmp_path):
     _, dropped_entity, dropped_object = crafted_caption_file(dataset, tmp_path / "cap.json")
     params = replace(
@@ -389,6 +450,64 @@ def test_bad_caption_file_names_image_and_key(dataset, tmp_path):
         run_caption(dataset, tmp_path / "out", params)
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (
+            [["x.jpg", {"[OBJ0]": "a dog"}]],
+            "expected a JSON object image id -> {key: caption}, found list",
+        ),
+        ({"x.jpg": ["a dog"]}, "image 'x.jpg': expected an object {key: caption}, found list"),
+    ],
+)
+def test_a_caption_file_of_another_shape_is_refused(tmp_path, content, problem):
+    path = tmp_path / "cap.json"
+    path.write_text(json.dumps(content))
+    with pytest.raises(DataError, match=f"^{re.escape(f'{path}: {problem}')}$"):
+        CaptionTable(path)
+
+
+def test_a_bare_caption_files_images_are_sorted_and_its_dict_is_a_copy(tmp_path):
+    path = tmp_path / "cap.json"
+    path.write_text(json.dumps({"b.jpg": {"Ann": "a woman"}, "a.jpg": {"[OBJ0]": "a dog"}}))
+    table = CaptionTable(path)
+    assert table.image_ids() == ["a.jpg", "b.jpg"]
+    copy = table.as_dict()
+    copy["a.jpg"]["[OBJ0]"] = "changed"
+    copy["c.jpg"] = {}
+    assert table.get("a.jpg", "[OBJ0]") == "a dog" and table.image_ids() == ["a.jpg", "b.jpg"]
+    # A file's captions were made by no captioning model: caption.model does not matter.
+    table.check_made_with(replace(DEFAULTS.caption, backend="file", model="Qwen/Other"))
+
+
+def test_a_missing_caption_file_says_which_param_to_set(dataset, tmp_path):
+    given = replace(DEFAULTS.caption, file=str(tmp_path / "nope.json"))
+    message = "nope.json: caption file not found (check caption.file, or use backend mllm or none)"
+    with pytest.raises(DataError, match=re.escape(message)):
+        run_caption(dataset, tmp_path / "out", given)
+    shutil.copytree(dataset.root, tmp_path / "ds")
+    bare = Dataset(tmp_path / "ds")
+    bare.captions_path.unlink()
+    with pytest.raises(DataError, match=re.escape("caption file not found (set caption.file, ")):
+        run_caption(bare, tmp_path / "out", DEFAULTS.caption)
+
+
+def test_a_failed_write_of_the_captions_leaves_no_manifest(dataset, tmp_path, monkeypatch):
+    import pipeline.caption.run
+
+    real = pipeline.caption.run.write_json
+
+    def disk_full_at_captions(path, obj):
+        if Path(path).name == "captions.json":
+            raise OSError("disk full")
+        real(path, obj)
+
+    monkeypatch.setattr(pipeline.caption.run, "write_json", disk_full_at_captions)
+    with pytest.raises(OSError, match="disk full"):
+        run_caption(dataset, tmp_path / "out", DEFAULTS.caption)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+
+
 def test_a_killed_run_over_an_earlier_output_leaves_it_unreadable(dataset, captioner, tmp_path):
     out = tmp_path / "captions"
     run_caption(dataset, out, DEFAULTS.caption)  # a complete file-backend output
@@ -400,6 +519,13 @@ def test_a_killed_run_over_an_earlier_output_leaves_it_unreadable(dataset, capti
     # Its rows are the new run's; the old manifest no longer vouches for them.
     with pytest.raises(DataError, match="not a caption stage output"):
         CaptionTable(out)
+
+
+@pytest.mark.parametrize("size", [{"batch_size": 0}, {"max_new_tokens": 0}])
+def test_empty_batches_or_answers_are_refused(dataset, captioner, tmp_path, size):
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        run_caption(dataset, tmp_path / "out", replace(MLLM, **size), captioner=captioner)
+    assert not (tmp_path / "out" / "captions.jsonl").exists()
 
 
 def test_captions_of_other_settings_are_refused_by_name(dataset, reference, tmp_path):
@@ -462,6 +588,11 @@ def test_a_thin_box_is_widened_evenly_around_itself_and_kept_inside_the_image():
     assert np.array_equal(
         np.asarray(crop_box(wide, (0.0, 0.5, 1.0, 0.5))), np.asarray(wide)[21:31, :]
     )
+    # 1050 rows need 10.5 columns: 11 (rounded up, so the aspect stays at most 100), 5 each side.
+    taller = Image.fromarray(rng.integers(0, 255, (1050, 50, 3), dtype=np.uint8))
+    crop = crop_box(taller, (0.5, 0.0, 0.5, 1.0))
+    assert np.array_equal(np.asarray(crop), np.asarray(taller)[:, 20:31])
+    assert crop.height / crop.width <= 100
 
 
 def test_the_captioner_sees_the_pixels_the_model_crops():
@@ -641,6 +772,35 @@ def test_an_images_post_text_is_that_of_its_first_record(tmp_path):
     ]
 
 
+def test_items_are_sorted_by_image_then_key_and_skip_images_no_record_uses(tmp_path):
+    from pipeline.data.records import Entity, Record, write_dataset
+
+    zed, ann, obj = (
+        Entity("text", "Zed", (0, 1)),
+        Entity("text", "Ann", (0, 1)),
+        Entity("object", "[OBJ0]"),
+    )
+    splits = {
+        "train": [Record("r1", ("Zed", "runs"), "b.jpg", zed, obj, "none")],
+        "valid": [Record("r2", ("Ann", "sits"), "a.jpg", ann, ann, "none")],
+    }
+    objects = {
+        "a.jpg": {"[OBJ0]": [0.0, 0.0, 0.5, 0.5]},
+        "b.jpg": {"[OBJ0]": [0.5, 0.5, 1.0, 1.0], "[OBJ1]": [0.0, 0.0, 1.0, 1.0]},
+        "c.jpg": {"[OBJ0]": [0.0, 0.0, 1.0, 1.0]},  # no record uses this image
+    }
+    write_dataset(tmp_path, splits, objects, ["none"], source="test", version="1")
+    items = caption_items(Dataset(tmp_path))
+    assert [(it.image_id, it.key) for it in items] == [
+        ("a.jpg", "Ann"),
+        ("a.jpg", "[OBJ0]"),
+        ("b.jpg", "Zed"),
+        ("b.jpg", "[OBJ0]"),
+        ("b.jpg", "[OBJ1]"),
+    ]
+    assert items[-1].box == (0.0, 0.0, 1.0, 1.0) and items[-1].text == "Zed runs"
+
+
 def test_cli_locks_only_its_own_shard(dataset, tmp_path, monkeypatch):
     import pipeline.caption.run
 
@@ -715,3 +875,54 @@ def test_answers_have_their_white_space_collapsed(captioner, monkeypatch):
     )
     image = Image.new("RGB", (56, 56))
     assert captioner.describe(["q1", "q2"], [image, image]) == ["a big dog", ""]
+
+
+def test_a_processor_without_a_chat_template_is_refused_by_name():
+    from types import SimpleNamespace
+
+    with pytest.raises(
+        ValueError, match=r"^captioner 'org/base': its processor has no chat template"
+    ):
+        Captioner(
+            SimpleNamespace(chat_template=None), None, "org/base", dtype="float32", max_new_tokens=4
+        )
+
+
+def test_without_a_pad_token_generation_pads_with_the_first_end_token():
+    import torch
+
+    asked = {}
+
+    class Processor:
+        chat_template = "{{ messages }}"
+        tokenizer = type("Tokenizer", (), {"pad_token_id": None, "padding_side": "right"})()
+        tokenizer.batch_decode = lambda ids, **_: ["an answer"]
+
+        def apply_chat_template(self, messages, **_):
+            return "a prompt"
+
+        def __call__(self, **_):
+            return {"input_ids": torch.tensor([[1, 2]])}
+
+    model = torch.nn.Linear(1, 1)
+    model.generation_config = type("Config", (), {"eos_token_id": [7, 9]})()
+    model.generate = lambda **kwargs: asked.update(kwargs) or torch.tensor([[1, 2, 5]])
+    captioner = Captioner(Processor(), model, "m", dtype="float32", max_new_tokens=4, device="cpu")
+    assert captioner.describe(["q"], [Image.new("RGB", (8, 8))]) == ["an answer"]
+    assert (asked["pad_token_id"], asked["eos_token_id"]) == (7, [7, 9])
+    assert captioner.tokenizer.padding_side == "left"
+
+
+def test_a_captioner_that_does_not_load_is_named(monkeypatch):
+    import transformers
+
+    def offline(name, *args, **kwargs):
+        raise OSError(f"cannot reach the hub for {name}")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", offline)
+    message = (
+        r"^could not load captioner 'org/vl' \(cannot reach the hub for org/vl\); offline, set "
+        r"caption.model to a local folder or 'tiny'$"
+    )
+    with pytest.raises(OSError, match=message):
+        Captioner.load("org/vl", dtype="float32", max_new_tokens=4)
