@@ -163,6 +163,7 @@ GOOD = {"text_tokens": ["a", "b", "c"], "head": {"span": [0, 1]}, "tail": {"span
             "7 objects, but the model has 6",
         ),
         ({**GOOD, "text_tokens": []}, "the text is empty"),
+        ({**GOOD, "objects": "x"}, "'objects': expected a list of boxes, found 'x'"),
         ({**GOOD, "head_caption": 3}, "'head_caption': expected a string"),
         # Neither text key: the line's own error, not a KeyError from further on.
         ({"head": GOOD["head"], "tail": GOOD["tail"]}, "exactly one of 'text'"),
@@ -260,13 +261,15 @@ def test_depth_maps_given_computed_or_zeros_reach_their_own_line(model, tmp_path
     bare = [{k: v for k, v in line.items() if k != "depth"} for line in lines]
     predict_inputs(computed, read_inputs(write_jsonl(tmp_path / "bare.jsonl", bare), 6), 8)
     assert calls == [(3, 2, "bfloat16")]  # the saved params' depth settings, all lines at once
-    depth_model = tiny_depth_model()
-    for k, line in enumerate(bare):
+    images = []
+    for line in bare:
         with Image.open(tmp_path / line["image"]) as image:
-            (expected,) = predict_depth(depth_model, [image.convert("RGB")], 1, "float32")
+            images.append(image.convert("RGB"))
+    expected = predict_depth(tiny_depth_model(), images, 2, "float32")  # the same batches
+    for k in range(len(bare)):
         got = seen[f"input-{k:07d}"]
-        assert got.shape == expected.shape
-        np.testing.assert_allclose(got, expected, rtol=0, atol=np.abs(expected).max() * 2.0**-11)
+        np.testing.assert_array_equal(got, store_rounding(expected[k]))
+        assert not np.array_equal(got, expected[k])
     # ... and a model trained on shipped maps gets zeros at the image's size.
     seen.clear()
     predict_inputs(trained, read_inputs(write_jsonl(tmp_path / "bare.jsonl", bare), 6), 8)
@@ -354,6 +357,32 @@ def test_predict_normalizes_crops_with_the_towers_mean_std(
     expected = (seen["crop"] / 255 - np.array(mean)[:, None, None]) / np.array(std)[:, None, None]
     assert seen["crop"].any()
     np.testing.assert_allclose(seen["batch"]["pixel_values"][0, 0].numpy(), expected, atol=2e-6)
+
+
+def test_line_captions_reach_only_a_model_that_uses_captions(model, tmp_path):
+    captioned = {**GOOD, "head_caption": "a person in a suit", "tail_caption": "a large city"}
+    path = write_jsonl(tmp_path / "in.jsonl", [captioned, GOOD])
+    trained = load_trained(model["best"])
+    with_captions, without = predict_inputs(trained, read_inputs(path, 6), 8)
+    assert with_captions["probabilities"] != without["probabilities"]  # captions matter here
+    off = replace(trained, params=apply_overrides(trained.params, {"data.use_caption": False}))
+    with_captions, without = predict_inputs(off, read_inputs(path, 6), 8)
+    assert with_captions["probabilities"] == without["probabilities"]
+
+
+def test_a_failed_write_leaves_the_previous_output_whole(model, tmp_path, monkeypatch):
+    inputs = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    output = tmp_path / "out.jsonl"
+    output.write_text("an earlier run's output\n")
+
+    def disk_full(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", disk_full)  # the rename that publishes a new file
+    with pytest.raises(OSError, match="disk full"):
+        predict_file(model["best"], inputs, output, 8)
+    assert output.read_text() == "an earlier run's output\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
 
 
 def test_predict_command(model, tmp_path):
