@@ -330,6 +330,24 @@ def test_dataset_source_reproduces_shipped_maps(dataset, tmp_path):
     assert [s["path"] for s in DepthStore(tmp_path / "d2").skipped] == ["depth/img_05.npy"]
 
 
+def test_a_replaced_input_of_the_same_size_redoes_its_shard_only(dataset, tmp_path):
+    # A regenerated dataset keeps its image ids, and its .npy maps keep their byte sizes: only the
+    # content tells the new inputs from the old.
+    shutil.copytree(dataset.root, tmp_path / "ds")
+    copy = Dataset(tmp_path / "ds")
+    out, source = tmp_path / "depth", params(source="dataset", model="unused")
+    assert run_depth(copy, out, source, on_error="raise").shards_computed == [0, 1, 2]
+    path = copy.depth_path("img_04.png")  # the 5th image: shard 1 of 3
+    old = np.load(path)
+    new = (old[::-1] * 3.0).copy()
+    size = path.stat().st_size
+    np.save(path, new)
+    assert path.stat().st_size == size
+    result = run_depth(copy, out, source, on_error="raise")
+    assert result.complete and result.shards_computed == [1]
+    np.testing.assert_allclose(DepthStore(out).get("img_04.png"), new, rtol=F16_EPS, atol=0)
+
+
 def test_dataset_source_without_shipped_maps_says_to_use_the_model(dataset, tmp_path):
     shutil.copytree(dataset.root, tmp_path / "ds")
     shutil.rmtree(tmp_path / "ds" / "depth")  # as UMRE, MNRE and local datasets are

@@ -50,7 +50,7 @@ from pipeline.depth.store import (
     shard_name,
 )
 from pipeline.device import select_device
-from pipeline.io import DataError, atomic_path, write_json
+from pipeline.io import DataError, atomic_path, file_sha256, write_json
 
 __all__ = ["DepthRunResult", "run_depth", "load_shipped_depth", "write_shard"]
 
@@ -122,11 +122,12 @@ def _fingerprint(depth: DepthParams, image_ids: Sequence[str]) -> str:
 
 
 def _inputs_digest(dataset: Dataset, source: str, image_ids: Sequence[str]) -> str:
-    """Ids and file sizes of a shard's inputs: a replaced or repaired file redoes its shard."""
+    """Ids and content hashes of a shard's inputs: a replaced or repaired file redoes its shard,
+    even one of the same size (a regenerated dataset's depth maps all have the same size)."""
     parts = []
     for image_id in image_ids:
         path = _input_path(dataset, source, image_id)
-        parts.append(f"{image_id}\t{path.stat().st_size if path.exists() else -1}")
+        parts.append(f"{image_id}\t{file_sha256(path) if path.is_file() else '-'}")
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:20]
 
 
@@ -177,12 +178,19 @@ def run_depth(
     # shard found missing later, by a worker with nothing to do, was lost since (see below).
     was_finished = (out_dir / MANIFEST).is_file()
 
+    digests: dict[int, str] = {}  # each shard's inputs are read once a run
+
+    def inputs_digest(index: int) -> str:
+        if index not in digests:
+            digests[index] = _inputs_digest(dataset, depth.source, plan[index])
+        return digests[index]
+
     def is_done(index: int) -> bool:
         info = read_shard_info(out_dir / shard_name(index))
         return (
             info is not None
             and info["fingerprint"] == fingerprint
-            and info["inputs"] == _inputs_digest(dataset, depth.source, plan[index])
+            and info["inputs"] == inputs_digest(index)
             # Switching to on_error=raise retries images that an earlier run skipped.
             and not (on_error == "raise" and info["skipped"])
         )
@@ -195,8 +203,8 @@ def run_depth(
     )  # fmt: skip
     if todo:
         _unfinish(out_dir)
-        _compute_shards(dataset, out_dir, depth, on_error, plan, todo, fingerprint, progress,
-                        result, on_shard_written)  # fmt: skip
+        _compute_shards(dataset, out_dir, depth, on_error, plan, todo, fingerprint,
+                        inputs_digest, progress, result, on_shard_written)  # fmt: skip
 
     done = [k for k in range(len(plan)) if is_done(k)]
     if len(done) == len(plan):
@@ -253,6 +261,7 @@ def _compute_shards(
     plan: list[list[str]],
     todo: list[int],
     fingerprint: str,
+    inputs_digest: Callable[[int], str],
     progress: bool,
     result: DepthRunResult,
     on_shard_written: Callable[[int], None] | None,
@@ -308,7 +317,7 @@ def _compute_shards(
                 bar.update(len(maps))
             info = {
                 "fingerprint": fingerprint,
-                "inputs": _inputs_digest(dataset, depth.source, plan[index]),
+                "inputs": inputs_digest(index),
                 "shard": index,
                 "skipped": inputs.skipped,
             }
