@@ -47,7 +47,8 @@ def main(
 
     Resume: rerun a killed mllm run; it generates only the captions still missing.
 
-    Rows made with another model, prompt version or options are never reused.
+    Rows made with another model, prompt version or options, or from another post text, box or
+    image, are never reused.
 
     Workers: give each --shard i --num-shards n and the same --out; the last to finish merges.
 

@@ -528,6 +528,49 @@ def test_empty_batches_or_answers_are_refused(dataset, captioner, tmp_path, size
     assert not (tmp_path / "out" / "captions.jsonl").exists()
 
 
+def test_rows_are_reused_only_for_the_same_post_text_box_and_image(
+    dataset, captioner, reference, tmp_path, monkeypatch
+):
+    # A regenerated dataset keeps its image ids and often its entity names: a row whose prompt
+    # would read another text, box or image is made again, every other one is reused.
+    root = tmp_path / "raw"
+    shutil.copytree(dataset.root, root)
+    items = caption_items(dataset)
+    flipped, retold, moved = sorted({it.image_id for it in items})[:3]
+    image = Image.open(root / "images" / flipped)
+    image.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(root / "images" / flipped)
+    for split in ("train", "valid", "test"):  # the post text is the image's first record's
+        path = root / "records" / f"{split}.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        first = next((r for r in records if r["image_id"] == retold), None)
+        if first is not None:
+            first["text_tokens"][-1] += "!"
+            path.write_text("".join(json.dumps(r) + "\n" for r in records))
+            break
+    objects = json.loads((root / "objects.json").read_text())
+    key = sorted(objects[moved])[0]
+    objects[moved][key] = [round(v * 0.9, 4) for v in objects[moved][key]]
+    (root / "objects.json").write_text(json.dumps(objects))
+    edited = Dataset(root, verify=False)
+    changed = {(it.image_id, it.key) for it in items if it.image_id in (flipped, retold)}
+    changed.add((moved, key))
+    assert first is not None and len(changed) < len(items)
+
+    out = tmp_path / "captions"
+    shutil.copytree(reference, out)
+    calls = spy(monkeypatch, captioner)
+    manifest = run_caption(edited, out, MLLM, captioner=captioner, progress=False)
+    prompted = {build_prompt(it, load_prompts(PROMPTS)) for it in caption_items(edited)
+                if (it.image_id, it.key) in changed}  # fmt: skip
+    assert len(calls) == len(changed) and {prompt for prompt, _ in calls} == prompted
+    assert manifest["items"] == len(items) and manifest["coverage"]["fraction"] == 1.0
+    # The merged log keeps one row per item, each made from the inputs it now has.
+    assert len(read_row_log(out / "captions.jsonl")) == len(items)
+    calls.clear()
+    run_caption(edited, out, MLLM, captioner=captioner, progress=False)
+    assert calls == []
+
+
 def test_captions_of_other_settings_are_refused_by_name(dataset, reference, tmp_path):
     table = CaptionTable(reference)
     table.check_made_with(MLLM)  # what made them: fine

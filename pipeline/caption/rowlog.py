@@ -1,7 +1,9 @@
 """The caption row log: append-only JSONL, one whole line per row, safe against kills.
 
-A row is ``{image_id, key, kind, caption, model, prompt_version, settings}``; ``settings`` is the
-hash of everything that changes an answer, so rows made with other settings are never reused.
+A row is ``{image_id, key, kind, caption, model, prompt_version, settings, input}``; ``settings``
+is the hash of the run's options that change an answer and ``input`` that of the item's own inputs
+(``pipeline.caption.run.item_inputs``), so rows made with other settings or from other inputs are
+never reused.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ The output folder is read by :class:`pipeline.caption.table.CaptionTable`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import shutil
@@ -41,7 +42,7 @@ from pipeline.caption.table import (
 from pipeline.config import CaptionParams
 from pipeline.data.images import open_image
 from pipeline.data.records import Dataset, parse_object_name
-from pipeline.io import DataError, atomic_write_text, write_json
+from pipeline.io import DataError, atomic_write_text, file_sha256, write_json
 
 __all__ = [
     "shard_items",
@@ -76,12 +77,36 @@ def _all_logs(out: Path) -> list[Path]:
     return [out / CAPTIONS_JSONL, *sorted((out / SHARDS_DIR).glob("part-*.jsonl"))]
 
 
-def _rows_by_item(out: Path, settings: str) -> dict[tuple[str, str], dict[str, Any]]:
-    """Rows of these settings in the main log and every shard log, by (image id, key)."""
+def item_inputs(dataset: Dataset, items: Sequence[CaptionItem]) -> dict[tuple[str, str], str]:
+    """A short hash of what each item's prompt is made of (its kind, post text, box and image
+    file content), by (image id, key): a row is reused only for the same inputs, so a dataset
+    regenerated with the same image ids and entity names is captioned again."""
+    images: dict[str, str] = {}
+    inputs = {}
+    for it in items:
+        if it.image_id not in images:
+            path = dataset.image_path(it.image_id)
+            images[it.image_id] = file_sha256(path) if path.is_file() else "-"
+        payload = json.dumps([it.kind, it.text, it.box, images[it.image_id]], separators=(",", ":"))
+        inputs[it.image_id, it.key] = hashlib.sha256(payload.encode()).hexdigest()[:16]
+    return inputs
+
+
+def _reusable(row: dict[str, Any], settings: str, inputs: dict[tuple[str, str], str]) -> bool:
+    return row["settings"] == settings and row.get("input") == inputs.get(
+        (row["image_id"], row["key"])
+    )
+
+
+def _rows_by_item(
+    out: Path, settings: str, inputs: dict[tuple[str, str], str]
+) -> dict[tuple[str, str], dict[str, Any]]:
+    """Rows of these settings and inputs in the main log and every shard log, by (image id,
+    key)."""
     done: dict[tuple[str, str], dict[str, Any]] = {}
     for path in _all_logs(out):
         for row in read_row_log(path):
-            if row["settings"] == settings:
+            if _reusable(row, settings, inputs):
                 done.setdefault((row["image_id"], row["key"]), row)
     return done
 
@@ -121,33 +146,38 @@ def generate_captions(
     num_shards: int = 1,
     progress: bool = True,
     after_batch: Callable[[int], None] | None = None,
-) -> tuple[list[CaptionItem], dict[tuple[str, str], dict[str, Any]], int]:
-    """Caption this shard's items that no log of the same settings has yet, appending rows to the
-    shard's log. Returns (all items, rows by (image id, key) of these settings, rows made now).
+) -> tuple[
+    list[CaptionItem], dict[tuple[str, str], str], dict[tuple[str, str], dict[str, Any]], int
+]:
+    """Caption this shard's items that no log of the same settings and inputs has yet, appending
+    rows to the shard's log. Returns (all items, their :func:`item_inputs`, rows by (image id,
+    key) of these settings and inputs, rows made now).
 
     ``after_batch(rows_made_so_far)`` runs after each batch is on disk (tests stop runs with it).
     """
     from tqdm.auto import tqdm
 
     items = caption_items(dataset)
+    inputs = item_inputs(dataset, items)
     mine = shard_items(items, shard, num_shards)
     settings = settings_id(captioner.name, prompts, captioner.max_new_tokens, captioner.dtype)
     target = _log_path(out, shard, num_shards)
 
     own_rows = read_row_log(target, repair=True)
-    kept = [r for r in own_rows if r["settings"] == settings]
+    kept = [r for r in own_rows if _reusable(r, settings, inputs)]
     if len(kept) < len(own_rows):
         made_by = sorted(
             {f"{r.get('model')} {r.get('prompt_version')}" for r in own_rows}
             - {f"{captioner.name} {prompts.version}"}
         )
         log.info(
-            "%s: dropping %d row(s) made with other settings (model and prompt version: %s)",
+            "%s: dropping %d row(s) made with other settings or inputs (model and prompt "
+            "version: %s)",
             target, len(own_rows) - len(kept), ", ".join(made_by) or "same, other options",
         )  # fmt: skip
         atomic_write_text(target, row_lines(kept))
 
-    done = _rows_by_item(out, settings)
+    done = _rows_by_item(out, settings, inputs)
 
     pending = sum((it.image_id, it.key) not in done for it in mine)
     log.info(
@@ -176,6 +206,7 @@ def generate_captions(
                     "model": captioner.name,
                     "prompt_version": prompts.version,
                     "settings": settings,
+                    "input": inputs[it.image_id, it.key],
                 }
                 for it, answer in zip(todo, answers, strict=True)
             ]
@@ -186,7 +217,7 @@ def generate_captions(
             bar.update(len(rows))
             if after_batch is not None:
                 after_batch(made)
-    return items, done, made
+    return items, inputs, done, made
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,14 +367,14 @@ def _run_mllm(
         captioner = Captioner.load(
             params.model, dtype=params.dtype, max_new_tokens=params.max_new_tokens
         )
-    items, done, made = generate_captions(
+    items, inputs, done, made = generate_captions(
         dataset, out, captioner, prompts,
         batch_size=params.batch_size, shard=shard, num_shards=num_shards,
         progress=progress, after_batch=after_batch,
     )  # fmt: skip
     settings = settings_id(captioner.name, prompts, captioner.max_new_tokens, captioner.dtype)
     if num_shards > 1:
-        done = _rows_by_item(out, settings)  # other workers may have finished meanwhile
+        done = _rows_by_item(out, settings, inputs)  # other workers may have finished meanwhile
     missing = sum((it.image_id, it.key) not in done for it in items)
     if missing and num_shards == 1:
         raise RuntimeError(f"{missing} item(s) have no caption after generation")
