@@ -1,5 +1,6 @@
 """Params loading: strict schema, errors that name the key path and expected type."""
 
+import copy
 import dataclasses
 import re
 import typing
@@ -13,11 +14,13 @@ from pipeline.config import (
     ParamsError,
     apply_overrides,
     default_params,
+    flatten,
     load_params,
     params_from_dict,
     params_to_dict,
     pipeline_problems,
     section_hash,
+    with_added_params,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,6 +80,11 @@ def test_missing_key_names_its_path_and_type():
         (("model", "ot", "epsilon"), "abc", r"model\.ot\.epsilon: expected float, found str"),
         (("data", "source"), "imdb", r"data\.source: expected one of 'synthetic', 'umre'"),
         (("model", "ot"), 3, r"model\.ot: expected a mapping, found int 3"),
+        (("train", "lr"), True, r"train\.lr: expected float, found bool True"),
+        (("model", "text_model"), 5, r"model\.text_model: expected str, found int 5"),
+        (("train", "log_with"), "dvclive", r"train\.log_with: expected a list, found str"),
+        # Only a choice that has `no` reads an unquoted `no` back as it.
+        (("data", "source"), False, r"data\.source: expected one of 'synthetic'.*found False"),
     ],
 )
 def test_wrong_type_names_path_and_expected_type(path, value, expected):
@@ -126,6 +134,10 @@ def test_section_hash_is_stable_and_sensitive():
     assert section_hash(params.features, params.data) == section_hash(same.features, same.data)
     other = apply_overrides(params, {"data.max_seq": 32})
     assert section_hash(params.features, params.data) != section_hash(other.features, other.data)
+    # A mapping hashes by its content, not by the order its keys were written in.
+    assert section_hash({"data.max_seq": 8, "data.use_box": True}) == section_hash(
+        {"data.use_box": True, "data.max_seq": 8}
+    )
 
 
 def test_unquoted_no_written_by_dvc_reads_back_as_the_choice():
@@ -154,6 +166,28 @@ def test_unquoted_no_written_by_dvc_reads_back_as_the_choice():
         ("train.num_processes", 0, "at least 1"),
         ("train.threads", -2, "at least 0"),
         ("model.dropout", 1.5, "at least 0 and at most 1"),
+        ("data.max_objects", 0, "at least 1"),
+        ("data.max_seq", 7, "at least 8"),
+        ("data.synthetic.train", 2, "at least 3"),
+        ("data.synthetic.test", 2, "at least 3"),
+        ("data.synthetic.images_per_split", -1, "at least 0"),
+        ("depth.batch_size", 0, "at least 1"),
+        ("depth.shard_size", 0, "at least 1"),
+        ("caption.max_new_tokens", 0, "at least 1"),
+        ("caption.batch_size", 0, "at least 1"),
+        ("model.pool_after_layer", -1, "at least 0"),
+        ("model.fusion_start_layer", -1, "at least 0"),
+        ("model.ot.kernel_floor", -1e-12, "at least 0"),
+        ("model.ot.clamp", -1e-8, "at least 0"),
+        ("train.epochs", 0, "at least 1"),
+        ("train.batch_size", 0, "at least 1"),
+        ("train.eval_batch_size", 0, "at least 1"),
+        ("train.lr", -1e-5, "at least 0"),
+        ("train.weight_decay", -0.01, "at least 0"),
+        ("train.log_every", -1, "at least 0"),
+        ("train.grad_accum", 0, "at least 1"),
+        ("train.num_workers", -1, "at least 0"),
+        ("evaluate.batch_size", 0, "at least 1"),
     ],
 )
 def test_numbers_out_of_range_name_the_key(key, value, expected):
@@ -161,6 +195,41 @@ def test_numbers_out_of_range_name_the_key(key, value, expected):
         ParamsError, match=rf"^{re.escape(key)}: expected a number {expected}, found"
     ):
         default_params({key: value})
+
+
+def test_the_bounds_of_a_range_are_allowed():
+    bounds = {"data.max_seq": 8, "model.dropout": 1.0, "train.warmup_ratio": 1.0}
+    bounds |= {"model.ot.kernel_floor": 0.0, "model.ot.epsilon": 1e-9, "train.threads": 0}
+    flat = flatten(params_to_dict(default_params(bounds)))
+    assert {key: flat[key] for key in bounds} == bounds
+
+
+def test_captions_reach_the_model_only_with_both_switches_on():
+    assert default_params({"data.use_caption": True, "caption.backend": "file"}).use_captions
+    assert not default_params({"data.use_caption": True, "caption.backend": "none"}).use_captions
+    assert not default_params({"data.use_caption": False, "caption.backend": "mllm"}).use_captions
+
+
+def test_added_params_fill_only_what_a_saved_folder_lacks():
+    raw = {"model": {"depth_embedding": "channel"}, "data": {"local": {"path": "x"}}}
+    before = copy.deepcopy(raw)
+    assert with_added_params(raw) == {
+        "model": {"depth_embedding": "channel"},
+        "data": {"local": {"path": "x", "labels": ""}},
+    }
+    assert raw == before  # the caller's dicts are left alone
+    assert with_added_params({"model": {}, "train": {}}) == {
+        "model": {"depth_embedding": "tokens"},
+        "train": {},
+    }
+    assert with_added_params({"train": {}}) == {"train": {}}  # a section it lacks stays absent
+    # A section of its own (config.json holds the model section's keys at the top).
+    assert with_added_params({"ot": {}}, prefix="model.") == {"ot": {}, "depth_embedding": "tokens"}
+
+
+def test_an_override_below_a_leaf_is_an_unknown_key():
+    with pytest.raises(ParamsError, match=r"^train\.lr\.x: unknown key$"):
+        default_params({"train.lr.x": 1})
 
 
 def test_every_range_names_a_real_numeric_key():

@@ -38,3 +38,12 @@ def test_folders_are_local_and_a_path_must_be_an_existing_folder(tmp_path, monke
     for name in ("./weights.bin", "weights.bin", "./missing", str(tmp_path / "nope")):
         with pytest.raises(FileNotFoundError, match="model folder not found"):
             resolve(name)
+
+
+def test_a_home_relative_name_is_a_folder_under_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "bert").mkdir()
+    assert resolve("~/bert") == ModelSource("local", "~/bert", tmp_path / "bert")
+    # A missing one is a missing folder, not a malformed hub id.
+    with pytest.raises(FileNotFoundError, match="~/nothing: model folder not found"):
+        resolve("~/nothing")
