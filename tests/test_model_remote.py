@@ -467,3 +467,103 @@ def test_gradient_checkpointing_gives_the_unchecked_gradients(tokenizer, ot_mode
         hook.remove()
     print(f"saved activations with / without checkpointing: {saved[1] / saved[0]:.3f}")
     assert saved[1] < kept * saved[0]
+
+
+def test_a_written_model_folder_loads_back_to_the_same_logits_and_facts(tokenizer, tmp_path):
+    from pipeline.config import params_to_dict
+    from pipeline.model.saved import load_trained, write_trained
+
+    overrides = {"data.max_objects": SLOTS, "model.ot.mode": "uniform"}
+    overrides |= {"model.depth_embedding": "channel", "data.use_box": False}
+    params = default_params(overrides)
+    torch.manual_seed(0)
+    model = build_model(params, 3, tokenizer).eval()
+    labels = ["none", "zeta", "alpha"]  # ids follow the list, not the alphabet
+    info = {"epoch": 2, "dev": {"micro_f1": 0.5}}
+    folder = tmp_path / "model"
+    write_trained(folder, model, params, labels, tokenizer, info, "the card\n")
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md", "config.json", "model.safetensors", "tokenizer", "trained.json"
+    ]  # fmt: skip
+    assert (folder / "README.md").read_text() == "the card\n"
+    assert json.loads((folder / "trained.json").read_text()) == {
+        "format": 2,
+        "params": params_to_dict(params),
+        "tokenizer": {"name": "tiny", "path": "tokenizer"},
+        "labels": {"none": 0, "zeta": 1, "alpha": 2},
+        "info": {"epoch": 2, "dev": {"micro_f1": 0.5}},
+    }
+    loaded = load_trained(folder)
+    assert not loaded.model.training
+    assert (loaded.params, loaded.labels, loaded.info) == (params, labels, info)
+    assert loaded.model.config == model.config
+    assert len(loaded.tokenizer) == len(tokenizer)
+    batch = make_batch(tokenizer, [8, 11, 6])
+    with torch.no_grad():
+        assert torch.equal(loaded.model(batch), model(batch))
+    # A folder of another format, older or newer, is refused.
+    meta = json.loads((folder / "trained.json").read_text())
+    for version in (1, 3):
+        (folder / "trained.json").write_text(json.dumps({**meta, "format": version}))
+        with pytest.raises(ValueError, match=f"format {version}, expected 2"):
+            load_trained(folder)
+
+
+def test_a_model_folder_whose_tokenizer_does_not_fit_its_model_is_refused(tokenizer, tmp_path):
+    from transformers import AutoTokenizer
+
+    from pipeline.model.saved import load_trained, write_trained
+
+    params = default_params({"data.max_objects": SLOTS})
+    model = build_model(params, 3, tokenizer)
+    folder = tmp_path / "model"
+    write_trained(folder, model, params, ["none", "a", "b"], tokenizer, {}, "")
+    longer = AutoTokenizer.from_pretrained(str(folder / "tokenizer"))
+    longer.add_tokens(["<extra>"])
+    longer.save_pretrained(str(folder / "tokenizer"))
+    with pytest.raises(ValueError, match="tokenizer has"):
+        load_trained(folder)
+
+
+def test_a_format_2_config_reads_as_a_transport_model_and_other_formats_are_refused(tokenizer):
+    model = make_model(
+        tokenizer, **{"model.ot.mode": "uniform", "model.depth_embedding": "channel"}
+    )
+    current = json.loads(json.dumps(model.config.to_dict()))
+    assert current["format"] == 3
+    assert RemoteConfig.from_dict(current).ot.mode == "uniform"
+    # Format 2 came before model.ot.mode: every model of that format transported.
+    old = {**current, "format": 2, "ot": {k: v for k, v in current["ot"].items() if k != "mode"}}
+    config = RemoteConfig.from_dict(old)
+    assert config.ot == dataclasses.replace(model.config.ot, mode="transport")
+    # A key added later (pipeline.config.ADDED_PARAMS) reads as the value that reproduces it.
+    assert current["depth_embedding"] == "channel"
+    del old["depth_embedding"]
+    assert RemoteConfig.from_dict(old).depth_embedding == "tokens"
+    for version in (1, 4, None):
+        with pytest.raises(ValueError, match=f"model config format {version!r} is not supported"):
+            RemoteConfig.from_dict({**current, "format": version})
+
+
+def test_the_model_config_takes_each_field_from_its_param():
+    overrides = {"features.crop_size": 32, "data.max_objects": 5, "data.use_depth": False}
+    overrides |= {"model.depth_embedding": "channel", "data.use_box": False, "model.init": "normal"}
+    overrides |= {"model.pool_after_layer": 2, "model.fusion_start_layer": 3}
+    overrides |= {"model.dropout": 0.25, "data.pad_to_max": True, "model.ot.epsilon": 0.75}
+    params = default_params(overrides)
+    config = RemoteConfig.from_params(params, 7, {"bert_config": {}}, {"architecture": "vit"})
+    sections = ("ot", "moe", "head")
+    assert {k: v for k, v in dataclasses.asdict(config).items() if k not in sections} == {
+        "text": {"bert_config": {}}, "vision": {"architecture": "vit"}, "num_labels": 7,
+        "crop_size": 32, "max_objects": 5, "use_depth": False, "depth_embedding": "channel",
+        "use_box": False, "use_caption": True, "mask_padding": False, "init": "normal",
+        "pool_after_layer": 2, "fusion_start_layer": 3, "dropout": 0.25,
+    }  # fmt: skip
+    assert (config.ot, config.moe, config.head) == (
+        params.model.ot, params.model.moe, params.model.head
+    )  # fmt: skip
+    # Captions reach the model only with both switches on; padding is masked without pad_to_max.
+    for change, use_caption in (({"caption.backend": "none"}, False), ({}, True)):
+        changed = default_params({**change, "data.pad_to_max": False})
+        config = RemoteConfig.from_params(changed, 7, {}, {})
+        assert (config.use_caption, config.mask_padding) == (use_caption, True)

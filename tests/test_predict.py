@@ -422,6 +422,33 @@ def test_a_mistyped_model_folder_is_named_before_the_hub_error(tmp_path, monkeyp
         load_trained("empty")
 
 
+def test_a_path_is_never_fetched_from_the_hub_and_each_hub_failure_is_named(tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import HFValidationError
+
+    fetched, failures = [], []
+
+    def failing(repo_id, **_):
+        fetched.append(repo_id)
+        raise failures.pop(0)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", failing)
+    monkeypatch.chdir(tmp_path)
+    for name in ("./models/bset", "/nowhere/models/best"):
+        with pytest.raises(FileNotFoundError, match="not a trained model folder"):
+            load_trained(name)
+    assert fetched == []
+    # An ill-formed id (a ValueError) and a failure without a message are named like the rest.
+    failures += [HFValidationError("Repo id must use alphanumeric chars: 'a..b'.\nmore"), OSError()]
+    reason = r"HFValidationError: Repo id must use alphanumeric chars: 'a\.\.b'\."
+    message = rf"^a\.\.b: no such model folder, .* failed \({reason}\)$"
+    with pytest.raises(FileNotFoundError, match=message):
+        load_trained("a..b")
+    with pytest.raises(FileNotFoundError, match=r"^org/name: .* failed \(OSError: OSError\)$"):
+        load_trained("org/name")
+    assert fetched == ["a..b", "org/name"]
+
+
 class _CountingSplit:
     """A feature split as predict_dataset reads it: sample ``i`` has gold ``i % 3`` and pair
     kind ``i % 2``; batches come from ``__getitems__``, as the feature reader's do."""
@@ -483,3 +510,14 @@ def test_predict_dataset_labels_each_sample_asked_for_and_keeps_the_models_mode(
 
     predict_dataset(model, _CountingSplit(10), 2, "cpu", indices=asked, autocast=autocast)
     assert entered == [True, True, True]
+
+
+def test_to_device_moves_the_tensors_and_keeps_the_other_values():
+    import torch
+
+    from pipeline.inference import to_device
+
+    batch = {"input_ids": torch.arange(3), "text_padded": False, "note": "kept"}
+    out = to_device(batch, torch.device("cpu"))
+    assert out.keys() == batch.keys() and torch.equal(out["input_ids"], torch.arange(3))
+    assert (out["text_padded"], out["note"]) == (False, "kept")
