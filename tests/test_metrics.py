@@ -427,3 +427,130 @@ def test_training_picture_marks_the_best_dev_epoch(tmp_path, monkeypatch):
     (circle,) = fig.axes[1].collections
     assert circle.get_offsets().tolist() == [[3.0, 0.75]]
     plots._pyplot().close(fig)
+
+
+def test_ot_regime_report_states_the_settings_the_threshold_and_the_summary():
+    import math
+
+    import torch
+
+    from pipeline.config import default_params
+    from pipeline.model.regime import RegimeStats
+
+    ot = default_params({"model.ot.epsilon": 0.25, "model.ot.kernel_floor": 1e-6}).model.ot
+    stats = RegimeStats(0.25 * (math.log(1e6) + 24 * math.log(2)))  # 7.6128 by hand
+    stats.add_cost(torch.tensor([[[2.0, 9.0], [5.0, 30.0]]]), None)  # 2 of 4 above the floor
+    regime = report.ot_regime_report(ot, {"text": [stats], "vision": []})
+    assert regime.keys() == {
+        "enabled", "mode", "epsilon", "kernel_floor", "threshold_cost", "text", "all"
+    }  # fmt: skip
+    assert (regime["enabled"], regime["mode"]) == (True, "transport")
+    assert (regime["epsilon"], regime["kernel_floor"]) == (0.25, 1e-6)
+    assert regime["threshold_cost"] == pytest.approx(7.6128, abs=1e-4)
+    assert regime["all"] == {"share_above_floor": 0.5, "min_cost": 2.0}
+    assert regime["text"]["layer_01"]["share_above_floor"] == 0.5
+    uniform = default_params({"model.ot.mode": "uniform"}).model.ot
+    assert report.ot_regime_report(uniform, {"text": [], "vision": []})["mode"] == "uniform"
+    off = default_params({"model.ot.enabled": False}).model.ot
+    assert report.ot_regime_report(off, {"text": [], "vision": []}) == {"enabled": False}
+
+
+def test_dataset_summary_gives_the_source_split_sizes_and_manifest_hash(tmp_path):
+    import hashlib
+
+    manifest = {
+        "source": "umre",
+        "splits": {"train": {"samples": 7, "sha256": "x"}, "test": {"samples": 3, "sha256": "y"}},
+    }
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    digest = hashlib.sha256((tmp_path / "manifest.json").read_bytes()).hexdigest()
+    assert report.dataset_summary(tmp_path) == {
+        "source": "umre",
+        "manifest_sha256": digest,
+        "splits": {"train": 7, "test": 3},
+    }
+
+
+def test_selected_on_test_refuses_a_run_that_logged_no_test_score(tmp_path):
+    metrics_dir = tmp_path / "plots" / "metrics"
+    (metrics_dir / "test").mkdir(parents=True)
+    (metrics_dir / "test" / "micro_f1.tsv").write_text("step\tmicro_f1\n")
+    (metrics_dir / "epoch.tsv").write_text("step\tepoch\n")
+    with pytest.raises(ValueError, match="no test/micro_f1 logged"):
+        report.selected_on_test(tmp_path)
+
+
+def test_publish_model_links_the_folders_files_and_writes_only_its_own_card(tmp_path):
+    from types import SimpleNamespace
+
+    from pipeline.config import default_params
+
+    source, release = tmp_path / "selected", tmp_path / "best"
+    (source / "tokenizer").mkdir(parents=True)
+    (source / "model.safetensors").write_bytes(b"weights")
+    (source / "tokenizer" / "vocab.txt").write_text("[PAD]\n")
+    (source / "README.md").write_text("the dev card\n")
+    trained = SimpleNamespace(params=default_params(), labels=LABELS, info={"epoch": 1})
+    test = {"micro_f1": 0.5, "micro_precision": 0.25, "micro_recall": 1.0, "accuracy": 0.75}
+    report.publish_model(source, release, trained, test | {"macro_f1": 0.5}, None)
+    files = ["README.md", "model.safetensors", "tokenizer", "tokenizer/vocab.txt"]
+    assert sorted(p.relative_to(release).as_posix() for p in release.rglob("*")) == files
+    for name in ("model.safetensors", "tokenizer/vocab.txt"):  # hard links, not copies
+        assert (release / name).stat().st_ino == (source / name).stat().st_ino, name
+    # The new card replaces the link: the source folder keeps its own card.
+    assert (source / "README.md").read_text() == "the dev card\n"
+    card = (release / "README.md").read_text()
+    assert "| micro precision | 0.2500 |" in card and "the dev card" not in card
+
+
+def test_ot_regime_plot_of_a_uniform_model_has_the_update_panel_only(monkeypatch):
+    regime = {
+        "mode": "uniform",
+        "threshold_cost": None,
+        "text": {"layer_01": {"relative_update": 0.5}, "layer_02": {"relative_update": 0.25}},
+        "vision": {"layer_01": {"relative_update": 0.125}, "layer_02": {"relative_update": 1.0}},
+    }
+    figures = _captured_figures(monkeypatch)
+    plots.plot_ot_regime("unused.png", regime)
+    (fig,) = figures
+    (ax,) = fig.axes
+    assert ax.get_title() == "relative OT update ||w Pi S|| / ||h||"
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "2"]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["text", "vision"]
+    cells = {
+        (round(t.get_position()[1]), round(t.get_position()[0])): t.get_text() for t in ax.texts
+    }
+    assert cells == {(0, 0): "0.5", (0, 1): "0.125", (1, 0): "0.25", (1, 1): "1"}
+    assert fig._suptitle is None  # no floor, no threshold to state
+    plots._pyplot().close(fig)
+
+
+def test_evaluate_adds_the_test_selected_figure_only_when_the_run_reported_test(
+    tmp_path, monkeypatch
+):
+    from types import SimpleNamespace
+
+    import torch
+
+    from pipeline.config import default_params
+
+    _stub_evaluation(monkeypatch, GOLD, PRED, KINDS)
+    monkeypatch.setattr(report, "plot_training", lambda live_dir, path: None)
+    live = tmp_path / "live"
+    (live / "plots" / "metrics" / "test").mkdir(parents=True)
+    rows = [(4, 1, 0.5), (8, 2, 0.75), (12, 3, 0.25)]  # step, epoch, test micro-F1
+    (live / "plots" / "metrics" / "test" / "micro_f1.tsv").write_text(
+        "step\tmicro_f1\n" + "".join(f"{s}\t{f}\n" for s, _, f in rows)
+    )
+    (live / "plots" / "metrics" / "epoch.tsv").write_text(
+        "step\tepoch\n" + "".join(f"{s}\t{e}\n" for s, e, _ in rows)
+    )
+    result = report.evaluate_model("m", "f", tmp_path / "a", tmp_path / "pa", live, 8)
+    assert "selected_on_test" not in result  # train.report_test_each_epoch: false
+    params = default_params({"train.report_test_each_epoch": True})
+    trained = SimpleNamespace(model=torch.nn.Linear(1, 1), params=params, labels=LABELS)
+    monkeypatch.setattr(report, "load_for_inference", lambda model_dir: trained)
+    result = report.evaluate_model("m", "f", tmp_path / "b", tmp_path / "pb", live, 8)
+    assert result["selected_on_test"] == {"micro_f1": 0.75, "epoch": 2}
+    written = json.loads((tmp_path / "b" / "test.json").read_text())
+    assert written["selected_on_test"] == {"micro_f1": 0.75, "epoch": 2}

@@ -263,3 +263,45 @@ def test_uniform_model_equals_a_floored_transport_model(pad_to_max):
     scale = max(float(g.abs().max()) for g in expected_grads.values())
     worst = max(float((grads[n] - expected_grads[n]).abs().max()) for n in grads)
     assert worst <= 1e-5 * scale
+
+
+def test_the_median_is_read_at_its_bins_centre_and_extreme_costs_land_in_the_end_bins():
+    width = (LOG_HIGH - LOG_LOW) / BINS  # 0.002 decades
+    stats = RegimeStats(22.0)
+    stats.add_cost(torch.tensor([[[1.0, 10.0, 100.0]]]), None)  # bins 1500, 2000 and 2500
+    assert stats.median_cost() == pytest.approx(10 ** (1 + width / 2), rel=1e-9)
+    low = RegimeStats(22.0)
+    low.add_cost(torch.tensor([[[1e-5, 1e-5, 3e4]]]), None)  # below and above the histogram
+    assert low.median_cost() == pytest.approx(10 ** (LOG_LOW + width / 2), rel=1e-9)
+    assert low.histogram[0] == 2 and low.histogram[-1] == 1
+    assert low.summary()["min_cost"] == pytest.approx(1e-5)
+    # Padding counts nowhere: not in the smallest cost, not in the share above the floor.
+    masked = RegimeStats(22.0)
+    masked.add_cost(torch.tensor([[[1.0, 5.0, 30.0]]]), torch.tensor([[[False, True, True]]]))
+    assert masked.summary()["min_cost"] == 5.0 and masked.summary()["share_above_floor"] == 0.5
+
+
+def test_nothing_recorded_gives_an_empty_summary():
+    stats = RegimeStats(22.0)
+    assert stats.summary() == {} and math.isnan(stats.median_cost())
+    stats.add_cost(torch.ones(1, 2, 2), torch.zeros(1, 2, 2, dtype=torch.bool))  # all padding
+    assert stats.summary() == {}
+    assert regime_summary({"text": [stats], "vision": []}) == {"text": {"layer_01": {}}}
+
+
+def test_a_paused_monitor_adds_nothing_and_resumes_after_the_block():
+    from pipeline.model.regime import regime_paused
+
+    stats = RegimeStats(22.0)
+    cost, hidden = torch.tensor([[[10.0, 30.0]]]), torch.ones(1, 2, 4)
+    with regime_paused():
+        with regime_paused():
+            stats.add_cost(cost, None)
+        stats.add_update(hidden, hidden, None)
+    assert stats.summary() == {}
+    stats.add_cost(cost, None)
+    stats.add_update(hidden, 0.5 * hidden, None)
+    assert stats.summary() == {
+        "share_above_floor": 0.5, "min_cost": 10.0, "median_cost": stats.median_cost(),
+        "relative_update": 0.5,
+    }  # fmt: skip
