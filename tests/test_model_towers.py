@@ -198,3 +198,31 @@ def test_vision_folder_without_config_fails_clearly(tmp_path, tokenizer):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a vision tower folder"):
         build_model(params(**{"model.vision_model": str(tmp_path / "empty")}), 28, tokenizer)
+
+
+def test_relative_position_text_towers_are_refused_by_name_and_by_spec(tmp_path, tokenizer):
+    save_text(tmp_path / "bert", len(tokenizer), position_embedding_type="relative_key")
+    with pytest.raises(ValueError, match="only absolute position embeddings are supported"):
+        build_model(params(**{"model.text_model": str(tmp_path / "bert")}), 28, tokenizer)
+    _, spec = load_text_tower("tiny", False, len(tokenizer))
+    relative = {**spec["bert_config"], "position_embedding_type": "relative_key"}
+    with pytest.raises(ValueError, match="'from config': only absolute position embeddings"):
+        text_tower_from_spec({"bert_config": relative})
+
+
+def test_a_vision_tower_is_never_saved_over_an_existing_folder(tmp_path):
+    save_vision(tmp_path / "vit", seed=6)
+    before = (tmp_path / "vit" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="already exists"):
+        save_vision(tmp_path / "vit", seed=7)
+    assert (tmp_path / "vit" / "model.safetensors").read_bytes() == before
+
+
+def test_pretrained_false_gives_fresh_weights_in_the_text_folders_architecture(tmp_path, tokenizer):
+    saved = save_text(tmp_path / "bert", len(tokenizer), intermediate_size=96)
+    torch.manual_seed(0)
+    text, spec = load_text_tower(str(tmp_path / "bert"), False, len(tokenizer))
+    assert text.config.intermediate_size == spec["bert_config"]["intermediate_size"] == 96
+    fresh = text.encoder.layer[1].attention.self.query.weight
+    kept = saved.encoder.layer[1].attention.self.query.weight
+    assert fresh.shape == kept.shape and not torch.equal(fresh, kept)

@@ -250,6 +250,17 @@ def test_paper_preset_sets_every_switch_of_the_fidelity_table(params, name):
     assert flat["depth.dtype"] == "float32"
 
 
+def test_the_model_card_lists_the_readmes_fidelity_switches_in_order(params):
+    from pipeline.model.card import model_card
+
+    lines = model_card(params, ["none", "a"], {}).splitlines()
+    start = lines.index("| param | this model | paper preset |")
+    keys = [row.split("`")[1] for row in lines[start + 2 : lines.index("", start)]]
+    # Beside the table's switches, the card shows the OT solver (a speed choice) after the clamp.
+    assert keys.pop(keys.index("model.ot.clamp") + 1) == "model.ot.solver"
+    assert keys == readme_fidelity_switches()
+
+
 def test_cli_refuses_a_bad_preset_before_printing_or_writing(tmp_path, monkeypatch):
     from typer.testing import CliRunner
 

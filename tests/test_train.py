@@ -685,6 +685,72 @@ def test_published_folder_loads_with_from_pretrained_and_its_card_names_the_metr
     assert "Not scored on test yet" in (source / "README.md").read_text()
 
 
+def test_the_card_puts_each_number_and_fact_in_its_own_row():
+    from huggingface_hub import ModelCard
+
+    from pipeline.model.card import model_card
+
+    params = small_params()
+    test = {
+        "micro_f1": 0.61237, "micro_precision": 0.5, "micro_recall": 0.75, "accuracy": 0.875,
+        "macro_f1": 0.25,
+        "by_pair_kind": {  # no text-object pairs; an unknown kind goes after the known ones
+            "zz-kind": {"micro_f1": 0.0625, "support": 1},
+            "object-object": {"micro_f1": 0.125, "support": 3},
+            "text-text": {"micro_f1": 1.0, "support": 5},
+        },
+    }  # fmt: skip
+    dataset = {"source": "synthetic", "manifest_sha256": "ab" * 32,
+               "splits": {"train": 240, "valid": 60, "test": 60}}  # fmt: skip
+    info = {"epoch": 4, "dev": {"micro_f1": 0.7, "accuracy": 0.9}}
+    card = model_card(params, ["none", "b_rel", "a_rel"], info, test, dataset)
+    lines = card.splitlines()
+    (result,) = ModelCard(card).data.eval_results
+    assert (result.dataset_split, result.metric_value) == ("test", 0.6124)
+    assert "tiny` (vision), 3 relation labels." in card
+    assert "- dataset: `synthetic` (train 240, valid 60, test 60 records)" in lines
+    assert f"- `manifest.json` sha256: `{'ab' * 32}`" in lines
+    assert "- labels: `none`, `b_rel`, `a_rel`" in lines
+    start = lines.index("| metric | value |")
+    assert lines[start + 2 : start + 7] == [
+        "| micro-F1 | 0.6124 |",
+        "| micro precision | 0.5000 |",
+        "| micro recall | 0.7500 |",
+        "| accuracy | 0.8750 |",
+        "| macro-F1 | 0.2500 |",
+    ]
+    start = lines.index("| pair kind | micro-F1 | support |")
+    assert lines[start + 2 : start + 6] == [
+        "| text-text | 1.0000 | 5 |",
+        "| object-object | 0.1250 | 3 |",
+        "| zz-kind | 0.0625 | 1 |",
+        "",
+    ]
+    assert "Selected at epoch 4 of 6 on dev micro-F1 0.7000." in lines
+    start = lines.index("| param | value |")
+    rows = lines[start + 2 : lines.index("", start)]
+    assert [row.split("`")[1] for row in rows] == [
+        "data.source", "model.text_model", "model.vision_model", "model.pretrained",
+        "data.max_seq", "data.max_objects", "data.use_depth", "data.use_box", "data.use_caption",
+        "caption.backend", "depth.source", "model.ot.enabled", "model.ot.epsilon",
+        "model.ot.iterations", "model.moe.enabled", "train.seed",
+        "train.epochs", "train.batch_size", "train.num_processes", "train.grad_accum", "train.lr",
+        "train.threads",
+    ]  # fmt: skip
+    # The model's own values (here off the paper preset's: 6 epochs, lr 2e-3, max_seq 48).
+    for row in (
+        "| `train.epochs` | `6` |",
+        "| `train.lr` | `0.002` |",
+        "| `data.max_seq` | `48` |",
+    ):
+        assert row in lines
+    # Before evaluate: no metrics, no hash, and the same facts otherwise.
+    before = model_card(params, ["none", "b_rel", "a_rel"], info).splitlines()
+    assert "Not scored on test yet: the `evaluate` stage rewrites this card with them." in before
+    assert "- dataset: `synthetic` (manifest hash: added by `evaluate`)" in before
+    assert ModelCard("\n".join(before)).data.eval_results is None
+
+
 def test_tensorboard_logs_the_loss_curve_dvclive_logs(world, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
