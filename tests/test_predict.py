@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -420,6 +421,16 @@ def test_a_mistyped_model_folder_is_named_before_the_hub_error(tmp_path, monkeyp
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a trained model folder"):
         load_trained("empty")
+
+
+def test_a_model_folder_under_home_loads_by_its_tilde_path(model, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", pytest.fail)  # never the Hub
+    monkeypatch.setenv("HOME", str(tmp_path))
+    shutil.copytree(model["best"], tmp_path / "models" / "best")
+    trained = load_trained("~/models/best")
+    assert trained.labels == load_trained(model["best"]).labels
 
 
 def test_a_path_is_never_fetched_from_the_hub_and_each_hub_failure_is_named(tmp_path, monkeypatch):

@@ -104,7 +104,7 @@ def copy_trained(source: Path, folder: Path, card: str, copy_function: Any = shu
 
 
 def _local_folder(name: str | Path) -> Path:
-    folder = Path(name)
+    folder = Path(name).expanduser()
     if folder.is_dir() or str(name).startswith((".", "/", "~")):
         return folder
     from huggingface_hub import snapshot_download  # a Hub id: one download, then cached
