@@ -27,7 +27,8 @@ KEY_PARAMS = (
     "model.ot.iterations", "model.moe.enabled", "train.seed", "train.epochs",
     "train.batch_size", "train.num_processes", "train.grad_accum", "train.lr", "train.threads",
 )  # fmt: skip
-# The README's fidelity table: each deliberate deviation from the original code is one of these.
+# The README's fidelity switches ("Fidelity to the original code": its fidelity table's rows, and
+# model.ot.solver from the table above it): each deliberate deviation from the original is one.
 FIDELITY_SWITCHES = (
     "model.ot.kernel_floor", "model.ot.barycentric", "model.ot.mode", "model.ot.clamp",
     "model.ot.solver", "model.init", "model.depth_embedding", "features.crop_resize",
