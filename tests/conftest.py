@@ -89,6 +89,19 @@ def held_locks(folder: Path, names: list[str]) -> list[str]:
     return held
 
 
+def disk_full_at(monkeypatch: pytest.MonkeyPatch, module, name: str) -> None:
+    """Make ``module.write_json`` raise ``OSError("disk full")`` when it writes a file called
+    ``name`` (and write every other file): a run that dies partway through its outputs."""
+    real = module.write_json
+
+    def failing(path, obj):
+        if Path(path).name == name:
+            raise OSError("disk full")
+        real(path, obj)
+
+    monkeypatch.setattr(module, "write_json", failing)
+
+
 def write_images(folder: Path, sizes: dict[str, tuple[int, int]] = SOURCE_IMAGES) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i, (name, size) in enumerate(sizes.items()):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import held_locks
+from conftest import disk_full_at, held_locks
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -495,14 +495,7 @@ def test_a_missing_caption_file_says_which_param_to_set(dataset, tmp_path):
 def test_a_failed_write_of_the_captions_leaves_no_manifest(dataset, tmp_path, monkeypatch):
     import pipeline.caption.run
 
-    real = pipeline.caption.run.write_json
-
-    def disk_full_at_captions(path, obj):
-        if Path(path).name == "captions.json":
-            raise OSError("disk full")
-        real(path, obj)
-
-    monkeypatch.setattr(pipeline.caption.run, "write_json", disk_full_at_captions)
+    disk_full_at(monkeypatch, pipeline.caption.run, "captions.json")
     with pytest.raises(OSError, match="disk full"):
         run_caption(dataset, tmp_path / "out", DEFAULTS.caption)
     assert not (tmp_path / "out" / "manifest.json").exists()

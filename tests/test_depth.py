@@ -19,6 +19,7 @@ import pytest
 import torch
 import typer
 import yaml
+from conftest import disk_full_at
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -713,14 +714,7 @@ def test_the_manifest_is_written_last(dataset, tmp_path, monkeypatch):
     """A run that dies writing skipped.json leaves no manifest: readers refuse the store."""
     import pipeline.depth.run
 
-    real = pipeline.depth.run.write_json
-
-    def disk_full_at_skipped(path, obj):
-        if Path(path).name == "skipped.json":
-            raise OSError("disk full")
-        real(path, obj)
-
-    monkeypatch.setattr(pipeline.depth.run, "write_json", disk_full_at_skipped)
+    disk_full_at(monkeypatch, pipeline.depth.run, "skipped.json")
     out = tmp_path / "depth"
     with pytest.raises(OSError, match="disk full"):
         run_depth(dataset, out, params(source="dataset"), on_error="raise")
