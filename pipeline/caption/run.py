@@ -173,7 +173,7 @@ def generate_captions(
         log.info(
             "%s: dropping %d row(s) made with other settings or inputs (model and prompt "
             "version: %s)",
-            target, len(own_rows) - len(kept), ", ".join(made_by) or "same, other options",
+            target, len(own_rows) - len(kept), ", ".join(made_by) or "same, other options or inputs",
         )  # fmt: skip
         atomic_write_text(target, row_lines(kept))
 
