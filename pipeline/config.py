@@ -9,9 +9,11 @@ the shipped configuration (tests, benchmarks) loads it with :func:`default_param
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -339,14 +341,17 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         # YAML reads `1e-5` (no dot) as a string; accept ints and such numeric strings.
         if isinstance(value, bool):
             raise ParamsError(f"{path}: expected float, found bool {value!r}")
+        number = None
         if isinstance(value, int | float):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ParamsError(f"{path}: expected float, found {type(value).__name__} {value!r}")
+            number = float(value)
+        elif isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ParamsError(f"{path}: expected float, found {type(value).__name__} {value!r}")
+        if not math.isfinite(number):  # YAML's .inf / .nan, or "inf" given with -S
+            raise ParamsError(f"{path}: expected a finite float, found {value!r}")
+        return number
     if tp is str:
         if not isinstance(value, str):
             raise ParamsError(f"{path}: expected str, found {type(value).__name__} {value!r}")

@@ -81,6 +81,10 @@ def test_missing_key_names_its_path_and_type():
         (("data", "source"), "imdb", r"data\.source: expected one of 'synthetic', 'umre'"),
         (("model", "ot"), 3, r"model\.ot: expected a mapping, found int 3"),
         (("train", "lr"), True, r"train\.lr: expected float, found bool True"),
+        # A number without an upper bound would take infinity, and NaN passes no comparison.
+        (("train", "lr"), float("inf"), r"train\.lr: expected a finite float, found inf$"),
+        (("train", "lr"), "inf", r"train\.lr: expected a finite float, found 'inf'$"),
+        (("model", "ot", "epsilon"), float("nan"), r"epsilon: expected a finite float, found nan$"),
         (("model", "text_model"), 5, r"model\.text_model: expected str, found int 5"),
         (("train", "log_with"), "dvclive", r"train\.log_with: expected a list, found str"),
         # Only a choice that has `no` reads an unquoted `no` back as it.
@@ -153,7 +157,6 @@ def test_unquoted_no_written_by_dvc_reads_back_as_the_choice():
     ("key", "value", "expected"),
     [
         ("model.ot.epsilon", 0, "above 0"),  # the NaN model of an OT temperature 0
-        ("model.ot.epsilon", float("nan"), "above 0"),
         ("model.ot.iterations", 0, "at least 1"),
         ("features.shard_size", 0, "at least 1"),
         ("features.image_shard_size", 0, "at least 1"),
