@@ -19,7 +19,6 @@ import pytest
 import torch
 import typer
 import yaml
-from conftest import disk_full_at
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -712,6 +711,8 @@ def test_a_store_missing_a_shard_is_unfinished_by_any_worker(dataset, tmp_path):
 
 def test_the_manifest_is_written_last(dataset, tmp_path, monkeypatch):
     """A run that dies writing skipped.json leaves no manifest: readers refuse the store."""
+    from conftest import disk_full_at  # here: a subprocess imports this module without conftest
+
     import pipeline.depth.run
 
     disk_full_at(monkeypatch, pipeline.depth.run, "skipped.json")
