@@ -514,3 +514,49 @@ def test_read_json_errors_name_the_file_and_line(tmp_path):
     good = tmp_path / "ok.json"
     good.write_text('{"k": [1]}')
     assert read_json(good, "x") == {"k": [1]}
+
+
+def test_a_post_of_the_shortest_length_is_accepted():
+    # 10 tokens is the shortest post the templates allow: no opener, "posted by PER", a
+    # three-word clause with one-word names. The generator's own length check must let it pass.
+    from pipeline.data.synthetic import _make_post
+
+    post = _make_post(np.random.default_rng(7168))
+    assert post.tokens == (
+        "posted", "by", "Sara", "Nilsen", ".", "Acme", "wrote", "about", "Kyoto", ".",
+    )  # fmt: skip
+    assert post.cue_span == (2, 4) and post.spans == {"PER": (2, 4), "ORG": (5, 6), "LOC": (8, 9)}
+
+
+def test_object_counts_reach_max_objects_up_to_the_eighteen_depth_levels():
+    # Counts are drawn from 2 .. min(max_objects, 18): 18 distinct depth levels exist, so a
+    # max_objects above 12 (the default slots) is honoured up to 18 and never passed.
+    from pipeline.data.synthetic import _object_count
+
+    rng = np.random.default_rng(0)
+    for max_objects, expected in [(2, {2}), (5, {2, 3, 4, 5}), (16, set(range(2, 17)))]:
+        drawn = {_object_count(rng, max_objects) for _ in range(3000)}
+        assert drawn == expected, max_objects
+    assert {_object_count(rng, 40) for _ in range(3000)} == set(range(2, 19))
+
+
+def test_a_max_objects_above_the_depth_levels_still_generates(tmp_path):
+    params = _tiny(train=12, valid=6, test=6, images_per_split=0)
+    manifest = generate_synthetic(tmp_path / "d", params, max_objects=40)
+    assert manifest["params"]["max_objects"] == 40
+    counts = [len(v) for v in Dataset(tmp_path / "d").objects.values()]
+    assert min(counts) >= 2 and max(counts) <= 18
+
+
+def test_samples_sharing_an_image_are_distinct_pairs(tmp_path):
+    # Nine samples on one image: three of each pair kind. No pair may be drawn twice (a
+    # duplicate record); the same holds with two images per split.
+    for images in (1, 2):
+        params = _tiny(train=9, valid=9, test=9, images_per_split=images)
+        generate_synthetic(tmp_path / str(images), params, max_objects=6)
+        ds = Dataset(tmp_path / str(images))
+        for split in SPLITS:
+            records = ds.records(split)
+            pairs = [(r.image_id, r.head, r.tail) for r in records]
+            assert len(set(pairs)) == len(pairs) == 9, (images, split)
+            assert len({r.image_id for r in records}) == images
