@@ -1026,3 +1026,199 @@ def test_a_local_dataset_with_its_own_relations(tmp_path, umre_tree, monkeypatch
     )
     with pytest.raises(DataError, match=re.escape(expected)):
         prepare_dataset(params, tmp_path / "out4", tmp_path / "cache")
+
+
+def test_the_empty_split_message_counts_and_quotes_its_own_files_first_problem(tmp_path, umre_tree):
+    # Two bad lines empty valid; a bad line in train is another file's problem.
+    bad = ["{'token': ['x'", "{'token': 3}"]
+    records = {"val_set.json": bad, "train_set.json": [*source_records()["train_set.json"], bad[0]]}
+    tree = umre_tree(tmp_path / "tree", records=records)
+    params = _params(
+        **{"data.source": "local", "data.local.path": str(tree), "data.on_error": "skip"}
+    )
+    val = tree / "umke_partner" / "val_set.json"
+    expected = (
+        f"{val}: the valid split has no usable records (2 problems, the first: {val}:1: malformed"
+    )
+    with pytest.raises(DataError, match=re.escape(expected)):
+        prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+
+
+def test_the_manifest_records_format_files_on_error_and_local_path(tmp_path, umre_tree):
+    tree = umre_tree(tmp_path / "tree")
+    partner = tree / "umke_partner"
+    local = {"data.source": "local", "data.local.path": str(tree)}
+    manifest = prepare_dataset(
+        _params(**local, **{"data.on_error": "skip"}), tmp_path / "out", tmp_path / "cache"
+    )
+    assert manifest["source"] == "local" and manifest["format"] == "umre"
+    assert manifest["local"] == {"path": str(tree)} and manifest["on_error"] == "skip"
+    assert manifest["files"] == {
+        "train": str(partner / "train_set.json"),
+        "valid": str(partner / "val_set.json"),
+        "test": str(partner / "test_set.json"),
+        "objects": str(partner / "pos_umke.json"),
+        "captions": str(partner / "cap_qwenvl_simply.json"),
+    }
+    # Without the optional files: empty names, and no captions.json.
+    (partner / "pos_umke.json").unlink()
+    (partner / "cap_qwenvl_simply.json").unlink()
+    manifest = prepare_dataset(_params(**local), tmp_path / "out2", tmp_path / "cache")
+    assert manifest["on_error"] == "raise"
+    assert manifest["files"]["objects"] == "" and manifest["files"]["captions"] == ""
+    assert not Dataset(tmp_path / "out2").captions_path.exists()
+
+
+def test_a_captions_file_without_any_used_image_gives_an_empty_captions_json(tmp_path, umre_tree):
+    tree = umre_tree(tmp_path / "tree", captions={"unused.jpg": {"x": "y"}})
+    params = _params(**{"data.source": "local", "data.local.path": str(tree)})
+    prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+    assert json.loads(Dataset(tmp_path / "out").captions_path.read_text()) == {}
+
+
+def test_malformed_captions_are_reported_at_their_line(tmp_path, umre_tree):
+    captions = {"img_a.jpg": {"Bill Cosby": "a man", "[OBJ1]": "a suit"}, "img_b.jpg": ["street"]}
+    tree = umre_tree(tmp_path / "tree", captions=captions)
+    captions_file = tree / "umke_partner" / "cap_qwenvl_simply.json"
+    local = {"data.source": "local", "data.local.path": str(tree)}
+    # img_b.jpg's key is on line 6 of the indented file.
+    expected = f"{captions_file}:6: image img_b.jpg: malformed captions (found ['street'], expected"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        prepare_dataset(_params(**local), tmp_path / "out", tmp_path / "cache")
+    # A caption that is not a string is malformed too; skip keeps the other images' captions.
+    captions["img_b.jpg"] = {"Walk of Fame": 3}
+    tree = umre_tree(tmp_path / "tree", captions=captions)
+    manifest = prepare_dataset(
+        _params(**local, **{"data.on_error": "skip"}), tmp_path / "out", tmp_path / "cache"
+    )
+    assert manifest["skipped"] == {"records": 0, "problems": 1, "report": "skipped.tsv"}
+    rows = (tmp_path / "out" / "skipped.tsv").read_text().splitlines()[1:]
+    assert rows == [
+        f"{captions_file}\t6\timage img_b.jpg: malformed captions (found {{'Walk of Fame': 3}}, "
+        "expected {entity or '[OBJk]': caption})"
+    ]
+    assert json.loads(Dataset(tmp_path / "out").captions_path.read_text()) == {
+        "img_a.jpg": captions["img_a.jpg"]
+    }
+    # A captions file that is no object at all is refused whole.
+    captions_file.write_text(json.dumps([captions["img_a.jpg"]]))
+    with pytest.raises(
+        DataError, match=re.escape(f"{captions_file}:1: malformed captions (found list")
+    ):
+        prepare_dataset(_params(**local), tmp_path / "out3", tmp_path / "cache")
+
+
+def test_a_record_relabelled_in_the_same_split_is_no_duplicate(tmp_path, umre_tree):
+    train = source_records()["train_set.json"]
+    records = {"train_set.json": [*train, {**train[0], "relation": "/per/per/self"}]}
+    tree = umre_tree(tmp_path / "tree", records=records)
+    params = _params(**{"data.source": "local", "data.local.path": str(tree)})
+    hygiene = prepare_dataset(params, tmp_path / "out", tmp_path / "cache")["hygiene"]
+    assert hygiene["duplicate_records"] == 0
+    assert hygiene["records_repeated_in_a_later_split"] == 0
+
+
+def test_umre_images_come_from_umke_img_before_a_shallower_copy(tmp_path, umre_tree):
+    from PIL import Image
+
+    tree = umre_tree(tmp_path / "tree")
+    Image.new("RGB", (200, 100), (255, 0, 0)).save(tree / "img_a.jpg")  # other pixels, depth 1
+    params = _params(**{"data.source": "local", "data.local.path": str(tree)})
+    manifest = prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+    kept = (tmp_path / "out" / "images" / "img_a.jpg").read_bytes()
+    assert kept == (tree / "UMKE_IMG" / "img_a.jpg").read_bytes()
+    assert manifest["hygiene"]["image_ids_chosen_among_different_files"] == 1
+
+
+def test_a_local_mnre_folder_with_its_own_labels(tmp_path, mnre_tree):
+    from PIL import Image
+
+    tree = tmp_path / "tree"
+    mnre_tree(tree, tree)
+    Image.new("RGB", (200, 100), (255, 0, 0)).save(tree / "img_a.jpg")  # shallower than img_org/
+    (tree / "labels.txt").write_text("None\n/per/per/parent\n/per/misc/present_in\n")
+    local = {"data.source": "local", "data.local.path": str(tree), "data.local.format": "mnre"}
+    manifest = prepare_dataset(
+        _params(**local, **{"data.local.labels": "labels.txt"}), tmp_path / "out", tmp_path / "c"
+    )
+    assert manifest["source"] == "local" and manifest["format"] == "mnre"
+    ds = Dataset(tmp_path / "out")
+    assert ds.relations == {"none": 0, "/per/per/parent": 1, "/per/misc/present_in": 2}
+    assert ds.objects == {"img_a.jpg": {}, "img_b.jpg": {}, "img_c.png": {}}
+    kept = (tmp_path / "out" / "images" / "img_a.jpg").read_bytes()
+    assert kept == (tree / "img_org" / "train" / "img_a.jpg").read_bytes()
+    # Without the file, MNRE's 23 relations.
+    prepare_dataset(_params(**local), tmp_path / "out2", tmp_path / "c")
+    assert len(Dataset(tmp_path / "out2").relations) == 23
+
+
+def test_the_synthetic_source_honours_data_max_objects(tmp_path):
+    sizes = {"data.synthetic.train": 6, "data.synthetic.valid": 3, "data.synthetic.test": 3}
+    params = _params(**sizes, **{"data.synthetic.image_size": 32, "data.max_objects": 2})
+    manifest = prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+    assert manifest["params"]["max_objects"] == 2
+    assert {len(v) for v in Dataset(tmp_path / "out").objects.values()} == {2}
+
+
+def test_a_pinned_mnre_image_archive_checksum_is_checked(tmp_path, mnre_tree):
+    mnre_tree(tmp_path / "mnre_txt", tmp_path / "imgs")
+    images = _pack(tmp_path / "imgs", tmp_path / "mnre_images.zip", "mnre_image")
+    text_url = (tmp_path / "mnre_txt").as_uri()
+    params = _params(
+        **{
+            "data.source": "mnre",
+            "data.mnre.text_url": text_url,
+            "data.mnre.images_sha256": "ab" * 32,
+        }
+    )
+    redirect = {f"gdrive:{params.data.mnre.images_id}": str(images)}
+    expected = f"mnre_images: sha256 mismatch (found {_sha(images)}, expected {'ab' * 32})"
+    with pytest.raises(ChecksumError, match=re.escape(expected)):
+        prepare_dataset(
+            params,
+            tmp_path / "out",
+            tmp_path / "cache",
+            downloader=Downloader(tmp_path / "cache", redirect),
+        )
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_empty_local_path_is_refused_by_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # "" must not silently mean the working directory
+    params = _params(**{"data.source": "local", "data.local.path": ""})
+    with pytest.raises(DataError, match=re.escape("data.local.path: empty (expected an archive")):
+        prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+
+
+def test_local_paths_and_label_files_may_start_with_a_tilde(tmp_path, umre_tree, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    tree = umre_tree(tmp_path / "home" / "tree")
+    (tmp_path / "home" / "labels.txt").write_text("\n".join(UMRE_RELATIONS) + "\n")
+    params = _params(
+        **{"data.source": "local", "data.local.path": "~/tree", "data.local.labels": "~/labels.txt"}
+    )
+    manifest = prepare_dataset(params, tmp_path / "out", tmp_path / "cache")
+    assert manifest["local"] == {"path": str(tree)}
+    assert manifest["labels_file"]["path"] == str(tmp_path / "home" / "labels.txt")
+
+
+def test_a_label_file_is_a_file_and_an_absolute_one_is_looked_for_once(
+    tmp_path, umre_tree, monkeypatch
+):
+    tree = umre_tree(tmp_path / "tree")
+    (tree / "labels.txt").mkdir()  # a folder of that name in the dataset is no label file
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "labels.txt").write_text("\n".join(UMRE_RELATIONS) + "\n")
+    monkeypatch.chdir(work)
+    local = {"data.source": "local", "data.local.path": str(tree)}
+    manifest = prepare_dataset(
+        _params(**local, **{"data.local.labels": "labels.txt"}), tmp_path / "out", tmp_path / "c"
+    )
+    assert manifest["labels_file"]["path"] == str(work / "labels.txt")
+    missing = tmp_path / "nowhere.txt"
+    expected = f"{missing}: label file not found (data.local.labels; looked for {missing})"
+    with pytest.raises(DataError, match=re.escape(expected) + "$"):
+        prepare_dataset(
+            _params(**local, **{"data.local.labels": str(missing)}), tmp_path / "o2", tmp_path / "c"
+        )
