@@ -242,17 +242,24 @@ class Range:
         return above and (self.high is None or value <= self.high)
 
     def __str__(self) -> str:
-        low = f"above {self.low:g}" if self.open_low else f"at least {self.low:g}"
-        return low if self.high is None else f"{low} and at most {self.high:g}"
+        low = f"above {_bound(self.low)}" if self.open_low else f"at least {_bound(self.low)}"
+        return low if self.high is None else f"{low} and at most {_bound(self.high)}"
+
+
+def _bound(value: float) -> str:
+    return str(value) if isinstance(value, int) else f"{value:g}"
 
 
 AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, open_low=True)
+# numpy's legacy seeding (accelerate's set_seed, and so train.seed) takes 0 .. 2**32 - 1 only.
+SEED = Range(0, 2**32 - 1)
 
 # Numbers whose type alone lets through values that fail later (a NaN model, a traceback deep in a
 # stage, a silent no-op): checked when params load, so the message names the key.
 RANGES: dict[str, Range] = {
     "data.max_objects": AT_LEAST_1,
     "data.max_seq": Range(8),  # [CLS], four markers, [SEP] and a word
+    "data.synthetic.seed": SEED,
     "data.synthetic.train": Range(3),
     "data.synthetic.valid": Range(3),
     "data.synthetic.test": Range(3),
@@ -272,6 +279,7 @@ RANGES: dict[str, Range] = {
     "model.ot.iterations": AT_LEAST_1,
     "model.ot.kernel_floor": AT_LEAST_0,
     "model.ot.clamp": AT_LEAST_0,
+    "train.seed": SEED,
     "train.epochs": AT_LEAST_1,
     "train.batch_size": AT_LEAST_1,
     "train.eval_batch_size": AT_LEAST_1,

@@ -191,6 +191,9 @@ def test_unquoted_no_written_by_dvc_reads_back_as_the_choice():
         ("train.grad_accum", 0, "at least 1"),
         ("train.num_workers", -1, "at least 0"),
         ("evaluate.batch_size", 0, "at least 1"),
+        # numpy refuses these seeds deep in a stage, without naming the key
+        ("data.synthetic.seed", -1, "at least 0 and at most 4294967295"),
+        ("train.seed", 2**32, "at least 0 and at most 4294967295"),
     ],
 )
 def test_numbers_out_of_range_name_the_key(key, value, expected):
@@ -203,6 +206,7 @@ def test_numbers_out_of_range_name_the_key(key, value, expected):
 def test_the_bounds_of_a_range_are_allowed():
     bounds = {"data.max_seq": 8, "model.dropout": 1.0, "train.warmup_ratio": 1.0}
     bounds |= {"model.ot.kernel_floor": 0.0, "model.ot.epsilon": 1e-9, "train.threads": 0}
+    bounds |= {"data.synthetic.seed": 0, "train.seed": 2**32 - 1}
     flat = flatten(params_to_dict(default_params(bounds)))
     assert {key: flat[key] for key in bounds} == bounds
 
