@@ -27,6 +27,8 @@ __all__ = [
     "atomic_write_text",
     "write_json",
     "read_json",
+    "read_utf8",
+    "not_utf8",
     "file_sha256",
     "tree_sha256",
     "link_or_copy",
@@ -79,11 +81,35 @@ def write_json(path: str | Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def not_utf8(data: bytes, exc: UnicodeDecodeError, expected: str = "UTF-8 text") -> tuple[int, str]:
+    """Where ``data`` stops being UTF-8 (``exc`` from decoding it): the line, counted from 1, and
+    the problem, naming the byte and its column."""
+    line_start = data.rfind(b"\n", 0, exc.start) + 1
+    problem = (
+        f"not UTF-8 (found byte 0x{data[exc.start]:02x} at column {exc.start - line_start + 1}, "
+        f"expected {expected})"
+    )
+    return data.count(b"\n", 0, exc.start) + 1, problem
+
+
+def read_utf8(path: str | Path, expected: str = "UTF-8 text") -> str:
+    """A file's text, as ``read_text`` gives it; a byte that is not UTF-8 raises
+    ``DataError("file:line: not UTF-8 (found byte ... at column ...)")``."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, problem = not_utf8(data, exc, expected)
+        raise DataError(f"{path}:{line}: {problem}") from exc
+    return text.replace("\r\n", "\n").replace("\r", "\n")  # read_text's universal newlines
+
+
 def read_json(path: str | Path, what: str) -> Any:
-    """Parse a JSON file; a missing file or bad JSON raises DataError naming the file (and line)."""
+    """Parse a JSON file; a missing file, bytes that are not UTF-8 or bad JSON raise DataError
+    naming the file (and line)."""
     path = Path(path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(read_utf8(path, "UTF-8 JSON"))
     except FileNotFoundError as exc:
         raise DataError(f"{path}: {what} not found") from exc
     except json.JSONDecodeError as exc:

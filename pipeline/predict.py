@@ -53,7 +53,7 @@ from pipeline.features.featurize import (
 )
 from pipeline.features.text import TextEncoder
 from pipeline.inference import load_for_inference, predict_dataset
-from pipeline.io import DataError, atomic_write_text
+from pipeline.io import DataError, atomic_write_text, not_utf8
 from pipeline.model.saved import TrainedModel
 from pipeline.text import MARKERS
 from pipeline.vision import pixel_normalization
@@ -211,10 +211,7 @@ def read_inputs(path: str | Path, max_objects: int) -> list[PredictInput]:
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            raise DataError(
-                f"{where}: not UTF-8 (found byte 0x{raw[exc.start]:02x} at column "
-                f"{exc.start + 1}, expected UTF-8 JSON)"
-            ) from exc
+            raise DataError(f"{where}: {not_utf8(raw, exc, 'UTF-8 JSON')[1]}") from exc
         if not line.strip():
             continue
         try:

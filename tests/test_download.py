@@ -1108,6 +1108,18 @@ def test_malformed_captions_are_reported_at_their_line(tmp_path, umre_tree):
         prepare_dataset(_params(**local), tmp_path / "out3", tmp_path / "cache")
 
 
+def test_a_captions_file_that_is_not_utf8_is_named_at_its_line(tmp_path, umre_tree):
+    tree = umre_tree(tmp_path / "tree")
+    captions_file = tree / "umke_partner" / "cap_qwenvl_simply.json"
+    captions_file.write_bytes(b'{"img_a.jpg":\n  {"Bill Cosby": "caf\xe9"}}\n')  # Latin-1
+    local = {"data.source": "local", "data.local.path": str(tree)}
+    with pytest.raises(DataError) as caught:
+        prepare_dataset(_params(**local), tmp_path / "out", tmp_path / "cache")
+    assert str(caught.value) == (
+        f"{captions_file}:2: not UTF-8 (found byte 0xe9 at column 22, expected UTF-8 JSON)"
+    )
+
+
 def test_a_record_relabelled_in_the_same_split_is_no_duplicate(tmp_path, umre_tree):
     train = source_records()["train_set.json"]
     records = {"train_set.json": [*train, {**train[0], "relation": "/per/per/self"}]}

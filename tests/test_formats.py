@@ -375,6 +375,29 @@ def test_label_file_problems_name_the_file_and_line(tmp_path, name, text, messag
     assert str(caught.value).startswith(f"{tmp_path}/{message}")
 
 
+def test_label_and_objects_files_that_are_not_utf8_are_named_at_their_line(tmp_path):
+    labels = tmp_path / "relations.txt"
+    labels.write_bytes(b"none\nborn_in\nlived_\xe0\n")
+    with pytest.raises(DataError) as caught:
+        read_label_file(labels)
+    assert str(caught.value) == (
+        f"{labels}:3: not UTF-8 (found byte 0xe0 at column 7, expected UTF-8 text)"
+    )
+    objects_file = tmp_path / "pos_umke.json"
+    objects_file.write_bytes(b'{"img_a.jpg": {"[OBJ0]": [0, 0, 5, 5]},\n "\xff.jpg": {}}')
+    with pytest.raises(DataError) as caught:
+        SourceReader(
+            labels=UMRE_RELATIONS,
+            images=ImageIndex([tmp_path]),
+            problems=Problems("skip"),  # a file that does not decode is refused even so
+            max_objects=12,
+            objects_file=objects_file,
+        )
+    assert str(caught.value) == (
+        f"{objects_file}:2: not UTF-8 (found byte 0xff at column 3, expected UTF-8 JSON)"
+    )
+
+
 def test_label_files_give_the_relations_in_id_order(tmp_path):
     text = tmp_path / "relations.txt"
     text.write_text("None\n b \n\na\n")  # blank lines skipped, names stripped

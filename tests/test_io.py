@@ -13,7 +13,9 @@ from pipeline.io import (
     atomic_path,
     atomic_write_text,
     file_sha256,
+    not_utf8,
     read_json,
+    read_utf8,
     recover_swap,
     staging_dir,
     swap_into_place,
@@ -54,6 +56,64 @@ def test_json_is_sorted_and_bad_json_names_the_line(tmp_path):
         read_json(tmp_path / "bad.json", "thing")
     with pytest.raises(DataError, match="thing not found"):
         read_json(tmp_path / "none.json", "thing")
+    (tmp_path / "latin1.json").write_bytes(b'{\n  "caf\xe9": 1\n}')
+    with pytest.raises(DataError) as caught:
+        read_json(tmp_path / "latin1.json", "thing")
+    assert str(caught.value) == (
+        f"{tmp_path / 'latin1.json'}:2: not UTF-8 (found byte 0xe9 at column 7, expected UTF-8 JSON)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "line", "column"),
+    [
+        (b"\xff", 1, 1),
+        (b"ab\xffc", 1, 3),
+        (b"one\ntwo\n\xfe", 3, 1),
+        (b"one\r\ntw\xc3(o", 2, 3),  # a lead byte followed by no continuation byte
+        (
+            "d\u00e9j\u00e0\n\u00e9t\u00e9 \xe9".encode("utf-8")[:-2] + b"\xe9",
+            2,
+            7,
+        ),  # columns in bytes
+    ],
+)
+def test_not_utf8_names_the_line_and_byte_column_of_the_bad_byte(data, line, column):
+    with pytest.raises(UnicodeDecodeError) as caught:
+        data.decode("utf-8")
+    # The reference: split the bytes into lines by hand and find the first line that fails.
+    lines = data.split(b"\n")
+    bad = next(i for i, raw in enumerate(lines) if not _decodes(raw))
+    offset = sum(len(raw) + 1 for raw in lines[:bad])
+    assert (bad + 1, caught.value.start - offset + 1) == (line, column)
+    byte = data[caught.value.start]
+    assert not_utf8(data, caught.value) == (
+        line,
+        f"not UTF-8 (found byte 0x{byte:02x} at column {column}, expected UTF-8 text)",
+    )
+
+
+def _decodes(raw: bytes) -> bool:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_read_utf8_reads_like_read_text_and_names_a_bad_byte(tmp_path):
+    path = tmp_path / "x.txt"
+    for data in (b"a\r\nb\rc\nd", "caf\u00e9\n".encode(), b""):
+        path.write_bytes(data)
+        assert read_utf8(path) == path.read_text(encoding="utf-8")
+    path.write_bytes(b"fine\nbad \x80 here\n")
+    with pytest.raises(DataError) as caught:
+        read_utf8(path, "UTF-8 JSON")
+    assert str(caught.value) == (
+        f"{path}:2: not UTF-8 (found byte 0x80 at column 5, expected UTF-8 JSON)"
+    )
+    with pytest.raises(FileNotFoundError):
+        read_utf8(tmp_path / "missing.txt")
 
 
 def test_staging_dir_swaps_in_on_success_only(tmp_path):

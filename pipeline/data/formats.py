@@ -43,7 +43,7 @@ from pipeline.data.images import (
     image_size,
 )
 from pipeline.data.records import NONE_LABEL, Entity, Record, parse_object_name, safe_image_id
-from pipeline.io import DataError, atomic_write_text
+from pipeline.io import DataError, atomic_write_text, not_utf8, read_utf8
 
 __all__ = [
     "MNRE_RELATIONS",
@@ -106,8 +106,8 @@ def read_label_file(path: Path) -> tuple[str, ...]:
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
+        text = read_utf8(path)
+    except OSError as exc:
         raise DataError(f"{path}: cannot read the label file ({exc})") from exc
     if path.suffix == ".json":
         try:
@@ -363,7 +363,7 @@ class SourceReader:
         )
         self._record_units: BoxUnits = "normalized"  # of the record file being read
         if objects_file is not None:
-            text = Path(objects_file).read_text(encoding="utf-8")
+            text = read_utf8(objects_file, "UTF-8 JSON")
             try:
                 raw = json.loads(text, object_pairs_hook=self._count_duplicate_keys)
             except json.JSONDecodeError as exc:
@@ -470,8 +470,7 @@ class SourceReader:
             try:
                 line = raw_line.decode("utf-8")
             except UnicodeDecodeError as exc:
-                self.problems.skip_record(path, lineno, f"not UTF-8 (found byte 0x{raw_line[exc.start]:02x} at "
-                           f"column {exc.start + 1}, expected UTF-8 text)")  # fmt: skip
+                self.problems.skip_record(path, lineno, not_utf8(raw_line, exc)[1])
                 continue
             if not line.strip():
                 continue

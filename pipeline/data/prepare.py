@@ -30,7 +30,7 @@ from pipeline.data.formats import (
 from pipeline.data.images import open_image
 from pipeline.data.records import SPLITS, UMRE_RELATIONS, Record, write_dataset
 from pipeline.data.synthetic import generate_synthetic
-from pipeline.io import DataError, file_sha256, staging_dir, write_json
+from pipeline.io import DataError, file_sha256, read_utf8, staging_dir, write_json
 
 __all__ = [
     "prepare_dataset",
@@ -96,8 +96,8 @@ def _require(roots: Sequence[Path], names: Sequence[str]) -> Path:
 
 
 def _read_captions(path: Path, image_ids: set[str], problems: Problems) -> dict[str, Any]:
+    text = read_utf8(path, "UTF-8 JSON")
     try:
-        text = path.read_text(encoding="utf-8")
         raw = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from exc
