@@ -464,3 +464,100 @@ def test_compare_reports_a_broken_params_file_as_an_error_not_a_traceback(tmp_pa
     assert result.output.endswith(
         ":3: not valid YAML: duplicate key 'seed' (first given on line 2)\n"
     )
+
+
+def test_saved_rows_of_any_other_suffix_are_json(tmp_path):
+    # Only a .csv name means `dvc exp show --csv`: everything else is read as JSON.
+    path = tmp_path / "runs.txt"
+    path.write_text(json.dumps(ROWS))
+    assert saved_rows(path) == ROWS
+
+
+@pytest.mark.parametrize("document", ["{}", "5", "null"])
+def test_saved_json_that_is_not_a_list_of_rows_is_refused(tmp_path, document):
+    path = tmp_path / "rows.json"
+    path.write_text(document)
+    with pytest.raises(ValueError, match=r"rows.json: expected the rows of `dvc exp show --csv`"):
+        saved_rows(path)
+
+
+def test_an_empty_csv_param_cell_is_a_missing_param(tmp_path):
+    # `dvc exp show --csv` leaves a param a run lacks empty: the run then has the value it ran
+    # with (pipeline.config.ADDED_PARAMS), as from exp_show's None.
+    params = [*PARAMS, "model.depth_embedding"]
+    rows = [
+        {**_row(None, 1, True, 0.8, rev="main", typ="baseline"), "model.depth_embedding": "tokens"},
+        {**_row("old", 2, True, 0.7), "model.depth_embedding": None},
+    ]
+    path = tmp_path / "rows.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in rows)
+    runs = finished_runs(saved_rows(path), params, ["micro_f1"])
+    assert runs["params", "model.depth_embedding"].tolist() == ["tokens", "tokens"]
+    (summary,) = seed_summary(runs, ["micro_f1"])
+    assert summary["runs"] == ["main", "old"] and summary["seeds"] == [1, 2]
+
+
+def test_the_last_experiment_of_a_commit_is_an_experiment_not_a_commit():
+    # exp_show marks the last experiment under each commit "branch_base", the others
+    # "branch_commit": both are experiments, so a commit with the same run counts, not them.
+    rows = [
+        _row("e1", 1234, True, 0.70, typ="branch_base"),
+        _row(None, 1234, True, 0.80, rev="main", typ="baseline"),
+    ]
+    runs = finished_runs(rows, PARAMS, ["micro_f1"])
+    assert runs["run", "baseline"].tolist() == [False, True]
+    (summary,) = seed_summary(runs, ["micro_f1"])
+    assert summary["runs"] == ["main"]
+    assert summary["micro_f1"][:1] == (pytest.approx(0.80),)
+
+
+def test_seeds_are_listed_by_value_numbers_before_the_rest():
+    # A float seed key orders by value (1e-05 before 0.0005, not as text); a run without the
+    # seed param (None) comes after every number.
+    rows = [{**_row(None, 1, True, 0.8, rev="main", typ="baseline"), "train.lr": 0.001}]
+    rows += [
+        {**_row(f"lr{i}", 1, True, f1), "train.lr": lr}
+        for i, (lr, f1) in enumerate([(1e-05, 0.6), (0.0005, 0.7)])
+    ]
+    (summary,) = seed_summary(finished_runs(rows, PARAMS, ["micro_f1"]), ["micro_f1"], "train.lr")
+    assert summary["seeds"] == [1e-05, 0.0005, 0.001]
+    rows = [
+        _row(None, 2, True, 0.8, rev="main", typ="baseline"),
+        {**_row("no-seed", 1, True, 0.6), "train.seed": None},
+        _row("e", 1, True, 0.7),
+    ]
+    (summary,) = _summary(rows, ["micro_f1"])
+    assert summary["seeds"] == [1, 2, None]
+
+
+def test_compare_with_an_empty_params_file_finds_no_configuration(tmp_path):
+    # No keys: no run has params, which is the "nothing found" error, not a traceback.
+    (tmp_path / "params.yaml").write_text("")
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS))
+    result = _compare(["--from-file", "rows.json"], tmp_path)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output == "error: no commits or finished experiments with params found\n"
+
+
+def test_compare_reports_a_missing_saved_rows_file_in_one_line(tmp_path):
+    (tmp_path / "params.yaml").write_text(PARAMS_YAML)
+    result = _compare(["--from-file", "nothere.json"], tmp_path)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    (line,) = result.output.splitlines()
+    assert line.startswith("error: ") and "nothere.json" in line
+
+
+def test_the_mean_is_the_mean_and_a_zero_score_counts():
+    # Skewed scores tell a mean from a median; an F1 of 0.0 is a score, not a missing metric.
+    f1s = [0.0, 0.6, 0.9]
+    rows = [_row(None, 1, True, 0.8, rev="main", typ="baseline")]
+    rows += [_row(f"d{seed}", seed, False, f1) for seed, f1 in zip([1, 2, 3], f1s, strict=True)]
+    _, no_depth = _summary(rows, ["micro_f1"])
+    mean, std, n = no_depth["micro_f1"]
+    assert n == 3 and mean == pytest.approx(statistics.mean(f1s))
+    assert std == pytest.approx(statistics.stdev(f1s))
+    mean, std, n = no_depth["paired"]["micro_f1"]  # seed 1 only: 0.0 - 0.8
+    assert (n, mean) == (1, pytest.approx(-0.8)) and math.isnan(std)
