@@ -364,3 +364,58 @@ def test_every_command_first_sets_up_the_process(tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.device, "keep_freed_memory", lambda: calls.append(1))
     result, _ = _check(tmp_path, params_to_dict(default_params()))
     assert result.exit_code == 0 and calls == [1]
+
+
+def test_workers_of_one_sharded_stage_lock_their_own_part(tmp_path):
+    from stages.common import OutputBusyError, writing_outputs
+
+    out = tmp_path / "depth"
+    with writing_outputs(out, part="shard-0-of-2"):
+        assert held_locks(tmp_path, [".depth.shard-0-of-2.lock", ".depth.lock"]) == [
+            ".depth.shard-0-of-2.lock"
+        ]
+        # Another shard of the same output runs beside it; the same shard again is refused.
+        with writing_outputs(out, part="shard-1-of-2"):
+            assert held_locks(tmp_path, [".depth.shard-1-of-2.lock"]) == [
+                ".depth.shard-1-of-2.lock"
+            ]
+        with (
+            pytest.raises(OutputBusyError, match="shard-0-of-2.lock"),
+            writing_outputs(out, part="shard-0-of-2"),
+        ):
+            pass
+
+
+def test_no_shards_is_a_usage_error(monkeypatch):
+    import typer
+
+    import pipeline.device
+    from stages.common import resolve_shard
+
+    monkeypatch.setattr(pipeline.device, "is_distributed_launch", lambda: True)
+    monkeypatch.setattr(
+        pipeline.device,
+        "process_state",
+        lambda: type("State", (), {"process_index": 0, "num_processes": 3})(),
+    )
+    # --num-shards 0 is given, not absent: it does not fall back to the launcher's 3.
+    for shard, num_shards in [(0, 0), (None, 0)]:
+        with pytest.raises(typer.Exit) as exit_:
+            resolve_shard(shard, num_shards)
+        assert exit_.value.exit_code == 2
+
+
+def test_logging_keeps_accelerates_per_file_messages_out(monkeypatch):
+    import logging
+
+    from stages.common import setup_logging
+
+    accelerate = logging.getLogger("accelerate")
+    before = accelerate.level
+    monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)  # leave the root alone
+    try:
+        accelerate.setLevel(logging.NOTSET)
+        setup_logging()
+        assert accelerate.level == logging.WARNING
+    finally:
+        accelerate.setLevel(before)  # setLevel, not an attribute: it clears the level cache
