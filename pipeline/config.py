@@ -43,6 +43,7 @@ __all__ = [
     "read_params_yaml",
     "default_params",
     "params_from_dict",
+    "params_mapping",
     "params_to_dict",
     "flatten",
     "apply_overrides",
@@ -419,13 +420,18 @@ def with_added_params(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def params_from_dict(raw: dict[str, Any]) -> Params:
-    """Build :class:`Params` from a nested mapping, strictly (every key present, nothing extra)."""
+def params_mapping(raw: Any, where: str = "params") -> dict[str, Any]:
+    """``raw`` if it is a mapping, as a params document's top level must be."""
     if not isinstance(raw, dict):
         raise ParamsError(
-            f"params: expected a mapping at the top level, found {type(raw).__name__}"
+            f"{where}: expected a mapping at the top level, found {type(raw).__name__}"
         )
-    return _build(Params, raw, "")
+    return raw
+
+
+def params_from_dict(raw: dict[str, Any]) -> Params:
+    """Build :class:`Params` from a nested mapping, strictly (every key present, nothing extra)."""
+    return _build(Params, params_mapping(raw), "")
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

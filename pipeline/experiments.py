@@ -12,7 +12,6 @@ the mean ± std of those paired differences is the error bar of "this change cos
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.config import ADDED_PARAMS
+from pipeline.io import read_json
 
 __all__ = [
     "finished_runs",
@@ -44,10 +44,10 @@ def param_values(params: dict[str, Any]) -> dict[str, Any]:
 def saved_rows(path: Path) -> list[dict[str, Any]]:
     """Rows saved by ``dvc exp show --csv > PATH.csv`` or as a JSON list of ``dvc.api.exp_show()``
     rows, for :func:`finished_runs`."""
-    if path.suffix == ".csv":
+    if path.suffix.lower() == ".csv":
         rows = pd.read_csv(path, dtype=str, keep_default_na=False).to_dict("records")
     else:
-        rows = json.loads(path.read_text())
+        rows = read_json(path, "saved rows file")
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "typ" in r for r in rows):
         raise ValueError(
             f"{path}: expected the rows of `dvc exp show --csv` or a JSON list of "

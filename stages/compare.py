@@ -51,7 +51,7 @@ def main(
     Queue each configuration with a few seeds first and run the queue to the end, e.g.
     dvc exp run --queue -S train.seed=1 -S data.use_depth=false; dvc exp run --run-all -j 2
     """
-    from pipeline.config import read_params_yaml
+    from pipeline.config import params_mapping, read_params_yaml
     from pipeline.experiments import (
         finished_runs,
         left_out_states,
@@ -63,7 +63,8 @@ def main(
 
     metrics = metric or DEFAULT_METRICS
     try:
-        keys = param_values(read_params_yaml(params) or {})
+        # An empty params file has no configuration keys; a list or a number is a mistake.
+        keys = param_values(params_mapping(read_params_yaml(params) or {}, str(params)))
         rows = _exp_show(rev) if from_file is None else saved_rows(from_file)
         runs = finished_runs(rows, keys, metrics)
         summary = seed_summary(runs, metrics, seed_key)

@@ -20,6 +20,7 @@ from pipeline.experiments import (
     seed_summary,
     summary_markdown,
 )
+from pipeline.io import DataError
 from stages import compare
 
 PARAMS = ["train.seed", "train.lr", "data.use_depth"]
@@ -463,6 +464,46 @@ def test_compare_reports_a_broken_params_file_as_an_error_not_a_traceback(tmp_pa
     assert result.exit_code == 1
     assert result.output.endswith(
         ":3: not valid YAML: duplicate key 'seed' (first given on line 2)\n"
+    )
+
+
+@pytest.mark.parametrize(("document", "found"), [("- a\n", "list"), ("5\n", "int")])
+def test_compare_refuses_a_params_file_that_is_no_mapping_in_one_line(tmp_path, document, found):
+    (tmp_path / "params.yaml").write_text(document)
+    (tmp_path / "rows.json").write_text(json.dumps(ROWS))
+    result = _compare(["--from-file", "rows.json"], tmp_path)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    assert result.output == (
+        f"error: params.yaml: expected a mapping at the top level, found {found}\n"
+    )
+
+
+def test_saved_rows_that_are_not_json_name_the_file_and_line(tmp_path):
+    path = tmp_path / "rows.txt"
+    path.write_text('[\n  {"typ": "baseline"},\n  oops\n]')
+    with pytest.raises(DataError) as caught:
+        saved_rows(path)
+    assert str(caught.value) == f"{path}:3: not valid JSON (Expecting value)"
+
+
+def test_a_csv_name_in_capitals_is_read_as_csv(tmp_path):
+    lower, upper = tmp_path / "runs.csv", tmp_path / "RUNS.CSV"
+    text = "Experiment,rev,typ,State,metrics/test.json:micro_f1,train.seed\n,main,baseline,,0.5,1\n"
+    lower.write_text(text)
+    upper.write_text(text)
+    assert (
+        saved_rows(upper)
+        == saved_rows(lower)
+        == [
+            {
+                "Experiment": "",
+                "rev": "main",
+                "typ": "baseline",
+                "State": "",
+                "metrics/test.json:micro_f1": "0.5",
+                "train.seed": "1",
+            }
+        ]
     )
 
 
