@@ -400,3 +400,180 @@ def test_moe_cross_attention_is_plain_attention_with_dropout_on_the_probabilitie
     context, _ = attention(q, k, v, HEADS, mask=state_mask, keep=keep)
     expected = layer_norm(linear(context, cross.output), cross.norm)
     torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+class FixedAttention:
+    """Stands in for ``F.scaled_dot_product_attention`` in the encoder: plain attention whose
+    dropout multiplies the probabilities by a fixed mask drawn at the *rate it is given*
+    (``keep_mask``), so a test can tell which rate, if any, a layer asked for."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def scaled_dot_product_attention(self, q, k, v, attn_mask=None, dropout_p=0.0):
+        self.rates.append(dropout_p)
+        scores = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        probs = scores.softmax(dim=-1)
+        if dropout_p > 0:
+            probs = probs * keep_mask(probs.shape, dropout_p)
+        return probs @ v
+
+
+def keep_mask(shape, rate):
+    """A dropout mask ``[B, H, Lq, Lk]`` at ``rate``, rescaled, the same for a given shape."""
+    generator = torch.Generator().manual_seed(17)
+    return (torch.rand(shape, generator=generator) >= rate).double() / (1 - rate)
+
+
+def test_text_layer_drops_attention_probabilities_at_the_towers_rate_in_training(monkeypatch):
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    import pipeline.model.encoder as encoder_module
+
+    config = BertConfig(
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        intermediate_size=2 * HIDDEN,
+        attention_probs_dropout_prob=0.25,
+        hidden_dropout_prob=0.0,  # only the attention probabilities are dropped here
+    )
+    torch.manual_seed(0)
+    bert_layer = BertLayer(config)
+    layer = randomize(TextLayer(bert_layer, fuse=False), seed=1).double()
+    fixed = FixedAttention()
+    monkeypatch.setattr(encoder_module, "F", fixed)
+    hidden = torch.randn(2, 7, HIDDEN, dtype=torch.float64)
+    text_mask = torch.tensor([[True] * 7, [True] * 5 + [False] * 2])
+    out, _ = layer.train()(hidden, text_mask[:, None, None, :])
+
+    own = bert_layer.attention.self
+    q, k, v = linear(hidden, own.query), linear(hidden, own.key), linear(hidden, own.value)
+    keep = keep_mask((2, HEADS, 7, 7), 0.25)
+    context, _ = attention(q, k, v, HEADS, mask=text_mask, keep=keep)
+    attended = layer_norm(
+        linear(context, bert_layer.attention.output.dense) + hidden,
+        bert_layer.attention.output.LayerNorm,
+    )
+    inner = F.gelu(linear(attended, bert_layer.intermediate.dense))
+    expected = layer_norm(
+        linear(inner, bert_layer.output.dense) + attended, bert_layer.output.LayerNorm
+    )
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    layer.eval()(hidden, text_mask[:, None, None, :])
+    assert fixed.rates == [0.25, 0.0]  # BERT's attention_probs_dropout_prob, then eval: none
+
+
+def test_vision_layer_drops_attention_probabilities_at_the_blocks_rate_in_training(
+    monkeypatch,
+):
+    # The prefix keys join the dropped probabilities: the mask spans text and vision keys.
+    from timm.models.vision_transformer import Block
+
+    import pipeline.model.encoder as encoder_module
+
+    torch.manual_seed(0)
+    block = Block(HIDDEN, HEADS, mlp_ratio=2.0, qkv_bias=True, attn_drop=0.375)
+    layer = randomize(VisionLayer(block), seed=3).double()
+    fixed = FixedAttention()
+    monkeypatch.setattr(encoder_module, "F", fixed)
+    hidden = torch.randn(2, 6, HIDDEN, dtype=torch.float64)
+    prefix = (
+        torch.randn(2, 5, HIDDEN, dtype=torch.float64),
+        torch.randn(2, 5, HIDDEN, dtype=torch.float64),
+    )
+    text_real = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+    mask = torch.cat([text_real, torch.ones(2, 6, dtype=torch.bool)], dim=1)
+    out = layer.train()(hidden, prefix, mask[:, None, None, :])
+
+    qkv = linear(layer_norm(hidden, block.norm1), block.attn.qkv)
+    q, k, v = qkv[..., :HIDDEN], qkv[..., HIDDEN : 2 * HIDDEN], qkv[..., 2 * HIDDEN :]
+    k, v = torch.cat([prefix[0], k], dim=1), torch.cat([prefix[1], v], dim=1)
+    context, _ = attention(q, k, v, HEADS, mask=mask, keep=keep_mask((2, HEADS, 6, 11), 0.375))
+    hidden2 = hidden + linear(context, block.attn.proj)
+    mlp = block.mlp
+    expected = hidden2 + linear(F.gelu(linear(layer_norm(hidden2, block.norm2), mlp.fc1)), mlp.fc2)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    layer.eval()(hidden, prefix, mask[:, None, None, :])
+    assert fixed.rates == [0.375, 0.0]
+
+
+def test_prefix_keys_skip_the_vision_blocks_key_norm():
+    # A block with per-head q/k LayerNorms normalizes its own queries and keys only: the text
+    # layer's keys join as they were computed.
+    from timm.models.vision_transformer import Block
+
+    torch.manual_seed(0)
+    block = Block(HIDDEN, HEADS, mlp_ratio=2.0, qkv_bias=True, qk_norm=True)
+    layer = randomize(VisionLayer(block), seed=9).double().eval()
+    torch.manual_seed(10)
+    hidden = torch.randn(2, 6, HIDDEN, dtype=torch.float64)
+    prefix = (
+        torch.randn(2, 5, HIDDEN, dtype=torch.float64),
+        torch.randn(2, 5, HIDDEN, dtype=torch.float64),
+    )
+    out = layer(hidden, prefix)
+
+    size = HIDDEN // HEADS
+
+    def per_head_norm(x, module):  # [B, L, D] -> each head's slice LayerNormed
+        return layer_norm(x.reshape(*x.shape[:2], HEADS, size), module).reshape(x.shape)
+
+    qkv = linear(layer_norm(hidden, block.norm1), block.attn.qkv)
+    q, k, v = qkv[..., :HIDDEN], qkv[..., HIDDEN : 2 * HIDDEN], qkv[..., 2 * HIDDEN :]
+    q, k = per_head_norm(q, block.attn.q_norm), per_head_norm(k, block.attn.k_norm)
+    k, v = torch.cat([prefix[0], k], dim=1), torch.cat([prefix[1], v], dim=1)
+    context, _ = attention(q, k, v, HEADS)
+    hidden2 = hidden + linear(context, block.attn.proj)
+    mlp = block.mlp
+    expected = hidden2 + linear(F.gelu(linear(layer_norm(hidden2, block.norm2), mlp.fc1)), mlp.fc2)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_layers_and_the_encoder_refuse_what_they_cannot_pair(bert_layer, vit_block):
+    from timm.layers import Attention
+    from transformers import BertConfig
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    from pipeline.model.encoder import DualStreamEncoder
+
+    decoder = BertConfig(
+        hidden_size=HIDDEN,
+        num_attention_heads=HEADS,
+        intermediate_size=2 * HIDDEN,
+        is_decoder=True,
+        add_cross_attention=True,
+    )
+    with pytest.raises(ValueError, match="BERT layers with cross-attention are not supported"):
+        TextLayer(BertLayer(decoder), fuse=False)
+    from timm.models.vision_transformer import Block
+
+    gated = Block(HIDDEN, HEADS, mlp_ratio=2.0, qkv_bias=True)
+    gated.attn = Attention(HIDDEN, HEADS, qkv_bias=True, gated=True)  # Block has no such switch
+    with pytest.raises(ValueError, match="block type Block is not supported"):
+        VisionLayer(gated)
+
+    pooling = ObjectPooling(HIDDEN, 8, use_box=False, dropout=0.0)
+
+    def encoder(texts, visions, pool_after, fusion_start):
+        return DualStreamEncoder(
+            [bert_layer] * texts,
+            [vit_block] * visions,
+            pooling,
+            pool_after_layer=pool_after,
+            fusion_start_layer=fusion_start,
+            ot=None,
+        )
+
+    for visions in (2, 4):
+        with pytest.raises(ValueError, match=f"3 layers but the vision tower has {visions}"):
+            encoder(3, visions, 1, 2)
+    # Pooling after a layer that does not exist would leave the objects unpooled.
+    with pytest.raises(ValueError, match=r"model.pool_after_layer 3 not in \[0, 3\)"):
+        encoder(3, 3, 3, 2)
+    # Layer 0 has no text layer before it to take keys/values from.
+    with pytest.raises(ValueError, match=r"model.fusion_start_layer 0 not in \[1, 3\]"):
+        encoder(3, 3, 1, 0)
+    assert encoder(3, 3, 2, 3).fusion_start_layer == 3  # the last layer fuses; still valid
