@@ -243,3 +243,51 @@ def test_original_init_keeps_pytorch_defaults_and_normal_init_is_bert_style(toke
     )
     batch = random_batch(tokenizer, [9, 7], max_objects=SLOTS, seed=0)
     assert torch.isfinite(original.eval()(batch)).all()
+
+
+def test_normal_init_reaches_every_added_module_at_the_towers_initializer_range(
+    tokenizer, monkeypatch
+):
+    # Named one by one (not through added_modules(), which this pins): the box projection, every
+    # fusion W_f, both streams' OT projections, the head, both MoE directions; at the text
+    # tower's initializer_range, set away from the 0.02 default.
+    monkeypatch.setitem(TINY_TEXT_CONFIG, "initializer_range", 0.05)
+    model = make_model(tokenizer, **{"model.init": "normal"})
+    encoder = model.encoder
+    start = encoder.fusion_start_layer
+    modules = {"pooling.box": encoder.pooling.box, "head": model.head}
+    modules |= {f"fusion {i}": encoder.text_layers[i].fusion for i in range(start, 4)}
+    for stream in ("text_transport", "vision_transport"):
+        for i, transport in enumerate(getattr(encoder, stream)):
+            modules[f"{stream} {i}"] = transport
+    modules |= {"text_moe": model.text_moe, "object_moe": model.object_moe}
+    weights, linears = {}, 0
+    for name, module in modules.items():
+        for sub in module.modules():
+            if isinstance(sub, nn.Linear):
+                linears += 1
+                weights.setdefault(name, []).append(sub.weight.detach().flatten())
+                if sub.bias is not None:
+                    assert not sub.bias.any(), name
+    # box, M and classifier, W_f, 3 transports x 2 projections a stream, 5 cross-attentions
+    # (q, k, v, o) and a router a direction
+    assert linears == 1 + 2 + (4 - start) + 2 * 3 * 2 + 2 * (5 * 4 + 1)
+    for name, parts in weights.items():
+        std = torch.cat(parts).std().item()
+        assert abs(std - 0.05) < 0.1 * 0.05, (name, std)
+    for moe in (model.text_moe, model.object_moe):
+        for weight in (moe.up, moe.down):
+            assert abs(weight.std().item() - 0.05) < 0.05 * 0.05
+
+
+def test_object_pooling_drops_out_at_model_dropout(tokenizer):
+    model = make_model(tokenizer, **{"model.dropout": 0.5})
+    pooling = model.encoder.pooling
+    torch.manual_seed(8)
+    tokens = torch.randn(2, SLOTS * model.object_embeddings.tokens_per_object, 64)
+    boxes = torch.rand(2, SLOTS, 5)
+    normed = pooling.eval()(tokens, boxes)
+    out = pooling.train()(tokens, boxes)
+    kept = out != 0
+    assert 0.35 < kept.double().mean().item() < 0.65
+    torch.testing.assert_close(out[kept], normed[kept] / 0.5, rtol=1e-6, atol=1e-6)
