@@ -567,3 +567,74 @@ def test_the_model_config_takes_each_field_from_its_param():
         changed = default_params({**change, "data.pad_to_max": False})
         config = RemoteConfig.from_params(changed, 7, {}, {})
         assert (config.use_caption, config.mask_padding) == (use_caption, True)
+
+
+def test_random_batch_follows_the_batch_contract(tokenizer):
+    # The helper every model test draws its batches from: markers where marker_pos says, one
+    # word inside each <s> .. </s>, captions in segment 1, two distinct objects for an
+    # object-object pair, zero crops and boxes in empty slots, boxes with their area.
+    lengths = [4, 9, 12, 5, 7, 6]
+    batch = random_batch(tokenizer, lengths, max_objects=SLOTS, caption_length=3, pad_to=40, seed=5)
+    assert batch["input_ids"].shape == (6, 40)
+    assert batch["pair_kind"].tolist() == [0, 1, 2, 0, 1, 2]
+    for b in range(6):
+        real = int(batch["attention_mask"][b].sum())
+        assert batch["attention_mask"][b].tolist() == [1] * real + [0] * (40 - real)
+        assert (batch["input_ids"][b, real:] == tokenizer.pad_token_id).all()
+        tokens = tokenizer.convert_ids_to_tokens(batch["input_ids"][b, :real].tolist())
+        sep = tokens.index("[SEP]")
+        assert tokens[0] == "[CLS]" and tokens[-1] == "[SEP]"
+        assert sep == 1 + lengths[b] + 2 * (2 - int(batch["pair_kind"][b]))  # words + <s>, </s>
+        segments = [0] * (sep + 1) + [1] * (real - sep - 1) + [0] * (40 - real)
+        assert batch["token_type_ids"][b].tolist() == segments
+        kind = b % 3
+        slots = batch["object_slot"][b].tolist()
+        count = int(batch["num_objects"][b])
+        for entity, is_object in enumerate((kind == 2, kind >= 1)):
+            n = entity + 1
+            s, k, o = batch["marker_pos"][b, entity].tolist()
+            if is_object:
+                assert s == k == -1 and 0 <= slots[entity] < count
+                assert tokens[o] == f"<o{n}>" and tokens[o + 4] == f"</o{n}>" and o > sep
+            else:
+                assert o == -1 and slots[entity] == -1
+                assert tokens[s] == f"<s{n}>" and tokens[s + 2] == f"</s{n}>" and s < sep
+                assert tokens[k] == f"<k{n}>" and tokens[k + 4] == f"</k{n}>" and k > sep
+        if kind == 2:
+            assert slots[0] != slots[1]
+        filled = torch.arange(SLOTS) < count
+        for key in ("pixel_values", "depth_values", "boxes"):
+            value = batch[key][b]
+            assert not value[~filled].any(), key
+            assert value[filled].flatten(1).abs().amax(dim=1).gt(0).all(), key
+        x1, y1, x2, y2, area = batch["boxes"][b, filled].unbind(-1)
+        assert (x1 >= 0).all() and (x1 < x2).all() and (x2 <= 1).all()
+        assert (y1 >= 0).all() and (y1 < y2).all() and (y2 <= 1).all()
+        torch.testing.assert_close(area, (x2 - x1) * (y2 - y1))
+
+
+def test_a_model_folder_must_hold_exactly_the_models_tensors(tokenizer, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = make_model(tokenizer).eval()
+    model.save_pretrained(tmp_path / "model")
+    weights = tmp_path / "model" / "model.safetensors"
+    state = load_file(str(weights))
+    batch = make_batch(tokenizer, [8, 9])
+    with torch.no_grad():
+        assert torch.equal(RemoteModel.from_pretrained(tmp_path / "model")(batch), model(batch))
+    save_file({k: v for k, v in state.items() if k != "head.classifier.bias"}, str(weights))
+    with pytest.raises(RuntimeError, match="Missing key.*head.classifier.bias"):
+        RemoteModel.from_pretrained(tmp_path / "model")
+    save_file({**state, "head.extra": torch.zeros(2)}, str(weights))
+    with pytest.raises(RuntimeError, match="Unexpected key.*head.extra"):
+        RemoteModel.from_pretrained(tmp_path / "model")
+
+
+def test_max_seq_beyond_the_text_towers_positions_is_refused(tokenizer):
+    positions = make_model(tokenizer).config.text["bert_config"]["max_position_embeddings"]
+    assert make_model(tokenizer, **{"data.max_seq": positions}).encoder is not None
+    with pytest.raises(
+        ValueError, match=f"max_seq {positions + 1} exceeds .* {positions} position"
+    ):
+        make_model(tokenizer, **{"data.max_seq": positions + 1})
