@@ -500,10 +500,13 @@ def test_pinned_checksum_mismatch_stops_before_writing(tmp_path, umre_tree):
     params = _params(**{"data.source": "umre", "data.umre.dataset_sha256": "ab" * 32})
     u = params.data.umre
     redirect = {f"gdrive:{u.dataset_id}": str(dataset), f"gdrive:{u.partner_id}": str(partner)}
-    with pytest.raises(
-        ChecksumError,
-        match=f"umre_dataset: sha256 mismatch \\(found {_sha(dataset)}, expected {'ab' * 32}\\)",
-    ):
+    expected = f"umre_dataset: sha256 mismatch (found {_sha(dataset)}, expected {'ab' * 32})"
+    _assert_pin_refused(tmp_path, params, redirect, expected)
+
+
+def _assert_pin_refused(tmp_path, params, redirect: dict, expected: str) -> None:
+    """prepare_dataset stops at a pinned archive's checksum and writes no dataset."""
+    with pytest.raises(ChecksumError, match=re.escape(expected)):
         prepare_dataset(
             params,
             tmp_path / "out",
@@ -1185,14 +1188,7 @@ def test_a_pinned_mnre_image_archive_checksum_is_checked(tmp_path, mnre_tree):
     )
     redirect = {f"gdrive:{params.data.mnre.images_id}": str(images)}
     expected = f"mnre_images: sha256 mismatch (found {_sha(images)}, expected {'ab' * 32})"
-    with pytest.raises(ChecksumError, match=re.escape(expected)):
-        prepare_dataset(
-            params,
-            tmp_path / "out",
-            tmp_path / "cache",
-            downloader=Downloader(tmp_path / "cache", redirect),
-        )
-    assert not (tmp_path / "out").exists()
+    _assert_pin_refused(tmp_path, params, redirect, expected)
 
 
 def test_an_empty_local_path_is_refused_by_name(tmp_path, monkeypatch):
