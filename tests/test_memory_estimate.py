@@ -151,3 +151,93 @@ def test_the_model_bench_refuses_unknown_names_before_running(monkeypatch, capsy
     with pytest.raises(SystemExit) as exit_info:
         model.main()
     assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+class _Encoder:
+    gradient_checkpointing = None
+
+
+class _Linear(torch.nn.Module):
+    """A 4 -> 3 linear layer (60 bytes of weights) that records, for each forward, the autocast
+    dtype (False when off), its training mode and its encoder's checkpointing flag."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(4, 3)
+        self.encoder = _Encoder()
+        self.seen = []
+
+    def forward(self, batch):
+        autocast = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")
+        self.seen.append((autocast, self.training, self.encoder.gradient_checkpointing))
+        return self.linear(batch["x"])
+
+
+def _linear_batch() -> dict:
+    # 32 + 16 bytes
+    return {"x": torch.ones(2, 4), "labels": torch.tensor([0, 2]), "name": "not a tensor"}
+
+
+@pytest.mark.parametrize(("checkpointing", "bf16"), [(False, False), (True, True)])
+def test_step_memory_counts_the_batch_and_trains_as_told(checkpointing, bf16):
+    model = _Linear().eval()
+    memory = step_memory(model, _linear_batch(), checkpointing=checkpointing, bf16=bf16)
+    assert memory["weights"] * 2**30 == 60 + 48  # the weights and the batch's tensors
+    autocast = torch.bfloat16 if bf16 else False
+    assert model.seen == [(autocast, True, checkpointing)] * 2
+
+
+def test_to_fake_replaces_every_parameter_and_buffer_and_keeps_what_trains():
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    model = _Linear()
+    model.linear.bias.requires_grad_(False)
+    model.register_buffer("counts", torch.arange(3))
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        batch = to_fake(model, _linear_batch(), mode)
+    tensors = [*model.parameters(), *model.buffers(), batch["x"], batch["labels"]]
+    assert all(isinstance(t, FakeTensor) for t in tensors)
+    assert [p.requires_grad for p in model.parameters()] == [True, False]
+    assert batch["name"] == "not a tensor"
+    assert [tuple(t.shape) for t in tensors] == [(3, 4), (3,), (3,), (2, 4), (2,)]
+
+
+def test_the_command_passes_its_sizes_and_prints_in_the_unit_asked(monkeypatch, capsys):
+    import bench.memory
+    import bench.model
+
+    built, settings = [], []
+
+    def build(**kwargs):
+        built.append(kwargs)
+        return _Linear(), {"input_ids": torch.zeros(2, 9, dtype=torch.long)} | _linear_batch()
+
+    def memory(model, batch, *, checkpointing, bf16):
+        settings.append((checkpointing, bf16))
+        return {"weights": 0.5, "between_steps": 1.25, "peak": 2.0 + checkpointing + 4 * bf16}
+
+    monkeypatch.setattr(bench.model, "build_model_and_batch", build)
+    monkeypatch.setattr(bench.memory, "step_memory", memory)
+    bench.memory.main([])
+    bench.memory.main(["--batch", "8", "--per-batch", "--unit", "MiB", "--solver", "fused"])
+    assert built == [
+        {"batch": 32, "hidden": 768, "layers": 12, "objects": 12, "pad_to": 256,
+         "solver": "log_sinkhorn", "iterations": 50, "depth_embedding": "tokens"},
+        {"batch": 8, "hidden": 768, "layers": 12, "objects": 12, "pad_to": None,
+         "solver": "fused", "iterations": 50, "depth_embedding": "tokens"},
+    ]  # fmt: skip
+    assert settings == [(False, False), (True, False), (False, True), (True, True)] * 2
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[3:7] == [
+        "| fp32 | False | 0.50 | 1.25 | 2.00 |",
+        "| fp32 | True | 0.50 | 1.25 | 3.00 |",
+        "| bf16 | False | 0.50 | 1.25 | 6.00 |",
+        "| bf16 | True | 0.50 | 1.25 | 7.00 |",
+    ]
+    assert lines[7].endswith("MiB of tensor storage")
+    assert lines[10:] == [
+        "| fp32 | False | 512.00 | 1280.00 | 2048.00 |",
+        "| fp32 | True | 512.00 | 1280.00 | 3072.00 |",
+        "| bf16 | False | 512.00 | 1280.00 | 6144.00 |",
+        "| bf16 | True | 512.00 | 1280.00 | 7168.00 |",
+    ]
