@@ -73,6 +73,16 @@ def _report(**results) -> dict:
     return {"smoke": False, "seconds": 400.0, "sections": sections}
 
 
+def _every_section(report: dict) -> dict:
+    """``report`` with the sections it lacks added as run to their end, empty."""
+    empty = {"gpu_tests": {"passed": 0, "failed": 0, "skipped": 0, "timed_out": False}}
+    empty |= {"environment": {}, "depth": {"runs": []}, "caption": {"runs": []}}
+    for name in SECTIONS:
+        result = empty.get(name, {"configs": []})
+        report["sections"].setdefault(name, {"status": "ok", "seconds": 1.0, "result": result})
+    return report
+
+
 def _config(precision: str, checkpointing: bool, step: float, memory: float) -> dict:
     return {
         "padding": "max_seq",
@@ -81,6 +91,7 @@ def _config(precision: str, checkpointing: bool, step: float, memory: float) -> 
         "median_step_s": step,
         "first_step_s": step,
         "peak_memory_gib": memory,
+        "losses_finite": True,
     }
 
 
@@ -110,7 +121,12 @@ def test_targets_are_read_from_the_report():
     # A section that did not run leaves its target open, not failed.
     caption = targets["caption items/s, batch 16 / batch 1"]
     assert (caption["value"], caption["holds"]) == (None, None)
-    assert targets["whole check, seconds"]["holds"] is True
+    # Only some sections ran: their time says nothing about the whole check's.
+    whole = targets["whole check, seconds"]
+    assert (whole["value"], whole["holds"]) == (400.0, None)
+    assert whole["note"] == "not every section ran to its end: " + ", ".join(
+        n for n in SECTIONS if n not in report["sections"]
+    )
     text = table(report)
     assert "| depth images/s, batch 16 / batch 1 (fp16) | >= 3 | 2.5 | False |" in text
 
@@ -230,37 +246,42 @@ def _gpu_report(step: float, memory: float, depth: float, caption: float, second
         _config("bf16", False, 1.5, 30.0),
         _config("bf16", True, 1.7, 5.0),
     ]
-    return _report(
-        **{
-            "train_step:max_seq:eager": {"configs": eager},
-            "train_step:max_seq:compile": {
-                "configs": [_config("bf16 + compile", False, 2.0 * step, 25.0)]
-            },
-            "train_step:max_seq:compile+checkpointing": {
-                "configs": [_config("bf16 + compile", True, 0.1, 1.0)]
-            },
-            "train_step:per_batch:eager": {
-                "configs": [_config("fp32", False, 100.0, 1.0) | {"padding": "per_batch"}]
-            },
-            "train_step:per_batch:compile": {
-                "configs": [_config("bf16 + compile", False, 0.01, 30.0) | {"padding": "per_batch"}]
-            },
-            "depth": {
-                "runs": [  # bf16 first: the fp16 runs must be picked by their dtype
-                    {"dtype": "bfloat16", "batch_size": 1, "images_per_s": 1.0},
-                    {"dtype": "bfloat16", "batch_size": 16, "images_per_s": 100.0},
-                    {"dtype": "float16", "batch_size": 1, "images_per_s": 10.0},
-                    {"dtype": "float16", "batch_size": 16, "images_per_s": 10.0 * depth},
-                ]
-            },
-            "caption": {
-                "runs": [
-                    {"dtype": "bfloat16", "batch_size": 1, "items_per_s": 2.0},
-                    {"dtype": "bfloat16", "batch_size": 16, "items_per_s": 2.0 * caption},
-                ]
-            },
-        }
-    ) | {"seconds": seconds}
+    return _every_section(
+        _report(
+            **{
+                "train_step:max_seq:eager": {"configs": eager},
+                "train_step:max_seq:compile": {
+                    "configs": [_config("bf16 + compile", False, 2.0 * step, 25.0)]
+                },
+                "train_step:max_seq:compile+checkpointing": {
+                    "configs": [_config("bf16 + compile", True, 0.1, 1.0)]
+                },
+                "train_step:per_batch:eager": {
+                    "configs": [_config("fp32", False, 100.0, 1.0) | {"padding": "per_batch"}]
+                },
+                "train_step:per_batch:compile": {
+                    "configs": [
+                        _config("bf16 + compile", False, 0.01, 30.0) | {"padding": "per_batch"}
+                    ]
+                },
+                "depth": {
+                    "runs": [  # bf16 first: the fp16 runs must be picked by their dtype
+                        {"dtype": "bfloat16", "batch_size": 1, "images_per_s": 1.0},
+                        {"dtype": "bfloat16", "batch_size": 16, "images_per_s": 100.0},
+                        {"dtype": "float16", "batch_size": 1, "images_per_s": 10.0},
+                        {"dtype": "float16", "batch_size": 16, "images_per_s": 10.0 * depth},
+                    ]
+                },
+                "caption": {
+                    "runs": [
+                        {"dtype": "bfloat16", "batch_size": 1, "items_per_s": 2.0},
+                        {"dtype": "bfloat16", "batch_size": 16, "items_per_s": 2.0 * caption},
+                    ]
+                },
+            }
+        )
+        | {"seconds": seconds}
+    )
 
 
 def _targets(report: dict) -> dict:
@@ -295,6 +316,55 @@ def test_targets_met_by_a_wide_margin():
     targets = _targets(_gpu_report(step=0.25, memory=0.3, depth=8.0, caption=12.0, seconds=300.0))
     assert {name: holds for name, (_, holds) in targets.items()} == dict.fromkeys(TARGETS, True)
     assert targets[CAPTION][0] == pytest.approx(12.0)
+
+
+@pytest.mark.parametrize(
+    ("section", "status", "holds", "note"),
+    [
+        (None, None, True, None),
+        ("depth", "timeout after 90 s", False, "cut by the time budget: depth"),
+        ("caption", "skipped: time budget spent", False, "cut by the time budget: caption"),
+        ("depth", "failed (exit 1)", None, "not every section ran to its end: depth"),
+        ("gpu_tests", "2 failed", None, "not every section ran to its end: gpu_tests"),
+    ],
+)
+def test_the_whole_check_holds_only_when_every_section_ran_within_its_time(
+    section, status, holds, note
+):
+    report = _gpu_report(step=0.4, memory=0.45, depth=3.5, caption=4.5, seconds=300.0)
+    if section:
+        report["sections"][section]["status"] = status
+    (whole,) = [t for t in check_targets(report) if t["target"] == SECONDS]
+    assert (whole["value"], whole["holds"], whole.get("note")) == (300.0, holds, note)
+
+
+def test_the_whole_check_must_end_under_eight_minutes():
+    at_limit = _gpu_report(step=0.4, memory=0.45, depth=3.5, caption=4.5, seconds=480.0)
+    assert _targets(at_limit)[SECONDS] == (480.0, False)
+
+
+@pytest.mark.parametrize(
+    ("diverged", "note"),
+    [("train_step:max_seq:compile", "bf16 + compile"), ("train_step:max_seq:eager", "fp32")],
+)
+def test_a_step_time_from_a_run_whose_losses_diverged_meets_no_target(diverged, note):
+    report = _gpu_report(step=0.25, memory=0.45, depth=3.5, caption=4.5, seconds=300.0)
+    for config in report["sections"][diverged]["result"]["configs"]:
+        config["losses_finite"] = False
+    (step,) = [t for t in check_targets(report) if t["target"] == STEP]
+    assert (step["value"], step["holds"]) == (pytest.approx(0.25), False)
+    assert step["note"] == f"losses not finite: {note}"
+    assert _targets(report)[MEMORY] == (pytest.approx(0.45), True)  # memory is still memory
+
+
+def test_a_smoke_report_gives_its_targets_no_verdict():
+    report = _gpu_report(step=0.25, memory=0.3, depth=8.0, caption=12.0, seconds=300.0)
+    report["smoke"] = True
+    targets = check_targets(report)
+    assert [(t["holds"], t["note"]) for t in targets] == [
+        (None, "smoke run: tiny sizes on the CPU")
+    ] * len(TARGETS)
+    assert targets[0]["value"] == pytest.approx(0.25)  # the figures stay in the report
 
 
 def _full_report() -> dict:
@@ -356,7 +426,9 @@ def test_the_table_shows_every_section_and_figure():
         f"| {MEMORY} | <= 0.5 | 0.45 | True |",
         f"| {DEPTH} | >= 3 | 3.5 | True |",
         f"| {CAPTION} | >= 4 | 4.5 | True |",
-        f"| {SECONDS} | <= 480 | 412 | True |",
+        # a section stopped at its time limit: the whole check did not fit its time
+        f"| {SECONDS} | < 480 | 412 | False (cut by the time budget: "
+        "train_step:per_batch:compile+checkpointing) |",
     ]:
         assert row in lines, row
     # the section that timed out has no rows
@@ -501,6 +573,40 @@ def test_a_child_that_times_out_or_fails_keeps_the_end_of_its_log(
     section = _run_child("depth", False, 42.0)
     assert section["status"] == status and "result" not in section
     assert section["log"] == log[-kept:]
+
+
+@pytest.mark.parametrize(
+    ("result", "status"),
+    [
+        ({"failed": 0, "timed_out": False, "exit_code": 0}, "ok"),
+        ({"failed": 2, "timed_out": False, "exit_code": 1}, "2 failed"),
+        ({"failed": 0, "timed_out": True, "exit_code": None}, "pytest stopped at its time limit"),
+        ({"failed": 0, "timed_out": False, "exit_code": 2}, "pytest exit 2"),
+    ],
+)
+def test_the_gpu_tests_section_is_ok_only_when_every_test_ran_and_passed(
+    monkeypatch, capsys, result, status
+):
+    from bench import device
+
+    result |= {"passed": 9, "skipped": 2, "tests": []}
+
+    def run_group(command, limit, **popen):
+        Path(command[command.index("--out") + 1]).write_text(json.dumps(result))
+        return 0, ""
+
+    monkeypatch.setattr(device, "run_group", run_group)
+    section = device._run_child("gpu_tests", False, 100.0)
+    assert (section["status"], section["result"]) == (status, result)
+    # the table shows the counts whatever the status; the command fails unless it is ok
+    report = {"smoke": False, "seconds": 1.0, "sections": {"gpu_tests": section}}
+    row = f"| gpu_tests | 9 passed, {result['failed']} failed, 2 skipped"
+    assert any(line.startswith(row) for line in table(report).splitlines())
+    monkeypatch.setattr(device, "run_all", lambda *args: report | {"table": ""})
+    monkeypatch.setattr(sys, "argv", ["bench/device.py", "--sections", "gpu_tests"])
+    with pytest.raises(SystemExit) as exit_info:
+        device.main()
+    assert exit_info.value.code == (status != "ok")
 
 
 def test_run_section_passes_the_padding_mode_and_limit(monkeypatch):
