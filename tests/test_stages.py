@@ -419,3 +419,366 @@ def test_logging_keeps_accelerates_per_file_messages_out(monkeypatch):
         assert accelerate.level == logging.WARNING
     finally:
         accelerate.setLevel(before)  # setLevel, not an attribute: it clears the level cache
+
+
+# ---------------------------------------------------------------------------------------------
+# What each stage command hands its pipeline function, and what it reports back (the pipeline
+# functions replaced by fakes that record their arguments).
+
+
+def _params_file(tmp_path: Path, **overrides) -> Path:
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(params_to_dict(default_params({**TINY, **overrides}))))
+    return params
+
+
+def _messages(caplog, logger: str) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == logger]
+
+
+def _launched_as(monkeypatch, rank: int, world: int) -> None:
+    """This process as rank ``rank`` of ``world`` under a launcher (it then takes no locks)."""
+    import stages.common
+
+    monkeypatch.setattr(stages.common, "_launch_position", lambda: (rank, world))
+
+
+def test_download_hands_over_its_folders_and_logs_each_split(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import pipeline.data.prepare
+
+    seen = {}
+
+    def fake_prepare(params, out, cache):
+        seen.update(source=params.data.source, out=out, cache=cache)
+        train = {
+            "samples": 4,
+            "images": 3,
+            "pair_kinds": {"text-text": 2, "text-object": 1, "object-object": 1},
+            "relations": {"none": 1, "/per/per/self": 3},
+        }
+        test = {"samples": 2, "images": 2, "pair_kinds": {"text-text": 2}, "relations": {"a": 2}}
+        return {"images": 5, "splits": {"train": train, "test": test}, "skipped": {"records": 2}}
+
+    monkeypatch.setattr(pipeline.data.prepare, "prepare_dataset", fake_prepare)
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "raw"
+    result = _download(tmp_path, out)
+    assert result.exit_code == 0, result.output
+    assert seen == {"source": "synthetic", "out": out, "cache": tmp_path / "c"}
+    assert _messages(caplog, "stages.download") == [
+        "train: 4 samples (text-text 2, text-object 1, object-object 1; none 1), 3 images",
+        "test: 2 samples (text-text 2; none 0), 2 images",
+        f"wrote {out} (source synthetic, 5 images, 2 records skipped)",
+    ]
+
+
+def _depth_result(**kwargs):
+    from pipeline.depth.run import DepthRunResult
+
+    return DepthRunResult(**kwargs)
+
+
+def test_depth_takes_the_launchers_shard_and_hands_over_its_progress_option(tmp_path, monkeypatch):
+    import pipeline.data.records
+    import pipeline.depth.run
+
+    seen = []
+
+    def fake_run(ds, out_dir, depth, on_error, shard, num_shards, progress):
+        seen.append((shard, num_shards, progress))
+        skipped = [{"image_id": "a.jpg", "reason": "x"}, {"image_id": "b.jpg", "reason": "y"}]
+        return _depth_result(
+            total_shards=4, shards_computed=[1, 3], images_computed=5, skipped=skipped,
+            complete=True,
+        )  # fmt: skip
+
+    monkeypatch.setattr(pipeline.depth.run, "run_depth", fake_run)
+    monkeypatch.setattr(pipeline.data.records, "Dataset", lambda path: path)
+    _launched_as(monkeypatch, 1, 3)
+    out = tmp_path / "depth"
+    args = ["depth", "--params", str(_params_file(tmp_path)), "--dataset", str(tmp_path / "raw")]
+    args += ["--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        f"depth: computed 5 images in 2 of 4 shards, skipped 2; store {out} complete\n"
+    )
+    result = CliRunner().invoke(app, [*args, "--shard", "0", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    # Without the options: the launcher's rank and world size; a given option wins.
+    assert seen == [(1, 3, True), (0, 3, False)]
+
+
+def test_caption_takes_the_launchers_shard_and_logs_what_it_made(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import pipeline.caption.run
+    import pipeline.data.records
+
+    seen = []
+    summaries = [
+        {"items": 5, "generated": 2, "missing": 3},  # a shard's run: others still missing
+        {
+            "backend": "mllm",
+            "captions": 10,
+            "filled": 1,
+            "coverage": {
+                "found": 9,
+                "total": 10,
+                "entities": {"found": 6, "total": 6},
+                "objects": {"found": 3, "total": 4},
+            },
+        },
+    ]
+    summaries.append({**summaries[1], "backend": "file", "filled": 0})
+
+    def fake_run(ds, out, params, *, shard, num_shards, progress):
+        seen.append((shard, num_shards, progress))
+        return summaries[len(seen) - 1]
+
+    monkeypatch.setattr(pipeline.caption.run, "run_caption", fake_run)
+    monkeypatch.setattr(pipeline.data.records, "Dataset", lambda path: path)
+    _launched_as(monkeypatch, 1, 3)
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "captions"
+    args = ["caption", "--params", str(_params_file(tmp_path)), "--dataset", str(tmp_path / "raw")]
+    args += ["--out", str(out)]
+    for extra in ([], ["--no-progress"], ["--shard", "0", "--num-shards", "1"]):
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+    assert seen == [(1, 3, True), (1, 3, False), (0, 1, True)]
+    assert _messages(caplog, "stages.caption") == [
+        "shard 1/3: 5 item(s), 2 generated now; 3 item(s) of other shards missing",
+        f"{out}: backend mllm, 10 caption(s); coverage 9/10 (entities 6/6, objects 3/4), "
+        "1 filled empty",
+        f"{out}: backend file, 10 caption(s); coverage 9/10 (entities 6/6, objects 3/4)",
+    ]
+
+
+def test_features_reports_each_split(tmp_path, monkeypatch):
+    import pipeline.data.records
+    import pipeline.features.build
+
+    def fake_build(dataset, out, params, depth, captions, *, input_paths=()):
+        def split(samples, images, dropped, problems):
+            return {
+                "samples": samples,
+                "images": images,
+                "samples_with_dropped_markers": dropped,
+                "image_problems": {"count": problems},
+            }
+
+        return {"splits": {"train": split(6, 4, 2, 1), "valid": split(3, 2, 0, 0)}}
+
+    monkeypatch.setattr(pipeline.features.build, "build_features", fake_build)
+    monkeypatch.setattr(pipeline.data.records, "Dataset", lambda path: path)
+    params = _params_file(tmp_path, **{"data.use_depth": False, "data.use_caption": False})
+    out = tmp_path / "features"
+    args = ["features", "--params", str(params), "--out", str(out)]
+    for name in ("dataset", "depth", "captions"):
+        args += [f"--{name}", str(tmp_path / name)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [
+        "features train: 6 samples, 4 images, 2 with markers lost to truncation, 1 image problems",
+        "features valid: 3 samples, 2 images, 0 with markers lost to truncation, 0 image problems",
+        f"features: wrote {out} (report: {out / 'report.json'})",
+    ]
+
+
+def _train_args(tmp_path: Path, params: Path) -> list[str]:
+    args = ["train", "--params", str(params), "--features", str(tmp_path / "f")]
+    return args + ["--dataset", str(tmp_path / "raw"), "--out", str(tmp_path / "models"),
+                   "--live", str(tmp_path / "live")]  # fmt: skip
+
+
+def test_a_relaunched_train_fails_with_its_processes_exit_code_and_holds_both_locks(
+    tmp_path, monkeypatch
+):
+    import subprocess as sp
+
+    from stages.common import LOCKS_HELD_ENV
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv(LOCKS_HELD_ENV, raising=False)
+    seen = {}
+
+    def failed_launch(cmd, check, env):
+        seen.update(check=check, locked=held_locks(tmp_path, [".models.lock", ".live.lock"]))
+        if check:
+            raise sp.CalledProcessError(3, cmd)
+        return sp.CompletedProcess(cmd, 3)
+
+    monkeypatch.setattr(sp, "run", failed_launch)
+    params = _params_file(tmp_path, **{"train.num_processes": 2})
+    result = CliRunner().invoke(app, _train_args(tmp_path, params))
+    # A failed run of the launched processes fails the stage, with their exit code (for dvc).
+    assert result.exit_code == 3 and isinstance(result.exception, SystemExit)
+    assert seen == {"check": False, "locked": [".models.lock", ".live.lock"]}
+
+
+class _Trained:
+    """What train() returns, as far as the stage reads it."""
+
+    def __init__(self, tmp_path: Path, **kwargs):
+        self.best_score, self.best_epoch = 0.123456, 4
+        self.stopped_early, self.resumed_from_epoch = False, 0
+        self.best_dir = tmp_path / "models" / "selected"
+        self.__dict__.update(kwargs)
+
+
+def _fake_train(monkeypatch, results: list, main_process: bool = True) -> list:
+    import pipeline.device
+    import pipeline.train.loop
+
+    calls = []
+
+    def fake_train(p, features, dataset, out, live):
+        calls.append((p.train.num_processes, features, dataset, out, live))
+        return results[len(calls) - 1]
+
+    monkeypatch.setattr(pipeline.train.loop, "train", fake_train)
+    state = type("State", (), {"is_main_process": main_process})()
+    monkeypatch.setattr(pipeline.device, "process_state", lambda: state)
+    return calls
+
+
+def test_train_says_where_its_best_dev_model_is(tmp_path, monkeypatch):
+    results = [
+        _Trained(tmp_path),
+        _Trained(tmp_path, stopped_early=True, resumed_from_epoch=2, best_score=0.5),
+    ]
+    calls = _fake_train(monkeypatch, results)
+    args = _train_args(tmp_path, _params_file(tmp_path))
+    outputs = [CliRunner().invoke(app, args).output for _ in results]
+    selected = tmp_path / "models" / "selected"
+    assert outputs == [
+        f"train: best dev micro-F1 0.1235 at epoch 4; wrote {selected}\n",
+        f"train: best dev micro-F1 0.5000 at epoch 4 (early stop), resumed after epoch 2; "
+        f"wrote {selected}\n",
+    ]
+    paths = (tmp_path / "f", tmp_path / "raw", tmp_path / "models", tmp_path / "live")
+    assert calls == [(1, *paths)] * 2
+
+
+def test_train_inside_a_launch_trains_in_place_and_only_the_main_process_reports(
+    tmp_path, monkeypatch
+):
+    import subprocess as sp
+
+    # Under accelerate launch or torchrun (WORLD_SIZE set), train.num_processes > 1 is this
+    # launch: the stage trains here instead of launching again.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    _launched_as(monkeypatch, 1, 2)
+    monkeypatch.setattr(sp, "run", lambda *a, **k: pytest.fail("launched again inside a launch"))
+    calls = _fake_train(monkeypatch, [_Trained(tmp_path)], main_process=False)
+    params = _params_file(tmp_path, **{"train.num_processes": 2})
+    result = CliRunner().invoke(app, _train_args(tmp_path, params))
+    assert result.exit_code == 0, result.output
+    assert [c[0] for c in calls] == [2]
+    assert result.output == ""  # another process than the main one says nothing
+
+
+def _fake_evaluate(monkeypatch, tmp_path, seen: dict) -> None:
+    import pipeline.device
+    import pipeline.evaluate.report
+
+    def fake_evaluate(model, features, metrics, plots, live, batch_size, **kwargs):
+        names = [f".{name}.lock" for name in ("metrics", "plots", "release")]
+        seen.update(locked=held_locks(tmp_path, names), release=kwargs["release_dir"])
+        return {
+            "micro_f1": 0.5,
+            "micro_precision": 0.25,
+            "micro_recall": 1.0,
+            "accuracy": 0.75,
+            "macro_f1": 0.125,
+            "by_pair_kind": {"text-text": {"micro_f1": 0.5, "support": 4}},
+        }
+
+    monkeypatch.setattr(pipeline.evaluate.report, "evaluate_model", fake_evaluate)
+    monkeypatch.setattr(pipeline.device, "set_tf32", lambda enabled: seen.update(tf32=enabled))
+    monkeypatch.setattr(
+        pipeline.device,
+        "set_determinism",
+        lambda threads, deterministic: seen.update(deterministic=deterministic),
+    )
+
+
+def test_evaluate_scores_with_the_training_runs_settings_and_needs_no_release(
+    tmp_path, monkeypatch
+):
+    seen = {}
+    _fake_evaluate(monkeypatch, tmp_path, seen)
+    overrides = {"train.deterministic": False, "train.tf32": False}
+    args = ["evaluate", "--params", str(_params_file(tmp_path, **overrides))]
+    for name in ("features", "model", "metrics", "plots", "live"):
+        args += [f"--{name}", str(tmp_path / name)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    # Without --release: only the metrics and plots are written (and locked).
+    assert seen == {
+        "deterministic": False,
+        "tf32": False,
+        "locked": [".metrics.lock", ".plots.lock"],
+        "release": None,
+    }
+    assert result.output.strip() == (
+        "evaluate: test micro-F1 0.5000 (P 0.2500, R 1.0000), accuracy 0.7500, macro-F1 0.1250; "
+        "by pair kind: text-text 0.5000 (n=4)"
+    )
+    seen.clear()
+    _params_file(tmp_path, **{"train.deterministic": True, "train.tf32": True})
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (seen["deterministic"], seen["tf32"]) == (True, True)
+
+
+def test_predict_hands_over_its_batch_size_holds_its_output_and_counts_the_lines(
+    tmp_path, monkeypatch
+):
+    import pipeline.predict
+
+    seen = []
+
+    def fake_predict(model, input, output, batch_size):
+        seen.append((model, input, output, batch_size, held_locks(tmp_path, [".out.jsonl.lock"])))
+        return [{"line": 1}, {"line": 2}, {"line": 3}]
+
+    monkeypatch.setattr(pipeline.predict, "predict_file", fake_predict)
+    paths = {name: tmp_path / name for name in ("model", "in.jsonl", "out.jsonl")}
+    args = ["predict", "--model", str(paths["model"]), "--input", str(paths["in.jsonl"])]
+    args += ["--output", str(paths["out.jsonl"])]
+    for extra in ([], ["--batch-size", "5"]):
+        result = CliRunner().invoke(app, [*args, *extra])
+        assert result.exit_code == 0, result.output
+        assert result.output == f"predict: labelled 3 inputs -> {paths['out.jsonl']}\n"
+    locked = [".out.jsonl.lock"]
+    assert seen == [(*paths.values(), 64, locked), (*paths.values(), 5, locked)]
+
+
+@pytest.mark.parametrize(
+    "stage, options",
+    [
+        ("download", ["out", "cache"]),
+        ("depth", ["dataset", "out"]),
+        ("caption", ["dataset", "out"]),
+        ("features", ["dataset", "depth", "captions", "out"]),
+        ("train", ["features", "dataset", "out", "live"]),
+        ("evaluate", ["features", "model", "metrics", "plots", "live"]),
+    ],
+)
+def test_a_stage_given_bad_params_says_so_in_one_line_with_exit_code_2(tmp_path, stage, options):
+    tree = params_to_dict(default_params(TINY))
+    tree["train"]["epoch"] = 3
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(tree))
+    args = [stage, "--params", str(params)]
+    for name in options:
+        args += [f"--{name}", str(tmp_path / name)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit)
+    assert result.output.startswith(f"error: {params}: train.epoch: unknown key (known keys")
+    assert result.output.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]  # nothing written
