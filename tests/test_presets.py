@@ -97,8 +97,11 @@ def test_mllm_variant_extends_paper():
 
 
 def test_unknown_preset_and_bad_key_are_refused(params, tmp_path, monkeypatch):
-    with pytest.raises(ParamsError, match="unknown preset 'nope'"):
+    with pytest.raises(ParamsError) as error:
         load_preset("nope")
+    names = available_presets()
+    assert names == sorted(names)  # listed in order, whatever order the folder gives
+    assert str(error.value) == f"unknown preset 'nope' (available: {', '.join(names)})"
     import pipeline.presets as presets
 
     (tmp_path / "bad.yaml").write_text("model.ot.epsilonn: 0.5\n")
@@ -301,3 +304,89 @@ def test_apply_says_how_many_keys_it_wrote(tmp_path):
     assert result.exit_code == 0, result.output
     n = len(yaml.safe_load((ROOT / "pipeline" / "presets" / "paper.yaml").read_text()))
     assert result.output == f"{target}: applied preset 'paper' ({n} keys)\n"
+
+
+@pytest.mark.parametrize("name", ["paper", "paper-mllm"])
+def test_paper_preset_runs_the_whole_model_on_pretrained_towers_and_umres_captions(params, name):
+    p = apply_preset(params, name)
+    overrides = load_preset(name)
+    # The paper's full model, set by the preset itself (not left to params.yaml): no ablation.
+    for key in ("model.pretrained", "model.ot.enabled", "model.moe.enabled"):
+        assert overrides[key] is True, key
+    assert (p.data.use_depth, p.data.use_caption, p.data.use_box) == (True, True, True)
+    assert (p.data.max_objects, p.features.crop_size) == (12, 64)
+    # The OT solver the README names for the paper preset (any kernel_floor; POT's plans).
+    assert p.model.ot.solver == "log_sinkhorn"
+    if name == "paper":  # UMRE's shipped Qwen2.5-VL captions: the dataset's own captions.json
+        assert (p.caption.backend, p.caption.file) == ("file", "")
+    else:
+        assert p.caption.backend == "mllm"
+
+
+def test_a_preset_of_comments_only_sets_nothing_and_one_of_another_shape_is_refused(
+    params, tmp_path, monkeypatch
+):
+    import pipeline.presets as presets
+
+    monkeypatch.setattr(presets, "PRESETS_DIR", tmp_path)
+    (tmp_path / "empty.yaml").write_text("# nothing yet\n")
+    assert load_preset("empty") == {}
+    assert apply_preset(params, "empty") == params
+    (tmp_path / "listed.yaml").write_text("- data.source: umre\n")
+    with pytest.raises(ParamsError) as error:
+        load_preset("listed")
+    assert (
+        str(error.value)
+        == f"{tmp_path / 'listed.yaml'}: expected a mapping of dotted keys to values"
+    )
+
+
+def test_flags_write_lists_in_hydras_syntax_and_refuse_white_space():
+    # A model trained with several trackers gives this flag (`preset <model folder>`).
+    assert as_exp_flags({"train.log_with": ["dvclive", "tensorboard"], "caption.file": ""}) == [
+        "-S", "train.log_with=[dvclive,tensorboard]", "-S", "caption.file=''",
+    ]  # fmt: skip
+    with pytest.raises(ParamsError) as error:
+        as_exp_flags({"caption.file": "my captions.json"})
+    assert str(error.value) == (
+        "preset value for caption.file has white space; not expressible as a flag"
+    )
+
+
+def test_apply_refuses_a_key_the_params_file_lacks_and_leaves_it_as_it_was(tmp_path, monkeypatch):
+    import os
+
+    target = tmp_path / "params.yaml"
+    shutil.copy(ROOT / "params.yaml", target)
+    before = target.read_text()
+    with pytest.raises(ParamsError) as error:
+        write_into_params(target, {"data.source": "umre", "train.epoch": 3})
+    assert str(error.value) == f"{target}: train.epoch: unknown key"
+    assert target.read_text() == before
+
+    def disk_full(src, dst):
+        raise OSError("disk full")
+
+    # The file is replaced in one rename: a write that fails leaves the old params whole.
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError, match="disk full"):
+        write_into_params(target, {"data.source": "umre"})
+    assert target.read_text() == before
+
+
+def test_preset_reads_and_writes_params_yaml_in_the_working_folder_by_default(
+    tmp_path, monkeypatch
+):
+    from typer.testing import CliRunner
+
+    from stages.cli import app
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    (tmp_path / "paper").write_text("notes\n")  # a file of that name is no model folder
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["preset", "paper", "--apply"])
+    assert result.exit_code == 0, result.output
+    # The note goes to stderr: stdout stays what `dvc exp run $(...)` may read.
+    assert result.stdout == ""
+    assert result.stderr.startswith("params.yaml: applied preset 'paper' (")
+    assert load_params(tmp_path / "params.yaml").data.source == "umre"
