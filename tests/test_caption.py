@@ -962,3 +962,23 @@ def test_a_captioner_that_does_not_load_is_named(monkeypatch):
     )
     with pytest.raises(OSError, match=message):
         Captioner.load("org/vl", dtype="float32", max_new_tokens=4)
+
+
+def test_row_log_reads_a_whole_log_quietly_and_refuses_rows_it_cannot_use(tmp_path, caplog):
+    import logging
+
+    path = tmp_path / "log.jsonl"
+    row = {"image_id": "a.jpg", "key": "x", "caption": "c", "settings": "s"}
+    path.write_text(json.dumps(row) + "\n\n" + json.dumps(row) + "\n")
+    caplog.set_level(logging.WARNING)
+    assert read_row_log(path, repair=True) == [row, row]  # a blank line is no row
+    assert caplog.records == []  # nothing half-written, nothing said
+    no_settings = {k: v for k, v in row.items() if k != "settings"}
+    for line in (json.dumps(no_settings), "5"):
+        path.write_text(json.dumps(row) + "\n" + line + "\n")
+        with pytest.raises(DataError) as error:
+            read_row_log(path)
+        assert str(error.value).startswith(
+            f"{path}:2: corrupt caption row (expected an object with keys image_id, key, "
+            "caption, settings)"
+        )
