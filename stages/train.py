@@ -63,6 +63,14 @@ def main(
     setup_logging()
     p = read_params(params)
     inside_launch = "WORLD_SIZE" in os.environ
+    if p.train.num_processes > 1 and os.environ.get("WORLD_SIZE") == "1":
+        log.warning(
+            "train.num_processes is %d, but WORLD_SIZE=1 is set (a launcher's, or left exported "
+            "in this shell): training in this one process; unset WORLD_SIZE to have the stage "
+            "launch %d",
+            p.train.num_processes,
+            p.train.num_processes,
+        )
     if p.train.num_processes > 1 and not inside_launch:
         argv = ["--params", str(params), "--features", str(features), "--dataset", str(dataset)]
         argv += ["--out", str(out), "--live", str(live)]

@@ -681,6 +681,33 @@ def test_train_inside_a_launch_trains_in_place_and_only_the_main_process_reports
     assert result.output == ""  # another process than the main one says nothing
 
 
+def test_train_says_when_a_world_size_of_one_keeps_it_from_launching(tmp_path, monkeypatch, caplog):
+    import subprocess as sp
+
+    # WORLD_SIZE=1 left exported in a shell looks like a launch of one process.
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setattr(sp, "run", lambda *a, **k: pytest.fail("launched inside a launch"))
+    calls = _fake_train(monkeypatch, [_Trained(tmp_path)])
+    params = _params_file(tmp_path, **{"train.num_processes": 4})
+    with caplog.at_level("WARNING", logger="stages.train"):
+        result = CliRunner().invoke(app, _train_args(tmp_path, params))
+    assert result.exit_code == 0, result.output
+    assert [c[0] for c in calls] == [4]
+    assert [r.getMessage() for r in caplog.records if r.levelname == "WARNING"] == [
+        "train.num_processes is 4, but WORLD_SIZE=1 is set (a launcher's, or left exported in "
+        "this shell): training in this one process; unset WORLD_SIZE to have the stage launch 4"
+    ]
+    monkeypatch.setenv("WORLD_SIZE", "2")  # a real launch of two: nothing to say
+    caplog.clear()
+    _launched_as(monkeypatch, 0, 2)
+    _fake_train(monkeypatch, [_Trained(tmp_path)])
+    with caplog.at_level("WARNING", logger="stages.train"):
+        CliRunner().invoke(
+            app, _train_args(tmp_path, _params_file(tmp_path, **{"train.num_processes": 2}))
+        )
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
 def _fake_evaluate(monkeypatch, tmp_path, seen: dict) -> None:
     import pipeline.device
     import pipeline.evaluate.report
