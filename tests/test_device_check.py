@@ -288,27 +288,22 @@ def _targets(report: dict) -> dict:
     return {t["target"]: (t["value"], t["holds"]) for t in check_targets(report)}
 
 
-def test_each_target_holds_at_its_limit():
+@pytest.mark.parametrize(
+    ("figures", "holds"),
+    [((0.5, 0.5, 3.0, 4.0, 479.0), True), ((0.55, 0.6, 2.9, 3.5, 500.0), False)],
+    ids=["at-the-limit", "just-past-it"],
+)
+def test_each_target_holds_at_its_limit_and_fails_just_past_it(figures, holds):
     """The issue's words: at most half, at most 0.5x, at least 3x, at least 4x: a figure equal to
     the limit meets it."""
-    targets = _targets(_gpu_report(step=0.5, memory=0.5, depth=3.0, caption=4.0, seconds=479.0))
-    assert targets == {
-        STEP: (pytest.approx(0.5), True),
-        MEMORY: (pytest.approx(0.5), True),
-        DEPTH: (pytest.approx(3.0), True),
-        CAPTION: (pytest.approx(4.0), True),
-        SECONDS: (479.0, True),
-    }
-
-
-def test_each_target_fails_just_past_its_limit():
-    targets = _targets(_gpu_report(step=0.55, memory=0.6, depth=2.9, caption=3.5, seconds=500.0))
-    assert targets == {
-        STEP: (pytest.approx(0.55), False),
-        MEMORY: (pytest.approx(0.6), False),
-        DEPTH: (pytest.approx(2.9), False),
-        CAPTION: (pytest.approx(3.5), False),
-        SECONDS: (500.0, False),
+    step, memory, depth, caption, seconds = figures
+    report = _gpu_report(step=step, memory=memory, depth=depth, caption=caption, seconds=seconds)
+    assert _targets(report) == {
+        STEP: (pytest.approx(step), holds),
+        MEMORY: (pytest.approx(memory), holds),
+        DEPTH: (pytest.approx(depth), holds),
+        CAPTION: (pytest.approx(caption), holds),
+        SECONDS: (seconds, holds),
     }
 
 
