@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-__all__ = ["ModelSource", "resolve", "is_tiny"]
+__all__ = ["ModelSource", "resolve", "is_tiny", "no_folder_error"]
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 
@@ -48,3 +48,14 @@ def resolve(name: str) -> ModelSource:
     if not _HUB_ID.match(name):
         raise ValueError(f"{name!r} is neither 'tiny', an existing folder, nor a valid hub id")
     return ModelSource("hub", name)
+
+
+def no_folder_error(name: str | Path, exc: Exception) -> FileNotFoundError:
+    """The error for a model name that is no local folder and that the Hub did not give either
+    (offline, no such repository, not a valid id): ``models/bset`` (a typo) is a well-formed Hub id
+    too, so the missing folder is named first."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return FileNotFoundError(
+        f"{name}: no such model folder, and fetching it as a Hub model failed "
+        f"({type(exc).__name__}: {reason})"
+    )

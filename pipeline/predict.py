@@ -54,7 +54,7 @@ from pipeline.features.featurize import (
 from pipeline.features.text import TextEncoder
 from pipeline.inference import load_for_inference, predict_dataset
 from pipeline.io import DataError, atomic_write_text, not_utf8
-from pipeline.model.saved import TrainedModel
+from pipeline.model.saved import TrainedModel, read_trained_params
 from pipeline.text import MARKERS
 from pipeline.vision import pixel_normalization
 
@@ -359,9 +359,10 @@ def predict_inputs(
 def predict_file(
     model_dir: str | Path, input_path: str | Path, output_path: str | Path, batch_size: int
 ) -> list[dict[str, Any]]:
-    """Read inputs, label them with the model folder, write the output JSONL atomically."""
+    """Read inputs, label them with the model folder, write the output JSONL atomically. The
+    inputs are checked before the weights load (only the folder's params are needed)."""
+    inputs = read_inputs(input_path, read_trained_params(model_dir).data.max_objects)
     trained = load_for_inference(model_dir)
-    inputs = read_inputs(input_path, trained.params.data.max_objects)
     results = predict_inputs(trained, inputs, batch_size)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     atomic_write_text(output_path, text)

@@ -403,6 +403,14 @@ def test_predict_command(model, tmp_path):
     assert f"{bad}:2: head.span" in result.output
 
 
+def test_inputs_are_checked_before_the_weights_load(model, tmp_path, monkeypatch):
+    monkeypatch.setattr(predict_module, "load_for_inference", pytest.fail)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [GOOD, {**GOOD, "head": {"span": [2, 9]}}])
+    with pytest.raises(DataError, match=rf"^{bad}:2: head\.span"):
+        predict_file(model["best"], bad, tmp_path / "out.jsonl", 8)
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_a_mistyped_model_folder_is_named_before_the_hub_error(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError
@@ -421,6 +429,32 @@ def test_a_mistyped_model_folder_is_named_before_the_hub_error(tmp_path, monkeyp
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="not a trained model folder"):
         load_trained("empty")
+
+
+def test_remote_model_from_pretrained_names_a_mistyped_folder_too(model, tmp_path, monkeypatch):
+    import huggingface_hub.hub_mixin
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    import pipeline.model.remote
+    from pipeline.model.remote import RemoteModel
+
+    def offline(repo_id, *args, **_):
+        raise LocalEntryNotFoundError(f"Got: ConnectError for {repo_id}\nmore detail")
+
+    monkeypatch.setattr(huggingface_hub.hub_mixin, "hf_hub_download", offline)
+    monkeypatch.setattr(pipeline.model.remote, "snapshot_download", offline)
+    monkeypatch.chdir(tmp_path)
+    message = (
+        r"^models/bset: no such model folder, and fetching it as a Hub model failed "
+        r"\(LocalEntryNotFoundError: Got: ConnectError for models/bset\)$"
+    )
+    with pytest.raises(FileNotFoundError, match=message):
+        RemoteModel.from_pretrained("models/bset")
+    # A real folder loads, and a broken one keeps its own error.
+    assert not RemoteModel.from_pretrained(str(model["best"])).training
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"^empty: not a REMOTE model folder"):
+        RemoteModel.from_pretrained("empty")
 
 
 def test_a_model_folder_under_home_loads_by_its_tilde_path(model, tmp_path, monkeypatch):

@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pipeline.config import Params
+from pipeline.hub import no_folder_error
 from pipeline.model.config import RemoteConfig
 from pipeline.model.embeddings import ObjectPatchEmbeddings, ObjectPooling
 from pipeline.model.encoder import DualStreamEncoder, EncoderStates
@@ -183,6 +184,19 @@ class RemoteModel(
         save_file(state, str(save_directory / WEIGHTS_FILE), metadata={"format": "pt"})
         text = json.dumps(self.config.to_dict(), indent=2, sort_keys=True)
         (save_directory / CONFIG_FILE).write_text(text + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | Path, **kwargs: Any
+    ) -> RemoteModel:
+        """A model folder or a Hub id, as the Hub mixin loads it; a name that is neither says so
+        (the mixin's own error asks to check the connection, also for a mistyped folder)."""
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        except (OSError, ValueError) as exc:
+            if Path(pretrained_model_name_or_path).is_dir():
+                raise
+            raise no_folder_error(pretrained_model_name_or_path, exc) from exc
 
     @classmethod
     def _from_pretrained(

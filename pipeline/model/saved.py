@@ -36,6 +36,7 @@ from pipeline.config import (
     with_added_params,
 )
 from pipeline.data.records import label_list
+from pipeline.hub import no_folder_error
 from pipeline.io import write_json
 from pipeline.model.card import CARD_FILE
 from pipeline.model.remote import CONFIG_FILE, WEIGHTS_FILE, RemoteModel
@@ -112,12 +113,7 @@ def _local_folder(name: str | Path) -> Path:
     try:
         return Path(snapshot_download(str(name)))
     except (OSError, ValueError) as exc:  # offline, no such repository, not a valid id
-        # `models/bset` (a typo) is a well-formed Hub id too: name the missing folder first.
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FileNotFoundError(
-            f"{name}: no such model folder, and fetching it as a Hub model failed "
-            f"({type(exc).__name__}: {reason})"
-        ) from exc
+        raise no_folder_error(name, exc) from exc
 
 
 def _read_meta(folder: Path) -> dict[str, Any]:
@@ -142,9 +138,10 @@ def _meta_params(folder: Path, meta: dict[str, Any]) -> Params:
 
 
 def read_trained_params(folder: str | Path) -> Params:
-    """The params a model folder was trained with (its ``trained.json``), validated against
-    this version's schema; no weights are read."""
-    return _meta_params(Path(folder), _read_meta(Path(folder)))
+    """The params a model folder (or a Hub id) was trained with (its ``trained.json``),
+    validated against this version's schema; no weights are read."""
+    folder = _local_folder(folder)
+    return _meta_params(folder, _read_meta(folder))
 
 
 def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
