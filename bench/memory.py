@@ -128,13 +128,16 @@ def main(argv: list[str] | None = None) -> None:
 
     from bench.model import build_model_and_batch
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=32)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0] + " The defaults are the paper setup.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--batch", type=int, default=32, help="samples per step")
     parser.add_argument("--max-seq", type=int, default=256, help="pad texts to this length")
     parser.add_argument("--per-batch", action="store_true", help="pad per batch, not to --max-seq")
-    parser.add_argument("--hidden", type=int, default=768)
-    parser.add_argument("--layers", type=int, default=12)
-    parser.add_argument("--objects", type=int, default=12)
+    parser.add_argument("--hidden", type=int, default=768, help="hidden size of both towers")
+    parser.add_argument("--layers", type=int, default=12, help="layers of both towers")
+    parser.add_argument("--objects", type=int, default=12, help="object slots (data.max_objects)")
     parser.add_argument("--solver", default="log_sinkhorn", help="model.ot.solver")
     parser.add_argument("--iterations", type=int, default=50, help="model.ot.iterations")
     parser.add_argument(
