@@ -54,7 +54,7 @@ from pipeline.features.featurize import (
 from pipeline.features.text import TextEncoder
 from pipeline.inference import load_for_inference, predict_dataset
 from pipeline.io import DataError, atomic_write_text, not_utf8
-from pipeline.model.saved import TrainedModel, read_trained_params
+from pipeline.model.saved import TrainedModel, model_folder, read_trained_params
 from pipeline.text import MARKERS
 from pipeline.vision import pixel_normalization
 
@@ -361,8 +361,9 @@ def predict_file(
 ) -> list[dict[str, Any]]:
     """Read inputs, label them with the model folder, write the output JSONL atomically. The
     inputs are checked before the weights load (only the folder's params are needed)."""
-    inputs = read_inputs(input_path, read_trained_params(model_dir).data.max_objects)
-    trained = load_for_inference(model_dir)
+    folder = model_folder(model_dir)  # a Hub id is looked up once
+    inputs = read_inputs(input_path, read_trained_params(folder).data.max_objects)
+    trained = load_for_inference(folder)
     results = predict_inputs(trained, inputs, batch_size)
     text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in results)
     atomic_write_text(output_path, text)

@@ -411,6 +411,20 @@ def test_inputs_are_checked_before_the_weights_load(model, tmp_path, monkeypatch
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_a_hub_model_is_looked_up_once_for_its_params_and_its_weights(model, tmp_path, monkeypatch):
+    import huggingface_hub
+
+    fetched = []
+    monkeypatch.setattr(
+        huggingface_hub,
+        "snapshot_download",
+        lambda repo_id: fetched.append(repo_id) or model["best"],
+    )
+    inputs = write_jsonl(tmp_path / "in.jsonl", [GOOD])
+    (result,) = predict_file("org/remote", inputs, tmp_path / "out.jsonl", 8)
+    assert fetched == ["org/remote"] and result["line"] == 1
+
+
 def test_a_mistyped_model_folder_is_named_before_the_hub_error(tmp_path, monkeypatch):
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError

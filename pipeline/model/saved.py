@@ -53,6 +53,7 @@ __all__ = [
     "copy_trained",
     "load_trained",
     "read_trained_params",
+    "model_folder",
 ]
 
 TRAINED_FILE = "trained.json"
@@ -104,7 +105,9 @@ def copy_trained(source: Path, folder: Path, card: str, copy_function: Any = shu
     (folder / CARD_FILE).write_text(card)
 
 
-def _local_folder(name: str | Path) -> Path:
+def model_folder(name: str | Path) -> Path:
+    """A model folder's local path: ``name`` itself (``~`` expanded) where it is a folder or looks
+    like a path, else the Hub snapshot of the id ``name`` (downloaded once, then cached)."""
     folder = Path(name).expanduser()
     if folder.is_dir() or str(name).startswith((".", "/", "~")):
         return folder
@@ -140,7 +143,7 @@ def _meta_params(folder: Path, meta: dict[str, Any]) -> Params:
 def read_trained_params(folder: str | Path) -> Params:
     """The params a model folder (or a Hub id) was trained with (its ``trained.json``),
     validated against this version's schema; no weights are read."""
-    folder = _local_folder(folder)
+    folder = model_folder(folder)
     return _meta_params(folder, _read_meta(folder))
 
 
@@ -149,7 +152,7 @@ def load_trained(folder: str | Path, device: str | torch.device = "cpu") -> Trai
     mode, with its params, labels and tokenizer."""
     from transformers import AutoTokenizer
 
-    folder = _local_folder(folder)
+    folder = model_folder(folder)
     meta = _read_meta(folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder / meta["tokenizer"]["path"]))
     model = RemoteModel.from_pretrained(folder, map_location=str(device))
